@@ -1,0 +1,197 @@
+//! What one host should look like, derived from the site config. Pure.
+//!
+//! - gateway: tun `ap-l{i}` per link index (shared by all nodes); each node prefix routed over
+//!   all of them; forwarding on.
+//! - node: tun `ap-{gw}-{i}` per (gateway, link); its address on `ap-lo` (see [`ADDRESS_DEVICE`]); site prefixes
+//!   and the cloud block routed over every tunnel; each gateway's site address over that
+//!   gateway's tunnels only (so its BGP session uses its own links).
+//! - relay: forwarding on (it NATs the nodes' WireGuard UDP; it never sees plaintext).
+//!
+//! Every routed prefix family gets a fail-closed blackhole behind it, and every tunnel device
+//! gets `ignore_routes_with_linkdown`: a tun with no datapath attached has no carrier, so a
+//! crashed daemon makes lookups fall to the blackhole instead of the default route.
+
+use crate::config::{gateway_link_name, node_link_name, Config, Role};
+use crate::diag::suggest;
+use crate::state::{HostState, LinkKind, ADDRESS_DEVICE, BLACKHOLE_METRIC, TUNNEL_METRIC};
+use ipnet::IpNet;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    #[error("host {name:?} is not in the config{}", hint.as_ref().map(|h| format!(" (did you mean {h:?}?)")).unwrap_or_default())]
+    Unknown { name: String, hint: Option<String> },
+}
+
+/// The desired state of host `name` and its role.
+pub fn desired(cfg: &Config, name: &str) -> Result<(Role, HostState), HostError> {
+    let role = cfg.role_of(name).ok_or_else(|| HostError::Unknown {
+        name: name.to_string(),
+        hint: suggest(name, &cfg.host_names()).map(str::to_string),
+    })?;
+    let state = match role {
+        Role::Gateway => gateway(cfg),
+        Role::Node => node(cfg, name),
+        Role::Relay => relay(),
+    };
+    Ok((role, state))
+}
+
+fn gateway(cfg: &Config) -> HostState {
+    let mut s = HostState::default();
+    let devs: Vec<String> = (0..cfg.site.links).map(gateway_link_name).collect();
+    for d in &devs {
+        s.add_link(d, LinkKind::Tun, cfg.site.mtu);
+    }
+    let mut routed = Vec::new();
+    for n in &cfg.nodes {
+        for p in &n.prefixes {
+            s.add_route(*p, TUNNEL_METRIC, devs.clone(), false);
+            routed.push(*p);
+        }
+    }
+    for cb in &cfg.site.cloud_blocks {
+        s.add_route(*cb, BLACKHOLE_METRIC, vec![], true);
+        routed.push(*cb);
+    }
+    forwarding(&mut s, &routed);
+    tunnel_sysctls(&mut s, &devs, &routed);
+    s
+}
+
+fn node(cfg: &Config, name: &str) -> HostState {
+    let me = cfg
+        .nodes
+        .iter()
+        .find(|n| n.name == name)
+        .expect("role_of found it");
+    let mut s = HostState::default();
+    let mut all = Vec::new();
+    for g in &cfg.gateways {
+        let devs: Vec<String> = (0..cfg.site.links)
+            .map(|i| node_link_name(&g.name, i))
+            .collect();
+        for d in &devs {
+            s.add_link(d, LinkKind::Tun, cfg.site.mtu);
+        }
+        s.add_route(
+            IpNet::from(g.site_address),
+            TUNNEL_METRIC,
+            devs.clone(),
+            false,
+        );
+        all.extend(devs);
+    }
+    let mut routed: Vec<IpNet> = cfg.gateways.iter().map(|g| g.site_address.into()).collect();
+    for p in cfg.site.site_prefixes.iter().chain(&cfg.site.cloud_blocks) {
+        s.add_route(*p, TUNNEL_METRIC, all.clone(), false);
+        s.add_route(*p, BLACKHOLE_METRIC, vec![], true);
+        routed.push(*p);
+    }
+    s.add_link(ADDRESS_DEVICE, LinkKind::Tun, cfg.site.mtu);
+    s.addresses.insert(crate::state::Address {
+        dev: ADDRESS_DEVICE.to_string(),
+        addr: IpNet::from(me.address),
+    });
+    // A node that holds more than its own address (containers, VMs behind it) forwards.
+    if me.prefixes.iter().any(|p| *p != IpNet::from(me.address)) {
+        forwarding(&mut s, &me.prefixes);
+    }
+    s.set_sysctl("net.ipv4.fib_multipath_hash_policy", "1");
+    if routed.iter().any(|p| matches!(p, IpNet::V6(_))) {
+        s.set_sysctl("net.ipv6.fib_multipath_hash_policy", "1");
+    }
+    tunnel_sysctls(&mut s, &all, &routed);
+    s
+}
+
+fn relay() -> HostState {
+    let mut s = HostState::default();
+    s.set_sysctl("net.ipv4.ip_forward", "1");
+    s
+}
+
+/// Forwarding and L4 multipath hashing for the families of `routed`.
+fn forwarding(s: &mut HostState, routed: &[IpNet]) {
+    s.set_sysctl("net.ipv4.ip_forward", "1");
+    s.set_sysctl("net.ipv4.fib_multipath_hash_policy", "1");
+    if routed.iter().any(|p| matches!(p, IpNet::V6(_))) {
+        s.set_sysctl("net.ipv6.conf.all.forwarding", "1");
+        s.set_sysctl("net.ipv6.fib_multipath_hash_policy", "1");
+    }
+}
+
+/// Loose reverse-path filtering (ECMP returns may arrive on any link) and fail-closed linkdown.
+fn tunnel_sysctls(s: &mut HostState, devs: &[String], routed: &[IpNet]) {
+    let v6 = routed.iter().any(|p| matches!(p, IpNet::V6(_)));
+    for d in devs {
+        s.set_sysctl(&format!("net.ipv4.conf.{d}.rp_filter"), "2");
+        s.set_sysctl(
+            &format!("net.ipv4.conf.{d}.ignore_routes_with_linkdown"),
+            "1",
+        );
+        if v6 {
+            s.set_sysctl(
+                &format!("net.ipv6.conf.{d}.ignore_routes_with_linkdown"),
+                "1",
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse;
+
+    fn cfg() -> Config {
+        parse(
+            "t.kdl",
+            include_str!("../tests/golden/two-gateways/config.kdl"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn gateway_routes_every_node_prefix_over_all_links() {
+        let (role, s) = desired(&cfg(), "gw1").unwrap();
+        assert_eq!(role, Role::Gateway);
+        let r = s
+            .routes
+            .values()
+            .find(|r| r.dst.to_string() == "10.200.0.11/32")
+            .unwrap();
+        assert_eq!(r.via, vec!["ap-l0", "ap-l1", "ap-l2", "ap-l3"]);
+        assert_eq!(s.sysctls["net.ipv4.ip_forward"], "1");
+    }
+
+    #[test]
+    fn node_reaches_each_gateway_address_only_through_that_gateway() {
+        let (_, s) = desired(&cfg(), "c1").unwrap();
+        let r = s
+            .routes
+            .values()
+            .find(|r| r.dst.to_string() == "10.10.0.2/32")
+            .unwrap();
+        assert!(
+            r.via.iter().all(|d| d.starts_with("ap-gw1-")),
+            "{:?}",
+            r.via
+        );
+        let site = s
+            .routes
+            .values()
+            .find(|r| r.dst.to_string() == "10.10.0.0/16" && !r.blackhole)
+            .unwrap();
+        assert_eq!(site.via.len(), 8);
+        assert!(s
+            .routes
+            .values()
+            .any(|r| r.dst.to_string() == "10.10.0.0/16" && r.blackhole));
+    }
+
+    #[test]
+    fn unknown_host_suggests_the_closest_name() {
+        let e = desired(&cfg(), "gw3").unwrap_err();
+        assert!(e.to_string().contains("did you mean"), "{e}");
+    }
+}

@@ -1,0 +1,18 @@
+//! `appliance`: extends a research site's network into a public cloud.
+//!
+//! Pure core (no I/O): [`config`] (site model and validation), [`desired`] (what one host
+//! should look like), [`plan`] (diff, printable plan, revert), [`state`], [`diag`], [`key`].
+//! Thin edges: [`netlink`], [`sysctl`], [`tundev`] (kernel I/O), [`reconcile`] (sequencing:
+//! observe → diff → apply → verify → revert), [`logging`].
+
+pub mod config;
+pub mod desired;
+pub mod diag;
+pub mod key;
+pub mod logging;
+pub mod netlink;
+pub mod plan;
+pub mod reconcile;
+pub mod state;
+pub mod sysctl;
+pub mod tundev;

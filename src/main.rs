@@ -1,0 +1,225 @@
+//! The `appliance` command line. Thin: parse arguments, call the library, map results to
+//! output and exit codes.
+
+use appliance::config::{self, Config};
+use appliance::netlink::Netlink;
+use appliance::reconcile;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit codes: 0 success / no changes; 1 error; 2 changes planned (dry-run); 64 usage error.
+const EXIT_ERROR: u8 = 1;
+const EXIT_CHANGES: u8 = 2;
+const EXIT_USAGE: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "appliance",
+    version,
+    about = "Extend a site's network into a public cloud: WireGuard links, kernel ECMP, iBGP.",
+    after_help = "Exit codes: 0 ok or nothing to change, 1 error, 2 changes planned (--dry-run), 64 usage error."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// Site config file (KDL).
+    #[arg(
+        short,
+        long,
+        env = "APPLIANCE_CONFIG",
+        default_value = "/etc/appliance/config.kdl"
+    )]
+    config: PathBuf,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "text")]
+    output: Output,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a site config; print every error with file:line:col.
+    Check {
+        #[command(flatten)]
+        args: ConfigArgs,
+    },
+    /// Bring this host's links, addresses, routes and sysctls in line with the config.
+    Reconcile {
+        #[command(flatten)]
+        args: ConfigArgs,
+        /// Which host of the config this is (default: $APPLIANCE_NODE, then the host name).
+        #[arg(short, long, env = "APPLIANCE_NODE")]
+        node: Option<String>,
+        /// Print the plan and change nothing (needs no privileges).
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(EXIT_USAGE),
+            };
+        }
+    };
+    appliance::logging::init();
+    match cli.command {
+        Command::Check { args } => check(&args),
+        Command::Reconcile {
+            args,
+            node,
+            dry_run,
+        } => reconcile_cmd(&args, node, dry_run),
+    }
+}
+
+/// Read and validate the config, printing diagnostics on failure.
+fn load(args: &ConfigArgs) -> Result<Config, ExitCode> {
+    let file = args.config.display().to_string();
+    let text = match std::fs::read_to_string(&args.config) {
+        Ok(t) => t,
+        Err(e) => {
+            fail(args.output, &format!("cannot read config {file}: {e}"));
+            return Err(ExitCode::from(EXIT_ERROR));
+        }
+    };
+    config::parse(&file, &text).map_err(|report| {
+        match args.output {
+            Output::Text => eprint!("{}", report.render()),
+            Output::Json => println!(
+                "{}",
+                serde_json::json!({ "ok": false, "errors": report.located() })
+            ),
+        }
+        ExitCode::from(EXIT_ERROR)
+    })
+}
+
+fn fail(output: Output, msg: &str) {
+    match output {
+        Output::Text => eprintln!("error: {msg}"),
+        Output::Json => println!("{}", serde_json::json!({ "ok": false, "error": msg })),
+    }
+}
+
+fn check(args: &ConfigArgs) -> ExitCode {
+    let cfg = match load(args) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match args.output {
+        Output::Text => println!(
+            "{}: ok: site {:?}, {} gateway(s), {} node(s), {} relay(s), {} link(s) per pair",
+            args.config.display(),
+            cfg.site.name,
+            cfg.gateways.len(),
+            cfg.nodes.len(),
+            cfg.relays.len(),
+            cfg.site.links
+        ),
+        Output::Json => println!("{}", serde_json::json!({ "ok": true, "config": cfg })),
+    }
+    ExitCode::SUCCESS
+}
+
+/// This host's name in the config: --node / $APPLIANCE_NODE, else the kernel host name.
+fn host_name(node: Option<String>) -> Option<String> {
+    node.or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+    })
+}
+
+fn reconcile_cmd(args: &ConfigArgs, node: Option<String>, dry_run: bool) -> ExitCode {
+    let cfg = match load(args) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(host) = host_name(node) else {
+        fail(
+            args.output,
+            "cannot tell which host this is: pass --node NAME or set APPLIANCE_NODE",
+        );
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            fail(args.output, &format!("cannot start the runtime: {e}"));
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    rt.block_on(async {
+        let nl = match Netlink::connect() {
+            Ok(nl) => nl,
+            Err(e) => {
+                fail(args.output, &format!("cannot open netlink: {e}"));
+                return ExitCode::from(EXIT_ERROR);
+            }
+        };
+        let plan = match reconcile::plan(&nl, &cfg, &host).await {
+            Ok(p) => p,
+            Err(e) => {
+                fail(args.output, &e.to_string());
+                return ExitCode::from(EXIT_ERROR);
+            }
+        };
+        let status = if plan.is_empty() {
+            "unchanged"
+        } else if dry_run {
+            "planned"
+        } else {
+            "applied"
+        };
+        if !plan.is_empty() && !dry_run {
+            if let Err(e) = reconcile::apply(&nl, &cfg, &plan).await {
+                match args.output {
+                    Output::Text => {
+                        print!("{}", plan.render_text());
+                        eprintln!("error: {e}");
+                    }
+                    Output::Json => {
+                        println!("{}", plan.render_json(Some(&e.to_string()), "failed"))
+                    }
+                }
+                return ExitCode::from(EXIT_ERROR);
+            }
+        }
+        match args.output {
+            Output::Text => {
+                print!("{}", plan.render_text());
+                if status == "applied" {
+                    println!("Applied and verified.");
+                }
+            }
+            Output::Json => print!("{}", plan.render_json(None, status)),
+        }
+        if status == "planned" {
+            ExitCode::from(EXIT_CHANGES)
+        } else {
+            ExitCode::SUCCESS
+        }
+    })
+}

@@ -1,0 +1,387 @@
+//! rtnetlink edge: read what appliance owns into a [`HostState`] and apply single plan changes.
+//! Nothing here decides anything; it translates between plan values and kernel messages.
+
+use crate::plan::{Change, Item, Op};
+use crate::state::{
+    Address, HostState, Link, LinkKind, Route, LINK_PREFIX, OWNER_ALIAS, ROUTE_PROTOCOL,
+};
+use crate::{sysctl, tundev};
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder, RouteNextHopBuilder};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("netlink: {0}")]
+    Netlink(#[from] rtnetlink::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("device {0} not found")]
+    NoDevice(String),
+}
+
+impl NetlinkError {
+    /// errno of a kernel refusal, if that is what this is.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            NetlinkError::Netlink(rtnetlink::Error::NetlinkError(m)) => m.code.map(|c| -c.get()),
+            NetlinkError::Io(e) => e.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// Open a route-netlink socket in the current network namespace. Must run inside a tokio
+    /// runtime: the connection is driven by a spawned task.
+    pub fn connect() -> Result<Self, NetlinkError> {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    async fn links(&self) -> Result<Vec<LinkMessage>, NetlinkError> {
+        Ok(self.handle.link().get().execute().try_collect().await?)
+    }
+
+    async fn index_of(&self, name: &str) -> Result<u32, NetlinkError> {
+        for m in self.links().await? {
+            if link_name(&m) == Some(name) {
+                return Ok(m.header.index);
+            }
+        }
+        Err(NetlinkError::NoDevice(name.to_string()))
+    }
+
+    async fn index_map(&self) -> Result<HashMap<String, u32>, NetlinkError> {
+        Ok(self
+            .links()
+            .await?
+            .iter()
+            .filter_map(|m| link_name(m).map(|n| (n.to_string(), m.header.index)))
+            .collect())
+    }
+
+    /// Read everything appliance owns, plus the current values of `sysctl_keys`.
+    pub async fn observe<'a>(
+        &self,
+        sysctl_keys: impl IntoIterator<Item = &'a String>,
+    ) -> Result<HostState, NetlinkError> {
+        let mut s = HostState::default();
+        let mut names: HashMap<u32, String> = HashMap::new();
+        for m in self.links().await? {
+            let Some(name) = link_name(&m) else { continue };
+            names.insert(m.header.index, name.to_string());
+            if !name.starts_with(LINK_PREFIX) {
+                continue;
+            }
+            let alias = m.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfAlias(s) => Some(s.as_str()),
+                _ => None,
+            });
+            if alias != Some(OWNER_ALIAS) {
+                s.foreign_links.insert(name.to_string());
+                continue;
+            }
+            let mtu = m
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    LinkAttribute::Mtu(m) => Some(*m),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            let kind = m
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+                        LinkInfo::Kind(InfoKind::Tun) => Some(LinkKind::Tun),
+                        LinkInfo::Kind(_) => Some(LinkKind::Other),
+                        _ => None,
+                    }),
+                    _ => None,
+                })
+                .unwrap_or(LinkKind::Other);
+            s.links.insert(
+                name.to_string(),
+                Link {
+                    name: name.to_string(),
+                    kind,
+                    mtu,
+                    up: m.header.flags.contains(LinkFlags::Up),
+                },
+            );
+        }
+
+        let addrs: Vec<_> = self.handle.address().get().execute().try_collect().await?;
+        for m in addrs {
+            let Some(dev) = names.get(&m.header.index) else {
+                continue;
+            };
+            if !s.links.contains_key(dev) {
+                continue;
+            }
+            let ip = m
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    AddressAttribute::Local(ip) => Some(*ip),
+                    _ => None,
+                })
+                .or_else(|| {
+                    m.attributes.iter().find_map(|a| match a {
+                        AddressAttribute::Address(ip) => Some(*ip),
+                        _ => None,
+                    })
+                });
+            let Some(ip) = ip else { continue };
+            if matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80) {
+                continue; // kernel-made link-local, not ours
+            }
+            if let Ok(addr) = IpNet::new(ip, m.header.prefix_len) {
+                s.addresses.insert(Address {
+                    dev: dev.clone(),
+                    addr,
+                });
+            }
+        }
+
+        for dump in [
+            RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        ] {
+            let routes: Vec<_> = self
+                .handle
+                .route()
+                .get(dump)
+                .execute()
+                .try_collect()
+                .await?;
+            for m in routes {
+                if let Some(r) = owned_route(&m, &names) {
+                    s.routes.insert(r.key(), r);
+                }
+            }
+        }
+
+        for key in sysctl_keys {
+            if let Some(v) = sysctl::read(key)? {
+                s.sysctls.insert(key.clone(), v);
+            }
+        }
+        Ok(s)
+    }
+
+    /// Perform one change of a plan.
+    pub async fn apply(&self, change: &Change) -> Result<(), NetlinkError> {
+        match (change.op, &change.before, &change.after) {
+            (Op::Add, _, Some(Item::Link(l))) => self.add_link(l).await,
+            (Op::Change, _, Some(Item::Link(l))) => self.set_link(l).await,
+            (Op::Remove, Some(Item::Link(l)), _) => {
+                let ix = self.index_of(&l.name).await?;
+                Ok(self.handle.link().del(ix).execute().await?)
+            }
+            (Op::Add, _, Some(Item::Address(a))) => {
+                let ix = self.index_of(&a.dev).await?;
+                let mut req = self
+                    .handle
+                    .address()
+                    .add(ix, a.addr.addr(), a.addr.prefix_len());
+                if a.addr.addr().is_ipv6() {
+                    // The address device has no carrier: without NODAD the address would stay
+                    // tentative and unusable as a source.
+                    req.message_mut()
+                        .attributes
+                        .push(AddressAttribute::Flags(AddressFlags::Nodad));
+                }
+                req.execute().await?;
+                Ok(())
+            }
+            (Op::Remove, Some(Item::Address(a)), _) => {
+                let ix = self.index_of(&a.dev).await?;
+                let all: Vec<_> = self
+                    .handle
+                    .address()
+                    .get()
+                    .set_link_index_filter(ix)
+                    .set_address_filter(a.addr.addr())
+                    .execute()
+                    .try_collect()
+                    .await?;
+                for m in all {
+                    self.handle.address().del(m).execute().await?;
+                }
+                Ok(())
+            }
+            (Op::Add | Op::Change, _, Some(Item::Route(r))) => {
+                let msg = self.route_message(r).await?;
+                let req = self.handle.route().add(msg);
+                let req = if change.op == Op::Change {
+                    req.replace()
+                } else {
+                    req
+                };
+                Ok(req.execute().await?)
+            }
+            (Op::Remove, Some(Item::Route(r)), _) => {
+                let msg = route_key_message(r);
+                Ok(self.handle.route().del(msg).execute().await?)
+            }
+            (Op::Add | Op::Change, _, Some(Item::Sysctl(s))) => {
+                Ok(sysctl::write(&s.key, &s.value)?)
+            }
+            _ => unreachable!("a plan never holds {change:?}"),
+        }
+    }
+
+    async fn add_link(&self, l: &Link) -> Result<(), NetlinkError> {
+        match l.kind {
+            LinkKind::Tun => tundev::create_persistent(&l.name)?,
+            LinkKind::Other => unreachable!("appliance never creates other devices"),
+        }
+        // Mark ownership before anything else can fail, so a revert or a later run finds it.
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_name(&l.name)
+                    .alias(OWNER_ALIAS)
+                    .build(),
+            )
+            .execute()
+            .await?;
+        self.set_link(l).await
+    }
+
+    async fn set_link(&self, l: &Link) -> Result<(), NetlinkError> {
+        let b = LinkUnspec::new_with_name(&l.name).mtu(l.mtu);
+        let b = if l.up { b.up() } else { b.down() };
+        Ok(self.handle.link().set(b.build()).execute().await?)
+    }
+
+    async fn route_message(&self, r: &Route) -> Result<RouteMessage, NetlinkError> {
+        let mut msg = route_key_message(r);
+        if r.blackhole {
+            msg.header.kind = RouteType::BlackHole;
+            return Ok(msg);
+        }
+        let index = self.index_map().await?;
+        let mut hops = Vec::with_capacity(r.via.len());
+        for dev in &r.via {
+            let ix = *index
+                .get(dev)
+                .ok_or_else(|| NetlinkError::NoDevice(dev.clone()))?;
+            let b = match r.dst {
+                IpNet::V4(_) => RouteNextHopBuilder::new_ipv4(),
+                IpNet::V6(_) => RouteNextHopBuilder::new_ipv6(),
+            };
+            hops.push(b.interface(ix).build());
+        }
+        msg.attributes.push(RouteAttribute::MultiPath(hops));
+        Ok(msg)
+    }
+}
+
+/// The message naming a route of ours: destination, metric, main table, our protocol.
+fn route_key_message(r: &Route) -> RouteMessage {
+    let b = match r.dst {
+        IpNet::V4(n) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(n.addr(), n.prefix_len())
+            .build(),
+        IpNet::V6(n) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(n.addr(), n.prefix_len())
+            .build(),
+    };
+    let mut msg = b;
+    msg.header.protocol = RouteProtocol::Other(ROUTE_PROTOCOL);
+    msg.header.scope = RouteScope::Universe;
+    msg.header.kind = if r.blackhole {
+        RouteType::BlackHole
+    } else {
+        RouteType::Unicast
+    };
+    msg.attributes.push(RouteAttribute::Priority(r.metric));
+    msg
+}
+
+fn link_name(m: &LinkMessage) -> Option<&str> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
+fn table_of(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(m.header.table as u32)
+}
+
+/// Our route, if `m` is one (main table, our protocol).
+fn owned_route(m: &RouteMessage, names: &HashMap<u32, String>) -> Option<Route> {
+    if m.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL)
+        || table_of(m) != RouteHeader::RT_TABLE_MAIN as u32
+    {
+        return None;
+    }
+    let plen = m.header.destination_prefix_length;
+    let dst = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => {
+                IpNet::new((*ip).into(), plen).ok()
+            }
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => {
+                IpNet::new((*ip).into(), plen).ok()
+            }
+            _ => None,
+        })
+        .or_else(|| match m.header.address_family {
+            rtnetlink::packet_route::AddressFamily::Inet6 => {
+                IpNet::new(Ipv6Addr::UNSPECIFIED.into(), 0).ok()
+            }
+            _ => IpNet::new(Ipv4Addr::UNSPECIFIED.into(), 0).ok(),
+        })?;
+    let metric = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Priority(p) => Some(*p),
+            _ => None,
+        })
+        .unwrap_or(0);
+    let mut via: Vec<String> = Vec::new();
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Oif(ix) => via.extend(names.get(ix).cloned()),
+            RouteAttribute::MultiPath(hops) => via.extend(
+                hops.iter()
+                    .filter_map(|h| names.get(&h.interface_index).cloned()),
+            ),
+            _ => {}
+        }
+    }
+    via.sort();
+    Some(Route {
+        dst,
+        metric,
+        via,
+        blackhole: m.header.kind == RouteType::BlackHole,
+    })
+}

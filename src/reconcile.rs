@@ -1,0 +1,202 @@
+//! observe → diff → plan → apply → re-observe and verify → revert on failure.
+//!
+//! The only place that sequences kernel changes. A plan is applied change by change; if one
+//! fails, if the result does not verify, or if SIGINT/SIGTERM arrives mid-way, the changes made
+//! so far are undone from the plan's own before/after values, and every undo error is
+//! collected (not just the first). One reconcile at a time per network namespace (flock).
+
+use crate::config::Config;
+use crate::desired::{desired, HostError};
+use crate::netlink::{Netlink, NetlinkError};
+use crate::plan::{diff, Change, Conflict, Item, Op, Plan};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error(transparent)]
+    Conflict(#[from] Conflict),
+    #[error("reading the host state failed: {0}")]
+    Observe(NetlinkError),
+    #[error("another reconcile holds {0}: {1}")]
+    Locked(String, std::io::Error),
+    #[error(
+        "could not apply `{line}`: {error}{hint}\n{}",
+        revert_report(reverted, revert_errors)
+    )]
+    Apply {
+        line: String,
+        error: NetlinkError,
+        hint: String,
+        reverted: usize,
+        revert_errors: Vec<String>,
+    },
+    #[error("the host did not verify after applying; still different:\n{}\n{}", remaining.join("\n"), revert_report(reverted, revert_errors))]
+    Verify {
+        remaining: Vec<String>,
+        reverted: usize,
+        revert_errors: Vec<String>,
+    },
+    #[error(
+        "interrupted after {applied} changes\n{}",
+        revert_report(reverted, revert_errors)
+    )]
+    Interrupted {
+        applied: usize,
+        reverted: usize,
+        revert_errors: Vec<String>,
+    },
+}
+
+fn revert_report(reverted: &usize, errors: &[String]) -> String {
+    if errors.is_empty() {
+        format!("reverted {reverted} change(s): the host is as it was before")
+    } else {
+        format!(
+            "reverted {reverted} change(s); {} could not be undone:\n  {}",
+            errors.len(),
+            errors.join("\n  ")
+        )
+    }
+}
+
+/// Compute the plan for `host` against the live kernel state. Needs no privileges.
+pub async fn plan(nl: &Netlink, cfg: &Config, host: &str) -> Result<Plan, ReconcileError> {
+    let (role, want) = desired(cfg, host)?;
+    let have = nl
+        .observe(want.sysctls.keys())
+        .await
+        .map_err(ReconcileError::Observe)?;
+    Ok(diff(host, role, &want, &have)?)
+}
+
+/// Apply `plan`, verify, and revert on any failure.
+pub async fn apply(nl: &Netlink, cfg: &Config, plan: &Plan) -> Result<(), ReconcileError> {
+    let _lock = lock()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut int), Ok(mut term)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
+                return;
+            };
+            tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+            stop.store(true, Ordering::SeqCst);
+        })
+    };
+    let result = apply_steps(nl, cfg, plan, &stop).await;
+    watcher.abort();
+    result
+}
+
+async fn apply_steps(
+    nl: &Netlink,
+    cfg: &Config,
+    plan: &Plan,
+    stop: &AtomicBool,
+) -> Result<(), ReconcileError> {
+    for (i, change) in plan.changes.iter().enumerate() {
+        if stop.load(Ordering::SeqCst) {
+            let (reverted, revert_errors) = undo(nl, &plan.revert(i)).await;
+            return Err(ReconcileError::Interrupted {
+                applied: i,
+                reverted,
+                revert_errors,
+            });
+        }
+        if let Err(error) = nl.apply(change).await {
+            tracing::error!(change = %change.line(), %error, "apply failed; reverting");
+            let hint = hint(change, &error);
+            let (reverted, revert_errors) = undo(nl, &plan.revert(i)).await;
+            return Err(ReconcileError::Apply {
+                line: change.line(),
+                error,
+                hint,
+                reverted,
+                revert_errors,
+            });
+        }
+        tracing::info!(change = %change.line(), "applied");
+    }
+    let after = plan_again(nl, cfg, plan).await;
+    match after {
+        Ok(p) if p.is_empty() => Ok(()),
+        other => {
+            let remaining = match other {
+                Ok(p) => p.changes.iter().map(Change::line).collect(),
+                Err(e) => vec![e.to_string()],
+            };
+            let (reverted, revert_errors) = undo(nl, &plan.revert(plan.changes.len())).await;
+            Err(ReconcileError::Verify {
+                remaining,
+                reverted,
+                revert_errors,
+            })
+        }
+    }
+}
+
+async fn plan_again(nl: &Netlink, cfg: &Config, plan: &Plan) -> Result<Plan, ReconcileError> {
+    self::plan(nl, cfg, &plan.host).await
+}
+
+/// Perform undo changes, collecting every failure instead of stopping at the first.
+async fn undo(nl: &Netlink, changes: &[Change]) -> (usize, Vec<String>) {
+    let mut errors = Vec::new();
+    for c in changes {
+        if let Err(e) = nl.apply(c).await {
+            // Undoing the creation of something the kernel already removed with its device is
+            // not a failure: the goal state (absent) holds.
+            let gone = c.op == Op::Remove
+                && matches!(
+                    e.errno(),
+                    Some(libc::ENODEV) | Some(libc::ESRCH) | Some(libc::ENOENT)
+                )
+                || matches!(e, NetlinkError::NoDevice(_)) && c.op == Op::Remove;
+            if !gone {
+                errors.push(format!("{}: {e}", c.line()));
+            }
+        }
+    }
+    (changes.len(), errors)
+}
+
+fn hint(change: &Change, error: &NetlinkError) -> String {
+    match (&change.after, error.errno()) {
+        (Some(Item::Route(r)), Some(libc::EEXIST)) => format!(
+            " (a route to {} with metric {} already exists and is not appliance's; appliance does not replace routes it does not own)",
+            r.dst, r.metric
+        ),
+        (_, Some(libc::EPERM)) | (_, Some(libc::EACCES)) => {
+            " (changing the host needs root or CAP_NET_ADMIN; `--dry-run` works without)".to_string()
+        }
+        (Some(Item::Link(_)), Some(libc::ENOENT)) => " (is /dev/net/tun present? load the tun module)".to_string(),
+        _ => String::new(),
+    }
+}
+
+/// flock on a per-network-namespace lock file, so two reconciles never interleave.
+fn lock() -> Result<nix::fcntl::Flock<std::fs::File>, ReconcileError> {
+    use std::os::unix::fs::MetadataExt;
+    let ns = std::fs::metadata("/proc/self/ns/net")
+        .map(|m| m.ino())
+        .unwrap_or(0);
+    let dir = std::path::Path::new("/run/appliance");
+    let path = dir.join(format!("reconcile-{ns}.lock"));
+    let locked = |e: std::io::Error| ReconcileError::Locked(path.display().to_string(), e);
+    std::fs::create_dir_all(dir).map_err(locked)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(locked)?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| locked(std::io::Error::from(e)))
+}

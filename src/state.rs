@@ -1,0 +1,126 @@
+//! The host state appliance owns, as plain values: the same type describes what the config
+//! wants ([`crate::desired`]) and what the kernel has ([`crate::netlink::observe`]), so the
+//! planner compares like with like. Pure.
+//!
+//! Ownership: links whose name starts with [`LINK_PREFIX`] *and* whose ifalias is
+//! [`OWNER_ALIAS`]; addresses on those links; routes in the main table with protocol
+//! [`ROUTE_PROTOCOL`]; the sysctls the desired state names. Nothing else is observed as ours.
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Name prefix of every device appliance creates.
+pub const LINK_PREFIX: &str = "ap-";
+/// ifalias written on every device appliance creates: a foreign `ap-foo` is never ours.
+pub const OWNER_ALIAS: &str = "appliance";
+/// `rtm_protocol` of our routes (unassigned in iproute2's rt_protos; `ip route` prints 173).
+pub const ROUTE_PROTOCOL: u8 = 173;
+/// Metric of routes into the tunnels.
+pub const TUNNEL_METRIC: u32 = 20;
+/// Metric of the fail-closed blackholes behind them: when every tunnel nexthop is down
+/// (linkdown is ignored), lookups fall through to these instead of leaking to the default route.
+pub const BLACKHOLE_METRIC: u32 = 4000;
+/// Device holding a node's cloud-block address. It is a tun device like the tunnels (no
+/// datapath ever attaches to it): some kernels have no dummy driver, and the address must not
+/// sit on a tunnel device, or every packet sourced from it leaves by that one tunnel.
+pub const ADDRESS_DEVICE: &str = "ap-lo";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkKind {
+    Tun,
+    /// Something else with our name and alias (only ever observed).
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Link {
+    pub name: String,
+    pub kind: LinkKind,
+    pub mtu: u32,
+    pub up: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Address {
+    pub dev: String,
+    pub addr: IpNet,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RouteKey {
+    pub dst: IpNet,
+    pub metric: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Route {
+    pub dst: IpNet,
+    pub metric: u32,
+    /// Output devices, sorted, each an equal-weight nexthop. Empty for a blackhole.
+    pub via: Vec<String>,
+    pub blackhole: bool,
+}
+
+impl Route {
+    pub fn key(&self) -> RouteKey {
+        RouteKey {
+            dst: self.dst,
+            metric: self.metric,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Sysctl {
+    /// Dotted name, as `sysctl` prints it: `net.ipv4.ip_forward`.
+    pub key: String,
+    pub value: String,
+}
+
+/// Everything appliance owns on one host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostState {
+    pub links: BTreeMap<String, Link>,
+    pub addresses: BTreeSet<Address>,
+    pub routes: BTreeMap<RouteKey, Route>,
+    /// Desired: values to hold. Observed: current values of the keys asked for (absent when the
+    /// file does not exist, e.g. a device that is not there yet).
+    pub sysctls: BTreeMap<String, String>,
+    /// Observed only: devices named like ours but without our ifalias. Never touched; a
+    /// desired link with such a name is a conflict the planner reports.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub foreign_links: BTreeSet<String>,
+}
+
+impl HostState {
+    pub fn add_link(&mut self, name: &str, kind: LinkKind, mtu: u32) {
+        self.links.insert(
+            name.to_string(),
+            Link {
+                name: name.to_string(),
+                kind,
+                mtu,
+                up: true,
+            },
+        );
+    }
+
+    pub fn add_route(&mut self, dst: IpNet, metric: u32, via: Vec<String>, blackhole: bool) {
+        let mut via = via;
+        via.sort();
+        via.dedup();
+        let r = Route {
+            dst,
+            metric,
+            via,
+            blackhole,
+        };
+        self.routes.insert(r.key(), r);
+    }
+
+    pub fn set_sysctl(&mut self, key: &str, value: &str) {
+        self.sysctls.insert(key.to_string(), value.to_string());
+    }
+}
