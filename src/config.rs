@@ -1067,6 +1067,13 @@ impl Semantics<'_> {
                         )),
                 );
             }
+            if let Some(sp) = self.site.site_prefixes.iter().find(|p| p.contains(&g.endpoint)) {
+                self.diags.push(
+                    Diagnostic::new(span_of(n), format!("gateway endpoint {} is inside the site prefix {sp}", g.endpoint))
+                        .label("endpoint would route into its own tunnel")
+                        .help("nodes route site prefixes into the tunnels; the endpoint must be the gateway's public (underlay) address"),
+                );
+            }
             if self.in_cloud(&IpNet::from(g.endpoint)) {
                 self.diags.push(
                     Diagnostic::new(

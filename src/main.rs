@@ -64,6 +64,17 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Print what appliance owns on this host (or, with --desired, what the config wants) as
+    /// the state model the planner compares.
+    State {
+        #[command(flatten)]
+        args: ConfigArgs,
+        #[arg(short, long, env = "APPLIANCE_NODE")]
+        node: Option<String>,
+        /// The state the config wants instead of the state the kernel has.
+        #[arg(long)]
+        desired: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -87,6 +98,11 @@ fn main() -> ExitCode {
             node,
             dry_run,
         } => reconcile_cmd(&args, node, dry_run),
+        Command::State {
+            args,
+            node,
+            desired,
+        } => state_cmd(&args, node, desired),
     }
 }
 
@@ -147,6 +163,53 @@ fn host_name(node: Option<String>) -> Option<String> {
             .map(|h| h.trim().to_string())
             .filter(|h| !h.is_empty())
     })
+}
+
+/// Config, host name and a current-thread runtime: what every host command starts from.
+fn host_setup(args: &ConfigArgs, node: Option<String>) -> Result<(Config, String, tokio::runtime::Runtime), ExitCode> {
+    let cfg = load(args)?;
+    let Some(host) = host_name(node) else {
+        fail(args.output, "cannot tell which host this is: pass --node NAME or set APPLIANCE_NODE");
+        return Err(ExitCode::from(EXIT_USAGE));
+    };
+    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => Ok((cfg, host, rt)),
+        Err(e) => {
+            fail(args.output, &format!("cannot start the runtime: {e}"));
+            Err(ExitCode::from(EXIT_ERROR))
+        }
+    }
+}
+
+fn state_cmd(args: &ConfigArgs, node: Option<String>, want_desired: bool) -> ExitCode {
+    let (cfg, host, rt) = match host_setup(args, node) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let (_, want) = match appliance::desired::desired(&cfg, &host) {
+        Ok(d) => d,
+        Err(e) => {
+            fail(args.output, &e.to_string());
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    let state = if want_desired {
+        want
+    } else {
+        let observed = rt.block_on(async {
+            let nl = Netlink::connect()?;
+            nl.observe(want.sysctls.keys()).await
+        });
+        match observed {
+            Ok(s) => s,
+            Err(e) => {
+                fail(args.output, &format!("reading the host state failed: {e}"));
+                return ExitCode::from(EXIT_ERROR);
+            }
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&state).expect("state serialises"));
+    ExitCode::SUCCESS
 }
 
 fn reconcile_cmd(args: &ConfigArgs, node: Option<String>, dry_run: bool) -> ExitCode {

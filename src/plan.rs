@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
+#[serde(tag = "type", rename_all = "lowercase")]
 pub enum Item {
     Link(Link),
     Address(Address),
@@ -279,6 +279,41 @@ impl Plan {
             .rev()
             .filter_map(Change::inverse)
             .collect()
+    }
+
+    /// The state `state` would be in after this plan, as a model of the kernel (pure). Used by
+    /// tests to check that a plan, applied, gives the desired state.
+    pub fn simulate(&self, state: &HostState) -> HostState {
+        let mut s = state.clone();
+        for c in &self.changes {
+            match (&c.before, &c.after) {
+                (_, Some(Item::Link(l))) => {
+                    s.links.insert(l.name.clone(), l.clone());
+                }
+                (Some(Item::Link(l)), None) => {
+                    s.links.remove(&l.name);
+                    s.addresses.retain(|a| a.dev != l.name);
+                    s.sysctls.retain(|k, _| !k.contains(&format!(".{}.", l.name)));
+                }
+                (_, Some(Item::Address(a))) => {
+                    s.addresses.insert(a.clone());
+                }
+                (Some(Item::Address(a)), None) => {
+                    s.addresses.remove(a);
+                }
+                (_, Some(Item::Route(r))) => {
+                    s.routes.insert(r.key(), r.clone());
+                }
+                (Some(Item::Route(r)), None) => {
+                    s.routes.remove(&r.key());
+                }
+                (_, Some(Item::Sysctl(x))) => {
+                    s.sysctls.insert(x.key.clone(), x.value.clone());
+                }
+                (Some(Item::Sysctl(_)), None) | (None, None) => {}
+            }
+        }
+        s
     }
 
     pub fn render_text(&self) -> String {

@@ -84,6 +84,7 @@ pub struct Sysctl {
 pub struct HostState {
     pub links: BTreeMap<String, Link>,
     pub addresses: BTreeSet<Address>,
+    #[serde(with = "routes_as_list")]
     pub routes: BTreeMap<RouteKey, Route>,
     /// Desired: values to hold. Observed: current values of the keys asked for (absent when the
     /// file does not exist, e.g. a device that is not there yet).
@@ -122,5 +123,20 @@ impl HostState {
 
     pub fn set_sysctl(&mut self, key: &str, value: &str) {
         self.sysctls.insert(key.to_string(), value.to_string());
+    }
+}
+
+/// Routes serialise as a list (their key is inside each route; JSON keys must be strings).
+mod routes_as_list {
+    use super::{Route, RouteKey};
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::collections::BTreeMap;
+
+    pub fn serialize<S: Serializer>(m: &BTreeMap<RouteKey, Route>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(m.values())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<RouteKey, Route>, D::Error> {
+        Ok(Vec::<Route>::deserialize(d)?.into_iter().map(|r| (r.key(), r)).collect())
     }
 }
