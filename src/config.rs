@@ -1067,7 +1067,12 @@ impl Semantics<'_> {
                         )),
                 );
             }
-            if let Some(sp) = self.site.site_prefixes.iter().find(|p| p.contains(&g.endpoint)) {
+            if let Some(sp) = self
+                .site
+                .site_prefixes
+                .iter()
+                .find(|p| p.contains(&g.endpoint))
+            {
                 self.diags.push(
                     Diagnostic::new(span_of(n), format!("gateway endpoint {} is inside the site prefix {sp}", g.endpoint))
                         .label("endpoint would route into its own tunnel")

@@ -166,13 +166,22 @@ fn host_name(node: Option<String>) -> Option<String> {
 }
 
 /// Config, host name and a current-thread runtime: what every host command starts from.
-fn host_setup(args: &ConfigArgs, node: Option<String>) -> Result<(Config, String, tokio::runtime::Runtime), ExitCode> {
+fn host_setup(
+    args: &ConfigArgs,
+    node: Option<String>,
+) -> Result<(Config, String, tokio::runtime::Runtime), ExitCode> {
     let cfg = load(args)?;
     let Some(host) = host_name(node) else {
-        fail(args.output, "cannot tell which host this is: pass --node NAME or set APPLIANCE_NODE");
+        fail(
+            args.output,
+            "cannot tell which host this is: pass --node NAME or set APPLIANCE_NODE",
+        );
         return Err(ExitCode::from(EXIT_USAGE));
     };
-    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => Ok((cfg, host, rt)),
         Err(e) => {
             fail(args.output, &format!("cannot start the runtime: {e}"));
@@ -208,7 +217,10 @@ fn state_cmd(args: &ConfigArgs, node: Option<String>, want_desired: bool) -> Exi
             }
         }
     };
-    println!("{}", serde_json::to_string_pretty(&state).expect("state serialises"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&state).expect("state serialises")
+    );
     ExitCode::SUCCESS
 }
 

@@ -293,7 +293,8 @@ impl Plan {
                 (Some(Item::Link(l)), None) => {
                     s.links.remove(&l.name);
                     s.addresses.retain(|a| a.dev != l.name);
-                    s.sysctls.retain(|k, _| !k.contains(&format!(".{}.", l.name)));
+                    s.sysctls
+                        .retain(|k, _| !k.contains(&format!(".{}.", l.name)));
                 }
                 (_, Some(Item::Address(a))) => {
                     s.addresses.insert(a.clone());

@@ -20,8 +20,8 @@ pub enum ReconcileError {
     Conflict(#[from] Conflict),
     #[error("reading the host state failed: {0}")]
     Observe(NetlinkError),
-    #[error("another reconcile holds {0}: {1}")]
-    Locked(String, std::io::Error),
+    #[error("cannot take the reconcile lock {path}: {error}{}", if matches!(error.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)) { " (changing the host needs root or CAP_NET_ADMIN; `--dry-run` works without)" } else { "" })]
+    Locked { path: String, error: std::io::Error },
     #[error(
         "could not apply `{line}`: {error}{hint}\n{}",
         revert_report(reverted, revert_errors)
@@ -189,7 +189,10 @@ fn lock() -> Result<nix::fcntl::Flock<std::fs::File>, ReconcileError> {
         .unwrap_or(0);
     let dir = std::path::Path::new("/run/appliance");
     let path = dir.join(format!("reconcile-{ns}.lock"));
-    let locked = |e: std::io::Error| ReconcileError::Locked(path.display().to_string(), e);
+    let locked = |error: std::io::Error| ReconcileError::Locked {
+        path: path.display().to_string(),
+        error,
+    };
     std::fs::create_dir_all(dir).map_err(locked)?;
     let file = std::fs::OpenOptions::new()
         .create(true)

@@ -132,11 +132,19 @@ mod routes_as_list {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::collections::BTreeMap;
 
-    pub fn serialize<S: Serializer>(m: &BTreeMap<RouteKey, Route>, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(
+        m: &BTreeMap<RouteKey, Route>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.collect_seq(m.values())
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<RouteKey, Route>, D::Error> {
-        Ok(Vec::<Route>::deserialize(d)?.into_iter().map(|r| (r.key(), r)).collect())
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<RouteKey, Route>, D::Error> {
+        Ok(Vec::<Route>::deserialize(d)?
+            .into_iter()
+            .map(|r| (r.key(), r))
+            .collect())
     }
 }

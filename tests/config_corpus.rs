@@ -17,14 +17,21 @@ fn files(dir: &str, ext: &str) -> Vec<PathBuf> {
 }
 
 fn rel(p: &Path) -> String {
-    p.strip_prefix(env!("CARGO_MANIFEST_DIR")).unwrap().display().to_string()
+    p.strip_prefix(env!("CARGO_MANIFEST_DIR"))
+        .unwrap()
+        .display()
+        .to_string()
 }
 
 #[test]
 fn every_invalid_config_fails_with_its_pinned_positioned_errors() {
     let update = std::env::var_os("UPDATE_GOLDEN").is_some();
     let cases = files("tests/configs/invalid", "kdl");
-    assert!(cases.len() >= 25, "the corpus must hold at least 25 configs, has {}", cases.len());
+    assert!(
+        cases.len() >= 25,
+        "the corpus must hold at least 25 configs, has {}",
+        cases.len()
+    );
     let mut failures = Vec::new();
     for case in &cases {
         let name = rel(case);
@@ -41,7 +48,10 @@ fn every_invalid_config_fails_with_its_pinned_positioned_errors() {
             }
         };
         let rendered = report.render();
-        assert!(rendered.contains(&format!("--> {name}:")), "{name}: no file:line:col in\n{rendered}");
+        assert!(
+            rendered.contains(&format!("--> {name}:")),
+            "{name}: no file:line:col in\n{rendered}"
+        );
         let golden = case.with_extension("err");
         if update {
             std::fs::write(&golden, &rendered).unwrap();
@@ -49,8 +59,13 @@ fn every_invalid_config_fails_with_its_pinned_positioned_errors() {
         }
         match std::fs::read_to_string(&golden) {
             Ok(want) if want == rendered => {}
-            Ok(want) => failures.push(format!("{name}: diagnostics differ\n--- want\n{want}--- got\n{rendered}")),
-            Err(_) => failures.push(format!("{name}: missing {} (run with UPDATE_GOLDEN=1)", rel(&golden))),
+            Ok(want) => failures.push(format!(
+                "{name}: diagnostics differ\n--- want\n{want}--- got\n{rendered}"
+            )),
+            Err(_) => failures.push(format!(
+                "{name}: missing {} (run with UPDATE_GOLDEN=1)",
+                rel(&golden)
+            )),
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
@@ -60,7 +75,8 @@ fn every_invalid_config_fails_with_its_pinned_positioned_errors() {
 fn the_example_config_validates() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.kdl.example");
     let text = std::fs::read_to_string(&path).unwrap();
-    let cfg = config::parse("config.kdl.example", &text).unwrap_or_else(|r| panic!("{}", r.render()));
+    let cfg =
+        config::parse("config.kdl.example", &text).unwrap_or_else(|r| panic!("{}", r.render()));
     assert_eq!(cfg.gateways.len(), 2);
     assert_eq!(cfg.relays.len(), 1);
     assert_eq!(cfg.site.links, 4);
@@ -70,12 +86,15 @@ fn the_example_config_validates() {
 
 #[test]
 fn every_kdl_block_in_the_readme_validates() {
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
     let mut blocks = Vec::new();
     let mut current: Option<(usize, String)> = None;
     for (i, line) in readme.lines().enumerate() {
         match &mut current {
-            None if line.trim_start().starts_with("```kdl") => current = Some((i + 1, String::new())),
+            None if line.trim_start().starts_with("```kdl") => {
+                current = Some((i + 1, String::new()))
+            }
             Some((start, text)) if line.trim_start().starts_with("```") => {
                 blocks.push((*start, std::mem::take(text)));
                 current = None;

@@ -19,11 +19,16 @@ fn plans_match_the_committed_golden_files() {
         .filter(|p| p.join("host").exists())
         .collect();
     cases.sort();
-    assert!(cases.len() >= 5, "expected golden cases, found {}", cases.len());
+    assert!(
+        cases.len() >= 5,
+        "expected golden cases, found {}",
+        cases.len()
+    );
     let mut failures = Vec::new();
     for case in &cases {
         let cfg_path = read(&case.join("config")).trim().to_string();
-        let cfg = config::parse(&cfg_path, &read(&root.join(&cfg_path))).unwrap_or_else(|r| panic!("{}", r.render()));
+        let cfg = config::parse(&cfg_path, &read(&root.join(&cfg_path)))
+            .unwrap_or_else(|r| panic!("{}", r.render()));
         let host = read(&case.join("host")).trim().to_string();
         let observed: HostState = serde_json::from_str(&read(&case.join("observed.json"))).unwrap();
         let (role, want) = desired(&cfg, &host).unwrap();
@@ -36,15 +41,36 @@ fn plans_match_the_committed_golden_files() {
                 assert_eq!(after.addresses, want.addresses, "{}", case.display());
                 assert_eq!(after.routes, want.routes, "{}", case.display());
                 for (k, v) in &want.sysctls {
-                    assert_eq!(after.sysctls.get(k), Some(v), "{}: sysctl {k}", case.display());
+                    assert_eq!(
+                        after.sysctls.get(k),
+                        Some(v),
+                        "{}: sysctl {k}",
+                        case.display()
+                    );
                 }
                 // and its revert must lead back to the observed state.
-                let undo = appliance::plan::Plan { changes: plan.revert(plan.changes.len()), ..plan.clone() };
+                let undo = appliance::plan::Plan {
+                    changes: plan.revert(plan.changes.len()),
+                    ..plan.clone()
+                };
                 let back = undo.simulate(&after);
                 assert_eq!(back.links, observed.links, "{}", case.display());
                 assert_eq!(back.routes, observed.routes, "{}", case.display());
                 assert_eq!(back.addresses, observed.addresses, "{}", case.display());
-                vec![("plan.txt", plan.render_text()), ("plan.json", plan.render_json(None, if plan.is_empty() { "unchanged" } else { "planned" }))]
+                vec![
+                    ("plan.txt", plan.render_text()),
+                    (
+                        "plan.json",
+                        plan.render_json(
+                            None,
+                            if plan.is_empty() {
+                                "unchanged"
+                            } else {
+                                "planned"
+                            },
+                        ),
+                    ),
+                ]
             }
             Err(e) => vec![("error.txt", format!("{e}\n"))],
         };
@@ -53,7 +79,10 @@ fn plans_match_the_committed_golden_files() {
             if update {
                 std::fs::write(&path, &got).unwrap();
             } else if !path.exists() || read(&path) != got {
-                failures.push(format!("{}: {file} differs (UPDATE_GOLDEN=1 to accept)\n{got}", case.display()));
+                failures.push(format!(
+                    "{}: {file} differs (UPDATE_GOLDEN=1 to accept)\n{got}",
+                    case.display()
+                ));
             }
         }
     }

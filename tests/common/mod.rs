@@ -1,0 +1,199 @@
+//! Shared helpers for tests that need root and network namespaces.
+//!
+//! Every namespace gets a unique name (`ap-t-PID-N`) and is deleted by `Drop`, so it goes away
+//! when a test fails or panics too. Nothing here touches the root namespace.
+#![allow(dead_code)]
+
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_appliance");
+
+/// True when the test may run; false (and a note) when not root outside CI. In CI (CI=true)
+/// a missing privilege is a failure, not a skip.
+pub fn root_or_skip(test: &str) -> bool {
+    let root = nix_is_root();
+    if !root {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: CI must run the namespace tests as root"
+        );
+        eprintln!("skipping {test}: needs root for network namespaces");
+    }
+    root
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+pub struct Netns {
+    pub name: String,
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+impl Netns {
+    pub fn new() -> Netns {
+        let name = format!(
+            "ap-t-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        run("ip", &["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip -n NS ARGS`, which must succeed.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut full = vec!["-n", &self.name];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// `ip -n NS -j ARGS` parsed as JSON.
+    pub fn ip_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut full = vec!["-j"];
+        full.extend_from_slice(args);
+        let out = self.ip(&full);
+        if out.trim().is_empty() {
+            return serde_json::Value::Array(vec![]);
+        }
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("ip -j {args:?}: {e}: {out}"))
+    }
+
+    /// Run a command inside the namespace; returns its output whatever the exit status.
+    pub fn exec(&self, cmd: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(cmd)
+            .output()
+            .expect("ip netns exec")
+    }
+
+    /// Run `appliance ARGS` inside the namespace.
+    pub fn appliance(&self, args: &[&str]) -> Output {
+        let mut cmd = vec![BIN];
+        cmd.extend_from_slice(args);
+        self.exec(&cmd)
+    }
+
+    pub fn sysctl(&self, key: &str) -> String {
+        let out = self.exec(&["sysctl", "-n", key]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Everything a user could notice about the namespace: links (name, flags, mtu, alias),
+    /// addresses, all routes of all tables, and the sysctls appliance may change.
+    pub fn snapshot(&self) -> String {
+        let links: Vec<String> = self
+            .ip_json(&["-d", "link", "show"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                format!(
+                    "{} {} mtu={} alias={}",
+                    l["ifname"],
+                    l["flags"],
+                    l["mtu"],
+                    l.get("ifalias").cloned().unwrap_or_default()
+                )
+            })
+            .collect();
+        let addrs = self.ip(&["addr", "show"]);
+        let routes4 = self.ip(&["route", "show", "table", "all"]);
+        let routes6 = self.ip(&["-6", "route", "show", "table", "all"]);
+        let sysctls: Vec<String> = ["net.ipv4.ip_forward", "net.ipv4.fib_multipath_hash_policy"]
+            .iter()
+            .map(|k| format!("{k}={}", self.sysctl(k)))
+            .collect();
+        format!(
+            "links:\n{}\naddrs:\n{addrs}\nroutes:\n{routes4}{routes6}\nsysctls: {}\n",
+            links.join("\n"),
+            sysctls.join(" ")
+        )
+    }
+
+    /// Our routes as (destination, metric, [devices]) from `ip -j route`.
+    pub fn our_routes(&self) -> Vec<(String, u64, Vec<String>)> {
+        let mut v = Vec::new();
+        for fam in ["-4", "-6"] {
+            for r in self
+                .ip_json(&[fam, "route", "show", "proto", "173"])
+                .as_array()
+                .unwrap()
+            {
+                let mut devs: Vec<String> = match r.get("nexthops") {
+                    Some(hops) => hops
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|h| h["dev"].as_str().unwrap().to_string())
+                        .collect(),
+                    None => r
+                        .get("dev")
+                        .and_then(|d| d.as_str())
+                        .map(|d| vec![d.to_string()])
+                        .unwrap_or_default(),
+                };
+                devs.sort();
+                let dst = r["dst"].as_str().unwrap().to_string();
+                let dst = if dst.contains('/') {
+                    dst
+                } else if dst.contains(':') {
+                    format!("{dst}/128")
+                } else {
+                    format!("{dst}/32")
+                };
+                let metric = r.get("metric").and_then(|m| m.as_u64()).unwrap_or(0);
+                v.push((dst, metric, devs));
+            }
+        }
+        v.sort();
+        v
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+pub fn repo(path: &str) -> String {
+    format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))
+}

@@ -1,0 +1,354 @@
+//! `appliance reconcile` against real kernels, each test in its own network namespace.
+
+mod common;
+use common::*;
+
+const TWO_GW: &str = "tests/golden/two-gateways/config.kdl";
+
+fn reconcile(ns: &Netns, cfg: &str, node: &str, extra: &[&str]) -> std::process::Output {
+    let cfg = repo(cfg);
+    let mut args = vec!["reconcile", "-c", &cfg, "--node", node];
+    args.extend_from_slice(extra);
+    ns.appliance(&args)
+}
+
+#[test]
+fn apply_creates_links_address_and_multipath_routes_then_plans_nothing() {
+    if !root_or_skip("apply_creates_links") {
+        return;
+    }
+    let ns = Netns::new();
+    let out = reconcile(&ns, TWO_GW, "c1", &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Applied and verified."));
+
+    let links = ns.ip_json(&["-d", "link", "show"]);
+    let ours: Vec<&str> = links
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["ifalias"] == "appliance")
+        .map(|l| l["ifname"].as_str().unwrap())
+        .collect();
+    assert_eq!(ours.len(), 9, "8 tunnels + ap-lo: {ours:?}");
+    for l in links
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["ifalias"] == "appliance")
+    {
+        assert_eq!(l["mtu"], 1420);
+        assert_eq!(l["linkinfo"]["info_kind"], "tun");
+        assert_eq!(l["linkinfo"]["info_data"]["persist"], true);
+    }
+    let addrs = ns.ip(&["-4", "addr", "show", "dev", "ap-lo"]);
+    assert!(addrs.contains("10.200.0.11/32"), "{addrs}");
+
+    let routes = ns.our_routes();
+    let all8: Vec<String> = ["gw1", "gw2"]
+        .iter()
+        .flat_map(|g| (0..4).map(move |i| format!("ap-{g}-{i}")))
+        .collect();
+    assert!(
+        routes.contains(&("10.10.0.0/16".into(), 20, all8.clone())),
+        "{routes:?}"
+    );
+    assert!(
+        routes.contains(&("10.200.0.0/16".into(), 20, all8)),
+        "{routes:?}"
+    );
+    let gw1: Vec<String> = (0..4).map(|i| format!("ap-gw1-{i}")).collect();
+    assert!(
+        routes.contains(&("10.10.0.2/32".into(), 20, gw1)),
+        "{routes:?}"
+    );
+    assert!(
+        routes.contains(&("10.10.0.0/16".into(), 4000, vec![])),
+        "blackhole: {routes:?}"
+    );
+    assert_eq!(ns.sysctl("net.ipv4.fib_multipath_hash_policy"), "1");
+    assert_eq!(ns.sysctl("net.ipv4.conf.ap-gw1-0.rp_filter"), "2");
+
+    let again = reconcile(&ns, TWO_GW, "c1", &["--dry-run"]);
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("No changes"),
+        "{}",
+        text(&again)
+    );
+}
+
+#[test]
+fn a_crashed_datapath_fails_closed_to_the_blackhole() {
+    if !root_or_skip("fails_closed") {
+        return;
+    }
+    // No datapath is attached after a one-shot reconcile: the tunnels have no carrier, the
+    // kernel ignores their nexthops, and site traffic hits the blackhole instead of leaking.
+    let ns = Netns::new();
+    assert!(reconcile(&ns, TWO_GW, "c1", &[]).status.success());
+    let get = ns.exec(&["ip", "route", "get", "10.10.5.5"]);
+    assert!(
+        !get.status.success(),
+        "expected no usable route: {}",
+        text(&get)
+    );
+    let out = ns.exec(&["ping", "-c", "1", "-W", "1", "10.10.5.5"]);
+    assert!(!out.status.success());
+}
+
+#[test]
+fn drift_is_repaired_and_the_repair_is_planned_first() {
+    if !root_or_skip("drift") {
+        return;
+    }
+    let ns = Netns::new();
+    assert!(reconcile(&ns, TWO_GW, "c1", &[]).status.success());
+    let before = ns.our_routes();
+    ns.ip(&[
+        "route",
+        "del",
+        "10.10.0.2/32",
+        "proto",
+        "173",
+        "metric",
+        "20",
+    ]);
+    // Deleting one tunnel also makes the kernel drop every multipath route that used it.
+    ns.ip(&["link", "del", "ap-gw2-3"]);
+    ns.ip(&["link", "set", "ap-gw1-1", "mtu", "1300"]);
+
+    let plan = reconcile(&ns, TWO_GW, "c1", &["--dry-run"]);
+    assert_eq!(plan.status.code(), Some(2), "{}", text(&plan));
+    let p = String::from_utf8_lossy(&plan.stdout);
+    assert!(p.contains("+ link ap-gw2-3 (tun, mtu 1420)"), "{p}");
+    assert!(p.contains("~ link ap-gw1-1: mtu 1300 -> 1420"), "{p}");
+    assert!(
+        p.contains("+ route 10.10.0.2/32 via ap-gw1-0,ap-gw1-1,ap-gw1-2,ap-gw1-3"),
+        "{p}"
+    );
+
+    let fix = reconcile(&ns, TWO_GW, "c1", &[]);
+    assert_eq!(fix.status.code(), Some(0), "{}", text(&fix));
+    assert_eq!(ns.our_routes(), before);
+    let again = reconcile(&ns, TWO_GW, "c1", &["--dry-run"]);
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+}
+
+#[test]
+fn foreign_routes_and_similarly_named_links_are_never_touched() {
+    if !root_or_skip("foreign") {
+        return;
+    }
+    let ns = Netns::new();
+    ns.ip(&["tuntap", "add", "dev", "ap-foreign", "mode", "tun"]);
+    ns.ip(&["tuntap", "add", "dev", "apl0", "mode", "tun"]);
+    ns.ip(&["link", "set", "apl0", "up"]);
+    ns.ip(&[
+        "route",
+        "add",
+        "10.50.0.0/24",
+        "dev",
+        "apl0",
+        "proto",
+        "static",
+    ]);
+    ns.ip(&[
+        "route",
+        "add",
+        "blackhole",
+        "10.200.7.0/24",
+        "proto",
+        "static",
+    ]);
+    let foreign = |ns: &Netns| {
+        (
+            ns.ip(&["link", "show", "ap-foreign"]),
+            ns.ip(&["link", "show", "apl0"]),
+            ns.ip(&["route", "show", "proto", "static"]),
+        )
+    };
+    let before = foreign(&ns);
+    assert!(reconcile(&ns, TWO_GW, "c1", &[]).status.success());
+    // A node config for another host plans the removal of everything c1 had: still, the
+    // foreign objects survive both.
+    assert!(reconcile(&ns, TWO_GW, "gw1", &[]).status.success());
+    assert_eq!(foreign(&ns), before);
+    assert!(
+        !ns.exec(&["ip", "link", "show", "ap-gw1-0"])
+            .status
+            .success(),
+        "c1's tunnels are gone"
+    );
+    assert!(
+        ns.exec(&["ip", "link", "show", "ap-l0"]).status.success(),
+        "gw1's tunnels exist"
+    );
+}
+
+#[test]
+fn a_device_with_our_name_but_not_ours_stops_the_plan() {
+    if !root_or_skip("foreign_name") {
+        return;
+    }
+    let ns = Netns::new();
+    ns.ip(&["tuntap", "add", "dev", "ap-l0", "mode", "tun"]);
+    let before = ns.snapshot();
+    let out = reconcile(&ns, TWO_GW, "gw1", &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("device ap-l0 exists but was not created by appliance"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(ns.snapshot(), before);
+}
+
+#[test]
+fn an_apply_that_fails_half_way_is_reverted_and_the_host_ends_as_it_began() {
+    if !root_or_skip("half_way") {
+        return;
+    }
+    let ns = Netns::new();
+    // Someone else's route with the same destination and metric as one of ours: our add
+    // fails after links, sysctls and the address are in place.
+    ns.ip(&[
+        "route",
+        "add",
+        "blackhole",
+        "10.10.0.0/16",
+        "metric",
+        "20",
+        "proto",
+        "static",
+    ]);
+    let before = ns.snapshot();
+    let out = reconcile(&ns, TWO_GW, "c1", &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("could not apply `+ route 10.10.0.0/16 via"),
+        "{err}"
+    );
+    assert!(
+        err.contains("already exists and is not appliance's"),
+        "{err}"
+    );
+    assert!(err.contains("the host is as it was before"), "{err}");
+    assert_eq!(ns.snapshot(), before);
+}
+
+#[test]
+fn invalid_configs_change_nothing() {
+    if !root_or_skip("invalid_configs") {
+        return;
+    }
+    let ns = Netns::new();
+    assert!(reconcile(&ns, TWO_GW, "c1", &[]).status.success());
+    let before = ns.snapshot();
+    let mut n = 0;
+    for entry in std::fs::read_dir(repo("tests/configs/invalid")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "kdl") {
+            continue;
+        }
+        let out = ns.appliance(&["reconcile", "-c", path.to_str().unwrap(), "--node", "c1"]);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{}: {}",
+            path.display(),
+            text(&out)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("nothing was applied"),
+            "{}",
+            text(&out)
+        );
+        n += 1;
+    }
+    assert!(n >= 25);
+    assert_eq!(ns.snapshot(), before);
+}
+
+#[test]
+fn dry_run_needs_no_privileges() {
+    if !root_or_skip("dry_run_unprivileged") {
+        return;
+    }
+    let ns = Netns::new();
+    let cfg = repo(TWO_GW);
+    let out = ns.exec(&[
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        BIN,
+        "reconcile",
+        "-c",
+        &cfg,
+        "--node",
+        "gw1",
+        "--dry-run",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["status"], "planned");
+    assert_eq!(plan["role"], "gateway");
+    assert!(plan["summary"]["add"].as_u64().unwrap() > 4);
+    // and without --dry-run the same user gets a clear refusal, with the host unchanged
+    let before = ns.snapshot();
+    let out = ns.exec(&[
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        BIN,
+        "reconcile",
+        "-c",
+        &cfg,
+        "--node",
+        "gw1",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs root or CAP_NET_ADMIN"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(ns.snapshot(), before);
+}
+
+#[test]
+fn removing_a_gateway_from_the_config_removes_its_tunnels_and_routes() {
+    if !root_or_skip("remove_gateway") {
+        return;
+    }
+    let ns = Netns::new();
+    assert!(reconcile(&ns, TWO_GW, "c1", &[]).status.success());
+    let dir = std::env::temp_dir().join(format!("ap-t-{}-cfg", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text_cfg = std::fs::read_to_string(repo(TWO_GW)).unwrap();
+    let start = text_cfg.find("gateway \"gw2\"").unwrap();
+    let end = start + text_cfg[start..].find("}\n").unwrap() + 2;
+    let one_gw = format!("{}{}", &text_cfg[..start], &text_cfg[end..]);
+    let path = dir.join("one-gw.kdl");
+    std::fs::write(&path, one_gw).unwrap();
+    let out = ns.appliance(&["reconcile", "-c", path.to_str().unwrap(), "--node", "c1"]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let p = String::from_utf8_lossy(&out.stdout);
+    assert!(p.contains("- link ap-gw2-0"), "{p}");
+    assert!(p.contains("- route 10.10.0.3/32"), "{p}");
+    let gw1: Vec<String> = (0..4).map(|i| format!("ap-gw1-{i}")).collect();
+    assert!(ns.our_routes().contains(&("10.10.0.0/16".into(), 20, gw1)));
+    assert!(!ns
+        .exec(&["ip", "link", "show", "ap-gw2-0"])
+        .status
+        .success());
+}
