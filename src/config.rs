@@ -182,14 +182,17 @@ pub fn parse(file: &str, source: &str) -> Result<Config, Report> {
                         ),
                     )
                     .label(d.label.clone().unwrap_or_else(|| "here".into()));
-                    diag.help = d.help.clone();
+                    diag.help = syntax_hint(source, d.span.offset()).or_else(|| d.help.clone());
                     diag
                 })
                 .collect();
             return Err(report(diags));
         }
     };
-    let mut l = Loader { diags: Vec::new() };
+    let mut l = Loader {
+        source,
+        diags: Vec::new(),
+    };
     let cfg = l.document(&doc);
     match cfg {
         Some(cfg) if l.diags.is_empty() => Ok(cfg),
@@ -206,7 +209,8 @@ fn span_of(node: &KdlNode) -> (usize, usize) {
     (s.offset(), s.len())
 }
 
-struct Loader {
+struct Loader<'s> {
+    source: &'s str,
     diags: Vec<Diagnostic>,
 }
 
@@ -236,7 +240,7 @@ const NEIGHBOR: &[&str] = &["address"];
 /// Children that may appear more than once.
 const REPEATABLE: &[&str] = &["cloud-block", "site-prefix", "prefix", "key", "neighbor"];
 
-impl Loader {
+impl Loader<'_> {
     fn err(&mut self, d: Diagnostic) {
         self.diags.push(d);
     }
@@ -276,20 +280,27 @@ impl Loader {
             }
         }
         if site_node.is_none() {
+            let at = doc.nodes().first().map(span_of).unwrap_or((0, 0));
             self.err(
-                Diagnostic::new((0, 0), "missing `site` block")
+                Diagnostic::new(at, "missing `site` block")
                     .label("the file needs a site block")
                     .help("add `site \"NAME\" { asn 65010; cloud-block \"10.200.0.0/16\"; site-prefix \"10.10.0.0/16\"; links 4 }`"),
             );
         }
-        if gateways.is_empty() && site_node.is_some() {
+        let gateway_blocks = doc
+            .nodes()
+            .iter()
+            .filter(|n| n.name().value() == "gateway")
+            .count();
+        if let (0, Some(site_node)) = (gateway_blocks, site_node) {
             self.err(
-                Diagnostic::new(span_of(site_node.unwrap()), "no `gateway` defined")
+                Diagnostic::new(span_of(site_node), "no `gateway` defined")
                     .label("this site has no gateway")
                     .help("every node tunnels to the gateways; define at least one `gateway \"NAME\" { ... }`"),
             );
         }
         let site = site?;
+        let bgp_node = bgp.as_ref().map(|b| b.1);
         let bgp = bgp.map(|b| b.0).unwrap_or(Bgp {
             hold_time: DEFAULT_HOLD_TIME,
             max_prefix: DEFAULT_MAX_PREFIX,
@@ -297,9 +308,10 @@ impl Loader {
         });
         let mut sem = Semantics {
             site: &site,
+            source: self.source,
             diags: &mut self.diags,
         };
-        sem.check(&gateways, &nodes, &relays, &pools, &bgp);
+        sem.check(&gateways, &nodes, &relays, &pools, &bgp, bgp_node);
         let mut all_nodes: Vec<Node> = nodes.into_iter().map(|(n, _)| n).collect();
         for (p, _) in &pools {
             all_nodes.extend(pool_slots(p));
@@ -316,12 +328,12 @@ impl Loader {
 
     fn duplicate(&mut self, node: &KdlNode, first: &KdlNode) {
         let name = node.name().value();
+        let (line, col) = crate::diag::line_col(self.source, first.span().offset());
         self.err(
             Diagnostic::new(span_of(node), format!("duplicate `{name}`"))
                 .label("second definition")
                 .help(format!(
-                    "`{name}` may appear only once; the first one starts at byte {}",
-                    first.span().offset()
+                    "`{name}` may appear only once; the first one is at line {line}, column {col}: merge them"
                 )),
         );
     }
@@ -471,6 +483,8 @@ impl Loader {
     fn required<'a>(&mut self, f: &Fields<'a>, name: &str) -> Option<&'a KdlNode> {
         match f.by_name.get(name).and_then(|v| v.first()) {
             Some(n) => Some(*n),
+            // Written as a property: already reported with the fix.
+            None if f.parent.entry(name).is_some() => None,
             None => {
                 let kind = f.parent.name().value();
                 self.err(
@@ -497,10 +511,19 @@ impl Loader {
                 None
             }
             other => {
-                self.err(
-                    Diagnostic::new(span, format!("`{name}` must be an integer"))
-                        .label(format!("found {}", type_name(other))),
-                );
+                let mut d = Diagnostic::new(span, format!("`{name}` must be an integer"))
+                    .label(format!("found {}", type_name(other)));
+                if let KdlValue::String(s) = other {
+                    if s.trim().parse::<i128>().is_ok() {
+                        d = d.help(format!("remove the quotes: `{name} {}`", s.trim()));
+                    }
+                } else if let KdlValue::Float(f) = other {
+                    d = d.help(format!(
+                        "write a whole number, such as `{name} {}`",
+                        f.round()
+                    ));
+                }
+                self.err(d);
                 None
             }
         }
@@ -540,7 +563,9 @@ impl Loader {
         match s.parse::<IpAddr>() {
             Ok(ip) => Some(ip),
             Err(_) => {
-                let help = if s.contains('/') {
+                let help = if s.starts_with('[') {
+                    "write the IPv6 address without brackets and port: ports come from `base-port`"
+                } else if s.contains('/') {
                     "this is an address, not a prefix: drop the /length"
                 } else if s.contains(':') && s.contains('.') {
                     "write the address without a port: ports come from `base-port`"
@@ -717,16 +742,18 @@ impl Loader {
             (2, 100),
             "a link silent for dead-after keepalive intervals leaves the routes: 2..=100",
         );
+        // A bad field is reported above; keep a placeholder so the checks across blocks still
+        // run and report everything at once. The config is never returned with a diagnostic.
         Some(Site {
-            name: name?,
-            asn: asn? as u32,
+            name: name.unwrap_or_default(),
+            asn: asn.unwrap_or(0) as u32,
             cloud_blocks: cloud.into_iter().map(|c| c.0).collect(),
             site_prefixes: site_prefixes.into_iter().map(|c| c.0).collect(),
-            links: links? as u32,
-            base_port: base_port? as u16,
-            mtu: mtu? as u32,
-            keepalive_ms: keepalive? as u32,
-            dead_after: dead_after? as u32,
+            links: links.unwrap_or(4) as u32,
+            base_port: base_port.unwrap_or(DEFAULT_BASE_PORT as i128) as u16,
+            mtu: mtu.unwrap_or(DEFAULT_MTU as i128) as u32,
+            keepalive_ms: keepalive.unwrap_or(DEFAULT_KEEPALIVE_MS as i128) as u32,
+            dead_after: dead_after.unwrap_or(DEFAULT_DEAD_AFTER as i128) as u32,
         })
     }
 
@@ -755,7 +782,7 @@ impl Loader {
             .required(&f, "public-key")
             .and_then(|n| self.field_key(n));
         let address = address?;
-        let prefixes = if prefixes.is_empty() && f.by_name.get("prefix").is_none() {
+        let prefixes = if prefixes.is_empty() && !f.by_name.contains_key("prefix") {
             vec![IpNet::from(address)]
         } else {
             prefixes
@@ -810,9 +837,14 @@ impl Loader {
             let idx = match entries[0].value() {
                 KdlValue::Integer(i) if *i >= 0 && *i < u32::MAX as i128 => *i as u32,
                 other => {
+                    let found = match other {
+                        KdlValue::Integer(i) if *i < 0 => "negative".to_string(),
+                        other => format!("found {}", type_name(other)),
+                    };
                     self.err(
                         Diagnostic::new(idx_span, "slot index must be a non-negative integer")
-                            .label(format!("found {}", type_name(other))),
+                            .label(found)
+                            .help("slots are numbered from 0: slot i is the pool's address + i"),
                     );
                     continue;
                 }
@@ -834,7 +866,8 @@ impl Loader {
             if key_spans.insert(idx, idx_span).is_some() {
                 self.err(
                     Diagnostic::new(idx_span, format!("slot {idx} has two keys"))
-                        .label("second key for this slot"),
+                        .label("second key for this slot")
+                        .help("each slot is one host with one key: remove one `key` line or use another slot index"),
                 );
                 continue;
             }
@@ -906,7 +939,8 @@ impl Loader {
                 if neighbors.iter().any(|x| x.name == name) {
                     self.err(
                         Diagnostic::new(span_of(n), format!("duplicate neighbor name {name:?}"))
-                            .label("second definition"),
+                            .label("second definition")
+                            .help("each BGP neighbor needs its own name: rename or remove one"),
                     );
                 } else if neighbors.iter().any(|x| x.address == address) {
                     self.err(
@@ -914,7 +948,8 @@ impl Loader {
                             span_of(n),
                             format!("two neighbors have the address {address}"),
                         )
-                        .label("duplicate address"),
+                        .label("duplicate address")
+                        .help("one session per router address: remove one neighbor"),
                     );
                 } else {
                     neighbors.push(Neighbor { name, address });
@@ -927,6 +962,44 @@ impl Loader {
             neighbors,
         })
     }
+}
+
+/// Better help for the KDL syntax errors site engineers make most.
+fn syntax_hint(source: &str, offset: usize) -> Option<String> {
+    let line_start = source[..offset.min(source.len())]
+        .rfind('\n')
+        .map(|i| i + 1)
+        .unwrap_or(0);
+    let rest = &source[line_start..];
+    let line = rest.split('\n').next().unwrap_or("");
+    if line.trim_start().starts_with('#') {
+        return Some(
+            "KDL comments are `//` or `/* ... */`; `#` starts keywords such as #true".into(),
+        );
+    }
+    let word = source
+        .get(offset..)
+        .unwrap_or("")
+        .split(|c: char| c.is_whitespace() || c == '}' || c == ';')
+        .next()
+        .unwrap_or("");
+    let looks_like_ip = !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '/'))
+        && word.chars().any(|c| matches!(c, '.' | ':'));
+    let token_start = source[..offset.min(source.len())]
+        .rfind(|c: char| c.is_whitespace())
+        .map(|i| i + 1)
+        .unwrap_or(0);
+    let token = source[token_start..]
+        .split(|c: char| c.is_whitespace() || c == '}' || c == ';')
+        .next()
+        .unwrap_or("");
+    if looks_like_ip || token.matches('.').count() >= 2 || token.contains('/') {
+        return Some(format!("quote addresses and prefixes: \"{token}\""));
+    }
+    None
 }
 
 fn private_key_here(node: &KdlNode) -> Diagnostic {
@@ -1003,12 +1076,36 @@ fn nth_address(prefix: IpNet, i: u32) -> IpAddr {
 /// addresses, device-name lengths.
 struct Semantics<'a> {
     site: &'a Site,
+    source: &'a str,
     diags: &'a mut Vec<Diagnostic>,
 }
 
 impl Semantics<'_> {
     fn in_cloud(&self, net: &IpNet) -> bool {
         self.site.cloud_blocks.iter().any(|c| c.contains(net))
+    }
+
+    /// Containment checks are skipped when no cloud block parsed (already reported).
+    fn outside_cloud(&self, net: &IpNet) -> bool {
+        !self.site.cloud_blocks.is_empty() && !self.in_cloud(net)
+    }
+
+    fn cloud(&self) -> String {
+        let v: Vec<String> = self
+            .site
+            .cloud_blocks
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        v.join(", ")
+    }
+
+    fn line(&self, span: Span) -> usize {
+        crate::diag::line_col(self.source, span.0).0
+    }
+
+    fn push(&mut self, d: Diagnostic) {
+        self.diags.push(d);
     }
 
     fn check(
@@ -1018,47 +1115,168 @@ impl Semantics<'_> {
         relays: &[(Relay, &KdlNode)],
         pools: &[(Pool, &KdlNode)],
         bgp: &Bgp,
+        bgp_node: Option<&KdlNode>,
     ) {
-        let cloud = self
-            .site
-            .cloud_blocks
-            .iter()
-            .map(|c| c.to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
-        // Unique host names across every kind (pool slot names included).
-        let mut names: HashMap<String, (usize, usize)> = HashMap::new();
-        let mut claim = |name: &str, span, diags: &mut Vec<Diagnostic>| {
-            if names.insert(name.to_string(), span).is_some() {
-                diags.push(
-                    Diagnostic::new(span, format!("the name {name:?} is used twice"))
-                        .label("duplicate name")
-                        .help("gateway, node, relay and pool-slot names must be unique: hosts pick themselves by name"),
-                );
-            }
-        };
+        self.unique_names(gateways, nodes, relays, pools);
+        self.unique_keys(gateways, nodes, pools);
+        self.unique_addresses(gateways, nodes, relays);
+        self.gateways(gateways);
+        self.relays(relays);
+        self.neighbors(gateways, bgp, bgp_node);
+        self.assignments(nodes, pools);
+    }
+
+    fn unique_names(
+        &mut self,
+        gateways: &[(Gateway, &KdlNode)],
+        nodes: &[(Node, &KdlNode)],
+        relays: &[(Relay, &KdlNode)],
+        pools: &[(Pool, &KdlNode)],
+    ) {
+        let mut seen: HashMap<String, (Span, String)> = HashMap::new();
+        let mut all: Vec<(String, Span, String)> = Vec::new();
         for (g, n) in gateways {
-            claim(&g.name, span_of(n), self.diags);
+            all.push((g.name.clone(), block_span(n), "gateway".into()));
         }
         for (x, n) in nodes {
-            claim(&x.name, span_of(n), self.diags);
+            all.push((x.name.clone(), block_span(n), "node".into()));
         }
         for (r, n) in relays {
-            claim(&r.name, span_of(n), self.diags);
+            all.push((r.name.clone(), block_span(n), "relay".into()));
         }
         for (p, n) in pools {
             for slot in pool_slots(p) {
-                claim(&slot.name, span_of(n), self.diags);
+                all.push((
+                    slot.name,
+                    block_span(n),
+                    format!("slot of pool {:?}", p.name),
+                ));
             }
         }
+        for (name, span, what) in all {
+            if let Some((first, first_what)) = seen.get(&name) {
+                let line = self.line(*first);
+                self.push(
+                    Diagnostic::new(span, format!("the name {name:?} is used twice"))
+                        .label(format!("already the name of a {first_what} (line {line})"))
+                        .help("gateway, node, relay and pool-slot names must be unique: hosts pick themselves by name"),
+                );
+            } else {
+                seen.insert(name, (span, what));
+            }
+        }
+    }
 
-        // Device names on nodes are ap-{gateway}-{link}; IFNAMSIZ is 16.
-        let digits = (self.site.links - 1).to_string().len();
+    fn unique_keys(
+        &mut self,
+        gateways: &[(Gateway, &KdlNode)],
+        nodes: &[(Node, &KdlNode)],
+        pools: &[(Pool, &KdlNode)],
+    ) {
+        let mut all: Vec<(PublicKey, Span, String)> = Vec::new();
         for (g, n) in gateways {
-            let longest = node_link_name(&g.name, self.site.links - 1);
+            all.push((
+                g.public_key,
+                field_span(n, "public-key", 0),
+                format!("gateway {:?}", g.name),
+            ));
+        }
+        for (x, n) in nodes {
+            all.push((
+                x.public_key,
+                field_span(n, "public-key", 0),
+                format!("node {:?}", x.name),
+            ));
+        }
+        for (p, n) in pools {
+            for (i, k) in &p.keys {
+                all.push((
+                    *k,
+                    pool_key_span(n, *i),
+                    format!("slot {i} of pool {:?}", p.name),
+                ));
+            }
+        }
+        let mut seen: HashMap<PublicKey, (Span, String)> = HashMap::new();
+        for (key, span, who) in all {
+            if let Some((first, first_who)) = seen.get(&key) {
+                let line = self.line(*first);
+                self.push(
+                    Diagnostic::new(
+                        span,
+                        format!("public key of {who} is already the key of {first_who}"),
+                    )
+                    .label(format!("same key as line {line}"))
+                    .help("each host has its own key pair: generate one with `appliance genkey`"),
+                );
+            } else {
+                seen.insert(key, (span, who));
+            }
+        }
+    }
+
+    fn unique_addresses(
+        &mut self,
+        gateways: &[(Gateway, &KdlNode)],
+        nodes: &[(Node, &KdlNode)],
+        relays: &[(Relay, &KdlNode)],
+    ) {
+        let mut all: Vec<(IpAddr, Span, String)> = Vec::new();
+        for (g, n) in gateways {
+            all.push((
+                g.endpoint,
+                field_span(n, "endpoint", 0),
+                format!("endpoint of gateway {:?}", g.name),
+            ));
+            all.push((
+                g.site_address,
+                field_span(n, "site-address", 0),
+                format!("site address of gateway {:?}", g.name),
+            ));
+        }
+        for (x, n) in nodes {
+            all.push((
+                x.address,
+                field_span(n, "address", 0),
+                format!("address of node {:?}", x.name),
+            ));
+        }
+        for (r, n) in relays {
+            all.push((
+                r.public_address,
+                field_span(n, "public-address", 0),
+                format!("public address of relay {:?}", r.name),
+            ));
+            if let Some(a) = r.private_address {
+                all.push((
+                    a,
+                    field_span(n, "private-address", 0),
+                    format!("private address of relay {:?}", r.name),
+                ));
+            }
+        }
+        let mut seen: HashMap<IpAddr, (Span, String)> = HashMap::new();
+        for (addr, span, what) in all {
+            if let Some((first, first_what)) = seen.get(&addr) {
+                let line = self.line(*first);
+                self.push(
+                    Diagnostic::new(span, format!("address {addr} is used twice"))
+                        .label(format!("already the {first_what} (line {line})"))
+                        .help("every endpoint and host address must be unique in the site"),
+                );
+            } else {
+                seen.insert(addr, (span, what));
+            }
+        }
+    }
+
+    fn gateways(&mut self, gateways: &[(Gateway, &KdlNode)]) {
+        let digits = (self.site.links.max(1) - 1).to_string().len();
+        for (g, n) in gateways {
+            let longest = node_link_name(&g.name, self.site.links.max(1) - 1);
             if longest.len() > MAX_IFNAME {
-                self.diags.push(
-                    Diagnostic::new(span_of(n), format!("gateway name {:?} is too long for device names", g.name))
+                self.push(
+                    Diagnostic::new(block_span(n), format!("gateway name {:?} is too long for device names", g.name))
                         .label(format!("`{longest}` exceeds 15 characters"))
                         .help(format!(
                             "nodes name their tunnel devices ap-GATEWAY-LINK; with {} links keep gateway names to {} characters",
@@ -1067,106 +1285,134 @@ impl Semantics<'_> {
                         )),
                 );
             }
+            let endpoint = field_span(n, "endpoint", 0);
             if let Some(sp) = self
                 .site
                 .site_prefixes
                 .iter()
                 .find(|p| p.contains(&g.endpoint))
             {
-                self.diags.push(
-                    Diagnostic::new(span_of(n), format!("gateway endpoint {} is inside the site prefix {sp}", g.endpoint))
+                self.push(
+                    Diagnostic::new(endpoint, format!("gateway endpoint {} is inside the site prefix {sp}", g.endpoint))
                         .label("endpoint would route into its own tunnel")
                         .help("nodes route site prefixes into the tunnels; the endpoint must be the gateway's public (underlay) address"),
                 );
             }
             if self.in_cloud(&IpNet::from(g.endpoint)) {
-                self.diags.push(
+                self.push(
                     Diagnostic::new(
-                        span_of(n),
+                        endpoint,
                         format!(
-                            "gateway endpoint {} is inside the cloud block {cloud}",
-                            g.endpoint
+                            "gateway endpoint {} is inside the cloud block {}",
+                            g.endpoint,
+                            self.cloud()
                         ),
                     )
                     .label("endpoint would route into its own tunnel")
                     .help("the endpoint is the gateway's public (underlay) address"),
                 );
             }
-        }
-
-        // Unique public keys.
-        let mut keys: HashMap<PublicKey, (usize, usize)> = HashMap::new();
-        let mut claim_key = |k: PublicKey, span, diags: &mut Vec<Diagnostic>| {
-            if keys.insert(k, span).is_some() {
-                diags.push(
-                    Diagnostic::new(span, "public key used twice")
-                        .label("duplicate key")
-                        .help(
-                            "each host has its own key pair: generate one with `appliance genkey`",
+            if self.in_cloud(&IpNet::from(g.site_address)) {
+                self.push(
+                    Diagnostic::new(
+                        field_span(n, "site-address", 0),
+                        format!(
+                            "gateway site address {} is inside the cloud block {}",
+                            g.site_address,
+                            self.cloud()
                         ),
+                    )
+                    .label("a site-LAN address cannot be lent to the cloud")
+                    .help("`site-address` is the gateway's own address on the site LAN"),
                 );
             }
-        };
-        for (g, n) in gateways {
-            claim_key(g.public_key, span_of(n), self.diags);
         }
-        for (x, n) in nodes {
-            claim_key(x.public_key, span_of(n), self.diags);
-        }
-        for (p, n) in pools {
-            for k in p.keys.values() {
-                claim_key(*k, span_of(n), self.diags);
-            }
-        }
+    }
 
-        // Unique addresses (gateway endpoints and site addresses, node addresses, relays).
-        let mut addrs: HashMap<IpAddr, (usize, usize)> = HashMap::new();
-        let mut claim_addr = |a: IpAddr, span, diags: &mut Vec<Diagnostic>| {
-            if addrs.insert(a, span).is_some() {
-                diags.push(
-                    Diagnostic::new(span, format!("address {a} is used twice"))
-                        .label("duplicate address")
-                        .help("every endpoint and host address must be unique in the site"),
+    fn relays(&mut self, relays: &[(Relay, &KdlNode)]) {
+        for (r, n) in relays {
+            if self.in_cloud(&IpNet::from(r.public_address)) {
+                self.push(
+                    Diagnostic::new(
+                        field_span(n, "public-address", 0),
+                        format!(
+                            "relay public address {} is inside the cloud block {}",
+                            r.public_address,
+                            self.cloud()
+                        ),
+                    )
+                    .label("underlay address inside the tunnelled block")
+                    .help(
+                        "`public-address` is the relay's public IP in the cloud provider's network",
+                    ),
                 );
             }
-        };
-        for (g, n) in gateways {
-            claim_addr(g.endpoint, span_of(n), self.diags);
-            claim_addr(g.site_address, span_of(n), self.diags);
-        }
-        for (x, n) in nodes {
-            claim_addr(x.address, span_of(n), self.diags);
-        }
-        for (r, n) in relays {
-            claim_addr(r.public_address, span_of(n), self.diags);
             if let Some(a) = r.private_address {
-                claim_addr(a, span_of(n), self.diags);
+                let inside = self
+                    .site
+                    .site_prefixes
+                    .iter()
+                    .chain(&self.site.cloud_blocks)
+                    .find(|p| p.contains(&a));
+                if let Some(p) = inside {
+                    self.push(
+                        Diagnostic::new(field_span(n, "private-address", 0), format!("relay private address {a} is inside {p}, which nodes route into the tunnels"))
+                            .label("nodes could not reach their relay")
+                            .help("`private-address` is the relay's address on the cloud's private network, outside the site's prefixes"),
+                    );
+                }
             }
         }
+    }
+
+    fn neighbors(
+        &mut self,
+        gateways: &[(Gateway, &KdlNode)],
+        bgp: &Bgp,
+        bgp_node: Option<&KdlNode>,
+    ) {
         for nb in &bgp.neighbors {
-            if gateways.iter().any(|(g, _)| g.site_address == nb.address) {
-                // A gateway peering with itself is a config slip worth naming.
-                let span = gateways
-                    .iter()
-                    .find(|(g, _)| g.site_address == nb.address)
-                    .map(|(_, n)| span_of(n))
-                    .unwrap_or((0, 0));
-                self.diags.push(
-                    Diagnostic::new(span, format!("BGP neighbor {:?} has this gateway's site address {}", nb.name, nb.address))
-                        .label("gateway and neighbor share an address")
+            let span = bgp_node
+                .and_then(|b| b.children())
+                .and_then(|c| {
+                    c.nodes().iter().find(|n| {
+                        n.name().value() == "neighbor"
+                            && matches!(n.entries().first().map(|e| e.value()), Some(KdlValue::String(s)) if *s == nb.name)
+                    })
+                })
+                .map(|n| field_span(n, "address", 0))
+                .unwrap_or((0, 0));
+            if let Some((g, _)) = gateways.iter().find(|(g, _)| g.site_address == nb.address) {
+                self.push(
+                    Diagnostic::new(span, format!("BGP neighbor {:?} has the site address of gateway {:?}", nb.name, g.name))
+                        .label("a gateway, not a site router")
                         .help("`bgp { neighbor }` lists the site routers; gateways peer with each other automatically"),
                 );
             }
+            if self.in_cloud(&IpNet::from(nb.address)) {
+                self.push(
+                    Diagnostic::new(span, format!("BGP neighbor {:?} address {} is inside the cloud block {}", nb.name, nb.address, self.cloud()))
+                        .label("site routers live on the site LAN")
+                        .help("neighbors are the site's routers; cloud nodes peer with the gateways automatically"),
+                );
+            }
         }
+    }
 
-        // Node prefixes: inside the cloud block, containing the address, not overlapping.
-        let mut owned: Vec<(IpNet, String, (usize, usize))> = Vec::new();
+    /// Node and pool prefixes: inside the cloud block, containing the address, not overlapping.
+    fn assignments(&mut self, nodes: &[(Node, &KdlNode)], pools: &[(Pool, &KdlNode)]) {
+        let cloud = self.cloud();
+        let mut owned: Vec<(IpNet, String, Span)> = Vec::new();
         for (x, n) in nodes {
-            let span = span_of(n);
-            if !self.in_cloud(&IpNet::from(x.address)) {
-                self.diags.push(
+            let addr_span = field_span(n, "address", 0);
+            let explicit = n
+                .children()
+                .is_some_and(|c| c.nodes().iter().any(|f| f.name().value() == "prefix"));
+            let address_outside = self.outside_cloud(&IpNet::from(x.address));
+            if address_outside {
+                self.push(
                     Diagnostic::new(
-                        span,
+                        addr_span,
                         format!(
                             "node {:?}: address {} is outside the cloud block {cloud}",
                             x.name, x.address
@@ -1176,25 +1422,37 @@ impl Semantics<'_> {
                     .help("node addresses are lent from the site's cloud block"),
                 );
             }
-            if x.prefixes.is_empty() {
-                continue;
-            }
-            if !x.prefixes.iter().any(|p| p.contains(&x.address)) {
-                self.diags.push(
+            if explicit
+                && !x.prefixes.is_empty()
+                && !x.prefixes.iter().any(|p| p.contains(&x.address))
+            {
+                self.push(
                     Diagnostic::new(
-                        span,
+                        addr_span,
                         format!(
                             "node {:?}: address {} is in none of its prefixes",
                             x.name, x.address
                         ),
                     )
                     .label("address outside its own prefixes")
-                    .help("a node's address must lie in one of its `prefix` entries"),
+                    .help(format!(
+                        "a node's address must lie in one of its `prefix` entries ({})",
+                        x.prefixes
+                            .iter()
+                            .map(|p| p.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )),
                 );
             }
-            for p in &x.prefixes {
-                if !self.in_cloud(p) {
-                    self.diags.push(
+            for (i, p) in x.prefixes.iter().enumerate() {
+                let span = if explicit {
+                    field_span(n, "prefix", i)
+                } else {
+                    addr_span
+                };
+                if explicit && self.outside_cloud(p) {
+                    self.push(
                         Diagnostic::new(
                             span,
                             format!(
@@ -1206,13 +1464,13 @@ impl Semantics<'_> {
                         .help("a node may only hold prefixes inside the cloud block"),
                     );
                 }
-                owned.push((*p, x.name.clone(), span));
+                owned.push((*p, format!("node {:?}", x.name), span));
             }
         }
         for (p, n) in pools {
-            let span = span_of(n);
-            if !self.in_cloud(&p.prefix) {
-                self.diags.push(
+            let span = field_span(n, "prefix", 0);
+            if self.outside_cloud(&p.prefix) {
+                self.push(
                     Diagnostic::new(
                         span,
                         format!(
@@ -1224,20 +1482,61 @@ impl Semantics<'_> {
                     .help("pool slots are carved from the cloud block"),
                 );
             }
-            owned.push((p.prefix, format!("pool {}", p.name), span));
+            owned.push((p.prefix, format!("pool {:?}", p.name), span));
         }
-        for (i, (a, an, _)) in owned.iter().enumerate() {
+        for (i, (a, an, aspan)) in owned.iter().enumerate() {
             for (b, bn, span) in &owned[i + 1..] {
-                if a.contains(b) || b.contains(a) {
-                    self.diags.push(
+                // Two equal host prefixes are two equal addresses: already reported as such.
+                let same_host = a == b && a.prefix_len() == a.max_prefix_len();
+                if (a.contains(b) || b.contains(a)) && !same_host {
+                    let line = self.line(*aspan);
+                    self.push(
                         Diagnostic::new(*span, format!("{b} ({bn}) overlaps {a} ({an})"))
-                            .label("overlapping assignment")
+                            .label(format!("overlaps line {line}"))
                             .help("every node and pool needs its own part of the cloud block"),
                     );
                 }
             }
         }
     }
+}
+
+type Span = (usize, usize);
+
+/// The span of a block's name argument (`"gw1"` in `gateway "gw1"`), else its keyword.
+fn block_span(node: &KdlNode) -> Span {
+    node.entries()
+        .first()
+        .map(|e| (e.span().offset(), e.span().len()))
+        .unwrap_or_else(|| span_of(node))
+}
+
+/// The span of the value of the `nth` child named `field` of `node`; the block name if absent.
+fn field_span(node: &KdlNode, field: &str, nth: usize) -> Span {
+    node.children()
+        .and_then(|c| {
+            c.nodes()
+                .iter()
+                .filter(|n| n.name().value() == field)
+                .nth(nth)
+        })
+        .and_then(|n| n.entries().first())
+        .map(|e| (e.span().offset(), e.span().len()))
+        .unwrap_or_else(|| block_span(node))
+}
+
+/// The span of the key of slot `idx` in a pool block.
+fn pool_key_span(node: &KdlNode, idx: u32) -> Span {
+    node.children()
+        .and_then(|c| {
+            c.nodes().iter().find(|n| {
+                n.name().value() == "key"
+                    && matches!(n.entries().first().map(|e| e.value()), Some(KdlValue::Integer(i)) if *i == idx as i128)
+            })
+        })
+        .and_then(|n| n.entries().get(1))
+        .map(|e| (e.span().offset(), e.span().len()))
+        .unwrap_or_else(|| block_span(node))
 }
 
 #[cfg(test)]
@@ -1271,7 +1570,7 @@ node "c1" {{
 
     #[test]
     fn minimal_config_gets_defaults() {
-        let cfg = parse("t.kdl", &minimal("")).unwrap();
+        let cfg = parse("t.kdl", &minimal("")).unwrap_or_else(|r| panic!("{}", r.render()));
         assert_eq!(cfg.site.base_port, 51820);
         assert_eq!(cfg.site.mtu, 1420);
         assert_eq!(

@@ -40,6 +40,8 @@ impl NetlinkError {
 
 pub struct Netlink {
     handle: Handle,
+    /// name → ifindex, filled on first use and dropped whenever we add or remove a device.
+    index_cache: std::sync::Mutex<Option<HashMap<String, u32>>>,
 }
 
 impl Netlink {
@@ -48,7 +50,10 @@ impl Netlink {
     pub fn connect() -> Result<Self, NetlinkError> {
         let (conn, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(conn);
-        Ok(Netlink { handle })
+        Ok(Netlink {
+            handle,
+            index_cache: Default::default(),
+        })
     }
 
     async fn links(&self) -> Result<Vec<LinkMessage>, NetlinkError> {
@@ -56,21 +61,29 @@ impl Netlink {
     }
 
     async fn index_of(&self, name: &str) -> Result<u32, NetlinkError> {
-        for m in self.links().await? {
-            if link_name(&m) == Some(name) {
-                return Ok(m.header.index);
-            }
-        }
-        Err(NetlinkError::NoDevice(name.to_string()))
+        self.index_map()
+            .await?
+            .get(name)
+            .copied()
+            .ok_or_else(|| NetlinkError::NoDevice(name.to_string()))
     }
 
     async fn index_map(&self) -> Result<HashMap<String, u32>, NetlinkError> {
-        Ok(self
+        if let Some(m) = self.index_cache.lock().expect("not poisoned").as_ref() {
+            return Ok(m.clone());
+        }
+        let map: HashMap<String, u32> = self
             .links()
             .await?
             .iter()
             .filter_map(|m| link_name(m).map(|n| (n.to_string(), m.header.index)))
-            .collect())
+            .collect();
+        *self.index_cache.lock().expect("not poisoned") = Some(map.clone());
+        Ok(map)
+    }
+
+    fn forget_indexes(&self) {
+        *self.index_cache.lock().expect("not poisoned") = None;
     }
 
     /// Read everything appliance owns, plus the current values of `sysctl_keys`.
@@ -191,6 +204,7 @@ impl Netlink {
             (Op::Change, _, Some(Item::Link(l))) => self.set_link(l).await,
             (Op::Remove, Some(Item::Link(l)), _) => {
                 let ix = self.index_of(&l.name).await?;
+                self.forget_indexes();
                 Ok(self.handle.link().del(ix).execute().await?)
             }
             (Op::Add, _, Some(Item::Address(a))) => {
@@ -248,7 +262,10 @@ impl Netlink {
 
     async fn add_link(&self, l: &Link) -> Result<(), NetlinkError> {
         match l.kind {
-            LinkKind::Tun => tundev::create_persistent(&l.name)?,
+            LinkKind::Tun => {
+                self.forget_indexes();
+                tundev::create_persistent(&l.name)?
+            }
             LinkKind::Other => unreachable!("appliance never creates other devices"),
         }
         // Mark ownership before anything else can fail, so a revert or a later run finds it.

@@ -74,7 +74,7 @@ pub async fn plan(nl: &Netlink, cfg: &Config, host: &str) -> Result<Plan, Reconc
 
 /// Apply `plan`, verify, and revert on any failure.
 pub async fn apply(nl: &Netlink, cfg: &Config, plan: &Plan) -> Result<(), ReconcileError> {
-    let _lock = lock()?;
+    let _lock = lock().map_err(|e| *e)?;
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = {
         let stop = stop.clone();
@@ -154,11 +154,8 @@ async fn undo(nl: &Netlink, changes: &[Change]) -> (usize, Vec<String>) {
             // Undoing the creation of something the kernel already removed with its device is
             // not a failure: the goal state (absent) holds.
             let gone = c.op == Op::Remove
-                && matches!(
-                    e.errno(),
-                    Some(libc::ENODEV) | Some(libc::ESRCH) | Some(libc::ENOENT)
-                )
-                || matches!(e, NetlinkError::NoDevice(_)) && c.op == Op::Remove;
+                && (matches!(e.errno(), Some(libc::ENODEV | libc::ESRCH | libc::ENOENT))
+                    || matches!(e, NetlinkError::NoDevice(_)));
             if !gone {
                 errors.push(format!("{}: {e}", c.line()));
             }
@@ -182,16 +179,18 @@ fn hint(change: &Change, error: &NetlinkError) -> String {
 }
 
 /// flock on a per-network-namespace lock file, so two reconciles never interleave.
-fn lock() -> Result<nix::fcntl::Flock<std::fs::File>, ReconcileError> {
+fn lock() -> Result<nix::fcntl::Flock<std::fs::File>, Box<ReconcileError>> {
     use std::os::unix::fs::MetadataExt;
     let ns = std::fs::metadata("/proc/self/ns/net")
         .map(|m| m.ino())
         .unwrap_or(0);
     let dir = std::path::Path::new("/run/appliance");
     let path = dir.join(format!("reconcile-{ns}.lock"));
-    let locked = |error: std::io::Error| ReconcileError::Locked {
-        path: path.display().to_string(),
-        error,
+    let locked = |error: std::io::Error| {
+        Box::new(ReconcileError::Locked {
+            path: path.display().to_string(),
+            error,
+        })
     };
     std::fs::create_dir_all(dir).map_err(locked)?;
     let file = std::fs::OpenOptions::new()

@@ -15,6 +15,12 @@ use std::os::fd::AsRawFd;
 pub const TUN_FLAGS: libc::c_short =
     (libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE) as libc::c_short;
 
+/// Created without carrier: otherwise the device has carrier until the kernel's linkwatch
+/// notices the creating fd is gone (up to a second), and routes through it are briefly live
+/// with no datapath behind them. The datapath attaches without this flag, which turns the
+/// carrier on.
+const CREATE_FLAGS: libc::c_short = TUN_FLAGS | libc::IFF_NO_CARRIER as libc::c_short;
+
 fn ifreq(name: &str, flags: libc::c_short) -> io::Result<libc::ifreq> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
         return Err(io::Error::new(
@@ -37,7 +43,7 @@ pub fn create_persistent(name: &str) -> io::Result<()> {
         .read(true)
         .write(true)
         .open("/dev/net/tun")?;
-    let mut req = ifreq(name, TUN_FLAGS)?;
+    let mut req = ifreq(name, CREATE_FLAGS)?;
     // SAFETY: TUNSETIFF reads and writes one ifreq, which lives for the call.
     if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
         return Err(io::Error::last_os_error());

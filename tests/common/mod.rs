@@ -93,8 +93,23 @@ impl Netns {
     }
 
     /// Everything a user could notice about the namespace: links (name, flags, mtu, alias),
-    /// addresses, all routes of all tables, and the sysctls appliance may change.
+    /// addresses, all routes of all tables, and the sysctls appliance may change. Taken once
+    /// the namespace is settled: the kernel updates operstate flags (NO-CARRIER) from its
+    /// linkwatch work up to a second after a change.
     pub fn snapshot(&self) -> String {
+        let mut last = self.snapshot_once();
+        for _ in 0..20 {
+            std::thread::sleep(std::time::Duration::from_millis(250));
+            let now = self.snapshot_once();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+        last
+    }
+
+    fn snapshot_once(&self) -> String {
         let links: Vec<String> = self
             .ip_json(&["-d", "link", "show"])
             .as_array()
