@@ -1173,44 +1173,46 @@ impl Semantics<'_> {
         nodes: &[(Node, &KdlNode)],
         pools: &[(Pool, &KdlNode)],
     ) {
-        let mut all: Vec<(PublicKey, Span, String)> = Vec::new();
+        // Where a key is written, resolved only for a diagnostic: finding a pool key's span
+        // scans the pool block, which would make a 10,000-slot pool quadratic.
+        enum At<'n> {
+            Field(&'n KdlNode),
+            Slot(&'n KdlNode, u32),
+        }
+        let span = |at: &At<'_>| match at {
+            At::Field(n) => field_span(n, "public-key", 0),
+            At::Slot(n, i) => pool_key_span(n, *i),
+        };
+        let mut all: Vec<(PublicKey, At<'_>, String)> = Vec::new();
         for (g, n) in gateways {
-            all.push((
-                g.public_key,
-                field_span(n, "public-key", 0),
-                format!("gateway {:?}", g.name),
-            ));
+            all.push((g.public_key, At::Field(n), format!("gateway {:?}", g.name)));
         }
         for (x, n) in nodes {
-            all.push((
-                x.public_key,
-                field_span(n, "public-key", 0),
-                format!("node {:?}", x.name),
-            ));
+            all.push((x.public_key, At::Field(n), format!("node {:?}", x.name)));
         }
         for (p, n) in pools {
             for (i, k) in &p.keys {
                 all.push((
                     *k,
-                    pool_key_span(n, *i),
+                    At::Slot(n, *i),
                     format!("slot {i} of pool {:?}", p.name),
                 ));
             }
         }
-        let mut seen: HashMap<PublicKey, (Span, String)> = HashMap::new();
-        for (key, span, who) in all {
-            if let Some((first, first_who)) = seen.get(&key) {
-                let line = self.line(*first);
+        let mut seen: HashMap<PublicKey, (At<'_>, String)> = HashMap::new();
+        for (key, at, who) in all {
+            if let Some((first_at, first_who)) = seen.get(&key) {
+                let line = self.line(span(first_at));
                 self.push(
                     Diagnostic::new(
-                        span,
+                        span(&at),
                         format!("public key of {who} is already the key of {first_who}"),
                     )
                     .label(format!("same key as line {line}"))
                     .help("each host has its own key pair: generate one with `appliance genkey`"),
                 );
             } else {
-                seen.insert(key, (span, who));
+                seen.insert(key, (at, who));
             }
         }
     }
