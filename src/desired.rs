@@ -22,21 +22,37 @@ pub enum HostError {
     Unknown { name: String, hint: Option<String> },
 }
 
-/// The desired state of host `name` and its role.
+/// Which (peer, link index) tunnels are alive, as the datapath sees them. `peer` is the node
+/// name on a gateway and the gateway name on a node.
+pub type Live<'a> = &'a dyn Fn(&str, u32) -> bool;
+
+/// The desired state of host `name` and its role, with every tunnel counted as alive (what a
+/// one-shot reconcile installs).
 pub fn desired(cfg: &Config, name: &str) -> Result<(Role, HostState), HostError> {
+    desired_live(cfg, name, &|_, _| true)
+}
+
+/// The desired state when only the tunnels `live` accepts carry traffic: a dead link's
+/// nexthop leaves every route, and a route with no live nexthop is left out so the
+/// fail-closed blackhole behind it takes over.
+pub fn desired_live(
+    cfg: &Config,
+    name: &str,
+    live: Live<'_>,
+) -> Result<(Role, HostState), HostError> {
     let role = cfg.role_of(name).ok_or_else(|| HostError::Unknown {
         name: name.to_string(),
         hint: suggest(name, &cfg.host_names()).map(str::to_string),
     })?;
     let state = match role {
-        Role::Gateway => gateway(cfg),
-        Role::Node => node(cfg, name),
+        Role::Gateway => gateway(cfg, live),
+        Role::Node => node(cfg, name, live),
         Role::Relay => relay(),
     };
     Ok((role, state))
 }
 
-fn gateway(cfg: &Config) -> HostState {
+fn gateway(cfg: &Config, live: Live<'_>) -> HostState {
     let mut s = HostState::default();
     let devs: Vec<String> = (0..cfg.site.links).map(gateway_link_name).collect();
     for d in &devs {
@@ -44,8 +60,14 @@ fn gateway(cfg: &Config) -> HostState {
     }
     let mut routed = Vec::new();
     for n in &cfg.nodes {
+        let via: Vec<String> = (0..cfg.site.links)
+            .filter(|i| live(&n.name, *i))
+            .map(gateway_link_name)
+            .collect();
         for p in &n.prefixes {
-            s.add_route(*p, TUNNEL_METRIC, devs.clone(), false);
+            if !via.is_empty() {
+                s.add_route(*p, TUNNEL_METRIC, via.clone(), false);
+            }
             routed.push(*p);
         }
     }
@@ -58,7 +80,7 @@ fn gateway(cfg: &Config) -> HostState {
     s
 }
 
-fn node(cfg: &Config, name: &str) -> HostState {
+fn node(cfg: &Config, name: &str, live: Live<'_>) -> HostState {
     let me = cfg
         .nodes
         .iter()
@@ -66,6 +88,7 @@ fn node(cfg: &Config, name: &str) -> HostState {
         .expect("role_of found it");
     let mut s = HostState::default();
     let mut all = Vec::new();
+    let mut all_live = Vec::new();
     for g in &cfg.gateways {
         let devs: Vec<String> = (0..cfg.site.links)
             .map(|i| node_link_name(&g.name, i))
@@ -73,17 +96,26 @@ fn node(cfg: &Config, name: &str) -> HostState {
         for d in &devs {
             s.add_link(d, LinkKind::Tun, cfg.site.mtu);
         }
-        s.add_route(
-            IpNet::from(g.site_address),
-            TUNNEL_METRIC,
-            devs.clone(),
-            false,
-        );
+        let live_devs: Vec<String> = (0..cfg.site.links)
+            .filter(|i| live(&g.name, *i))
+            .map(|i| node_link_name(&g.name, i))
+            .collect();
+        if !live_devs.is_empty() {
+            s.add_route(
+                IpNet::from(g.site_address),
+                TUNNEL_METRIC,
+                live_devs.clone(),
+                false,
+            );
+        }
         all.extend(devs);
+        all_live.extend(live_devs);
     }
     let mut routed: Vec<IpNet> = cfg.gateways.iter().map(|g| g.site_address.into()).collect();
     for p in cfg.site.site_prefixes.iter().chain(&cfg.site.cloud_blocks) {
-        s.add_route(*p, TUNNEL_METRIC, all.clone(), false);
+        if !all_live.is_empty() {
+            s.add_route(*p, TUNNEL_METRIC, all_live.clone(), false);
+        }
         s.add_route(*p, BLACKHOLE_METRIC, vec![], true);
         routed.push(*p);
     }
@@ -187,6 +219,21 @@ mod tests {
             .routes
             .values()
             .any(|r| r.dst.to_string() == "10.10.0.0/16" && r.blackhole));
+    }
+
+    #[test]
+    fn a_dead_link_leaves_the_routes_and_all_dead_leaves_only_the_blackhole() {
+        let cfg = cfg();
+        let (_, s) = desired_live(&cfg, "gw1", &|peer, link| !(peer == "c1" && link == 2)).unwrap();
+        let r = s
+            .routes
+            .values()
+            .find(|r| r.dst.to_string() == "10.200.0.11/32")
+            .unwrap();
+        assert_eq!(r.via, vec!["ap-l0", "ap-l1", "ap-l3"]);
+        let (_, s) = desired_live(&cfg, "c1", &|_, _| false).unwrap();
+        assert!(s.routes.values().all(|r| r.blackhole), "{:?}", s.routes);
+        assert_eq!(s.links.len(), 9, "devices stay when links die");
     }
 
     #[test]

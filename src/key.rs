@@ -54,6 +54,78 @@ impl Serialize for PublicKey {
     }
 }
 
+/// A Curve25519 private key. Never printed: `Debug` hides it.
+#[derive(Clone)]
+pub struct PrivateKey(pub [u8; 32]);
+
+impl fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PrivateKey(<secret>)")
+    }
+}
+
+impl PrivateKey {
+    /// A new random key, clamped as `wg genkey` prints it.
+    pub fn generate() -> PrivateKey {
+        use rand_core::RngCore;
+        let mut k = [0u8; 32];
+        rand_core::OsRng.fill_bytes(&mut k);
+        k[0] &= 248;
+        k[31] &= 127;
+        k[31] |= 64;
+        PrivateKey(k)
+    }
+
+    pub fn public(&self) -> PublicKey {
+        let secret = boringtun::x25519::StaticSecret::from(self.0);
+        PublicKey(boringtun::x25519::PublicKey::from(&secret).to_bytes())
+    }
+
+    pub fn to_base64(&self) -> String {
+        encode_key(&self.0)
+    }
+}
+
+impl FromStr for PrivateKey {
+    type Err = KeyError;
+    fn from_str(s: &str) -> Result<Self, KeyError> {
+        decode_key(s).map(PrivateKey)
+    }
+}
+
+/// Why a private key file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("cannot read private key file {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    #[error(
+        "private key file {path} is readable by others (mode {mode:04o}); run `chmod 600 {path}`"
+    )]
+    Permissions { path: String, mode: u32 },
+    #[error("private key file {path}: {error}")]
+    Invalid { path: String, error: KeyError },
+}
+
+/// Read a private key file, refusing one that group or others may read.
+pub fn load_private_key(path: &std::path::Path) -> Result<PrivateKey, KeyFileError> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display().to_string();
+    let meta = std::fs::metadata(path).map_err(|error| KeyFileError::Read {
+        path: shown.clone(),
+        error,
+    })?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(KeyFileError::Permissions { path: shown, mode });
+    }
+    let text = std::fs::read_to_string(path).map_err(|error| KeyFileError::Read {
+        path: shown.clone(),
+        error,
+    })?;
+    text.parse()
+        .map_err(|error| KeyFileError::Invalid { path: shown, error })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,6 +134,26 @@ mod tests {
     fn keys_round_trip_through_base64() {
         let s = "6cj1RvbVBWr0NVyNHRuy8hK7mnHS6+DtmnOfUM+bX30=";
         assert_eq!(s.parse::<PublicKey>().unwrap().to_string(), s);
+    }
+
+    #[test]
+    fn public_key_matches_wg_pubkey_for_a_known_pair() {
+        // Pair made with `wg genkey | tee k | wg pubkey` (wireguard-tools 1.0.20210914).
+        let private: PrivateKey = "AKJjz/CfPmr/9gHKILEiAShBWbid0apMxtuByI43EGc="
+            .parse()
+            .unwrap();
+        assert_eq!(
+            private.public().to_string(),
+            "1nE7Va0QzFM6HwnWNX6LFyqkPZDBqPd1ib73nKyCE2Y="
+        );
+    }
+
+    #[test]
+    fn generated_keys_are_clamped_like_wg_genkey() {
+        let k = PrivateKey::generate();
+        assert_eq!(k.0[0] & 7, 0);
+        assert_eq!(k.0[31] & 0xc0, 0x40);
+        assert!(!format!("{k:?}").contains(&k.to_base64()));
     }
 
     #[test]
