@@ -18,3 +18,4 @@ pub mod state;
 pub mod sysctl;
 pub mod topology;
 pub mod tundev;
+pub mod wg;

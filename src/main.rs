@@ -48,6 +48,10 @@ struct ConfigArgs {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Print a new random private key (base64), like `wg genkey`.
+    Genkey,
+    /// Read a private key on stdin, print its public key, like `wg pubkey`.
+    Pubkey,
     /// Validate a site config; print every error with file:line:col.
     Check {
         #[command(flatten)]
@@ -92,6 +96,11 @@ fn main() -> ExitCode {
     };
     appliance::logging::init();
     match cli.command {
+        Command::Genkey => {
+            println!("{}", appliance::key::PrivateKey::generate().to_base64());
+            ExitCode::SUCCESS
+        }
+        Command::Pubkey => pubkey(),
         Command::Check { args } => check(&args),
         Command::Reconcile {
             args,
@@ -132,6 +141,24 @@ fn fail(output: Output, msg: &str) {
     match output {
         Output::Text => eprintln!("error: {msg}"),
         Output::Json => println!("{}", serde_json::json!({ "ok": false, "error": msg })),
+    }
+}
+
+fn pubkey() -> ExitCode {
+    let mut text = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut text) {
+        eprintln!("error: cannot read stdin: {e}");
+        return ExitCode::from(EXIT_ERROR);
+    }
+    match text.trim().parse::<appliance::key::PrivateKey>() {
+        Ok(k) => {
+            println!("{}", k.public());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: stdin is not a private key: {e}");
+            ExitCode::from(EXIT_ERROR)
+        }
     }
 }
 

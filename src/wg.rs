@@ -1,0 +1,632 @@
+//! The WireGuard side of one link: peers, cryptokey routing, and the per-packet decisions.
+//!
+//! No I/O: [`Link::outbound`] turns a packet read from the tun device into a datagram to send,
+//! [`Link::inbound`] turns a received datagram into a packet for the tun device (and any
+//! datagrams to send back), [`Link::tick`] runs timers and keepalives. The I/O threads in
+//! `datapath.rs` only move bytes; tests wire two links back to back in memory.
+//!
+//! boringtun's `Tunn` does the Noise state machine; it does not check allowed IPs, so the inner
+//! source of every decrypted packet is checked here against the sending peer's prefixes (a
+//! spoofed source is dropped and counted). One `RateLimiter` per link is shared by its peers
+//! and reset every second by the caller ([`Link::reset_rate_limiter`]).
+
+use crate::key::{PrivateKey, PublicKey};
+use crate::topology::{LinkSpec, PeerSpec};
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use prefix_trie::PrefixMap;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// Handshake initiations accepted per second per link before cookies are required.
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Largest datagram or packet handled (a 64 KiB tun read plus WireGuard overhead).
+pub const MAX_PACKET: usize = 65536 + 64;
+
+/// Counters of one peer on one link. Times are nanoseconds since the link's epoch (0 = never).
+#[derive(Debug, Default)]
+pub struct PeerStats {
+    pub rx_bytes: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    pub rx_packets: AtomicU64,
+    pub tx_packets: AtomicU64,
+    pub last_rx: AtomicU64,
+    pub last_tx: AtomicU64,
+    /// Handshake messages that completed a session (responses sent or received).
+    pub handshakes: AtomicU64,
+    /// Decrypted packets dropped because their inner source is not the peer's.
+    pub spoofed: AtomicU64,
+}
+
+pub struct Peer {
+    pub spec: PeerSpec,
+    tunn: Mutex<Tunn>,
+    endpoint: RwLock<Option<SocketAddr>>,
+    pub stats: PeerStats,
+}
+
+/// Per-link counters of what could not be attributed to a peer.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    /// Datagrams that are not WireGuard, fail authentication, or name no known peer.
+    pub invalid: AtomicU64,
+    /// Packets from the tun device with no peer for their destination.
+    pub no_route: AtomicU64,
+    /// Cookie replies sent because handshakes arrived faster than the rate limit.
+    pub cookies: AtomicU64,
+}
+
+pub struct Link {
+    pub spec_dev: String,
+    pub index: u32,
+    pub listen_port: Option<u16>,
+    private: x25519::StaticSecret,
+    public: x25519::PublicKey,
+    rate_limiter: Arc<RateLimiter>,
+    peers: Vec<Arc<Peer>>,
+    by_key: HashMap<PublicKey, usize>,
+    lpm4: PrefixMap<Ipv4Net, usize>,
+    lpm6: PrefixMap<Ipv6Net, usize>,
+    epoch: Instant,
+    pub stats: LinkStats,
+}
+
+/// What to do with a packet read from the tun device.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outbound {
+    /// Send `len` bytes of the output buffer to this address.
+    Send(SocketAddr, usize),
+    /// Nothing to send now (packet queued behind a handshake, or peer endpoint unknown).
+    Queued,
+    Drop(DropReason),
+}
+
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum DropReason {
+    NoRoute,
+    NotIp,
+    Spoofed,
+    Invalid,
+}
+
+/// What to do with a received datagram.
+#[derive(Debug, Default)]
+pub struct Inbound {
+    /// Decrypted packet for the tun device: `len` bytes of the output buffer.
+    pub to_tun: Option<usize>,
+    /// Datagrams to send (handshake responses, cookies, queued packets released by a new
+    /// session), each with its destination.
+    pub to_net: Vec<(SocketAddr, Vec<u8>)>,
+    /// The packet was dropped, and why.
+    pub dropped: Option<DropReason>,
+}
+
+impl Link {
+    /// A link from its spec, with a fresh session state for every peer.
+    pub fn new(spec: &LinkSpec, private: &PrivateKey) -> Link {
+        let secret = x25519::StaticSecret::from(private.0);
+        let public = x25519::PublicKey::from(&secret);
+        let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+        let mut link = Link {
+            spec_dev: spec.dev.clone(),
+            index: spec.index,
+            listen_port: spec.listen_port,
+            private: secret,
+            public,
+            rate_limiter,
+            peers: Vec::new(),
+            by_key: HashMap::new(),
+            lpm4: PrefixMap::new(),
+            lpm6: PrefixMap::new(),
+            epoch: Instant::now(),
+            stats: LinkStats::default(),
+        };
+        for p in &spec.peers {
+            link.add_peer(p.clone(), None);
+        }
+        link
+    }
+
+    /// Add a peer, keeping `existing` (its running session) when given: a reload that does not
+    /// change a peer must not make it handshake again.
+    pub fn add_peer(&mut self, spec: PeerSpec, existing: Option<Arc<Peer>>) {
+        let idx = self.peers.len();
+        let peer = existing.unwrap_or_else(|| {
+            let tunn = Tunn::new(
+                self.private.clone(),
+                x25519::PublicKey::from(spec.public_key.0),
+                None,
+                None,
+                idx as u32 + 1,
+                Some(self.rate_limiter.clone()),
+            );
+            Arc::new(Peer {
+                endpoint: RwLock::new(spec.endpoint),
+                spec: spec.clone(),
+                tunn: Mutex::new(tunn),
+                stats: PeerStats::default(),
+            })
+        });
+        for r in &peer.spec.routes {
+            match r {
+                IpNet::V4(n) => self.lpm4.insert(*n, idx),
+                IpNet::V6(n) => self.lpm6.insert(*n, idx),
+            };
+        }
+        self.by_key.insert(peer.spec.public_key, idx);
+        self.peers.push(peer);
+    }
+
+    pub fn peers(&self) -> &[Arc<Peer>] {
+        &self.peers
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey(self.public.to_bytes())
+    }
+
+    /// Nanoseconds since this link's epoch; never 0.
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64 + 1
+    }
+
+    /// When `peer` last sent us an authenticated packet.
+    pub fn last_rx(&self, peer: &Peer) -> Option<Instant> {
+        match peer.stats.last_rx.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(self.epoch + Duration::from_nanos(ns - 1)),
+        }
+    }
+
+    pub fn endpoint(&self, peer: &Peer) -> Option<SocketAddr> {
+        *peer.endpoint.read().expect("not poisoned")
+    }
+
+    pub fn reset_rate_limiter(&self) {
+        self.rate_limiter.reset_count();
+    }
+
+    fn peer_for(&self, dst: IpAddr) -> Option<usize> {
+        match dst {
+            IpAddr::V4(a) => self.lpm4.get_lpm(&Ipv4Net::from(a)).map(|(_, i)| *i),
+            IpAddr::V6(a) => self.lpm6.get_lpm(&Ipv6Net::from(a)).map(|(_, i)| *i),
+        }
+    }
+
+    /// A packet from the tun device. `out` must hold `packet.len() + 32` and at least 148
+    /// bytes.
+    pub fn outbound(&self, packet: &[u8], out: &mut [u8]) -> Outbound {
+        let Some(dst) = Tunn::dst_address(packet) else {
+            return Outbound::Drop(DropReason::NotIp);
+        };
+        let Some(idx) = self.peer_for(dst) else {
+            self.stats.no_route.fetch_add(1, Ordering::Relaxed);
+            return Outbound::Drop(DropReason::NoRoute);
+        };
+        let peer = &self.peers[idx];
+        let Some(endpoint) = self.endpoint(peer) else {
+            return Outbound::Queued;
+        };
+        let res = peer
+            .tunn
+            .lock()
+            .expect("not poisoned")
+            .encapsulate(packet, out);
+        match res {
+            TunnResult::WriteToNetwork(b) => {
+                let n = b.len();
+                peer.stats
+                    .tx_bytes
+                    .fetch_add(packet.len() as u64, Ordering::Relaxed);
+                peer.stats.tx_packets.fetch_add(1, Ordering::Relaxed);
+                peer.stats.last_tx.store(self.now_ns(), Ordering::Relaxed);
+                Outbound::Send(endpoint, n)
+            }
+            TunnResult::Done => Outbound::Queued,
+            _ => Outbound::Drop(DropReason::Invalid),
+        }
+    }
+
+    /// Which peer a datagram is for, without touching any session.
+    fn classify(&self, from: SocketAddr, datagram: &[u8]) -> Result<usize, Option<Vec<u8>>> {
+        let packet = Tunn::parse_incoming_packet(datagram).map_err(|_| None)?;
+        let receiver = match &packet {
+            Packet::HandshakeInit(init) => {
+                // Authenticate mac1 (and demand a cookie under load) before the DH work of
+                // identifying the sender: a flood of garbage initiations costs a hash each.
+                let mut cookie = [0u8; 64];
+                match self
+                    .rate_limiter
+                    .verify_packet(Some(from.ip()), datagram, &mut cookie)
+                {
+                    Ok(_) => {}
+                    Err(TunnResult::WriteToNetwork(c)) => {
+                        self.stats.cookies.fetch_add(1, Ordering::Relaxed);
+                        return Err(Some(c.to_vec()));
+                    }
+                    Err(_) => return Err(None),
+                }
+                let half =
+                    parse_handshake_anon(&self.private, &self.public, init).map_err(|_| None)?;
+                return self
+                    .by_key
+                    .get(&PublicKey(half.peer_static_public))
+                    .copied()
+                    .ok_or(None);
+            }
+            Packet::HandshakeResponse(p) => p.receiver_idx,
+            Packet::PacketCookieReply(p) => p.receiver_idx,
+            Packet::PacketData(p) => p.receiver_idx,
+        };
+        // Tunn::new(index) puts the index in the top 24 bits.
+        let idx = (receiver >> 8) as usize;
+        if idx == 0 || idx > self.peers.len() {
+            return Err(None);
+        }
+        Ok(idx - 1)
+    }
+
+    /// A datagram from the network. `out` must hold `MAX_PACKET` bytes.
+    pub fn inbound(&self, from: SocketAddr, datagram: &[u8], out: &mut [u8]) -> Inbound {
+        let mut result = Inbound::default();
+        let idx = match self.classify(from, datagram) {
+            Ok(i) => i,
+            Err(cookie) => {
+                if let Some(c) = cookie {
+                    result.to_net.push((from, c));
+                } else {
+                    self.stats.invalid.fetch_add(1, Ordering::Relaxed);
+                    result.dropped = Some(DropReason::Invalid);
+                }
+                return result;
+            }
+        };
+        let peer = &self.peers[idx];
+        let is_handshake = matches!(datagram.first(), Some(1) | Some(2));
+        let mut tunn = peer.tunn.lock().expect("not poisoned");
+        let mut authenticated = false;
+        let mut spoofed = false;
+        match tunn.decapsulate(Some(from.ip()), datagram, out) {
+            TunnResult::WriteToNetwork(b) => {
+                authenticated = true;
+                result.to_net.push((from, b.to_vec()));
+                // Packets queued behind the handshake go out now.
+                let mut buf = vec![0u8; MAX_PACKET];
+                while let TunnResult::WriteToNetwork(b) = tunn.decapsulate(None, &[], &mut buf) {
+                    result.to_net.push((from, b.to_vec()));
+                }
+            }
+            TunnResult::WriteToTunnelV4(p, src) => {
+                authenticated = true;
+                spoofed = !allowed(&peer.spec.allowed, IpAddr::V4(src));
+                result.to_tun = (!spoofed).then_some(p.len());
+            }
+            TunnResult::WriteToTunnelV6(p, src) => {
+                authenticated = true;
+                spoofed = !allowed(&peer.spec.allowed, IpAddr::V6(src));
+                result.to_tun = (!spoofed).then_some(p.len());
+            }
+            // A keepalive or a cookie reply: authenticated, nothing to deliver.
+            TunnResult::Done => authenticated = true,
+            // Replays, bad tags, stale handshakes: counted, never fatal.
+            TunnResult::Err(_) => {
+                self.stats.invalid.fetch_add(1, Ordering::Relaxed);
+                result.dropped = Some(DropReason::Invalid);
+            }
+        }
+        drop(tunn);
+        if authenticated {
+            let now = self.now_ns();
+            peer.stats.last_rx.store(now, Ordering::Relaxed);
+            // Roaming: the peer is wherever its last authenticated packet came from (a node
+            // behind NAT is known only by its translated address).
+            let mut ep = peer.endpoint.write().expect("not poisoned");
+            if *ep != Some(from) {
+                *ep = Some(from);
+            }
+            drop(ep);
+            if is_handshake {
+                peer.stats.handshakes.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(n) = result.to_tun {
+                peer.stats.rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                peer.stats.rx_packets.fetch_add(1, Ordering::Relaxed);
+            }
+            if spoofed {
+                peer.stats.spoofed.fetch_add(1, Ordering::Relaxed);
+                result.dropped = Some(DropReason::Spoofed);
+            }
+        }
+        result
+    }
+
+    /// Timers and keepalives: call every few tens of milliseconds. Sends a keepalive to each
+    /// peer with a known endpoint that has not been sent anything for `keepalive`, which also
+    /// starts the handshake when there is no session yet.
+    pub fn tick(&self, keepalive: Duration) -> Vec<(SocketAddr, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 256];
+        let now = self.now_ns();
+        for peer in &self.peers {
+            let Some(ep) = self.endpoint(peer) else {
+                continue;
+            };
+            let mut tunn = peer.tunn.lock().expect("not poisoned");
+            if let TunnResult::WriteToNetwork(b) = tunn.update_timers(&mut buf) {
+                out.push((ep, b.to_vec()));
+                peer.stats.last_tx.store(now, Ordering::Relaxed);
+            }
+            let last = peer.stats.last_tx.load(Ordering::Relaxed);
+            if last == 0 || Duration::from_nanos(now.saturating_sub(last)) >= keepalive {
+                if let TunnResult::WriteToNetwork(b) = tunn.encapsulate(&[], &mut buf) {
+                    out.push((ep, b.to_vec()));
+                }
+                peer.stats.last_tx.store(now, Ordering::Relaxed);
+            }
+        }
+        out
+    }
+
+    /// Seconds since the last completed handshake with `peer`, as boringtun tracks it.
+    pub fn handshake_age(&self, peer: &Peer) -> Option<Duration> {
+        peer.tunn.lock().expect("not poisoned").stats().0
+    }
+}
+
+fn allowed(prefixes: &[IpNet], src: IpAddr) -> bool {
+    prefixes.iter().any(|p| p.contains(&src))
+}
+
+/// Status of one peer on one link, for `appliance status`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PeerStatus {
+    pub link: String,
+    pub link_index: u32,
+    pub peer: String,
+    pub public_key: String,
+    pub endpoint: Option<String>,
+    pub handshake_age_ms: Option<u64>,
+    pub last_rx_age_ms: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub handshakes: u64,
+    pub spoofed: u64,
+    pub alive: bool,
+}
+
+impl Link {
+    pub fn status(&self, alive: &dyn Fn(&str, u32) -> bool) -> Vec<PeerStatus> {
+        let now = Instant::now();
+        self.peers
+            .iter()
+            .map(|p| PeerStatus {
+                link: self.spec_dev.clone(),
+                link_index: self.index,
+                peer: p.spec.name.clone(),
+                public_key: p.spec.public_key.to_string(),
+                endpoint: self.endpoint(p).map(|e| e.to_string()),
+                handshake_age_ms: self.handshake_age(p).map(|d| d.as_millis() as u64),
+                last_rx_age_ms: self
+                    .last_rx(p)
+                    .map(|t| now.saturating_duration_since(t).as_millis() as u64),
+                rx_bytes: p.stats.rx_bytes.load(Ordering::Relaxed),
+                tx_bytes: p.stats.tx_bytes.load(Ordering::Relaxed),
+                rx_packets: p.stats.rx_packets.load(Ordering::Relaxed),
+                tx_packets: p.stats.tx_packets.load(Ordering::Relaxed),
+                handshakes: p.stats.handshakes.load(Ordering::Relaxed),
+                spoofed: p.stats.spoofed.load(Ordering::Relaxed),
+                alive: alive(&p.spec.name, self.index),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::{LinkSpec, PeerSpec};
+
+    const GW: &str = "192.0.2.1:51820";
+    const NODE: &str = "203.0.113.7:40000";
+
+    /// A gateway link and a node link, back to back, node 10.200.0.11/32.
+    fn pair() -> (Link, Link) {
+        let (gk, nk) = (PrivateKey::generate(), PrivateKey::generate());
+        let gw = Link::new(
+            &LinkSpec {
+                dev: "ap-l0".into(),
+                index: 0,
+                listen_port: Some(51820),
+                peers: vec![PeerSpec {
+                    name: "c1".into(),
+                    public_key: nk.public(),
+                    endpoint: None,
+                    allowed: vec!["10.200.0.11/32".parse().unwrap()],
+                    routes: vec!["10.200.0.11/32".parse().unwrap()],
+                }],
+            },
+            &gk,
+        );
+        let node = Link::new(
+            &LinkSpec {
+                dev: "ap-gw1-0".into(),
+                index: 0,
+                listen_port: None,
+                peers: vec![PeerSpec {
+                    name: "gw1".into(),
+                    public_key: gk.public(),
+                    endpoint: Some(GW.parse().unwrap()),
+                    allowed: vec!["10.10.0.0/16".parse().unwrap()],
+                    routes: vec!["10.10.0.0/16".parse().unwrap()],
+                }],
+            },
+            &nk,
+        );
+        (gw, node)
+    }
+
+    /// Deliver datagrams back and forth until nothing is left; returns packets that reached
+    /// each side's tun device.
+    fn pump(gw: &Link, node: &Link, mut to_gw: Vec<Vec<u8>>) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let (mut at_gw, mut at_node) = (Vec::new(), Vec::new());
+        let mut to_node: Vec<Vec<u8>> = Vec::new();
+        let mut out = vec![0u8; MAX_PACKET];
+        for _ in 0..10 {
+            for d in std::mem::take(&mut to_gw) {
+                let r = gw.inbound(NODE.parse().unwrap(), &d, &mut out);
+                if let Some(n) = r.to_tun {
+                    at_gw.push(out[..n].to_vec());
+                }
+                to_node.extend(r.to_net.into_iter().map(|(_, d)| d));
+            }
+            for d in std::mem::take(&mut to_node) {
+                let r = node.inbound(GW.parse().unwrap(), &d, &mut out);
+                if let Some(n) = r.to_tun {
+                    at_node.push(out[..n].to_vec());
+                }
+                to_gw.extend(r.to_net.into_iter().map(|(_, d)| d));
+            }
+        }
+        (at_gw, at_node)
+    }
+
+    fn ipv4_packet(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
+        let len = 20 + payload.len();
+        let mut p = vec![
+            0x45,
+            0,
+            (len >> 8) as u8,
+            len as u8,
+            0,
+            0,
+            0,
+            0,
+            64,
+            17,
+            0,
+            0,
+        ];
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        p.extend_from_slice(payload);
+        p
+    }
+
+    fn connect(gw: &Link, node: &Link) {
+        let hello = node.tick(Duration::from_millis(300));
+        assert_eq!(hello.len(), 1, "the node initiates");
+        pump(gw, node, hello.into_iter().map(|(_, d)| d).collect());
+        assert_eq!(gw.peers()[0].stats.handshakes.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_node_handshakes_and_the_gateway_learns_its_translated_endpoint() {
+        let (gw, node) = pair();
+        connect(&gw, &node);
+        assert_eq!(gw.endpoint(&gw.peers()[0]), Some(NODE.parse().unwrap()));
+        assert!(gw.last_rx(&gw.peers()[0]).is_some());
+        assert!(node.last_rx(&node.peers()[0]).is_some());
+    }
+
+    #[test]
+    fn packets_cross_in_both_directions() {
+        let (gw, node) = pair();
+        connect(&gw, &node);
+        let mut out = vec![0u8; MAX_PACKET];
+        let p = ipv4_packet([10, 200, 0, 11], [10, 10, 0, 5], b"hello site");
+        let Outbound::Send(_, n) = node.outbound(&p, &mut out) else {
+            panic!()
+        };
+        let (at_gw, _) = pump(&gw, &node, vec![out[..n].to_vec()]);
+        assert_eq!(at_gw, vec![p]);
+        let back = ipv4_packet([10, 10, 0, 5], [10, 200, 0, 11], b"hello node");
+        let Outbound::Send(ep, n) = gw.outbound(&back, &mut out) else {
+            panic!()
+        };
+        assert_eq!(ep, NODE.parse().unwrap());
+        let r = node.inbound(GW.parse().unwrap(), &out[..n].to_vec(), &mut out);
+        assert_eq!(r.to_tun, Some(back.len()));
+    }
+
+    #[test]
+    fn a_spoofed_inner_source_is_dropped_and_counted() {
+        let (gw, node) = pair();
+        connect(&gw, &node);
+        let mut out = vec![0u8; MAX_PACKET];
+        // c1 owns 10.200.0.11 only; it claims to be another node.
+        let p = ipv4_packet([10, 200, 0, 12], [10, 10, 0, 5], b"spoof");
+        let Outbound::Send(_, n) = node.outbound(&p, &mut out) else {
+            panic!()
+        };
+        let d = out[..n].to_vec();
+        let r = gw.inbound(NODE.parse().unwrap(), &d, &mut out);
+        assert_eq!(r.to_tun, None);
+        assert_eq!(r.dropped, Some(DropReason::Spoofed));
+        assert_eq!(gw.peers()[0].stats.spoofed.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn replayed_truncated_and_garbage_datagrams_are_dropped_without_panic() {
+        let (gw, node) = pair();
+        connect(&gw, &node);
+        let mut out = vec![0u8; MAX_PACKET];
+        let p = ipv4_packet([10, 200, 0, 11], [10, 10, 0, 5], b"once");
+        let Outbound::Send(_, n) = node.outbound(&p, &mut out) else {
+            panic!()
+        };
+        let d = out[..n].to_vec();
+        assert!(gw
+            .inbound(NODE.parse().unwrap(), &d, &mut out)
+            .to_tun
+            .is_some());
+        let replay = gw.inbound(NODE.parse().unwrap(), &d, &mut out);
+        assert_eq!(
+            (replay.to_tun, replay.dropped),
+            (None, Some(DropReason::Invalid))
+        );
+        for bad in [
+            &d[..d.len() - 1],
+            &d[..16],
+            &[4u8, 0, 0, 0][..],
+            &[1u8; 148][..],
+            &[9u8; 1000][..],
+            &[][..],
+        ] {
+            let r = gw.inbound(NODE.parse().unwrap(), bad, &mut out);
+            assert!(r.to_tun.is_none() && r.to_net.is_empty(), "{bad:?}");
+        }
+        assert!(gw.stats.invalid.load(Ordering::Relaxed) >= 6);
+        // and the session still works
+        let Outbound::Send(_, n) = node.outbound(&p, &mut out) else {
+            panic!()
+        };
+        let d = out[..n].to_vec();
+        assert!(gw
+            .inbound(NODE.parse().unwrap(), &d, &mut out)
+            .to_tun
+            .is_some());
+    }
+
+    #[test]
+    fn a_gateway_does_not_send_to_a_node_it_has_not_heard_from() {
+        let (gw, _node) = pair();
+        let mut out = vec![0u8; MAX_PACKET];
+        let p = ipv4_packet([10, 10, 0, 5], [10, 200, 0, 11], b"x");
+        assert_eq!(gw.outbound(&p, &mut out), Outbound::Queued);
+        let p = ipv4_packet([10, 10, 0, 5], [10, 200, 0, 99], b"x");
+        assert_eq!(
+            gw.outbound(&p, &mut out),
+            Outbound::Drop(DropReason::NoRoute)
+        );
+        assert!(gw.tick(Duration::from_millis(300)).is_empty());
+    }
+}
