@@ -553,7 +553,8 @@ mod tests {
             panic!()
         };
         assert_eq!(ep, NODE.parse().unwrap());
-        let r = node.inbound(GW.parse().unwrap(), &out[..n].to_vec(), &mut out);
+        let d = out[..n].to_vec();
+        let r = node.inbound(GW.parse().unwrap(), &d, &mut out);
         assert_eq!(r.to_tun, Some(back.len()));
     }
 
