@@ -45,11 +45,25 @@ pub struct PeerStats {
     pub spoofed: AtomicU64,
 }
 
+/// A peer on a link. Its session state lives behind an `Arc` so a reload that keeps the peer
+/// (same public key) keeps the session, the learned endpoint and the counters.
 pub struct Peer {
     pub spec: PeerSpec,
+    /// Our session index for this peer (the top 24 bits of boringtun's receiver index).
+    index: u32,
+    state: Arc<PeerState>,
+}
+
+struct PeerState {
     tunn: Mutex<Tunn>,
     endpoint: RwLock<Option<SocketAddr>>,
-    pub stats: PeerStats,
+    stats: PeerStats,
+}
+
+impl Peer {
+    pub fn stats(&self) -> &PeerStats {
+        &self.state.stats
+    }
 }
 
 /// Per-link counters of what could not be attributed to a peer.
@@ -70,12 +84,14 @@ pub struct Link {
     private: x25519::StaticSecret,
     public: x25519::PublicKey,
     rate_limiter: Arc<RateLimiter>,
-    peers: Vec<Arc<Peer>>,
+    peers: Vec<Peer>,
     by_key: HashMap<PublicKey, usize>,
+    by_index: HashMap<u32, usize>,
+    next_index: u32,
     lpm4: PrefixMap<Ipv4Net, usize>,
     lpm6: PrefixMap<Ipv6Net, usize>,
     epoch: Instant,
-    pub stats: LinkStats,
+    pub stats: Arc<LinkStats>,
 }
 
 /// What to do with a packet read from the tun device.
@@ -123,10 +139,12 @@ impl Link {
             rate_limiter,
             peers: Vec::new(),
             by_key: HashMap::new(),
+            by_index: HashMap::new(),
+            next_index: 1,
             lpm4: PrefixMap::new(),
             lpm6: PrefixMap::new(),
             epoch: Instant::now(),
-            stats: LinkStats::default(),
+            stats: Arc::default(),
         };
         for p in &spec.peers {
             link.add_peer(p.clone(), None);
@@ -134,26 +152,59 @@ impl Link {
         link
     }
 
-    /// Add a peer, keeping `existing` (its running session) when given: a reload that does not
-    /// change a peer must not make it handshake again.
-    pub fn add_peer(&mut self, spec: PeerSpec, existing: Option<Arc<Peer>>) {
+    /// The same link with a new peer list (a config reload). Peers whose public key is
+    /// unchanged keep their session, endpoint and counters: they do not handshake again.
+    pub fn rebuild(&self, spec: &LinkSpec) -> Link {
+        let mut link = Link {
+            spec_dev: spec.dev.clone(),
+            index: spec.index,
+            listen_port: spec.listen_port,
+            private: self.private.clone(),
+            public: self.public,
+            rate_limiter: self.rate_limiter.clone(),
+            peers: Vec::new(),
+            by_key: HashMap::new(),
+            by_index: HashMap::new(),
+            next_index: self.next_index,
+            lpm4: PrefixMap::new(),
+            lpm6: PrefixMap::new(),
+            epoch: self.epoch,
+            stats: self.stats.clone(),
+        };
+        for p in &spec.peers {
+            let old = self.by_key.get(&p.public_key).map(|i| &self.peers[*i]);
+            if let Some(old) = old {
+                if old.spec.endpoint != p.endpoint && p.endpoint.is_some() {
+                    *old.state.endpoint.write().expect("not poisoned") = p.endpoint;
+                }
+            }
+            link.add_peer(p.clone(), old.map(|o| (o.index, o.state.clone())));
+        }
+        link
+    }
+
+    /// Add a peer, with the session index and state of a running peer when given.
+    fn add_peer(&mut self, spec: PeerSpec, existing: Option<(u32, Arc<PeerState>)>) {
         let idx = self.peers.len();
-        let peer = existing.unwrap_or_else(|| {
+        let (index, state) = existing.unwrap_or_else(|| {
+            let index = self.next_index;
+            self.next_index += 1;
             let tunn = Tunn::new(
                 self.private.clone(),
                 x25519::PublicKey::from(spec.public_key.0),
                 None,
                 None,
-                idx as u32 + 1,
+                index,
                 Some(self.rate_limiter.clone()),
             );
-            Arc::new(Peer {
+            let state = PeerState {
                 endpoint: RwLock::new(spec.endpoint),
-                spec: spec.clone(),
                 tunn: Mutex::new(tunn),
                 stats: PeerStats::default(),
-            })
+            };
+            (index, Arc::new(state))
         });
+        let peer = Peer { spec, index, state };
         for r in &peer.spec.routes {
             match r {
                 IpNet::V4(n) => self.lpm4.insert(*n, idx),
@@ -161,10 +212,11 @@ impl Link {
             };
         }
         self.by_key.insert(peer.spec.public_key, idx);
+        self.by_index.insert(peer.index, idx);
         self.peers.push(peer);
     }
 
-    pub fn peers(&self) -> &[Arc<Peer>] {
+    pub fn peers(&self) -> &[Peer] {
         &self.peers
     }
 
@@ -179,14 +231,14 @@ impl Link {
 
     /// When `peer` last sent us an authenticated packet.
     pub fn last_rx(&self, peer: &Peer) -> Option<Instant> {
-        match peer.stats.last_rx.load(Ordering::Relaxed) {
+        match peer.stats().last_rx.load(Ordering::Relaxed) {
             0 => None,
             ns => Some(self.epoch + Duration::from_nanos(ns - 1)),
         }
     }
 
     pub fn endpoint(&self, peer: &Peer) -> Option<SocketAddr> {
-        *peer.endpoint.read().expect("not poisoned")
+        *peer.state.endpoint.read().expect("not poisoned")
     }
 
     pub fn reset_rate_limiter(&self) {
@@ -214,19 +266,17 @@ impl Link {
         let Some(endpoint) = self.endpoint(peer) else {
             return Outbound::Queued;
         };
-        let res = peer
-            .tunn
-            .lock()
+        let res = peer.state.tunn.lock()
             .expect("not poisoned")
             .encapsulate(packet, out);
         match res {
             TunnResult::WriteToNetwork(b) => {
                 let n = b.len();
-                peer.stats
+                peer.stats()
                     .tx_bytes
                     .fetch_add(packet.len() as u64, Ordering::Relaxed);
-                peer.stats.tx_packets.fetch_add(1, Ordering::Relaxed);
-                peer.stats.last_tx.store(self.now_ns(), Ordering::Relaxed);
+                peer.stats().tx_packets.fetch_add(1, Ordering::Relaxed);
+                peer.stats().last_tx.store(self.now_ns(), Ordering::Relaxed);
                 Outbound::Send(endpoint, n)
             }
             TunnResult::Done => Outbound::Queued,
@@ -266,11 +316,7 @@ impl Link {
             Packet::PacketData(p) => p.receiver_idx,
         };
         // Tunn::new(index) puts the index in the top 24 bits.
-        let idx = (receiver >> 8) as usize;
-        if idx == 0 || idx > self.peers.len() {
-            return Err(None);
-        }
-        Ok(idx - 1)
+        self.by_index.get(&(receiver >> 8)).copied().ok_or(None)
     }
 
     /// A datagram from the network. `out` must hold `MAX_PACKET` bytes.
@@ -290,7 +336,7 @@ impl Link {
         };
         let peer = &self.peers[idx];
         let is_handshake = matches!(datagram.first(), Some(1) | Some(2));
-        let mut tunn = peer.tunn.lock().expect("not poisoned");
+        let mut tunn = peer.state.tunn.lock().expect("not poisoned");
         let mut authenticated = false;
         let mut spoofed = false;
         match tunn.decapsulate(Some(from.ip()), datagram, out) {
@@ -324,23 +370,23 @@ impl Link {
         drop(tunn);
         if authenticated {
             let now = self.now_ns();
-            peer.stats.last_rx.store(now, Ordering::Relaxed);
+            peer.stats().last_rx.store(now, Ordering::Relaxed);
             // Roaming: the peer is wherever its last authenticated packet came from (a node
             // behind NAT is known only by its translated address).
-            let mut ep = peer.endpoint.write().expect("not poisoned");
+            let mut ep = peer.state.endpoint.write().expect("not poisoned");
             if *ep != Some(from) {
                 *ep = Some(from);
             }
             drop(ep);
             if is_handshake {
-                peer.stats.handshakes.fetch_add(1, Ordering::Relaxed);
+                peer.stats().handshakes.fetch_add(1, Ordering::Relaxed);
             }
             if let Some(n) = result.to_tun {
-                peer.stats.rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                peer.stats.rx_packets.fetch_add(1, Ordering::Relaxed);
+                peer.stats().rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                peer.stats().rx_packets.fetch_add(1, Ordering::Relaxed);
             }
             if spoofed {
-                peer.stats.spoofed.fetch_add(1, Ordering::Relaxed);
+                peer.stats().spoofed.fetch_add(1, Ordering::Relaxed);
                 result.dropped = Some(DropReason::Spoofed);
             }
         }
@@ -358,17 +404,17 @@ impl Link {
             let Some(ep) = self.endpoint(peer) else {
                 continue;
             };
-            let mut tunn = peer.tunn.lock().expect("not poisoned");
+            let mut tunn = peer.state.tunn.lock().expect("not poisoned");
             if let TunnResult::WriteToNetwork(b) = tunn.update_timers(&mut buf) {
                 out.push((ep, b.to_vec()));
-                peer.stats.last_tx.store(now, Ordering::Relaxed);
+                peer.stats().last_tx.store(now, Ordering::Relaxed);
             }
-            let last = peer.stats.last_tx.load(Ordering::Relaxed);
+            let last = peer.stats().last_tx.load(Ordering::Relaxed);
             if last == 0 || Duration::from_nanos(now.saturating_sub(last)) >= keepalive {
                 if let TunnResult::WriteToNetwork(b) = tunn.encapsulate(&[], &mut buf) {
                     out.push((ep, b.to_vec()));
                 }
-                peer.stats.last_tx.store(now, Ordering::Relaxed);
+                peer.stats().last_tx.store(now, Ordering::Relaxed);
             }
         }
         out
@@ -376,7 +422,7 @@ impl Link {
 
     /// Seconds since the last completed handshake with `peer`, as boringtun tracks it.
     pub fn handshake_age(&self, peer: &Peer) -> Option<Duration> {
-        peer.tunn.lock().expect("not poisoned").stats().0
+        peer.state.tunn.lock().expect("not poisoned").stats().0
     }
 }
 
@@ -418,12 +464,12 @@ impl Link {
                 last_rx_age_ms: self
                     .last_rx(p)
                     .map(|t| now.saturating_duration_since(t).as_millis() as u64),
-                rx_bytes: p.stats.rx_bytes.load(Ordering::Relaxed),
-                tx_bytes: p.stats.tx_bytes.load(Ordering::Relaxed),
-                rx_packets: p.stats.rx_packets.load(Ordering::Relaxed),
-                tx_packets: p.stats.tx_packets.load(Ordering::Relaxed),
-                handshakes: p.stats.handshakes.load(Ordering::Relaxed),
-                spoofed: p.stats.spoofed.load(Ordering::Relaxed),
+                rx_bytes: p.stats().rx_bytes.load(Ordering::Relaxed),
+                tx_bytes: p.stats().tx_bytes.load(Ordering::Relaxed),
+                rx_packets: p.stats().rx_packets.load(Ordering::Relaxed),
+                tx_packets: p.stats().tx_packets.load(Ordering::Relaxed),
+                handshakes: p.stats().handshakes.load(Ordering::Relaxed),
+                spoofed: p.stats().spoofed.load(Ordering::Relaxed),
                 alive: alive(&p.spec.name, self.index),
             })
             .collect()
@@ -525,7 +571,7 @@ mod tests {
         let hello = node.tick(Duration::from_millis(300));
         assert_eq!(hello.len(), 1, "the node initiates");
         pump(gw, node, hello.into_iter().map(|(_, d)| d).collect());
-        assert_eq!(gw.peers()[0].stats.handshakes.load(Ordering::Relaxed), 1);
+        assert_eq!(gw.peers()[0].stats().handshakes.load(Ordering::Relaxed), 1);
     }
 
     #[test]
@@ -572,7 +618,7 @@ mod tests {
         let r = gw.inbound(NODE.parse().unwrap(), &d, &mut out);
         assert_eq!(r.to_tun, None);
         assert_eq!(r.dropped, Some(DropReason::Spoofed));
-        assert_eq!(gw.peers()[0].stats.spoofed.load(Ordering::Relaxed), 1);
+        assert_eq!(gw.peers()[0].stats().spoofed.load(Ordering::Relaxed), 1);
     }
 
     #[test]
