@@ -101,12 +101,7 @@ fn node(cfg: &Config, name: &str, live: Live<'_>) -> HostState {
             .map(|i| node_link_name(&g.name, i))
             .collect();
         if !live_devs.is_empty() {
-            s.add_route(
-                IpNet::from(g.site_address),
-                TUNNEL_METRIC,
-                live_devs.clone(),
-                false,
-            );
+            s.add_route_from(IpNet::from(g.site_address), live_devs.clone(), me.address);
         }
         all.extend(devs);
         all_live.extend(live_devs);
@@ -114,7 +109,7 @@ fn node(cfg: &Config, name: &str, live: Live<'_>) -> HostState {
     let mut routed: Vec<IpNet> = cfg.gateways.iter().map(|g| g.site_address.into()).collect();
     for p in cfg.site.site_prefixes.iter().chain(&cfg.site.cloud_blocks) {
         if !all_live.is_empty() {
-            s.add_route(*p, TUNNEL_METRIC, all_live.clone(), false);
+            s.add_route_from(*p, all_live.clone(), me.address);
         }
         s.add_route(*p, BLACKHOLE_METRIC, vec![], true);
         routed.push(*p);

@@ -6,6 +6,9 @@
 //! observe → diff → apply → verify → revert), [`logging`].
 
 pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod datapath;
 pub mod desired;
 pub mod diag;
 pub mod key;

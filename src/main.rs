@@ -68,6 +68,25 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Run the daemon: reconcile the host, run every tunnel link, follow link liveness and
+    /// config reloads (SIGHUP, or `appliance reconcile` while it runs).
+    Run {
+        /// Site config file (KDL).
+        #[arg(short, long, env = "APPLIANCE_CONFIG", default_value = "/etc/appliance/config.kdl")]
+        config: PathBuf,
+        /// Which host of the config this is (default: $APPLIANCE_NODE, then the host name).
+        #[arg(short, long, env = "APPLIANCE_NODE")]
+        node: Option<String>,
+        /// This host's WireGuard private key (mode 0600), as written by `appliance genkey`.
+        #[arg(short, long, env = "APPLIANCE_KEY_FILE", default_value = "/var/lib/appliance/private.key")]
+        key_file: PathBuf,
+    },
+    /// Show the running daemon's links: peer, endpoint, handshake age, last packet, bytes,
+    /// live or dead.
+    Status {
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+    },
     /// Print what appliance owns on this host (or, with --desired, what the config wants) as
     /// the state model the planner compares.
     State {
@@ -94,7 +113,10 @@ fn main() -> ExitCode {
             };
         }
     };
-    appliance::logging::init();
+    match &cli.command {
+        Command::Run { .. } => appliance::logging::init_with_defaults("info", "info"),
+        _ => appliance::logging::init(),
+    }
     match cli.command {
         Command::Genkey => {
             println!("{}", appliance::key::PrivateKey::generate().to_base64());
@@ -102,6 +124,12 @@ fn main() -> ExitCode {
         }
         Command::Pubkey => pubkey(),
         Command::Check { args } => check(&args),
+        Command::Run {
+            config,
+            node,
+            key_file,
+        } => run_cmd(config, node, key_file),
+        Command::Status { output } => status_cmd(output),
         Command::Reconcile {
             args,
             node,
@@ -142,6 +170,104 @@ fn fail(output: Output, msg: &str) {
         Output::Text => eprintln!("error: {msg}"),
         Output::Json => println!("{}", serde_json::json!({ "ok": false, "error": msg })),
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: cannot start the runtime: {e}");
+            ExitCode::from(EXIT_ERROR)
+        })
+}
+
+fn run_cmd(config: PathBuf, node: Option<String>, key_file: PathBuf) -> ExitCode {
+    let Some(host) = host_name(node) else {
+        eprintln!("error: cannot tell which host this is: pass --node NAME or set APPLIANCE_NODE");
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let opts = appliance::daemon::Options { config, host, key_file };
+    match rt.block_on(appliance::daemon::run(opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn status_cmd(output: Output) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let reply = rt.block_on(appliance::control::request(&appliance::control::Request::Status));
+    let status = match reply {
+        Ok(v) => v,
+        Err(e) => {
+            fail(output, &e.to_string());
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&status).expect("json")),
+        Output::Text => print!("{}", render_status(&status)),
+    }
+    ExitCode::SUCCESS
+}
+
+fn age(ms: &serde_json::Value) -> String {
+    match ms.as_u64() {
+        None => "never".into(),
+        Some(ms) if ms < 10_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        Some(ms) => format!("{}s", ms / 1000),
+    }
+}
+
+fn bytes(b: &serde_json::Value) -> String {
+    let b = b.as_u64().unwrap_or(0) as f64;
+    match b {
+        b if b >= 1024.0 * 1024.0 * 1024.0 => format!("{:.2} GiB", b / 1024.0 / 1024.0 / 1024.0),
+        b if b >= 1024.0 * 1024.0 => format!("{:.1} MiB", b / 1024.0 / 1024.0),
+        b if b >= 1024.0 => format!("{:.1} KiB", b / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+fn render_status(s: &serde_json::Value) -> String {
+    let mut out = format!(
+        "{} {} (up {}s, keepalive {} ms, dead after {})\n",
+        s["role"].as_str().unwrap_or("?"),
+        s["host"].as_str().unwrap_or("?"),
+        s["uptime_s"],
+        s["keepalive_ms"],
+        s["dead_after"]
+    );
+    out.push_str(&format!(
+        "{:<10} {:<12} {:<22} {:>9} {:>8} {:>11} {:>11} {:>10} {}\n",
+        "LINK", "PEER", "ENDPOINT", "HANDSHAKE", "LAST RX", "RX", "TX", "HANDSHAKES", "STATE"
+    ));
+    for l in s["links"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:<10} {:<12} {:<22} {:>9} {:>8} {:>11} {:>11} {:>10} {}\n",
+            l["link"].as_str().unwrap_or(""),
+            l["peer"].as_str().unwrap_or(""),
+            l["endpoint"].as_str().unwrap_or("-"),
+            age(&l["handshake_age_ms"]),
+            age(&l["last_rx_age_ms"]),
+            bytes(&l["rx_bytes"]),
+            bytes(&l["tx_bytes"]),
+            l["handshakes"],
+            if l["alive"] == true { "live" } else { "dead" }
+        ));
+    }
+    out
 }
 
 fn pubkey() -> ExitCode {
@@ -281,7 +407,7 @@ fn reconcile_cmd(args: &ConfigArgs, node: Option<String>, dry_run: bool) -> Exit
                 return ExitCode::from(EXIT_ERROR);
             }
         };
-        let plan = match reconcile::plan(&nl, &cfg, &host).await {
+        let (plan, want) = match reconcile::plan(&nl, &cfg, &host).await {
             Ok(p) => p,
             Err(e) => {
                 fail(args.output, &e.to_string());
@@ -295,8 +421,31 @@ fn reconcile_cmd(args: &ConfigArgs, node: Option<String>, dry_run: bool) -> Exit
         } else {
             "applied"
         };
+        if !dry_run {
+            // A running daemon owns the links: hand it the config instead of racing it.
+            let config = std::fs::canonicalize(&args.config).unwrap_or(args.config.clone());
+            let req = appliance::control::Request::Reload {
+                config: Some(config.display().to_string()),
+            };
+            match appliance::control::request(&req).await {
+                Ok(reply) => {
+                    let ok = reply["ok"] == true;
+                    match args.output {
+                        Output::Json => println!("{reply}"),
+                        Output::Text if ok => println!("daemon: {}", reply["message"].as_str().unwrap_or("")),
+                        Output::Text => eprintln!("daemon refused the config:\n{}", reply["error"].as_str().unwrap_or("")),
+                    }
+                    return if ok { ExitCode::SUCCESS } else { ExitCode::from(EXIT_ERROR) };
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    fail(args.output, &format!("cannot reach the running daemon: {e}"));
+                    return ExitCode::from(EXIT_ERROR);
+                }
+            }
+        }
         if !plan.is_empty() && !dry_run {
-            if let Err(e) = reconcile::apply(&nl, &cfg, &plan).await {
+            if let Err(e) = reconcile::apply(&nl, &want, &plan).await {
                 match args.output {
                     Output::Text => {
                         print!("{}", plan.render_text());

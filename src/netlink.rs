@@ -306,6 +306,12 @@ impl Netlink {
             hops.push(b.interface(ix).build());
         }
         msg.attributes.push(RouteAttribute::MultiPath(hops));
+        if let Some(src) = r.src {
+            msg.attributes.push(RouteAttribute::PrefSource(match src {
+                IpAddr::V4(a) => RouteAddress::Inet(a),
+                IpAddr::V6(a) => RouteAddress::Inet6(a),
+            }));
+        }
         Ok(msg)
     }
 }
@@ -395,10 +401,16 @@ fn owned_route(m: &RouteMessage, names: &HashMap<u32, String>) -> Option<Route> 
         }
     }
     via.sort();
+    let src = m.attributes.iter().find_map(|a| match a {
+        RouteAttribute::PrefSource(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+        RouteAttribute::PrefSource(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+        _ => None,
+    });
     Some(Route {
         dst,
         metric,
         via,
         blackhole: m.header.kind == RouteType::BlackHole,
+        src,
     })
 }

@@ -94,13 +94,17 @@ fn kind_name(l: &Link) -> &'static str {
 }
 
 fn route_target(r: &Route) -> String {
-    if r.blackhole {
+    let mut s = if r.blackhole {
         format!("blackhole metric {}", r.metric)
     } else if r.metric == crate::state::TUNNEL_METRIC {
         format!("via {}", r.via.join(","))
     } else {
         format!("via {} metric {}", r.via.join(","), r.metric)
+    };
+    if let Some(src) = r.src {
+        s.push_str(&format!(" src {src}"));
     }
+    s
 }
 
 impl Change {

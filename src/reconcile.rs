@@ -5,7 +5,8 @@
 //! so far are undone from the plan's own before/after values, and every undo error is
 //! collected (not just the first). One reconcile at a time per network namespace (flock).
 
-use crate::config::Config;
+use crate::config::{Config, Role};
+use crate::state::HostState;
 use crate::desired::{desired, HostError};
 use crate::netlink::{Netlink, NetlinkError};
 use crate::plan::{diff, Change, Conflict, Item, Op, Plan};
@@ -62,18 +63,26 @@ fn revert_report(reverted: &usize, errors: &[String]) -> String {
     }
 }
 
-/// Compute the plan for `host` against the live kernel state. Needs no privileges.
-pub async fn plan(nl: &Netlink, cfg: &Config, host: &str) -> Result<Plan, ReconcileError> {
+/// Compute the plan for `host` against the live kernel state, with every tunnel counted as
+/// alive (a one-shot reconcile). Needs no privileges. Returns the desired state too, which
+/// [`apply`] verifies against.
+pub async fn plan(nl: &Netlink, cfg: &Config, host: &str) -> Result<(Plan, HostState), ReconcileError> {
     let (role, want) = desired(cfg, host)?;
+    let plan = plan_state(nl, host, role, &want).await?;
+    Ok((plan, want))
+}
+
+/// The plan that takes the host from its current state to `want`.
+pub async fn plan_state(nl: &Netlink, host: &str, role: Role, want: &HostState) -> Result<Plan, ReconcileError> {
     let have = nl
         .observe(want.sysctls.keys())
         .await
         .map_err(ReconcileError::Observe)?;
-    Ok(diff(host, role, &want, &have)?)
+    Ok(diff(host, role, want, &have)?)
 }
 
-/// Apply `plan`, verify, and revert on any failure.
-pub async fn apply(nl: &Netlink, cfg: &Config, plan: &Plan) -> Result<(), ReconcileError> {
+/// Apply `plan`, verify that the host is now `want`, and revert on any failure.
+pub async fn apply(nl: &Netlink, want: &HostState, plan: &Plan) -> Result<(), ReconcileError> {
     let _lock = lock().map_err(|e| *e)?;
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = {
@@ -90,14 +99,14 @@ pub async fn apply(nl: &Netlink, cfg: &Config, plan: &Plan) -> Result<(), Reconc
             stop.store(true, Ordering::SeqCst);
         })
     };
-    let result = apply_steps(nl, cfg, plan, &stop).await;
+    let result = apply_steps(nl, want, plan, &stop).await;
     watcher.abort();
     result
 }
 
 async fn apply_steps(
     nl: &Netlink,
-    cfg: &Config,
+    want: &HostState,
     plan: &Plan,
     stop: &AtomicBool,
 ) -> Result<(), ReconcileError> {
@@ -124,7 +133,7 @@ async fn apply_steps(
         }
         tracing::info!(change = %change.line(), "applied");
     }
-    let after = plan_again(nl, cfg, plan).await;
+    let after = plan_state(nl, &plan.host, plan.role, want).await;
     match after {
         Ok(p) if p.is_empty() => Ok(()),
         other => {
@@ -140,10 +149,6 @@ async fn apply_steps(
             })
         }
     }
-}
-
-async fn plan_again(nl: &Netlink, cfg: &Config, plan: &Plan) -> Result<Plan, ReconcileError> {
-    self::plan(nl, cfg, &plan.host).await
 }
 
 /// Perform undo changes, collecting every failure instead of stopping at the first.

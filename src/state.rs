@@ -61,6 +61,10 @@ pub struct Route {
     /// Output devices, sorted, each an equal-weight nexthop. Empty for a blackhole.
     pub via: Vec<String>,
     pub blackhole: bool,
+    /// Preferred source address (a node's own address: tunnels are unnumbered, and without it
+    /// the kernel could pick the underlay address, which the gateway drops as spoofed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src: Option<std::net::IpAddr>,
 }
 
 impl Route {
@@ -117,8 +121,19 @@ impl HostState {
             metric,
             via,
             blackhole,
+            src: None,
         };
         self.routes.insert(r.key(), r);
+    }
+
+    /// A route into the tunnels with a preferred source address.
+    pub fn add_route_from(&mut self, dst: IpNet, via: Vec<String>, src: std::net::IpAddr) {
+        self.add_route(dst, TUNNEL_METRIC, via, false);
+        if dst.addr().is_ipv4() == src.is_ipv4() {
+            if let Some(r) = self.routes.get_mut(&RouteKey { dst, metric: TUNNEL_METRIC }) {
+                r.src = Some(src);
+            }
+        }
     }
 
     pub fn set_sysctl(&mut self, key: &str, value: &str) {
