@@ -19,14 +19,19 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 pub enum Request {
     Status,
     /// Re-read the config (from `config`, or the file the daemon was started with).
-    Reload { config: Option<String> },
+    Reload {
+        config: Option<String>,
+    },
 }
 
 pub fn bind() -> io::Result<tokio::net::UnixListener> {
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(NAME)?;
     let l = std::os::unix::net::UnixListener::bind_addr(&addr).map_err(|e| {
         if e.kind() == io::ErrorKind::AddrInUse {
-            io::Error::new(e.kind(), "another appliance daemon is already running in this network namespace")
+            io::Error::new(
+                e.kind(),
+                "another appliance daemon is already running in this network namespace",
+            )
         } else {
             e
         }
@@ -40,7 +45,10 @@ pub async fn request(req: &Request) -> io::Result<serde_json::Value> {
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(NAME)?;
     let std_stream = std::os::unix::net::UnixStream::connect_addr(&addr).map_err(|e| {
         if e.kind() == io::ErrorKind::ConnectionRefused {
-            io::Error::new(io::ErrorKind::NotFound, "no appliance daemon is running in this network namespace")
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "no appliance daemon is running in this network namespace",
+            )
         } else {
             e
         }
@@ -59,17 +67,25 @@ pub async fn request(req: &Request) -> io::Result<serde_json::Value> {
 }
 
 /// Read one request from a connection; returns it with whether the peer is root.
-pub async fn read_request(stream: &mut tokio::net::UnixStream) -> io::Result<(Result<Request, String>, bool)> {
+pub async fn read_request(
+    stream: &mut tokio::net::UnixStream,
+) -> io::Result<(Result<Request, String>, bool)> {
     let root = stream.peer_cred().map(|c| c.uid() == 0).unwrap_or(false);
     let mut line = String::new();
     let mut reader = BufReader::new(&mut *stream);
     tokio::time::timeout(TIMEOUT, reader.read_line(&mut line))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client sent nothing"))??;
-    Ok((serde_json::from_str(&line).map_err(|e| format!("bad request: {e}")), root))
+    Ok((
+        serde_json::from_str(&line).map_err(|e| format!("bad request: {e}")),
+        root,
+    ))
 }
 
-pub async fn reply(stream: &mut tokio::net::UnixStream, value: &serde_json::Value) -> io::Result<()> {
+pub async fn reply(
+    stream: &mut tokio::net::UnixStream,
+    value: &serde_json::Value,
+) -> io::Result<()> {
     let mut line = value.to_string();
     line.push('\n');
     stream.write_all(line.as_bytes()).await

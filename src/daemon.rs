@@ -49,7 +49,8 @@ struct Daemon {
 
 /// Read and validate a config file; the error is the rendered diagnostics.
 fn load(path: &std::path::Path) -> Result<Config, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
     config::parse(&path.display().to_string(), &text).map_err(|r| r.render())
 }
 
@@ -60,7 +61,12 @@ fn check_key(cfg: &Config, host: &str, key: &PrivateKey) -> Result<(), String> {
         .iter()
         .find(|g| g.name == host)
         .map(|g| g.public_key)
-        .or_else(|| cfg.nodes.iter().find(|n| n.name == host).map(|n| n.public_key));
+        .or_else(|| {
+            cfg.nodes
+                .iter()
+                .find(|n| n.name == host)
+                .map(|n| n.public_key)
+        });
     match listed {
         Some(k) if k != key.public() => Err(format!(
             "the private key's public key is {}, but the config lists {k} for {host}: wrong key file or stale config",
@@ -71,7 +77,9 @@ fn check_key(cfg: &Config, host: &str, key: &PrivateKey) -> Result<(), String> {
 }
 
 fn v6_underlay(spec: &LinkSpec) -> bool {
-    spec.peers.iter().any(|p| p.endpoint.is_some_and(|e| e.is_ipv6()))
+    spec.peers
+        .iter()
+        .any(|p| p.endpoint.is_some_and(|e| e.is_ipv6()))
 }
 
 impl Daemon {
@@ -86,36 +94,43 @@ impl Daemon {
     async fn sync(&mut self) -> Result<Plan, String> {
         let tracker = &self.tracker;
         let live = |peer: &str, link: u32| tracker.is_alive(&(peer.to_string(), link));
-        let (role, want) = desired_live(&self.cfg, &self.opts.host, &live).map_err(|e| e.to_string())?;
+        let (role, want) =
+            desired_live(&self.cfg, &self.opts.host, &live).map_err(|e| e.to_string())?;
         let plan = reconcile::plan_state(&self.nl, &self.opts.host, role, &want)
             .await
             .map_err(|e| e.to_string())?;
         if !plan.is_empty() {
-            reconcile::apply(&self.nl, &want, &plan).await.map_err(|e| e.to_string())?;
+            reconcile::apply(&self.nl, &want, &plan)
+                .await
+                .map_err(|e| e.to_string())?;
         }
         Ok(plan)
     }
 
     fn start_link(&mut self, spec: &LinkSpec) -> Result<(), String> {
         let key = self.key.as_ref().ok_or("no private key")?;
-        let rt = LinkRuntime::start(Link::new(spec, key), v6_underlay(spec)).map_err(|e| format!("{}: {e}", spec.dev))?;
+        let rt = LinkRuntime::start(Link::new(spec, key), v6_underlay(spec))
+            .map_err(|e| format!("{}: {e}", spec.dev))?;
         tracing::info!(dev = %spec.dev, port = rt.local_port(), peers = spec.peers.len(), "link started");
         self.links.insert(spec.dev.clone(), rt);
         Ok(())
     }
 
     async fn tick(&mut self) {
-        let keepalive = self.liveness().interval;
+        let policy = self.liveness();
         let now = Instant::now();
         let mut seen = Vec::new();
         for rt in self.links.values() {
             let link = rt.current();
-            rt.send_all(&link.tick(keepalive));
+            rt.send_all(&link.tick(policy));
             for p in link.peers() {
-                seen.push(((p.spec.name.clone(), link.index), link.last_rx(p)));
+                seen.push((
+                    (p.spec.name.clone(), link.index),
+                    link.alive(p, policy, now),
+                ));
             }
         }
-        let changes = self.tracker.update(self.liveness(), now, seen);
+        let changes = self.tracker.update(seen);
         if changes.is_empty() {
             return;
         }
@@ -128,7 +143,11 @@ impl Daemon {
         }
         let t = Instant::now();
         match self.sync().await {
-            Ok(plan) => tracing::info!(changes = plan.changes.len(), took_ms = t.elapsed().as_millis() as u64, "routes follow link liveness"),
+            Ok(plan) => tracing::info!(
+                changes = plan.changes.len(),
+                took_ms = t.elapsed().as_millis() as u64,
+                "routes follow link liveness"
+            ),
             Err(e) => tracing::error!(error = %e, "route update failed"),
         }
     }
@@ -145,13 +164,21 @@ impl Daemon {
         let cfg = load(&path)?;
         let (role, specs) = topology::links(&cfg, &self.opts.host).map_err(|e| e.to_string())?;
         if role != self.role {
-            return Err(format!("{} changes role from {} to {role}: restart the daemon for that", self.opts.host, self.role));
+            return Err(format!(
+                "{} changes role from {} to {role}: restart the daemon for that",
+                self.opts.host, self.role
+            ));
         }
         if let Some(key) = &self.key {
             check_key(&cfg, &self.opts.host, key)?;
         }
         let wanted: BTreeMap<&str, &LinkSpec> = specs.iter().map(|s| (s.dev.as_str(), s)).collect();
-        let gone: Vec<String> = self.links.keys().filter(|d| !wanted.contains_key(d.as_str())).cloned().collect();
+        let gone: Vec<String> = self
+            .links
+            .keys()
+            .filter(|d| !wanted.contains_key(d.as_str()))
+            .cloned()
+            .collect();
         for dev in &gone {
             if let Some(rt) = self.links.remove(dev) {
                 rt.stop();
@@ -186,7 +213,11 @@ impl Daemon {
     fn status(&self) -> serde_json::Value {
         let tracker = &self.tracker;
         let alive = |peer: &str, link: u32| tracker.is_alive(&(peer.to_string(), link));
-        let peers: Vec<_> = self.links.values().flat_map(|rt| rt.current().status(&alive)).collect();
+        let peers: Vec<_> = self
+            .links
+            .values()
+            .flat_map(|rt| rt.current().status(&alive))
+            .collect();
         serde_json::json!({
             "host": self.opts.host,
             "role": self.role,
@@ -213,13 +244,15 @@ impl Daemon {
             Ok((Ok(Request::Reload { .. }), false)) => {
                 serde_json::json!({ "ok": false, "error": "reload needs root" })
             }
-            Ok((Ok(Request::Reload { config }), true)) => match self.reload(config.map(PathBuf::from)).await {
-                Ok(msg) => serde_json::json!({ "ok": true, "message": msg }),
-                Err(e) => {
-                    tracing::error!("reload refused, keeping the running config:\n{e}");
-                    serde_json::json!({ "ok": false, "error": e })
+            Ok((Ok(Request::Reload { config }), true)) => {
+                match self.reload(config.map(PathBuf::from)).await {
+                    Ok(msg) => serde_json::json!({ "ok": true, "message": msg }),
+                    Err(e) => {
+                        tracing::error!("reload refused, keeping the running config:\n{e}");
+                        serde_json::json!({ "ok": false, "error": e })
+                    }
                 }
-            },
+            }
         };
         let _ = control::reply(&mut stream, &reply).await;
     }

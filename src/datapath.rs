@@ -34,7 +34,8 @@ impl LinkRuntime {
     pub fn start(link: Link, v6: bool) -> io::Result<LinkRuntime> {
         let dev = link.spec_dev.clone();
         // SAFETY: if_nametoindex reads a NUL-terminated string.
-        let name = std::ffi::CString::new(dev.clone()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let name = std::ffi::CString::new(dev.clone())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
@@ -48,7 +49,9 @@ impl LinkRuntime {
         } else {
             (Ipv4Addr::UNSPECIFIED, port).into()
         };
-        let udp = UdpSocket::bind(bind).map_err(|e| io::Error::new(e.kind(), format!("cannot bind UDP {bind} for {dev}: {e}")))?;
+        let udp = UdpSocket::bind(bind).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot bind UDP {bind} for {dev}: {e}"))
+        })?;
         udp.set_read_timeout(Some(WAKE))?;
         for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
             // Best effort: the kernel caps it at net.core.[rw]mem_max.
@@ -162,7 +165,16 @@ fn udp_to_tun(link: &RwLock<Arc<Link>>, udp: &UdpSocket, tun: &File, stop: &Atom
     while !stop.load(Ordering::Relaxed) {
         let (n, from) = match udp.recv_from(&mut datagram) {
             Ok(x) => x,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "udp receive failed");
                 continue;

@@ -30,19 +30,13 @@ pub struct Tracker<K: Ord + Clone> {
 }
 
 impl<K: Ord + Clone> Tracker<K> {
-    /// Feed the current `last_rx` of every link; returns the links whose verdict changed, with
+    /// Feed the current verdict of every link; returns the links whose verdict changed, with
     /// the new verdict. Links seen for the first time start dead (no transition reported unless
-    /// they are alive).
-    pub fn update(
-        &mut self,
-        policy: Liveness,
-        now: Instant,
-        links: impl IntoIterator<Item = (K, Option<Instant>)>,
-    ) -> Vec<(K, bool)> {
+    /// they are alive). Links not fed are forgotten.
+    pub fn update(&mut self, links: impl IntoIterator<Item = (K, bool)>) -> Vec<(K, bool)> {
         let mut changed = Vec::new();
         let mut seen = BTreeMap::new();
-        for (k, last) in links {
-            let alive = policy.is_alive(last, now);
+        for (k, alive) in links {
             let before = self.alive.get(&k).copied().unwrap_or(false);
             if alive != before {
                 changed.push((k.clone(), alive));
@@ -70,23 +64,31 @@ mod tests {
     #[test]
     fn a_link_dies_after_dead_after_silent_intervals_and_comes_back_with_a_packet() {
         let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
         let mut tr = Tracker::default();
-        assert_eq!(tr.update(P, t0, [("l0", Some(t0))]), vec![("l0", true)]);
+        assert_eq!(
+            tr.update([("l0", P.is_alive(Some(t0), t0))]),
+            vec![("l0", true)]
+        );
         assert!(tr
-            .update(P, t0 + Duration::from_millis(899), [("l0", Some(t0))])
+            .update([("l0", P.is_alive(Some(t0), at(899)))])
             .is_empty());
         assert_eq!(
-            tr.update(P, t0 + Duration::from_millis(900), [("l0", Some(t0))]),
+            tr.update([("l0", P.is_alive(Some(t0), at(900)))]),
             vec![("l0", false)]
         );
-        let t1 = t0 + Duration::from_secs(5);
-        assert_eq!(tr.update(P, t1, [("l0", Some(t1))]), vec![("l0", true)]);
+        assert_eq!(
+            tr.update([("l0", P.is_alive(Some(at(5000)), at(5000)))]),
+            vec![("l0", true)]
+        );
     }
 
     #[test]
     fn a_link_that_never_heard_anything_is_dead_without_a_transition() {
         let mut tr = Tracker::default();
-        assert!(tr.update(P, Instant::now(), [("l0", None)]).is_empty());
+        assert!(tr
+            .update([("l0", P.is_alive(None, Instant::now()))])
+            .is_empty());
         assert!(!tr.is_alive(&"l0"));
     }
 }

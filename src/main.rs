@@ -72,13 +72,23 @@ enum Command {
     /// config reloads (SIGHUP, or `appliance reconcile` while it runs).
     Run {
         /// Site config file (KDL).
-        #[arg(short, long, env = "APPLIANCE_CONFIG", default_value = "/etc/appliance/config.kdl")]
+        #[arg(
+            short,
+            long,
+            env = "APPLIANCE_CONFIG",
+            default_value = "/etc/appliance/config.kdl"
+        )]
         config: PathBuf,
         /// Which host of the config this is (default: $APPLIANCE_NODE, then the host name).
         #[arg(short, long, env = "APPLIANCE_NODE")]
         node: Option<String>,
         /// This host's WireGuard private key (mode 0600), as written by `appliance genkey`.
-        #[arg(short, long, env = "APPLIANCE_KEY_FILE", default_value = "/var/lib/appliance/private.key")]
+        #[arg(
+            short,
+            long,
+            env = "APPLIANCE_KEY_FILE",
+            default_value = "/var/lib/appliance/private.key"
+        )]
         key_file: PathBuf,
     },
     /// Show the running daemon's links: peer, endpoint, handshake age, last packet, bytes,
@@ -191,7 +201,11 @@ fn run_cmd(config: PathBuf, node: Option<String>, key_file: PathBuf) -> ExitCode
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    let opts = appliance::daemon::Options { config, host, key_file };
+    let opts = appliance::daemon::Options {
+        config,
+        host,
+        key_file,
+    };
     match rt.block_on(appliance::daemon::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -207,7 +221,9 @@ fn status_cmd(output: Output) -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    let reply = rt.block_on(appliance::control::request(&appliance::control::Request::Status));
+    let reply = rt.block_on(appliance::control::request(
+        &appliance::control::Request::Status,
+    ));
     let status = match reply {
         Ok(v) => v,
         Err(e) => {
@@ -432,14 +448,26 @@ fn reconcile_cmd(args: &ConfigArgs, node: Option<String>, dry_run: bool) -> Exit
                     let ok = reply["ok"] == true;
                     match args.output {
                         Output::Json => println!("{reply}"),
-                        Output::Text if ok => println!("daemon: {}", reply["message"].as_str().unwrap_or("")),
-                        Output::Text => eprintln!("daemon refused the config:\n{}", reply["error"].as_str().unwrap_or("")),
+                        Output::Text if ok => {
+                            println!("daemon: {}", reply["message"].as_str().unwrap_or(""))
+                        }
+                        Output::Text => eprintln!(
+                            "daemon refused the config:\n{}",
+                            reply["error"].as_str().unwrap_or("")
+                        ),
                     }
-                    return if ok { ExitCode::SUCCESS } else { ExitCode::from(EXIT_ERROR) };
+                    return if ok {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(EXIT_ERROR)
+                    };
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    fail(args.output, &format!("cannot reach the running daemon: {e}"));
+                    fail(
+                        args.output,
+                        &format!("cannot reach the running daemon: {e}"),
+                    );
                     return ExitCode::from(EXIT_ERROR);
                 }
             }

@@ -6,10 +6,10 @@
 //! collected (not just the first). One reconcile at a time per network namespace (flock).
 
 use crate::config::{Config, Role};
-use crate::state::HostState;
 use crate::desired::{desired, HostError};
 use crate::netlink::{Netlink, NetlinkError};
 use crate::plan::{diff, Change, Conflict, Item, Op, Plan};
+use crate::state::HostState;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -66,14 +66,23 @@ fn revert_report(reverted: &usize, errors: &[String]) -> String {
 /// Compute the plan for `host` against the live kernel state, with every tunnel counted as
 /// alive (a one-shot reconcile). Needs no privileges. Returns the desired state too, which
 /// [`apply`] verifies against.
-pub async fn plan(nl: &Netlink, cfg: &Config, host: &str) -> Result<(Plan, HostState), ReconcileError> {
+pub async fn plan(
+    nl: &Netlink,
+    cfg: &Config,
+    host: &str,
+) -> Result<(Plan, HostState), ReconcileError> {
     let (role, want) = desired(cfg, host)?;
     let plan = plan_state(nl, host, role, &want).await?;
     Ok((plan, want))
 }
 
 /// The plan that takes the host from its current state to `want`.
-pub async fn plan_state(nl: &Netlink, host: &str, role: Role, want: &HostState) -> Result<Plan, ReconcileError> {
+pub async fn plan_state(
+    nl: &Netlink,
+    host: &str,
+    role: Role,
+    want: &HostState,
+) -> Result<Plan, ReconcileError> {
     let have = nl
         .observe(want.sysctls.keys())
         .await

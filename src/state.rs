@@ -130,7 +130,10 @@ impl HostState {
     pub fn add_route_from(&mut self, dst: IpNet, via: Vec<String>, src: std::net::IpAddr) {
         self.add_route(dst, TUNNEL_METRIC, via, false);
         if dst.addr().is_ipv4() == src.is_ipv4() {
-            if let Some(r) = self.routes.get_mut(&RouteKey { dst, metric: TUNNEL_METRIC }) {
+            if let Some(r) = self.routes.get_mut(&RouteKey {
+                dst,
+                metric: TUNNEL_METRIC,
+            }) {
                 r.src = Some(src);
             }
         }

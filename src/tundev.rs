@@ -58,7 +58,10 @@ pub fn create_persistent(name: &str) -> io::Result<()> {
 /// Attach a queue to the existing tun device `name` (created by the reconcile). Attaching turns
 /// the carrier on; closing the last queue (daemon exit or crash) turns it off again.
 pub fn attach(name: &str) -> io::Result<std::fs::File> {
-    let file = OpenOptions::new().read(true).write(true).open("/dev/net/tun")?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
     let mut req = ifreq(name, TUN_FLAGS)?;
     // SAFETY: TUNSETIFF reads and writes one ifreq, which lives for the call.
     if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {

@@ -11,6 +11,7 @@
 //! and reset every second by the caller ([`Link::reset_rate_limiter`]).
 
 use crate::key::{PrivateKey, PublicKey};
+use crate::liveness::Liveness;
 use crate::topology::{LinkSpec, PeerSpec};
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
@@ -21,7 +22,7 @@ use prefix_trie::PrefixMap;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,12 @@ pub struct PeerStats {
     pub handshakes: AtomicU64,
     /// Decrypted packets dropped because their inner source is not the peer's.
     pub spoofed: AtomicU64,
+    /// When we last sent this peer a probe.
+    pub last_probe_tx: AtomicU64,
+    /// When the peer's last liveness probe arrived (0 = it never sent one: not an appliance).
+    pub last_probe: AtomicU64,
+    /// What that probe said: whether the peer hears us on this link.
+    pub peer_hears_us: AtomicBool,
 }
 
 /// A peer on a link. Its session state lives behind an `Arc` so a reload that keeps the peer
@@ -266,7 +273,10 @@ impl Link {
         let Some(endpoint) = self.endpoint(peer) else {
             return Outbound::Queued;
         };
-        let res = peer.state.tunn.lock()
+        let res = peer
+            .state
+            .tunn
+            .lock()
             .expect("not poisoned")
             .encapsulate(packet, out);
         match res {
@@ -349,6 +359,16 @@ impl Link {
                     result.to_net.push((from, b.to_vec()));
                 }
             }
+            TunnResult::WriteToTunnelV4(p, _) if probe::parse(p).is_some() => {
+                authenticated = true;
+                let hears_us = probe::parse(p) == Some(true);
+                peer.stats()
+                    .peer_hears_us
+                    .store(hears_us, Ordering::Relaxed);
+                peer.stats()
+                    .last_probe
+                    .store(self.now_ns(), Ordering::Relaxed);
+            }
             TunnResult::WriteToTunnelV4(p, src) => {
                 authenticated = true;
                 spoofed = !allowed(&peer.spec.allowed, IpAddr::V4(src));
@@ -393,13 +413,15 @@ impl Link {
         result
     }
 
-    /// Timers and keepalives: call every few tens of milliseconds. Sends a keepalive to each
-    /// peer with a known endpoint that has not been sent anything for `keepalive`, which also
-    /// starts the handshake when there is no session yet.
-    pub fn tick(&self, keepalive: Duration) -> Vec<(SocketAddr, Vec<u8>)> {
+    /// Timers and liveness probes: call every few tens of milliseconds. Every
+    /// `policy.interval` each peer with a known endpoint gets a probe (an authenticated
+    /// keepalive that says whether we hear it on this link); the first one also starts the
+    /// handshake when there is no session yet.
+    pub fn tick(&self, policy: Liveness) -> Vec<(SocketAddr, Vec<u8>)> {
         let mut out = Vec::new();
         let mut buf = vec![0u8; 256];
         let now = self.now_ns();
+        let now_i = Instant::now();
         for peer in &self.peers {
             let Some(ep) = self.endpoint(peer) else {
                 continue;
@@ -407,17 +429,35 @@ impl Link {
             let mut tunn = peer.state.tunn.lock().expect("not poisoned");
             if let TunnResult::WriteToNetwork(b) = tunn.update_timers(&mut buf) {
                 out.push((ep, b.to_vec()));
-                peer.stats().last_tx.store(now, Ordering::Relaxed);
             }
-            let last = peer.stats().last_tx.load(Ordering::Relaxed);
-            if last == 0 || Duration::from_nanos(now.saturating_sub(last)) >= keepalive {
-                if let TunnResult::WriteToNetwork(b) = tunn.encapsulate(&[], &mut buf) {
+            let last = peer.stats().last_probe_tx.load(Ordering::Relaxed);
+            if last == 0 || Duration::from_nanos(now.saturating_sub(last)) >= policy.interval {
+                let hears = policy.is_alive(self.last_rx(peer), now_i);
+                if let TunnResult::WriteToNetwork(b) =
+                    tunn.encapsulate(&probe::packet(hears), &mut buf)
+                {
                     out.push((ep, b.to_vec()));
                 }
-                peer.stats().last_tx.store(now, Ordering::Relaxed);
+                peer.stats().last_probe_tx.store(now, Ordering::Relaxed);
             }
         }
         out
+    }
+
+    /// Is the link to `peer` usable in both directions? We must have heard it within the
+    /// deadline and, if it is an appliance (it sends probes), it must say that it hears us.
+    /// A peer that never sent a probe (wireguard-go, say) is judged on what we receive.
+    pub fn alive(&self, peer: &Peer, policy: Liveness, now: Instant) -> bool {
+        if !policy.is_alive(self.last_rx(peer), now) {
+            return false;
+        }
+        match peer.stats().last_probe.load(Ordering::Relaxed) {
+            0 => true,
+            ns => {
+                let at = self.epoch + Duration::from_nanos(ns - 1);
+                policy.is_alive(Some(at), now) && peer.stats().peer_hears_us.load(Ordering::Relaxed)
+            }
+        }
     }
 
     /// Seconds since the last completed handshake with `peer`, as boringtun tracks it.
@@ -476,11 +516,59 @@ impl Link {
     }
 }
 
+/// The in-band liveness probe: a tiny IPv4 packet inside the tunnel that a receiving appliance
+/// consumes before its tun device. Plain WireGuard keepalives cannot say "I hear you", and
+/// without that a link that fails in one direction looks alive from the side that still
+/// receives. Protocol 253 (RFC 3692, experiments), source and destination 0.0.0.0, so a
+/// non-appliance peer that receives one drops it as a martian.
+pub mod probe {
+    const MAGIC: &[u8; 4] = b"APLV";
+    const LEN: usize = 20 + 8;
+
+    pub fn packet(hears_you: bool) -> [u8; LEN] {
+        let mut p = [0u8; LEN];
+        p[0] = 0x45;
+        p[3] = LEN as u8;
+        p[8] = 1;
+        p[9] = 253;
+        let sum = checksum(&p[..20]);
+        p[10..12].copy_from_slice(&sum.to_be_bytes());
+        p[20..24].copy_from_slice(MAGIC);
+        p[24] = u8::from(hears_you);
+        p
+    }
+
+    /// `Some(hears_you)` if `p` is a probe.
+    pub fn parse(p: &[u8]) -> Option<bool> {
+        (p.len() == LEN
+            && p[0] == 0x45
+            && p[9] == 253
+            && p[12..20] == [0; 8]
+            && &p[20..24] == MAGIC)
+            .then(|| p[24] & 1 == 1)
+    }
+
+    fn checksum(h: &[u8]) -> u16 {
+        let mut sum: u32 = h
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::topology::{LinkSpec, PeerSpec};
 
+    const P: Liveness = Liveness {
+        interval: Duration::from_millis(300),
+        dead_after: 3,
+    };
     const GW: &str = "192.0.2.1:51820";
     const NODE: &str = "203.0.113.7:40000";
 
@@ -568,7 +656,7 @@ mod tests {
     }
 
     fn connect(gw: &Link, node: &Link) {
-        let hello = node.tick(Duration::from_millis(300));
+        let hello = node.tick(P);
         assert_eq!(hello.len(), 1, "the node initiates");
         pump(gw, node, hello.into_iter().map(|(_, d)| d).collect());
         assert_eq!(gw.peers()[0].stats().handshakes.load(Ordering::Relaxed), 1);
@@ -664,6 +752,54 @@ mod tests {
     }
 
     #[test]
+    fn a_link_that_fails_in_one_direction_is_dead_on_both_sides() {
+        let fast = Liveness {
+            interval: Duration::from_millis(5),
+            dead_after: 4,
+        };
+        let (gw, node) = pair();
+        connect(&gw, &node);
+        let mut out = vec![0u8; MAX_PACKET];
+        let (g, n) = (&gw.peers()[0], &node.peers()[0]);
+        let exchange = |node_to_gw: bool, out: &mut Vec<u8>| {
+            for (_, d) in node.tick(fast) {
+                if node_to_gw {
+                    gw.inbound(NODE.parse().unwrap(), &d, out);
+                }
+            }
+            for (_, d) in gw.tick(fast) {
+                node.inbound(GW.parse().unwrap(), &d, out);
+            }
+        };
+        for _ in 0..3 {
+            exchange(true, &mut out);
+            std::thread::sleep(Duration::from_millis(6));
+        }
+        assert!(gw.alive(g, fast, Instant::now()) && node.alive(n, fast, Instant::now()));
+        // The node's packets stop reaching the gateway; the gateway's still reach the node.
+        for _ in 0..8 {
+            exchange(false, &mut out);
+            std::thread::sleep(Duration::from_millis(6));
+        }
+        assert!(
+            !gw.alive(g, fast, Instant::now()),
+            "the gateway hears nothing"
+        );
+        assert!(
+            !node.alive(n, fast, Instant::now()),
+            "the node hears that the gateway does not hear it"
+        );
+        for _ in 0..3 {
+            exchange(true, &mut out);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            gw.alive(g, fast, Instant::now()) && node.alive(n, fast, Instant::now()),
+            "back when packets return"
+        );
+    }
+
+    #[test]
     fn a_gateway_does_not_send_to_a_node_it_has_not_heard_from() {
         let (gw, _node) = pair();
         let mut out = vec![0u8; MAX_PACKET];
@@ -674,6 +810,6 @@ mod tests {
             gw.outbound(&p, &mut out),
             Outbound::Drop(DropReason::NoRoute)
         );
-        assert!(gw.tick(Duration::from_millis(300)).is_empty());
+        assert!(gw.tick(P).is_empty());
     }
 }
