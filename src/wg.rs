@@ -432,10 +432,15 @@ impl Link {
             }
             let last = peer.stats().last_probe_tx.load(Ordering::Relaxed);
             if last == 0 || Duration::from_nanos(now.saturating_sub(last)) >= policy.interval {
-                let hears = policy.is_alive(self.last_rx(peer), now_i);
-                if let TunnResult::WriteToNetwork(b) =
+                let res = if tunn.stats().0.is_none() {
+                    // No session yet: start the handshake rather than queue a probe whose
+                    // "hears you" would be stale by the time it is sent.
+                    tunn.format_handshake_initiation(&mut buf, false)
+                } else {
+                    let hears = policy.is_alive(self.last_rx(peer), now_i);
                     tunn.encapsulate(&probe::packet(hears), &mut buf)
-                {
+                };
+                if let TunnResult::WriteToNetwork(b) = res {
                     out.push((ep, b.to_vec()));
                 }
                 peer.stats().last_probe_tx.store(now, Ordering::Relaxed);

@@ -1,0 +1,819 @@
+//! The datapath against real kernels and real peers, each test in its own namespaces:
+//!
+//! ```text
+//!  gw ns: site address 10.10.0.2 (lo), underlay 192.0.2.1 ── veth ── 192.0.2.2 relay ns (NAT)
+//!                                                                    172.31.0.1 ── veth ── 172.31.0.11 node ns
+//! ```
+//! The node's only way out is the relay, which masquerades: the gateway sees the translated
+//! endpoint. Heavy tests (iperf3) hold a lock so they do not share the 2 cores.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+static HEAVY: Mutex<()> = Mutex::new(());
+
+/// A process started in a namespace, ended by PID when dropped.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(ns: &Netns, args: &[&str], log: PathBuf) -> Proc {
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .args(args)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        Proc { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: &str) {
+        run("kill", &[sig, &self.child.id().to_string()]);
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Lab {
+    gw: Netns,
+    relay: Netns,
+    node: Netns,
+    dir: PathBuf,
+    procs: Vec<Proc>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.procs.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn lab() -> Lab {
+    let (gw, relay, node) = (Netns::new(), Netns::new(), Netns::new());
+    let dir = std::env::temp_dir().join(format!("{}-lab", gw.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    run(
+        "ip",
+        &[
+            "-n",
+            &gw.name,
+            "link",
+            "add",
+            "u0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "u1",
+            "netns",
+            &relay.name,
+        ],
+    );
+    run(
+        "ip",
+        &[
+            "-n",
+            &relay.name,
+            "link",
+            "add",
+            "p0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "p1",
+            "netns",
+            &node.name,
+        ],
+    );
+    gw.ip(&["addr", "add", "192.0.2.1/24", "dev", "u0"]);
+    gw.ip(&["link", "set", "u0", "up"]);
+    gw.ip(&["addr", "add", "10.10.0.2/32", "dev", "lo"]);
+    relay.ip(&["addr", "add", "192.0.2.2/24", "dev", "u1"]);
+    relay.ip(&["link", "set", "u1", "up"]);
+    relay.ip(&["addr", "add", "172.31.0.1/24", "dev", "p0"]);
+    relay.ip(&["link", "set", "p0", "up"]);
+    node.ip(&["addr", "add", "172.31.0.11/24", "dev", "p1"]);
+    node.ip(&["link", "set", "p1", "up"]);
+    node.ip(&["route", "add", "default", "via", "172.31.0.1"]);
+    let sh = |ns: &Netns, cmd: &str| {
+        let o = ns.exec(&["sh", "-c", cmd]);
+        assert!(o.status.success(), "{cmd}: {}", text(&o));
+    };
+    sh(&relay, "sysctl -qw net.ipv4.ip_forward=1");
+    sh(
+        &relay,
+        "nft add table ip nat && nft add chain ip nat post '{ type nat hook postrouting priority 100; }' && nft add rule ip nat post oifname u1 masquerade",
+    );
+    Lab {
+        gw,
+        relay,
+        node,
+        dir,
+        procs: Vec::new(),
+    }
+}
+
+fn genkey(dir: &Path, name: &str) -> String {
+    let key = dir.join(format!("{name}.key"));
+    let out = Command::new(BIN).arg("genkey").output().unwrap();
+    std::fs::write(&key, &out.stdout).unwrap();
+    run("chmod", &["600", key.to_str().unwrap()]);
+    let pubkey = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{BIN} pubkey < {}", key.display()))
+        .output()
+        .unwrap();
+    String::from_utf8(pubkey.stdout).unwrap().trim().to_string()
+}
+
+fn site(
+    links: u32,
+    keepalive_ms: u32,
+    dead_after: u32,
+    gw_pub: &str,
+    nodes: &[(&str, &str, &str)],
+) -> String {
+    let mut s = format!(
+        "site \"lab\" {{\n asn 65010\n cloud-block \"10.200.0.0/16\"\n site-prefix \"10.10.0.0/16\"\n links {links}\n keepalive-ms {keepalive_ms}\n dead-after {dead_after}\n}}\n\
+         gateway \"gw1\" {{\n endpoint \"192.0.2.1\"\n site-address \"10.10.0.2\"\n public-key \"{gw_pub}\"\n}}\n"
+    );
+    for (name, addr, key) in nodes {
+        s.push_str(&format!(
+            "node \"{name}\" {{\n address \"{addr}\"\n public-key \"{key}\"\n}}\n"
+        ));
+    }
+    s
+}
+
+fn status(ns: &Netns) -> serde_json::Value {
+    let out = ns.appliance(&["status", "--output", "json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn live_links(ns: &Netns) -> usize {
+    let out = ns.appliance(&["status", "--output", "json"]);
+    if !out.status.success() {
+        return 0;
+    }
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    s["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["alive"] == true)
+        .count()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !ok() {
+        assert!(
+            t0.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t0.elapsed()
+}
+
+fn nexthops(ns: &Netns, dst: &str) -> usize {
+    ns.our_routes()
+        .into_iter()
+        .find(|(d, m, _)| d == dst && *m == 20)
+        .map(|(_, _, v)| v.len())
+        .unwrap_or(0)
+}
+
+/// Gateway and node appliances up with `links` links; returns the lab.
+fn appliances(links: u32) -> Lab {
+    let mut lab = lab();
+    let gw_pub = genkey(&lab.dir, "gw1");
+    let c1_pub = genkey(&lab.dir, "c1");
+    let cfg = lab.dir.join("site.kdl");
+    std::fs::write(
+        &cfg,
+        site(links, 200, 3, &gw_pub, &[("c1", "10.200.0.11", &c1_pub)]),
+    )
+    .unwrap();
+    let d = lab.dir.clone();
+    let (c, gk, ck) = (cfg.to_str().unwrap(), d.join("gw1.key"), d.join("c1.key"));
+    lab.procs.push(Proc::spawn(
+        &lab.gw,
+        &[
+            BIN,
+            "run",
+            "-c",
+            c,
+            "--node",
+            "gw1",
+            "-k",
+            gk.to_str().unwrap(),
+        ],
+        d.join("gw.log"),
+    ));
+    lab.procs.push(Proc::spawn(
+        &lab.node,
+        &[
+            BIN,
+            "run",
+            "-c",
+            c,
+            "--node",
+            "c1",
+            "-k",
+            ck.to_str().unwrap(),
+        ],
+        d.join("c1.log"),
+    ));
+    let (gw, node) = (&lab.gw, &lab.node);
+    let logs = |lab: &Lab| {
+        lab.procs
+            .iter()
+            .map(Proc::log)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let t0 = Instant::now();
+    while live_links(gw) < links as usize || live_links(node) < links as usize {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "links did not come up:\n{}",
+            logs(&lab)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    lab
+}
+
+fn iperf(
+    lab: &Lab,
+    client: &Netns,
+    server: &Netns,
+    server_ip: &str,
+    bind: &str,
+    args: &[&str],
+) -> serde_json::Value {
+    let srv = Proc::spawn(
+        server,
+        &["iperf3", "-s", "-1", "-B", server_ip],
+        lab.dir.join(format!("iperf-{}.log", server.name)),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let mut cmd = vec!["iperf3", "-c", server_ip, "-B", bind, "-J"];
+    cmd.extend_from_slice(args);
+    let out = client.exec(&cmd);
+    drop(srv);
+    assert!(out.status.success(), "iperf3: {}", text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn two_appliances_behind_nat_spread_eight_flows_over_four_links() {
+    if !root_or_skip("spread") {
+        return;
+    }
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = appliances(4);
+    // NAT: the gateway knows the node by the relay's translated address.
+    let s = status(&lab.gw);
+    for l in s["links"].as_array().unwrap() {
+        assert!(
+            l["endpoint"].as_str().unwrap().starts_with("192.0.2.2:"),
+            "{l}"
+        );
+    }
+    let ping = lab
+        .node
+        .exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.10.0.2"]);
+    assert!(ping.status.success(), "{}", text(&ping));
+    // ECMP is a hash of the 5-tuple: 8 random flows leave one of 4 links empty about 40% of
+    // the time. Pick client ports that the kernel itself maps two to each link, then check that
+    // each link carries its share.
+    let base = (0..2000u16)
+        .map(|i| 20000 + i * 8)
+        .find(|base| {
+            let mut per_dev = std::collections::BTreeMap::new();
+            for p in *base..*base + 8 {
+                let o = lab.node.ip(&[
+                    "route",
+                    "get",
+                    "10.10.0.2",
+                    "from",
+                    "10.200.0.11",
+                    "ipproto",
+                    "tcp",
+                    "sport",
+                    &p.to_string(),
+                    "dport",
+                    "5201",
+                ]);
+                let dev = o
+                    .split_whitespace()
+                    .skip_while(|w| *w != "dev")
+                    .nth(1)
+                    .unwrap_or("")
+                    .to_string();
+                *per_dev.entry(dev).or_insert(0) += 1;
+            }
+            per_dev.len() == 4 && per_dev.values().all(|n| *n == 2)
+        })
+        .expect("some port range spreads evenly");
+    let before = status(&lab.node);
+    let cport = base.to_string();
+    let r = iperf(
+        &lab,
+        &lab.node,
+        &lab.gw,
+        "10.10.0.2",
+        "10.200.0.11",
+        &["-P", "8", "-t", "3", "--cport", &cport],
+    );
+    let bits = r["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap();
+    assert!(bits > 0.0);
+    let after = status(&lab.node);
+    let sent: Vec<u64> = after["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(before["links"].as_array().unwrap())
+        .map(|(a, b)| a["tx_bytes"].as_u64().unwrap() - b["tx_bytes"].as_u64().unwrap())
+        .collect();
+    let total: u64 = sent.iter().sum();
+    eprintln!(
+        "iperf3 -P 8 through 4 links: {:.0} Mbit/s, per-link share {:?}",
+        bits / 1e6,
+        sent.iter()
+            .map(|s| *s as f64 / total as f64)
+            .collect::<Vec<_>>()
+    );
+    for s in &sent {
+        assert!(
+            *s as f64 >= 0.10 * total as f64,
+            "a link carried under 10%: {sent:?}"
+        );
+    }
+}
+
+#[test]
+fn a_dead_link_leaves_the_routes_and_comes_back() {
+    if !root_or_skip("failover") {
+        return;
+    }
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = appliances(4);
+    assert_eq!(nexthops(&lab.node, "10.10.0.0/16"), 4);
+    assert_eq!(nexthops(&lab.gw, "10.200.0.11/32"), 4);
+    // Traffic running while the link dies.
+    let srv = Proc::spawn(
+        &lab.gw,
+        &["iperf3", "-s", "-1", "-B", "10.10.0.2"],
+        lab.dir.join("iperf-s.log"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let client = Proc::spawn(
+        &lab.node,
+        &[
+            "iperf3",
+            "-c",
+            "10.10.0.2",
+            "-B",
+            "10.200.0.11",
+            "-P",
+            "8",
+            "-t",
+            "4",
+            "-J",
+        ],
+        lab.dir.join("iperf-c.json"),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let drop_rule = "nft add table inet t && nft add chain inet t in '{ type filter hook input priority 0; }' && nft add rule inet t in udp dport 51822 drop";
+    assert!(lab.gw.exec(&["sh", "-c", drop_rule]).status.success());
+    let t_node = wait_for("node route at 3 nexthops", Duration::from_secs(10), || {
+        nexthops(&lab.node, "10.10.0.0/16") == 3
+    });
+    let t_gw = wait_for(
+        "gateway route at 3 nexthops",
+        Duration::from_secs(10),
+        || nexthops(&lab.gw, "10.200.0.11/32") == 3,
+    );
+    eprintln!("link 2 dropped (node to gateway only): node route at 3 nexthops after {t_node:?}, gateway after {t_gw:?}");
+    assert!(lab
+        .gw
+        .exec(&["nft", "delete", "table", "inet", "t"])
+        .status
+        .success());
+    let t_back = wait_for(
+        "node route back at 4 nexthops",
+        Duration::from_secs(10),
+        || nexthops(&lab.node, "10.10.0.0/16") == 4,
+    );
+    eprintln!("back to 4 nexthops after {t_back:?}");
+    let mut client = client;
+    let status = client.child.wait().unwrap();
+    drop(srv);
+    assert!(status.success(), "iperf3 failed: {}", client.log());
+    let r: serde_json::Value = serde_json::from_str(&client.log()).unwrap();
+    // Traffic continued through the failover: every second of the run moved data.
+    for iv in r["intervals"].as_array().unwrap() {
+        assert!(
+            iv["sum"]["bytes"].as_u64().unwrap() > 0,
+            "an interval moved nothing: {iv}"
+        );
+    }
+    let log = lab.procs[1].log();
+    assert_eq!(
+        log.matches("link down").count(),
+        1,
+        "one transition, logged once:\n{log}"
+    );
+}
+
+#[test]
+fn adding_a_peer_and_reloading_does_not_rehandshake_existing_peers() {
+    if !root_or_skip("reload") {
+        return;
+    }
+    let lab = appliances(2);
+    let handshakes = |ns: &Netns| -> Vec<u64> {
+        status(ns)["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["peer"] == "c1")
+            .map(|l| l["handshakes"].as_u64().unwrap())
+            .collect()
+    };
+    let before = handshakes(&lab.gw);
+    assert_eq!(before, vec![1, 1]);
+    let cfg = lab.dir.join("site.kdl");
+    let text_cfg = std::fs::read_to_string(&cfg).unwrap();
+    let c2_pub = genkey(&lab.dir, "c2");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{text_cfg}node \"c2\" {{\n address \"10.200.0.12\"\n public-key \"{c2_pub}\"\n}}\n"
+        ),
+    )
+    .unwrap();
+    // Through `appliance reconcile`, which hands the config to the running daemon...
+    let out = lab
+        .gw
+        .appliance(&["reconcile", "-c", cfg.to_str().unwrap(), "--node", "gw1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("config reloaded"),
+        "{}",
+        text(&out)
+    );
+    // ... and through SIGHUP.
+    lab.procs[1].signal("-HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    let s = status(&lab.gw);
+    assert_eq!(
+        s["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["peer"] == "c2")
+            .count(),
+        2
+    );
+    assert_eq!(handshakes(&lab.gw), before, "existing sessions kept");
+    let ping = lab
+        .node
+        .exec(&["ping", "-c", "2", "-i", "0.2", "-W", "2", "10.10.0.2"]);
+    assert!(ping.status.success(), "{}", text(&ping));
+    // A broken config is refused and the running one stays.
+    std::fs::write(&cfg, "site \"lab\" {\n links 0\n}\n").unwrap();
+    let out = lab
+        .gw
+        .appliance(&["reconcile", "-c", cfg.to_str().unwrap(), "--node", "gw1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("out of range"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(live_links(&lab.gw), 2);
+}
+
+#[test]
+fn a_spoofed_inner_source_from_a_node_is_dropped_and_counted() {
+    if !root_or_skip("spoof") {
+        return;
+    }
+    let lab = appliances(1);
+    // The node claims another node's address as its source.
+    lab.node.ip(&["addr", "add", "10.200.0.12/32", "dev", "lo"]);
+    let ping = lab.node.exec(&[
+        "ping",
+        "-c",
+        "3",
+        "-i",
+        "0.2",
+        "-W",
+        "1",
+        "-I",
+        "10.200.0.12",
+        "10.10.0.2",
+    ]);
+    assert!(
+        !ping.status.success(),
+        "spoofed pings must not be answered: {}",
+        text(&ping)
+    );
+    let spoofed: u64 = status(&lab.gw)["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["spoofed"].as_u64().unwrap())
+        .sum();
+    assert!(spoofed >= 3, "spoofed counter: {spoofed}");
+    // The real address still works.
+    let ping = lab.node.exec(&["ping", "-c", "1", "-W", "2", "10.10.0.2"]);
+    assert!(ping.status.success(), "{}", text(&ping));
+}
+
+#[test]
+fn the_daemon_refuses_a_world_readable_key_and_a_key_that_is_not_in_the_config() {
+    if !root_or_skip("key_checks") {
+        return;
+    }
+    let lab = lab();
+    let gw_pub = genkey(&lab.dir, "gw1");
+    let _other = genkey(&lab.dir, "other");
+    let cfg = lab.dir.join("site.kdl");
+    std::fs::write(&cfg, site(1, 300, 3, &gw_pub, &[])).unwrap();
+    let key = lab.dir.join("gw1.key");
+    run("chmod", &["644", key.to_str().unwrap()]);
+    let out = lab.gw.appliance(&[
+        "run",
+        "-c",
+        cfg.to_str().unwrap(),
+        "--node",
+        "gw1",
+        "-k",
+        key.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("chmod 600"),
+        "{}",
+        text(&out)
+    );
+    let other = lab.dir.join("other.key");
+    let out = lab.gw.appliance(&[
+        "run",
+        "-c",
+        cfg.to_str().unwrap(),
+        "--node",
+        "gw1",
+        "-k",
+        other.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("but the config lists"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// wireguard-go in `ns` as interface wg0 with one peer.
+fn wireguard_go(
+    lab: &mut Lab,
+    ns_is_gw: bool,
+    key_name: &str,
+    port: Option<u16>,
+    peer_pub: &str,
+    allowed: &str,
+    endpoint: Option<&str>,
+) {
+    let ns = if ns_is_gw { &lab.gw } else { &lab.node };
+    let key = lab.dir.join(format!("{key_name}.key"));
+    let p = Proc::spawn(
+        ns,
+        &["wireguard-go", "-f", "wg0"],
+        lab.dir.join(format!("wggo-{key_name}.log")),
+    );
+    lab.procs.push(p);
+    let ns = if ns_is_gw { &lab.gw } else { &lab.node };
+    wait_for("wireguard-go interface", Duration::from_secs(10), || {
+        ns.exec(&["ip", "link", "show", "wg0"]).status.success()
+    });
+    let mut cmd = vec![
+        "wg".to_string(),
+        "set".into(),
+        "wg0".into(),
+        "private-key".into(),
+        key.display().to_string(),
+    ];
+    if let Some(p) = port {
+        cmd.extend(["listen-port".into(), p.to_string()]);
+    }
+    cmd.extend([
+        "peer".into(),
+        peer_pub.into(),
+        "allowed-ips".into(),
+        allowed.into(),
+        "persistent-keepalive".into(),
+        "1".into(),
+    ]);
+    if let Some(e) = endpoint {
+        cmd.extend(["endpoint".into(), e.into()]);
+    }
+    let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    let o = ns.exec(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    ns.ip(&["link", "set", "wg0", "mtu", "1420", "up"]);
+}
+
+#[test]
+fn an_appliance_node_initiates_to_a_wireguard_go_gateway() {
+    if !root_or_skip("interop_wggo_gateway") {
+        return;
+    }
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = lab();
+    let gw_pub = genkey(&lab.dir, "gw1");
+    let c1_pub = genkey(&lab.dir, "c1");
+    wireguard_go(
+        &mut lab,
+        true,
+        "gw1",
+        Some(51820),
+        &c1_pub,
+        "10.200.0.11/32",
+        None,
+    );
+    lab.gw.ip(&["route", "add", "10.200.0.11/32", "dev", "wg0"]);
+    let cfg = lab.dir.join("site.kdl");
+    // wireguard-go sends no liveness probes: judge its link on what arrives, with its 1 s
+    // persistent keepalive inside the 1.5 s deadline.
+    std::fs::write(
+        &cfg,
+        site(1, 300, 5, &gw_pub, &[("c1", "10.200.0.11", &c1_pub)]),
+    )
+    .unwrap();
+    let ck = lab.dir.join("c1.key");
+    let p = Proc::spawn(
+        &lab.node,
+        &[
+            BIN,
+            "run",
+            "-c",
+            cfg.to_str().unwrap(),
+            "--node",
+            "c1",
+            "-k",
+            ck.to_str().unwrap(),
+        ],
+        lab.dir.join("c1.log"),
+    );
+    lab.procs.push(p);
+    wait_for("node link live", Duration::from_secs(20), || {
+        live_links(&lab.node) == 1
+    });
+    let ping = lab
+        .node
+        .exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.10.0.2"]);
+    assert!(ping.status.success(), "{}", text(&ping));
+    let r = iperf(
+        &lab,
+        &lab.node,
+        &lab.gw,
+        "10.10.0.2",
+        "10.200.0.11",
+        &["-t", "5"],
+    );
+    let bits = r["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap();
+    eprintln!(
+        "appliance node -> wireguard-go gateway: {:.0} Mbit/s",
+        bits / 1e6
+    );
+    assert!(bits > 1e6);
+    let wg = lab.gw.exec(&["wg", "show", "wg0", "endpoints"]);
+    assert!(
+        String::from_utf8_lossy(&wg.stdout).contains("192.0.2.2:"),
+        "wireguard-go saw the NAT address: {}",
+        text(&wg)
+    );
+}
+
+#[test]
+fn a_wireguard_go_node_initiates_to_an_appliance_gateway() {
+    if !root_or_skip("interop_wggo_node") {
+        return;
+    }
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = lab();
+    let gw_pub = genkey(&lab.dir, "gw1");
+    let c1_pub = genkey(&lab.dir, "c1");
+    let cfg = lab.dir.join("site.kdl");
+    std::fs::write(
+        &cfg,
+        site(1, 300, 5, &gw_pub, &[("c1", "10.200.0.11", &c1_pub)]),
+    )
+    .unwrap();
+    let gk = lab.dir.join("gw1.key");
+    let p = Proc::spawn(
+        &lab.gw,
+        &[
+            BIN,
+            "run",
+            "-c",
+            cfg.to_str().unwrap(),
+            "--node",
+            "gw1",
+            "-k",
+            gk.to_str().unwrap(),
+        ],
+        lab.dir.join("gw.log"),
+    );
+    lab.procs.push(p);
+    wait_for("gateway daemon", Duration::from_secs(10), || {
+        lab.gw.appliance(&["status"]).status.success()
+    });
+    wireguard_go(
+        &mut lab,
+        false,
+        "c1",
+        None,
+        &gw_pub,
+        "10.10.0.0/16",
+        Some("192.0.2.1:51820"),
+    );
+    lab.node.ip(&["addr", "add", "10.200.0.11/32", "dev", "lo"]);
+    lab.node.ip(&[
+        "route",
+        "add",
+        "10.10.0.0/16",
+        "dev",
+        "wg0",
+        "src",
+        "10.200.0.11",
+    ]);
+    let ping = lab
+        .node
+        .exec(&["ping", "-c", "3", "-i", "0.3", "-W", "3", "10.10.0.2"]);
+    assert!(
+        ping.status.success(),
+        "{}\n{}",
+        text(&ping),
+        lab.procs[0].log()
+    );
+    wait_for("gateway link live", Duration::from_secs(10), || {
+        live_links(&lab.gw) == 1
+    });
+    let r = iperf(
+        &lab,
+        &lab.node,
+        &lab.gw,
+        "10.10.0.2",
+        "10.200.0.11",
+        &["-t", "5"],
+    );
+    let bits = r["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap();
+    eprintln!(
+        "wireguard-go node -> appliance gateway: {:.0} Mbit/s",
+        bits / 1e6
+    );
+    assert!(bits > 1e6);
+    let s = status(&lab.gw);
+    assert!(
+        s["links"][0]["endpoint"]
+            .as_str()
+            .unwrap()
+            .starts_with("192.0.2.2:"),
+        "{s}"
+    );
+    assert!(s["links"][0]["handshakes"].as_u64().unwrap() >= 1, "{s}");
+}
