@@ -54,7 +54,8 @@ impl Drop for Proc {
 
 struct Lab {
     gw: Netns,
-    relay: Netns,
+    /// Held for its Drop: the NAT namespace lives as long as the lab.
+    _relay: Netns,
     node: Netns,
     dir: PathBuf,
     procs: Vec<Proc>,
@@ -126,7 +127,7 @@ fn lab() -> Lab {
     );
     Lab {
         gw,
-        relay,
+        _relay: relay,
         node,
         dir,
         procs: Vec::new(),
