@@ -76,12 +76,6 @@ fn check_key(cfg: &Config, host: &str, key: &PrivateKey) -> Result<(), String> {
     }
 }
 
-fn v6_underlay(spec: &LinkSpec) -> bool {
-    spec.peers
-        .iter()
-        .any(|p| p.endpoint.is_some_and(|e| e.is_ipv6()))
-}
-
 impl Daemon {
     fn liveness(&self) -> Liveness {
         Liveness {
@@ -109,7 +103,7 @@ impl Daemon {
 
     fn start_link(&mut self, spec: &LinkSpec) -> Result<(), String> {
         let key = self.key.as_ref().ok_or("no private key")?;
-        let rt = LinkRuntime::start(Link::new(spec, key), v6_underlay(spec))
+        let rt = LinkRuntime::start(Link::new(spec, key), spec.v6_underlay)
             .map_err(|e| format!("{}: {e}", spec.dev))?;
         tracing::info!(dev = %spec.dev, port = rt.local_port(), peers = spec.peers.len(), "link started");
         self.links.insert(spec.dev.clone(), rt);

@@ -92,35 +92,17 @@ impl LinkRuntime {
         let udp = Arc::new(udp);
         let link = Arc::new(RwLock::new(Arc::new(link)));
         let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
-        {
-            let (link, udp, tun, stop, state) = (
-                link.clone(),
-                udp.clone(),
-                tun.clone(),
-                stop.clone(),
-                state.clone(),
-            );
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("{dev}-tx"))
-                    .spawn(move || tun_to_udp(&link, &udp, &state, &tun, &stop))?,
-            );
-        }
-        {
-            let (link, udp, tun, stop, state) = (
-                link.clone(),
-                udp.clone(),
-                tun.clone(),
-                stop.clone(),
-                state.clone(),
-            );
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("{dev}-rx"))
-                    .spawn(move || udp_to_tun(&link, &udp, &state, &tun, &stop))?,
-            );
-        }
+        let shared = Shared {
+            link: link.clone(),
+            udp: udp.clone(),
+            state,
+            tun,
+            stop: stop.clone(),
+        };
+        let threads = vec![
+            shared.spawn(format!("{dev}-tx"), tun_to_udp)?,
+            shared.spawn(format!("{dev}-rx"), udp_to_tun)?,
+        ];
         Ok(LinkRuntime {
             dev,
             link,
@@ -156,6 +138,27 @@ impl LinkRuntime {
         for t in self.threads {
             let _ = t.join();
         }
+    }
+}
+
+/// What both packet threads of a link hold.
+#[derive(Clone)]
+struct Shared {
+    link: Arc<RwLock<Arc<Link>>>,
+    udp: Arc<UdpSocket>,
+    state: Arc<UdpSocketState>,
+    tun: Arc<SyncDevice>,
+    stop: Arc<AtomicBool>,
+}
+
+type PacketLoop = fn(&RwLock<Arc<Link>>, &UdpSocket, &UdpSocketState, &SyncDevice, &AtomicBool);
+
+impl Shared {
+    fn spawn(&self, name: String, body: PacketLoop) -> io::Result<JoinHandle<()>> {
+        let s = self.clone();
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || body(&s.link, &s.udp, &s.state, &s.tun, &s.stop))
     }
 }
 

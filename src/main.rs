@@ -33,6 +33,15 @@ enum Output {
 
 #[derive(clap::Args)]
 struct ConfigArgs {
+    #[command(flatten)]
+    file: ConfigFile,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "text")]
+    output: Output,
+}
+
+#[derive(clap::Args)]
+struct ConfigFile {
     /// Site config file (KDL).
     #[arg(
         short,
@@ -41,9 +50,13 @@ struct ConfigArgs {
         default_value = "/etc/appliance/config.kdl"
     )]
     config: PathBuf,
-    /// Output format.
-    #[arg(short, long, value_enum, default_value = "text")]
-    output: Output,
+}
+
+#[derive(clap::Args)]
+struct HostArg {
+    /// Which host of the config this is (default: $APPLIANCE_NODE, then the host name).
+    #[arg(short, long, env = "APPLIANCE_NODE")]
+    node: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -61,9 +74,8 @@ enum Command {
     Reconcile {
         #[command(flatten)]
         args: ConfigArgs,
-        /// Which host of the config this is (default: $APPLIANCE_NODE, then the host name).
-        #[arg(short, long, env = "APPLIANCE_NODE")]
-        node: Option<String>,
+        #[command(flatten)]
+        host: HostArg,
         /// Print the plan and change nothing (needs no privileges).
         #[arg(long)]
         dry_run: bool,
@@ -71,17 +83,10 @@ enum Command {
     /// Run the daemon: reconcile the host, run every tunnel link, follow link liveness and
     /// config reloads (SIGHUP, or `appliance reconcile` while it runs).
     Run {
-        /// Site config file (KDL).
-        #[arg(
-            short,
-            long,
-            env = "APPLIANCE_CONFIG",
-            default_value = "/etc/appliance/config.kdl"
-        )]
-        config: PathBuf,
-        /// Which host of the config this is (default: $APPLIANCE_NODE, then the host name).
-        #[arg(short, long, env = "APPLIANCE_NODE")]
-        node: Option<String>,
+        #[command(flatten)]
+        file: ConfigFile,
+        #[command(flatten)]
+        host: HostArg,
         /// This host's WireGuard private key (mode 0600), as written by `appliance genkey`.
         #[arg(
             short,
@@ -102,8 +107,8 @@ enum Command {
     State {
         #[command(flatten)]
         args: ConfigArgs,
-        #[arg(short, long, env = "APPLIANCE_NODE")]
-        node: Option<String>,
+        #[command(flatten)]
+        host: HostArg,
         /// The state the config wants instead of the state the kernel has.
         #[arg(long)]
         desired: bool,
@@ -135,28 +140,28 @@ fn main() -> ExitCode {
         Command::Pubkey => pubkey(),
         Command::Check { args } => check(&args),
         Command::Run {
-            config,
-            node,
+            file,
+            host,
             key_file,
-        } => run_cmd(config, node, key_file),
+        } => run_cmd(file.config, host.node, key_file),
         Command::Status { output } => status_cmd(output),
         Command::Reconcile {
             args,
-            node,
+            host,
             dry_run,
-        } => reconcile_cmd(&args, node, dry_run),
+        } => reconcile_cmd(&args, host.node, dry_run),
         Command::State {
             args,
-            node,
+            host,
             desired,
-        } => state_cmd(&args, node, desired),
+        } => state_cmd(&args, host.node, desired),
     }
 }
 
 /// Read and validate the config, printing diagnostics on failure.
 fn load(args: &ConfigArgs) -> Result<Config, ExitCode> {
-    let file = args.config.display().to_string();
-    let text = match std::fs::read_to_string(&args.config) {
+    let file = args.file.config.display().to_string();
+    let text = match std::fs::read_to_string(&args.file.config) {
         Ok(t) => t,
         Err(e) => {
             fail(args.output, &format!("cannot read config {file}: {e}"));
@@ -312,7 +317,7 @@ fn check(args: &ConfigArgs) -> ExitCode {
     match args.output {
         Output::Text => println!(
             "{}: ok: site {:?}, {} gateway(s), {} node(s), {} relay(s), {} link(s) per pair",
-            args.config.display(),
+            args.file.config.display(),
             cfg.site.name,
             cfg.gateways.len(),
             cfg.nodes.len(),
@@ -394,26 +399,9 @@ fn state_cmd(args: &ConfigArgs, node: Option<String>, want_desired: bool) -> Exi
 }
 
 fn reconcile_cmd(args: &ConfigArgs, node: Option<String>, dry_run: bool) -> ExitCode {
-    let cfg = match load(args) {
-        Ok(c) => c,
+    let (cfg, host, rt) = match host_setup(args, node) {
+        Ok(x) => x,
         Err(code) => return code,
-    };
-    let Some(host) = host_name(node) else {
-        fail(
-            args.output,
-            "cannot tell which host this is: pass --node NAME or set APPLIANCE_NODE",
-        );
-        return ExitCode::from(EXIT_USAGE);
-    };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            fail(args.output, &format!("cannot start the runtime: {e}"));
-            return ExitCode::from(EXIT_ERROR);
-        }
     };
     rt.block_on(async {
         let nl = match Netlink::connect() {
@@ -439,7 +427,8 @@ fn reconcile_cmd(args: &ConfigArgs, node: Option<String>, dry_run: bool) -> Exit
         };
         if !dry_run {
             // A running daemon owns the links: hand it the config instead of racing it.
-            let config = std::fs::canonicalize(&args.config).unwrap_or(args.config.clone());
+            let config =
+                std::fs::canonicalize(&args.file.config).unwrap_or(args.file.config.clone());
             let req = appliance::control::Request::Reload {
                 config: Some(config.display().to_string()),
             };

@@ -3,7 +3,8 @@
 
 use crate::plan::{Change, Item, Op};
 use crate::state::{
-    Address, HostState, Link, LinkKind, Route, LINK_PREFIX, OWNER_ALIAS, ROUTE_PROTOCOL,
+    Address, HostState, Link, LinkKind, Route, ADDRESS_DEVICE, LINK_PREFIX, OWNER_ALIAS,
+    ROUTE_PROTOCOL,
 };
 use crate::{sysctl, tundev};
 use futures::TryStreamExt;
@@ -140,10 +141,14 @@ impl Netlink {
 
         let addrs: Vec<_> = self.handle.address().get().execute().try_collect().await?;
         for m in addrs {
+            // Only the address device's addresses are ours. An address someone else puts on a
+            // tunnel device (a transfer net, a benchmark's inner address) is not: removing it
+            // would be wrong, and removing a device's last IPv4 address makes the kernel flush
+            // every route through that device.
             let Some(dev) = names.get(&m.header.index) else {
                 continue;
             };
-            if !s.links.contains_key(dev) {
+            if dev != ADDRESS_DEVICE || !s.links.contains_key(dev) {
                 continue;
             }
             let ip = m

@@ -3,7 +3,8 @@
 //! planner compares like with like. Pure.
 //!
 //! Ownership: links whose name starts with [`LINK_PREFIX`] *and* whose ifalias is
-//! [`OWNER_ALIAS`]; addresses on those links; routes in the main table with protocol
+//! [`OWNER_ALIAS`]; addresses on [`ADDRESS_DEVICE`] (not on tunnel devices, where others may
+//! add their own); routes in the main table with protocol
 //! [`ROUTE_PROTOCOL`]; the sysctls the desired state names. Nothing else is observed as ours.
 
 use ipnet::IpNet;

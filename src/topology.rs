@@ -25,6 +25,8 @@ pub struct LinkSpec {
     pub index: u32,
     /// UDP port to bind; None for an ephemeral port.
     pub listen_port: Option<u16>,
+    /// The underlay is IPv6 (the gateway's endpoint is an IPv6 address).
+    pub v6_underlay: bool,
     pub peers: Vec<PeerSpec>,
 }
 
@@ -45,24 +47,32 @@ pub struct PeerSpec {
 pub fn links(cfg: &Config, name: &str) -> Result<(Role, Vec<LinkSpec>), HostError> {
     let (role, _) = crate::desired::desired(cfg, name)?;
     let links = match role {
-        Role::Gateway => (0..cfg.site.links)
-            .map(|i| LinkSpec {
-                dev: gateway_link_name(i),
-                index: i,
-                listen_port: Some(cfg.site.base_port + i as u16),
-                peers: cfg
-                    .nodes
-                    .iter()
-                    .map(|n| PeerSpec {
-                        name: n.name.clone(),
-                        public_key: n.public_key,
-                        endpoint: None,
-                        allowed: n.prefixes.clone(),
-                        routes: n.prefixes.clone(),
-                    })
-                    .collect(),
-            })
-            .collect(),
+        Role::Gateway => {
+            let me = cfg
+                .gateways
+                .iter()
+                .find(|g| g.name == name)
+                .expect("role_of found it");
+            (0..cfg.site.links)
+                .map(|i| LinkSpec {
+                    dev: gateway_link_name(i),
+                    index: i,
+                    listen_port: Some(cfg.site.base_port + i as u16),
+                    v6_underlay: me.endpoint.is_ipv6(),
+                    peers: cfg
+                        .nodes
+                        .iter()
+                        .map(|n| PeerSpec {
+                            name: n.name.clone(),
+                            public_key: n.public_key,
+                            endpoint: None,
+                            allowed: n.prefixes.clone(),
+                            routes: n.prefixes.clone(),
+                        })
+                        .collect(),
+                })
+                .collect()
+        }
         Role::Node => {
             let mut v = Vec::new();
             for g in &cfg.gateways {
@@ -74,6 +84,7 @@ pub fn links(cfg: &Config, name: &str) -> Result<(Role, Vec<LinkSpec>), HostErro
                         dev: node_link_name(&g.name, i),
                         index: i,
                         listen_port: None,
+                        v6_underlay: g.endpoint.is_ipv6(),
                         peers: vec![PeerSpec {
                             name: g.name.clone(),
                             public_key: g.public_key,

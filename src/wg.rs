@@ -585,6 +585,7 @@ mod tests {
                 dev: "ap-l0".into(),
                 index: 0,
                 listen_port: Some(51820),
+                v6_underlay: false,
                 peers: vec![PeerSpec {
                     name: "c1".into(),
                     public_key: nk.public(),
@@ -600,6 +601,7 @@ mod tests {
                 dev: "ap-gw1-0".into(),
                 index: 0,
                 listen_port: None,
+                v6_underlay: false,
                 peers: vec![PeerSpec {
                     name: "gw1".into(),
                     public_key: gk.public(),

@@ -54,8 +54,7 @@ impl Drop for Proc {
 
 struct Lab {
     gw: Netns,
-    /// Held for its Drop: the NAT namespace lives as long as the lab.
-    _relay: Netns,
+    relay: Netns,
     node: Netns,
     dir: PathBuf,
     procs: Vec<Proc>,
@@ -127,7 +126,7 @@ fn lab() -> Lab {
     );
     Lab {
         gw,
-        _relay: relay,
+        relay,
         node,
         dir,
         procs: Vec::new(),
@@ -817,4 +816,47 @@ fn a_wireguard_go_node_initiates_to_an_appliance_gateway() {
         "{s}"
     );
     assert!(s["links"][0]["handshakes"].as_u64().unwrap() >= 1, "{s}");
+}
+
+#[test]
+fn garbage_and_handshake_floods_do_not_stall_the_tunnel() {
+    if !root_or_skip("flood") {
+        return;
+    }
+    let lab = appliances(1);
+    // From the relay (the internet side): 2 s of random datagrams and forged handshake
+    // initiations (type 1, 148 bytes, bad MACs) at the gateway's link port.
+    let flood = r#"
+import os, socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+end, n = time.time() + 2.0, 0
+while time.time() < end:
+    s.sendto(os.urandom(200), ("192.0.2.1", 51820))
+    s.sendto(b"\x01\x00\x00\x00" + os.urandom(144), ("192.0.2.1", 51820))
+    s.sendto(b"\x04\x00\x00\x00" + os.urandom(60), ("192.0.2.1", 51820))
+    n += 3
+print(n)
+"#;
+    let flooder = Command::new("ip")
+        .args(["netns", "exec", &lab.relay.name, "python3", "-c", flood])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let ping = lab
+        .node
+        .exec(&["ping", "-c", "10", "-i", "0.2", "-W", "2", "10.10.0.2"]);
+    let flooder = flooder.wait_with_output().expect("flooder");
+    let sent = String::from_utf8_lossy(&flooder.stdout).trim().to_string();
+    assert!(
+        ping.status.success(),
+        "pings during the flood: {}",
+        text(&ping)
+    );
+    let s = status(&lab.gw);
+    assert_eq!(s["links"][0]["alive"], true, "{s}");
+    eprintln!("flood of {sent} datagrams; tunnel kept working");
+    assert!(
+        lab.gw.appliance(&["status"]).status.success(),
+        "daemon still answers"
+    );
 }

@@ -187,6 +187,36 @@ fn foreign_routes_and_similarly_named_links_are_never_touched() {
 }
 
 #[test]
+fn addresses_and_routes_others_put_on_our_tunnel_devices_survive_a_reconcile() {
+    if !root_or_skip("foreign_address") {
+        return;
+    }
+    let ns = Netns::new();
+    assert!(reconcile(&ns, TWO_GW, "c1", &[]).status.success());
+    // A benchmark harness or an operator numbers a tunnel and routes over it.
+    ns.ip(&["addr", "add", "198.18.0.2/24", "dev", "ap-gw1-0"]);
+    ns.ip(&[
+        "route",
+        "add",
+        "198.19.0.1/32",
+        "dev",
+        "ap-gw1-0",
+        "src",
+        "198.18.0.2",
+    ]);
+    let before = ns.snapshot();
+    let out = reconcile(&ns, TWO_GW, "c1", &["--dry-run"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "nothing of ours changed: {}",
+        text(&out)
+    );
+    assert!(reconcile(&ns, TWO_GW, "c1", &[]).status.success());
+    assert_eq!(ns.snapshot(), before);
+}
+
+#[test]
 fn a_device_with_our_name_but_not_ours_stops_the_plan() {
     if !root_or_skip("foreign_name") {
         return;
