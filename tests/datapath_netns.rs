@@ -412,14 +412,18 @@ fn a_dead_link_leaves_the_routes_and_comes_back() {
     std::thread::sleep(Duration::from_secs(1));
     let drop_rule = "nft add table inet t && nft add chain inet t in '{ type filter hook input priority 0; }' && nft add rule inet t in udp dport 51822 drop";
     assert!(lab.gw.exec(&["sh", "-c", drop_rule]).status.success());
-    let t_node = wait_for("node route at 3 nexthops", Duration::from_secs(10), || {
-        nexthops(&lab.node, "10.10.0.0/16") == 3
+    // Watch both sides at once; each time is from the drop.
+    let t0 = Instant::now();
+    let (mut t_node, mut t_gw) = (None, None);
+    wait_for("both routes at 3 nexthops", Duration::from_secs(10), || {
+        if t_node.is_none() && nexthops(&lab.node, "10.10.0.0/16") == 3 {
+            t_node = Some(t0.elapsed());
+        }
+        if t_gw.is_none() && nexthops(&lab.gw, "10.200.0.11/32") == 3 {
+            t_gw = Some(t0.elapsed());
+        }
+        t_node.is_some() && t_gw.is_some()
     });
-    let t_gw = wait_for(
-        "gateway route at 3 nexthops",
-        Duration::from_secs(10),
-        || nexthops(&lab.gw, "10.200.0.11/32") == 3,
-    );
     eprintln!("link 2 dropped (node to gateway only): node route at 3 nexthops after {t_node:?}, gateway after {t_gw:?}");
     assert!(lab
         .gw
