@@ -165,6 +165,22 @@ fn site(
     s
 }
 
+/// `appliance run` for `host` in `ns`, with the lab's site.kdl and HOST.key, logging to HOST.log.
+fn daemon(ns: &Netns, dir: &Path, host: &str) -> Proc {
+    let (cfg, key) = (dir.join("site.kdl"), dir.join(format!("{host}.key")));
+    let args = [
+        BIN,
+        "run",
+        "-c",
+        cfg.to_str().unwrap(),
+        "--node",
+        host,
+        "-k",
+        key.to_str().unwrap(),
+    ];
+    Proc::spawn(ns, &args, dir.join(format!("{host}.log")))
+}
+
 fn status(ns: &Netns) -> serde_json::Value {
     let out = ns.appliance(&["status", "--output", "json"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -216,36 +232,8 @@ fn appliances(links: u32) -> Lab {
         site(links, 200, 3, &gw_pub, &[("c1", "10.200.0.11", &c1_pub)]),
     )
     .unwrap();
-    let d = lab.dir.clone();
-    let (c, gk, ck) = (cfg.to_str().unwrap(), d.join("gw1.key"), d.join("c1.key"));
-    lab.procs.push(Proc::spawn(
-        &lab.gw,
-        &[
-            BIN,
-            "run",
-            "-c",
-            c,
-            "--node",
-            "gw1",
-            "-k",
-            gk.to_str().unwrap(),
-        ],
-        d.join("gw.log"),
-    ));
-    lab.procs.push(Proc::spawn(
-        &lab.node,
-        &[
-            BIN,
-            "run",
-            "-c",
-            c,
-            "--node",
-            "c1",
-            "-k",
-            ck.to_str().unwrap(),
-        ],
-        d.join("c1.log"),
-    ));
+    lab.procs.push(daemon(&lab.gw, &lab.dir, "gw1"));
+    lab.procs.push(daemon(&lab.node, &lab.dir, "c1"));
     let (gw, node) = (&lab.gw, &lab.node);
     let logs = |lab: &Lab| {
         lab.procs
@@ -683,21 +671,7 @@ fn an_appliance_node_initiates_to_a_wireguard_go_gateway() {
         site(1, 300, 5, &gw_pub, &[("c1", "10.200.0.11", &c1_pub)]),
     )
     .unwrap();
-    let ck = lab.dir.join("c1.key");
-    let p = Proc::spawn(
-        &lab.node,
-        &[
-            BIN,
-            "run",
-            "-c",
-            cfg.to_str().unwrap(),
-            "--node",
-            "c1",
-            "-k",
-            ck.to_str().unwrap(),
-        ],
-        lab.dir.join("c1.log"),
-    );
+    let p = daemon(&lab.node, &lab.dir, "c1");
     lab.procs.push(p);
     wait_for("node link live", Duration::from_secs(20), || {
         live_links(&lab.node) == 1
@@ -745,21 +719,7 @@ fn a_wireguard_go_node_initiates_to_an_appliance_gateway() {
         site(1, 300, 5, &gw_pub, &[("c1", "10.200.0.11", &c1_pub)]),
     )
     .unwrap();
-    let gk = lab.dir.join("gw1.key");
-    let p = Proc::spawn(
-        &lab.gw,
-        &[
-            BIN,
-            "run",
-            "-c",
-            cfg.to_str().unwrap(),
-            "--node",
-            "gw1",
-            "-k",
-            gk.to_str().unwrap(),
-        ],
-        lab.dir.join("gw.log"),
-    );
+    let p = daemon(&lab.gw, &lab.dir, "gw1");
     lab.procs.push(p);
     wait_for("gateway daemon", Duration::from_secs(10), || {
         lab.gw.appliance(&["status"]).status.success()

@@ -302,6 +302,21 @@ fn invalid_configs_change_nothing() {
     assert_eq!(ns.snapshot(), before);
 }
 
+/// `appliance reconcile ARGS` as uid/gid 65534 with no capabilities.
+fn reconcile_as_nobody(ns: &Netns, args: &[&str]) -> std::process::Output {
+    let mut cmd = vec![
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        BIN,
+        "reconcile",
+    ];
+    cmd.extend_from_slice(args);
+    ns.exec(&cmd)
+}
+
 #[test]
 fn dry_run_needs_no_privileges() {
     if !root_or_skip("dry_run_unprivileged") {
@@ -309,22 +324,10 @@ fn dry_run_needs_no_privileges() {
     }
     let ns = Netns::new();
     let cfg = repo(TWO_GW);
-    let out = ns.exec(&[
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps=-all",
-        BIN,
-        "reconcile",
-        "-c",
-        &cfg,
-        "--node",
-        "gw1",
-        "--dry-run",
-        "--output",
-        "json",
-    ]);
+    let out = reconcile_as_nobody(
+        &ns,
+        &["-c", &cfg, "--node", "gw1", "--dry-run", "--output", "json"],
+    );
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(plan["status"], "planned");
@@ -332,19 +335,7 @@ fn dry_run_needs_no_privileges() {
     assert!(plan["summary"]["add"].as_u64().unwrap() > 4);
     // and without --dry-run the same user gets a clear refusal, with the host unchanged
     let before = ns.snapshot();
-    let out = ns.exec(&[
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps=-all",
-        BIN,
-        "reconcile",
-        "-c",
-        &cfg,
-        "--node",
-        "gw1",
-    ]);
+    let out = reconcile_as_nobody(&ns, &["-c", &cfg, "--node", "gw1"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("needs root or CAP_NET_ADMIN"),
