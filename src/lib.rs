@@ -5,6 +5,7 @@
 //! Thin edges: [`netlink`], [`sysctl`], [`tundev`] (kernel I/O), [`reconcile`] (sequencing:
 //! observe → diff → apply → verify → revert), [`logging`].
 
+pub mod bgp;
 pub mod config;
 pub mod control;
 pub mod daemon;

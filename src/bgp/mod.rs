@@ -1,0 +1,3 @@
+//! The embedded iBGP speaker. Pure parts: [`wire`] (codec). See ARCHITECTURE.md.
+
+pub mod wire;
