@@ -1,3 +1,4 @@
 //! The embedded iBGP speaker. Pure parts: [`wire`] (codec). See ARCHITECTURE.md.
 
+pub mod fsm;
 pub mod wire;
