@@ -1,0 +1,526 @@
+//! Adj-RIB-In, Loc-RIB with best path and multipath, route reflection (RFC 4456) and import
+//! policy. Pure: updates in, changed prefixes out; [`Rib::export`] says what each peer should
+//! be told about a prefix.
+//!
+//! Reflection rules (RFC 4456 §8): a route from a client goes to every other client and every
+//! non-client; a route from a non-client goes to clients only; nothing goes back to the peer it
+//! came from. A reflected route gets ORIGINATOR_ID (if absent) and our CLUSTER_ID prepended to
+//! CLUSTER_LIST; a route that carries our router ID as ORIGINATOR_ID or our CLUSTER_ID in its
+//! CLUSTER_LIST is a loop and is dropped on import.
+
+use super::wire::{Attributes, Update};
+use ipnet::IpNet;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+pub type PeerId = usize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerKind {
+    /// A route-reflector client (a cloud node, seen from a gateway).
+    Client,
+    /// An ordinary iBGP peer (the site router, another gateway, a gateway seen from a node).
+    NonClient,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Accept only prefixes inside one of these (empty: any).
+    pub allow: Vec<IpNet>,
+    /// Reject prefixes that overlap one of these.
+    pub deny: Vec<IpNet>,
+    /// Accepted prefixes beyond this stop the session (Cease 1).
+    pub max_prefix: u32,
+    /// Rewrite the next hop to this address when exporting (towards the site router, so it
+    /// sees one path per gateway).
+    pub next_hop_self: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub name: String,
+    pub kind: PeerKind,
+    pub policy: Policy,
+    /// The peer's BGP identifier once the session is up.
+    pub router_id: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    pub received: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub withdrawn: u64,
+}
+
+/// What applying an UPDATE did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Prefixes whose Loc-RIB entry may have changed.
+    pub changed: Vec<IpNet>,
+    /// Rejected announcements, with the reason.
+    pub rejected: Vec<(IpNet, String)>,
+    /// The peer now has more accepted prefixes than its max-prefix.
+    pub max_prefix_exceeded: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Path {
+    /// None for a locally originated route.
+    pub from: Option<PeerId>,
+    pub attributes: Attributes,
+}
+
+#[derive(Debug)]
+pub struct Rib {
+    pub local_id: Ipv4Addr,
+    pub cluster_id: Ipv4Addr,
+    pub peers: Vec<Peer>,
+    pub counters: Vec<Counters>,
+    adj_in: Vec<BTreeMap<IpNet, Attributes>>,
+    local: BTreeMap<IpNet, Attributes>,
+}
+
+const DEFAULT_LOCAL_PREF: u32 = 100;
+
+impl Rib {
+    pub fn new(local_id: Ipv4Addr) -> Rib {
+        Rib {
+            local_id,
+            cluster_id: local_id,
+            peers: Vec::new(),
+            counters: Vec::new(),
+            adj_in: Vec::new(),
+            local: BTreeMap::new(),
+        }
+    }
+
+    pub fn add_peer(&mut self, peer: Peer) -> PeerId {
+        self.peers.push(peer);
+        self.counters.push(Counters::default());
+        self.adj_in.push(BTreeMap::new());
+        self.peers.len() - 1
+    }
+
+    /// Originate a route of our own (a node's prefixes).
+    pub fn originate(&mut self, prefix: IpNet, attributes: Attributes) -> Vec<IpNet> {
+        self.local.insert(prefix, attributes);
+        vec![prefix]
+    }
+
+    pub fn accepted_count(&self, peer: PeerId) -> usize {
+        self.adj_in[peer].len()
+    }
+
+    fn import_check(&self, peer: PeerId, prefix: &IpNet, a: &Attributes) -> Result<(), String> {
+        if a.originator_id == Some(self.local_id) {
+            return Err("ORIGINATOR_ID is our router ID (reflection loop)".into());
+        }
+        if a.cluster_list.contains(&self.cluster_id) {
+            return Err("CLUSTER_LIST holds our cluster ID (reflection loop)".into());
+        }
+        let p = &self.peers[peer].policy;
+        if let Some(d) = p
+            .deny
+            .iter()
+            .find(|d| d.contains(prefix) || prefix.contains(*d))
+        {
+            return Err(format!("overlaps {d}, which this peer may not announce"));
+        }
+        if !p.allow.is_empty() && !p.allow.iter().any(|a| a.contains(prefix)) {
+            return Err("outside the prefixes assigned to this peer".into());
+        }
+        Ok(())
+    }
+
+    /// Apply an UPDATE from `peer` to its Adj-RIB-In.
+    pub fn apply(&mut self, peer: PeerId, u: &Update) -> Applied {
+        let mut out = Applied::default();
+        for prefix in u.effective_withdrawn() {
+            self.counters[peer].withdrawn += 1;
+            if self.adj_in[peer].remove(&prefix).is_some() {
+                out.changed.push(prefix);
+            }
+        }
+        if u.treat_as_withdraw {
+            return out;
+        }
+        let Some(a) = &u.attributes else { return out };
+        for prefix in &u.announced {
+            self.counters[peer].received += 1;
+            match self.import_check(peer, prefix, a) {
+                Ok(()) => {
+                    self.counters[peer].accepted += 1;
+                    self.adj_in[peer].insert(*prefix, a.clone());
+                    out.changed.push(*prefix);
+                }
+                Err(why) => {
+                    self.counters[peer].rejected += 1;
+                    // A rejected re-announcement replaces the earlier accepted one: withdraw it.
+                    if self.adj_in[peer].remove(prefix).is_some() {
+                        out.changed.push(*prefix);
+                    }
+                    out.rejected.push((*prefix, why));
+                }
+            }
+        }
+        let max = self.peers[peer].policy.max_prefix as usize;
+        out.max_prefix_exceeded = max > 0 && self.adj_in[peer].len() > max;
+        out
+    }
+
+    /// The peer's session went down: everything it announced goes.
+    pub fn peer_down(&mut self, peer: PeerId) -> Vec<IpNet> {
+        std::mem::take(&mut self.adj_in[peer]).into_keys().collect()
+    }
+
+    /// Every known prefix (for a full re-export after a session comes up or a route refresh).
+    pub fn prefixes(&self) -> Vec<IpNet> {
+        let mut v: Vec<IpNet> = self.local.keys().copied().collect();
+        for rib in &self.adj_in {
+            v.extend(rib.keys().copied());
+        }
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// All paths for `prefix`, best first; the equal-cost ones (for multipath) are the prefix of
+    /// the list that [`equal_cost`] accepts.
+    pub fn paths(&self, prefix: &IpNet) -> Vec<Path> {
+        let mut v: Vec<Path> = Vec::new();
+        if let Some(a) = self.local.get(prefix) {
+            v.push(Path {
+                from: None,
+                attributes: a.clone(),
+            });
+        }
+        for (i, rib) in self.adj_in.iter().enumerate() {
+            if let Some(a) = rib.get(prefix) {
+                v.push(Path {
+                    from: Some(i),
+                    attributes: a.clone(),
+                });
+            }
+        }
+        v.sort_by(|x, y| self.compare(x, y));
+        v
+    }
+
+    /// The best path and the paths equal to it for multipath.
+    pub fn multipath(&self, prefix: &IpNet) -> Vec<Path> {
+        let paths = self.paths(prefix);
+        let Some(best) = paths.first().cloned() else {
+            return paths;
+        };
+        paths
+            .into_iter()
+            .filter(|p| equal_cost(&best.attributes, &p.attributes))
+            .collect()
+    }
+
+    /// RFC 4271 §9.1.2.2 for iBGP, then RFC 4456 §9 tie-breaks. Ordering: better first.
+    fn compare(&self, x: &Path, y: &Path) -> std::cmp::Ordering {
+        let key = |p: &Path| {
+            let a = &p.attributes;
+            let router_id = a
+                .originator_id
+                .or_else(|| p.from.and_then(|i| self.peers[i].router_id))
+                .unwrap_or(self.local_id);
+            (
+                std::cmp::Reverse(a.local_pref.unwrap_or(DEFAULT_LOCAL_PREF)),
+                p.from.is_some(), // locally originated first
+                as_path_len(a),
+                a.origin,
+                a.med.unwrap_or(0),
+                a.cluster_list.len(),
+                u32::from(router_id),
+                p.from,
+            )
+        };
+        key(x).cmp(&key(y))
+    }
+
+    /// What to tell `to` about `prefix`: the attributes to announce, or None to withdraw.
+    pub fn export(&self, to: PeerId, prefix: &IpNet) -> Option<Attributes> {
+        let best = self.paths(prefix).into_iter().next()?;
+        let to_kind = self.peers[to].kind;
+        if let Some(from) = best.from {
+            if from == to {
+                return None;
+            }
+            let from_kind = self.peers[from].kind;
+            if from_kind == PeerKind::NonClient && to_kind == PeerKind::NonClient {
+                return None;
+            }
+        }
+        let mut a = best.attributes.clone();
+        a.local_pref.get_or_insert(DEFAULT_LOCAL_PREF);
+        if let Some(from) = best.from {
+            // Reflecting: mark where it came from and that it passed through our cluster.
+            if a.originator_id.is_none() {
+                a.originator_id = self.peers[from].router_id;
+            }
+            a.cluster_list.insert(0, self.cluster_id);
+        }
+        if let Some(nh) = self.peers[to].policy.next_hop_self {
+            a.next_hop = Some(nh);
+        }
+        Some(a)
+    }
+}
+
+fn as_path_len(a: &Attributes) -> usize {
+    a.as_path
+        .iter()
+        .map(|s| match s {
+            super::wire::AsSegment::Sequence(v) => v.len(),
+            super::wire::AsSegment::Set(_) => 1,
+        })
+        .sum()
+}
+
+/// Equal for multipath: same LOCAL_PREF, AS_PATH length, ORIGIN and MED.
+pub fn equal_cost(a: &Attributes, b: &Attributes) -> bool {
+    a.local_pref.unwrap_or(DEFAULT_LOCAL_PREF) == b.local_pref.unwrap_or(DEFAULT_LOCAL_PREF)
+        && as_path_len(a) == as_path_len(b)
+        && a.origin == b.origin
+        && a.med.unwrap_or(0) == b.med.unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn policy() -> Policy {
+        Policy {
+            allow: vec![],
+            deny: vec![],
+            max_prefix: 100,
+            next_hop_self: None,
+        }
+    }
+
+    fn attrs(nh: &str) -> Attributes {
+        Attributes {
+            next_hop: Some(nh.parse().unwrap()),
+            local_pref: Some(100),
+            ..Default::default()
+        }
+    }
+
+    fn announce(p: &str, a: Attributes) -> Update {
+        Update {
+            announced: vec![net(p)],
+            attributes: Some(a),
+            ..Default::default()
+        }
+    }
+
+    /// A gateway (RR, id 10.10.0.2) with: site router (non-client, next-hop-self), node c1
+    /// (client, owns 10.200.0.11/32), node c2 (client, owns 10.200.0.12/32).
+    fn gateway() -> (Rib, PeerId, PeerId, PeerId) {
+        let mut rib = Rib::new("10.10.0.2".parse().unwrap());
+        let site = rib.add_peer(Peer {
+            name: "site".into(),
+            kind: PeerKind::NonClient,
+            policy: Policy {
+                deny: vec![net("10.200.0.0/16")],
+                next_hop_self: Some("10.10.0.2".parse().unwrap()),
+                ..policy()
+            },
+            router_id: Some("10.10.0.1".parse().unwrap()),
+        });
+        let c1 = rib.add_peer(Peer {
+            name: "c1".into(),
+            kind: PeerKind::Client,
+            policy: Policy {
+                allow: vec![net("10.200.0.11/32")],
+                max_prefix: 2,
+                ..policy()
+            },
+            router_id: Some("10.200.0.11".parse().unwrap()),
+        });
+        let c2 = rib.add_peer(Peer {
+            name: "c2".into(),
+            kind: PeerKind::Client,
+            policy: Policy {
+                allow: vec![net("10.200.0.12/32")],
+                ..policy()
+            },
+            router_id: Some("10.200.0.12".parse().unwrap()),
+        });
+        (rib, site, c1, c2)
+    }
+
+    #[test]
+    fn a_client_route_is_reflected_to_other_clients_and_non_clients_with_originator_and_cluster() {
+        let (mut rib, site, c1, c2) = gateway();
+        rib.apply(c1, &announce("10.200.0.11/32", attrs("10.200.0.11")));
+        let to_c2 = rib.export(c2, &net("10.200.0.11/32")).unwrap();
+        assert_eq!(to_c2.originator_id, Some("10.200.0.11".parse().unwrap()));
+        assert_eq!(
+            to_c2.cluster_list,
+            vec!["10.10.0.2".parse::<Ipv4Addr>().unwrap()]
+        );
+        assert_eq!(
+            to_c2.next_hop,
+            Some("10.200.0.11".parse().unwrap()),
+            "next hop kept for clients"
+        );
+        let to_site = rib.export(site, &net("10.200.0.11/32")).unwrap();
+        assert_eq!(
+            to_site.next_hop,
+            Some("10.10.0.2".parse().unwrap()),
+            "next-hop-self towards the site"
+        );
+        assert!(
+            rib.export(c1, &net("10.200.0.11/32")).is_none(),
+            "never back to its source"
+        );
+    }
+
+    #[test]
+    fn a_non_client_route_is_reflected_to_clients_only() {
+        let mut rib = Rib::new("10.10.0.2".parse().unwrap());
+        let pol = policy();
+        let site = rib.add_peer(Peer {
+            name: "site".into(),
+            kind: PeerKind::NonClient,
+            policy: pol.clone(),
+            router_id: Some("10.10.0.1".parse().unwrap()),
+        });
+        let gw2 = rib.add_peer(Peer {
+            name: "gw2".into(),
+            kind: PeerKind::NonClient,
+            policy: pol.clone(),
+            router_id: Some("10.10.0.3".parse().unwrap()),
+        });
+        let c1 = rib.add_peer(Peer {
+            name: "c1".into(),
+            kind: PeerKind::Client,
+            policy: pol,
+            router_id: Some("10.200.0.11".parse().unwrap()),
+        });
+        rib.apply(site, &announce("10.10.0.0/16", attrs("10.10.0.1")));
+        assert!(rib.export(c1, &net("10.10.0.0/16")).is_some());
+        assert!(
+            rib.export(gw2, &net("10.10.0.0/16")).is_none(),
+            "non-client to non-client is not reflected"
+        );
+    }
+
+    #[test]
+    fn a_node_announcing_another_nodes_prefix_or_a_site_prefix_is_rejected_and_counted() {
+        let (mut rib, _, c1, _) = gateway();
+        let u = Update {
+            announced: vec![net("10.200.0.12/32"), net("10.10.0.0/16"), net("0.0.0.0/0")],
+            attributes: Some(attrs("10.200.0.11")),
+            ..Default::default()
+        };
+        let r = rib.apply(c1, &u);
+        assert_eq!(r.rejected.len(), 3);
+        assert_eq!(rib.counters[c1].rejected, 3);
+        assert_eq!(rib.accepted_count(c1), 0);
+    }
+
+    #[test]
+    fn the_site_router_may_not_announce_any_part_of_the_cloud_block() {
+        let (mut rib, site, _, _) = gateway();
+        let r = rib.apply(site, &announce("10.200.5.0/24", attrs("10.10.0.1")));
+        assert_eq!(r.rejected.len(), 1);
+        let r = rib.apply(site, &announce("10.0.0.0/8", attrs("10.10.0.1")));
+        assert_eq!(
+            r.rejected.len(),
+            1,
+            "a covering prefix overlaps the cloud block too"
+        );
+        let r = rib.apply(site, &announce("10.10.0.0/16", attrs("10.10.0.1")));
+        assert!(r.rejected.is_empty());
+    }
+
+    #[test]
+    fn routes_carrying_our_id_or_cluster_are_dropped_as_loops() {
+        let (mut rib, site, _, _) = gateway();
+        let mut a = attrs("10.10.0.1");
+        a.cluster_list = vec!["10.10.0.2".parse().unwrap()];
+        assert_eq!(
+            rib.apply(site, &announce("10.10.0.0/16", a)).rejected.len(),
+            1
+        );
+        let mut a = attrs("10.10.0.1");
+        a.originator_id = Some("10.10.0.2".parse().unwrap());
+        assert_eq!(
+            rib.apply(site, &announce("10.11.0.0/16", a)).rejected.len(),
+            1
+        );
+    }
+
+    #[test]
+    fn exceeding_max_prefix_is_reported() {
+        let (mut rib, _, c1, _) = gateway();
+        rib.peers[c1].policy.allow = vec![net("10.200.0.0/28")];
+        let u = Update {
+            announced: vec![
+                net("10.200.0.1/32"),
+                net("10.200.0.2/32"),
+                net("10.200.0.3/32"),
+            ],
+            attributes: Some(attrs("10.200.0.11")),
+            ..Default::default()
+        };
+        assert!(rib.apply(c1, &u).max_prefix_exceeded);
+    }
+
+    #[test]
+    fn treat_as_withdraw_removes_the_previous_announcement() {
+        let (mut rib, _, c1, c2) = gateway();
+        rib.apply(c1, &announce("10.200.0.11/32", attrs("10.200.0.11")));
+        let mut u = announce("10.200.0.11/32", attrs("10.200.0.11"));
+        u.treat_as_withdraw = true;
+        assert_eq!(rib.apply(c1, &u).changed, vec![net("10.200.0.11/32")]);
+        assert!(rib.export(c2, &net("10.200.0.11/32")).is_none());
+    }
+
+    #[test]
+    fn equal_paths_from_two_gateways_form_a_multipath_set() {
+        let mut rib = Rib::new("10.200.0.11".parse().unwrap());
+        let g1 = rib.add_peer(Peer {
+            name: "gw1".into(),
+            kind: PeerKind::NonClient,
+            policy: policy(),
+            router_id: Some("10.10.0.2".parse().unwrap()),
+        });
+        let g2 = rib.add_peer(Peer {
+            name: "gw2".into(),
+            kind: PeerKind::NonClient,
+            policy: policy(),
+            router_id: Some("10.10.0.3".parse().unwrap()),
+        });
+        rib.apply(g1, &announce("10.10.0.0/16", attrs("10.10.0.2")));
+        rib.apply(g2, &announce("10.10.0.0/16", attrs("10.10.0.3")));
+        let mp = rib.multipath(&net("10.10.0.0/16"));
+        assert_eq!(mp.len(), 2);
+        assert_eq!(
+            mp[0].from,
+            Some(g1),
+            "lowest router ID breaks the tie for best"
+        );
+        let mut worse = attrs("10.10.0.3");
+        worse.local_pref = Some(50);
+        rib.apply(g2, &announce("10.10.0.0/16", worse));
+        assert_eq!(rib.multipath(&net("10.10.0.0/16")).len(), 1);
+    }
+
+    #[test]
+    fn a_session_going_down_withdraws_what_it_announced() {
+        let (mut rib, _, c1, c2) = gateway();
+        rib.apply(c1, &announce("10.200.0.11/32", attrs("10.200.0.11")));
+        assert_eq!(rib.peer_down(c1), vec![net("10.200.0.11/32")]);
+        assert!(rib.export(c2, &net("10.200.0.11/32")).is_none());
+    }
+}
