@@ -38,6 +38,7 @@ type LinkKey = (String, u32);
 
 struct Daemon {
     opts: Options,
+    bgp: Option<crate::bgp::speaker::Speaker>,
     cfg: Config,
     role: Role,
     key: Option<PrivateKey>,
@@ -220,6 +221,14 @@ impl Daemon {
             "keepalive_ms": self.cfg.site.keepalive_ms,
             "dead_after": self.cfg.site.dead_after,
             "links": peers,
+            "bgp": self.bgp.as_ref().map(|b| {
+                let b = b.status.lock().expect("not poisoned");
+                serde_json::json!({
+                    "sessions": b.sessions,
+                    "refused_connections": b.refused_connections,
+                    "routes": b.routes.iter().map(|(p, h)| serde_json::json!({"prefix": p.to_string(), "next_hops": h})).collect::<Vec<_>>(),
+                })
+            }),
         })
     }
 
@@ -267,6 +276,7 @@ pub async fn run(opts: Options) -> Result<(), String> {
     let listener = control::bind().map_err(|e| format!("control socket: {e}"))?;
     let nl = Netlink::connect().map_err(|e| format!("netlink: {e}"))?;
     let mut d = Daemon {
+        bgp: None,
         opts,
         cfg,
         role,
@@ -280,6 +290,19 @@ pub async fn run(opts: Options) -> Result<(), String> {
     tracing::info!(host = %d.opts.host, %role, changes = plan.changes.len(), "host reconciled");
     for spec in &specs {
         d.start_link(spec)?;
+    }
+    match bgp_config(&d.cfg, &d.opts.host) {
+        Ok(Some(sc)) => {
+            let peers = sc.peers.len();
+            d.bgp = Some(
+                crate::bgp::speaker::start(sc)
+                    .await
+                    .map_err(|e| format!("BGP: {e}"))?,
+            );
+            tracing::info!(peers, "BGP speaker started");
+        }
+        Ok(None) => {}
+        Err(e) => return Err(e),
     }
     let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
@@ -310,8 +333,121 @@ pub async fn run(opts: Options) -> Result<(), String> {
         }
     }
     tracing::info!("stopping; tunnel devices stay and lose carrier, so their routes fail closed");
+    if let Some(b) = &d.bgp {
+        b.shutdown().await;
+    }
     for (_, rt) in std::mem::take(&mut d.links) {
         rt.stop();
     }
     Ok(())
+}
+
+/// The iBGP sessions of this host, from the config: gateways reflect for the nodes and peer
+/// with the site routers (next-hop-self, never accepting the cloud block) and with each other;
+/// nodes peer with every gateway over the tunnels and announce their own prefixes.
+fn bgp_config(
+    cfg: &Config,
+    host: &str,
+) -> Result<Option<crate::bgp::speaker::SpeakerConfig>, String> {
+    use crate::bgp::rib::{Peer, PeerKind, Policy};
+    use crate::bgp::speaker::{PeerConfig, SpeakerConfig, PORT};
+    use crate::bgp::wire::Attributes;
+    let v4 = |a: std::net::IpAddr, what: &str| match a {
+        std::net::IpAddr::V4(v) => Ok(v),
+        _ => Err(format!("{what} {a} must be IPv4 to serve as BGP router ID")),
+    };
+    let policy =
+        |allow: Vec<ipnet::IpNet>, deny: Vec<ipnet::IpNet>, nhs: Option<std::net::IpAddr>| Policy {
+            allow,
+            deny,
+            max_prefix: cfg.bgp.max_prefix,
+            next_hop_self: nhs,
+        };
+    let peer = |name: &str, kind, policy, address, active| PeerConfig {
+        peer: Peer {
+            name: name.to_string(),
+            kind,
+            policy,
+            router_id: None,
+        },
+        address,
+        active,
+    };
+    if let Some(g) = cfg.gateways.iter().find(|g| g.name == host) {
+        let id = v4(g.site_address, "gateway site address")?;
+        let mut peers = Vec::new();
+        for n in &cfg.bgp.neighbors {
+            peers.push(peer(
+                &n.name,
+                PeerKind::NonClient,
+                policy(vec![], cfg.site.cloud_blocks.clone(), Some(g.site_address)),
+                n.address,
+                true,
+            ));
+        }
+        for o in cfg.gateways.iter().filter(|o| o.name != g.name) {
+            let active = u32::from(id) < u32::from(v4(o.site_address, "gateway site address")?);
+            peers.push(peer(
+                &o.name,
+                PeerKind::NonClient,
+                policy(vec![], vec![], None),
+                o.site_address,
+                active,
+            ));
+        }
+        for n in &cfg.nodes {
+            peers.push(peer(
+                &n.name,
+                PeerKind::Client,
+                policy(n.prefixes.clone(), vec![], None),
+                n.address,
+                false,
+            ));
+        }
+        return Ok(Some(SpeakerConfig {
+            local_as: cfg.site.asn,
+            router_id: id,
+            local_address: g.site_address,
+            listen: Some(std::net::SocketAddr::new(
+                std::net::Ipv4Addr::UNSPECIFIED.into(),
+                PORT,
+            )),
+            hold_time: cfg.bgp.hold_time,
+            restart_time: 120,
+            peers,
+            originate: Vec::new(),
+        }));
+    }
+    if let Some(n) = cfg.nodes.iter().find(|n| n.name == host) {
+        let id = v4(n.address, "node address")?;
+        let peers = cfg
+            .gateways
+            .iter()
+            .map(|g| {
+                peer(
+                    &g.name,
+                    PeerKind::NonClient,
+                    policy(vec![], n.prefixes.clone(), None),
+                    g.site_address,
+                    true,
+                )
+            })
+            .collect();
+        let own = Attributes {
+            next_hop: Some(n.address),
+            local_pref: Some(100),
+            ..Default::default()
+        };
+        return Ok(Some(SpeakerConfig {
+            local_as: cfg.site.asn,
+            router_id: id,
+            local_address: n.address,
+            listen: None,
+            hold_time: cfg.bgp.hold_time,
+            restart_time: 120,
+            peers,
+            originate: n.prefixes.iter().map(|p| (*p, own.clone())).collect(),
+        }));
+    }
+    Ok(None)
 }

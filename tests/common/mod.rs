@@ -4,7 +4,7 @@
 //! when a test fails or panics too. Nothing here touches the root namespace.
 #![allow(dead_code)]
 
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_appliance");
@@ -211,4 +211,40 @@ pub fn text(o: &Output) -> String {
 
 pub fn repo(path: &str) -> String {
     format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A process started in a namespace, ended by PID when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub log: std::path::PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(ns: &Netns, args: &[&str], log: std::path::PathBuf) -> Proc {
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .args(args)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        Proc { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        run("kill", &[sig, &self.child.id().to_string()]);
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -1,0 +1,483 @@
+//! The BGP driver (edge): TCP sessions, timers and the task that owns the RIB. All decisions
+//! are the pure modules': [`super::fsm::Session`] for each session, [`super::rib::Rib`] for
+//! routes. Tasks and channels:
+//!
+//! ```text
+//!  listener ──(accepted stream, by peer address)──▶ session task per peer ◀── connect loop
+//!  session task ──Event::{Up, Update, Refresh, Down}──▶ RIB task ──Vec<Message>──▶ session task
+//! ```
+//! A connection from an address that is not a configured peer is closed at once and counted.
+
+use super::fsm::{Action, Config as FsmConfig, Event as FsmEvent, Negotiated, Session};
+use super::rib::{Applied, Counters, Peer, PeerId, Rib};
+use super::wire::{self, Attributes, Context, Message, Notification, Update};
+use ipnet::IpNet;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::mpsc;
+
+pub const PORT: u16 = 179;
+const CONNECT_RETRY: Duration = Duration::from_secs(2);
+/// Backlog for the listener: a thousand clients may connect at once after a gateway restart.
+const BACKLOG: u32 = 4096;
+
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    pub peer: Peer,
+    pub address: IpAddr,
+    /// We open the connection (nodes towards gateways, gateways towards the site router).
+    pub active: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct SpeakerConfig {
+    pub local_as: u32,
+    pub router_id: Ipv4Addr,
+    /// Source address for outgoing sessions.
+    pub local_address: IpAddr,
+    /// Where to accept sessions (None: active only).
+    pub listen: Option<SocketAddr>,
+    pub hold_time: u16,
+    pub restart_time: u16,
+    pub peers: Vec<PeerConfig>,
+    /// Routes this speaker originates (a node's own prefixes).
+    pub originate: Vec<(IpNet, Attributes)>,
+}
+
+/// What `appliance status` shows per session, like `birdc show protocols`.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct SessionStatus {
+    pub name: String,
+    pub address: String,
+    pub state: String,
+    pub since_unix_s: u64,
+    pub last_error: Option<String>,
+    pub prefixes: Counters,
+    pub accepted_now: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct Status {
+    pub sessions: Vec<SessionStatus>,
+    pub refused_connections: u64,
+    /// Best paths with their multipath next hops, as the kernel sync would install them.
+    pub routes: BTreeMap<IpNet, Vec<IpAddr>>,
+}
+
+pub type SharedStatus = Arc<Mutex<Status>>;
+
+/// A running speaker: its status, and a way to stop it cleanly.
+pub struct Speaker {
+    pub status: SharedStatus,
+    tx: mpsc::UnboundedSender<ToRib>,
+}
+
+impl Speaker {
+    /// Tell every established peer we are going away on purpose (Cease, administrative
+    /// shutdown): they withdraw our routes at once. A crash or SIGKILL sends nothing, so peers
+    /// keep our routes for the graceful-restart time instead (RFC 4724).
+    pub async fn shutdown(&self) {
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        if self.tx.send(ToRib::Shutdown(done_tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), done_rx).await;
+            // Let the session tasks write their NOTIFICATIONs.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+enum ToRib {
+    Shutdown(tokio::sync::oneshot::Sender<()>),
+    Up(PeerId, Negotiated, mpsc::UnboundedSender<Message>),
+    Update(PeerId, Update),
+    Refresh(PeerId),
+    Down(PeerId),
+}
+
+/// Start the speaker; it runs until the runtime stops.
+pub async fn start(cfg: SpeakerConfig) -> std::io::Result<Speaker> {
+    let status: SharedStatus = Arc::new(Mutex::new(Status {
+        sessions: cfg
+            .peers
+            .iter()
+            .map(|p| SessionStatus {
+                name: p.peer.name.clone(),
+                address: p.address.to_string(),
+                state: "Idle".into(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }));
+    let (rib_tx, rib_rx) = mpsc::unbounded_channel();
+    let mut accept_txs = BTreeMap::new();
+    for (id, p) in cfg.peers.iter().enumerate() {
+        let (tx, rx) = mpsc::unbounded_channel::<TcpStream>();
+        accept_txs.insert(p.address, tx);
+        let fsm = FsmConfig {
+            local_as: cfg.local_as,
+            local_id: cfg.router_id,
+            peer_as: cfg.local_as,
+            hold_time: cfg.hold_time,
+            restart_time: cfg.restart_time,
+        };
+        tokio::spawn(peer_task(
+            id,
+            p.clone(),
+            cfg.local_address,
+            fsm,
+            rx,
+            rib_tx.clone(),
+            status.clone(),
+        ));
+    }
+    if let Some(addr) = cfg.listen {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(BACKLOG)?;
+        tokio::spawn(accept_task(listener, accept_txs, status.clone()));
+    }
+    let mut rib = Rib::new(cfg.router_id);
+    for p in &cfg.peers {
+        rib.add_peer(p.peer.clone());
+    }
+    for (prefix, a) in &cfg.originate {
+        rib.originate(*prefix, a.clone());
+    }
+    tokio::spawn(rib_task(rib, rib_rx, status.clone()));
+    Ok(Speaker { status, tx: rib_tx })
+}
+
+async fn accept_task(
+    listener: TcpListener,
+    peers: BTreeMap<IpAddr, mpsc::UnboundedSender<TcpStream>>,
+    status: SharedStatus,
+) {
+    loop {
+        let Ok((stream, from)) = listener.accept().await else {
+            continue;
+        };
+        let ip = match from.ip() {
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        match peers.get(&ip) {
+            Some(tx) => {
+                let _ = tx.send(stream);
+            }
+            None => {
+                status.lock().expect("not poisoned").refused_connections += 1;
+                tracing::warn!(%from, "BGP connection from an address that is not a configured peer: refused");
+                drop(stream);
+            }
+        }
+    }
+}
+
+fn set_state(status: &SharedStatus, id: PeerId, state: &str, error: Option<String>) {
+    let mut s = status.lock().expect("not poisoned");
+    let e = &mut s.sessions[id];
+    if e.state != state {
+        e.state = state.to_string();
+        e.since_unix_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+    }
+    if error.is_some() {
+        e.last_error = error;
+    }
+}
+
+async fn connect(local: IpAddr, to: IpAddr) -> std::io::Result<TcpStream> {
+    let socket = if to.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(local, 0))?;
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        socket.connect(SocketAddr::new(to, PORT)),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+async fn peer_task(
+    id: PeerId,
+    p: PeerConfig,
+    local: IpAddr,
+    fsm: FsmConfig,
+    mut accepted: mpsc::UnboundedReceiver<TcpStream>,
+    rib: mpsc::UnboundedSender<ToRib>,
+    status: SharedStatus,
+) {
+    loop {
+        let stream = if p.active {
+            tokio::select! {
+                s = connect(local, p.address) => match s {
+                    Ok(s) => s,
+                    Err(e) => {
+                        set_state(&status, id, "Active", Some(format!("connect: {e}")));
+                        tokio::time::sleep(CONNECT_RETRY).await;
+                        continue;
+                    }
+                },
+                Some(s) = accepted.recv() => s,
+            }
+        } else {
+            set_state(&status, id, "Active", None);
+            match accepted.recv().await {
+                Some(s) => s,
+                None => return,
+            }
+        };
+        let reason = run_session(id, &p, stream, fsm.clone(), &rib, &status).await;
+        tracing::info!(peer = %p.peer.name, %reason, "BGP session down");
+        set_state(&status, id, "Active", Some(reason.clone()));
+        let _ = rib.send(ToRib::Down(id));
+        tokio::time::sleep(CONNECT_RETRY).await;
+    }
+}
+
+/// One TCP connection's life. Returns why it ended.
+async fn run_session(
+    id: PeerId,
+    p: &PeerConfig,
+    stream: TcpStream,
+    fsm: FsmConfig,
+    rib: &mpsc::UnboundedSender<ToRib>,
+    status: &SharedStatus,
+) -> String {
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let mut s = Session::new(fsm);
+    s.start();
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
+    let far = Instant::now() + Duration::from_secs(86400 * 365);
+    let mut hold_deadline = far;
+    let mut keepalive_deadline = far;
+    let mut keepalive_every = None::<Duration>;
+    let mut buf: Vec<u8> = Vec::with_capacity(8192);
+    let mut pending = s.handle(FsmEvent::Connected);
+    set_state(status, id, "OpenSent", None);
+    loop {
+        // Perform what the FSM decided.
+        for action in std::mem::take(&mut pending) {
+            match action {
+                Action::Send(m) => {
+                    let bytes = wire::encode(&m, s.context());
+                    if let Err(e) = wr.write_all(&bytes).await {
+                        return format!("write: {e}");
+                    }
+                    if let Some(k) = keepalive_every {
+                        keepalive_deadline = Instant::now() + k;
+                    }
+                }
+                Action::HoldTimer(d) => {
+                    hold_deadline = d.map(|d| Instant::now() + d).unwrap_or(far);
+                }
+                Action::KeepaliveTimer(d) => {
+                    keepalive_every = d;
+                    keepalive_deadline = d.map(|d| Instant::now() + d).unwrap_or(far);
+                }
+                Action::Close => {
+                    let _ = wr.shutdown().await;
+                }
+                Action::Established(n) => {
+                    tracing::info!(peer = %p.peer.name, id = %n.peer_id, hold = n.hold_time, "BGP session established");
+                    set_state(status, id, "Established", None);
+                    let _ = rib.send(ToRib::Up(id, n, out_tx.clone()));
+                }
+                Action::Down { reason } => return reason,
+                Action::Update(u) => {
+                    if !u.errors.is_empty() {
+                        tracing::warn!(peer = %p.peer.name, errors = ?u.errors, treat_as_withdraw = u.treat_as_withdraw, "malformed UPDATE attributes (RFC 7606)");
+                    }
+                    let _ = rib.send(ToRib::Update(id, u));
+                }
+                Action::RouteRefresh { .. } => {
+                    let _ = rib.send(ToRib::Refresh(id));
+                }
+            }
+        }
+        if s.state == super::fsm::State::OpenConfirm {
+            set_state(status, id, "OpenConfirm", None);
+        }
+        // Frame any whole messages already buffered.
+        match wire::frame_len(&buf) {
+            Err(e) => {
+                pending = s.handle(FsmEvent::Malformed(e));
+                continue;
+            }
+            Ok(Some(len)) if buf.len() >= len => {
+                let msg: Vec<u8> = buf.drain(..len).collect();
+                pending = match wire::decode(&msg, s.context()) {
+                    Ok(m) => s.handle(FsmEvent::Received(m)),
+                    Err(e) => s.handle(FsmEvent::Malformed(e)),
+                };
+                continue;
+            }
+            _ => {}
+        }
+        let mut chunk = [0u8; 8192];
+        tokio::select! {
+            r = rd.read(&mut chunk) => match r {
+                Ok(0) | Err(_) => pending = s.handle(FsmEvent::Disconnected),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            },
+            Some(m) = out_rx.recv() => {
+                if let Message::Notification(n) = &m {
+                    pending = s.handle(FsmEvent::Stop { subcode: n.subcode });
+                } else {
+                    pending = vec![Action::Send(m)];
+                }
+            }
+            _ = tokio::time::sleep_until(hold_deadline.into()) => {
+                hold_deadline = far;
+                pending = s.handle(FsmEvent::HoldTimerExpired);
+            }
+            _ = tokio::time::sleep_until(keepalive_deadline.into()) => {
+                keepalive_deadline = far;
+                pending = s.handle(FsmEvent::KeepaliveTimerExpired);
+            }
+        }
+    }
+}
+
+struct Established {
+    tx: mpsc::UnboundedSender<Message>,
+    ctx: Context,
+    /// What we told this peer (Adj-RIB-Out), to send only differences.
+    sent: BTreeMap<IpNet, Attributes>,
+}
+
+async fn rib_task(mut rib: Rib, mut rx: mpsc::UnboundedReceiver<ToRib>, status: SharedStatus) {
+    let mut up: BTreeMap<PeerId, Established> = BTreeMap::new();
+    while let Some(ev) = rx.recv().await {
+        let changed: Vec<IpNet> = match ev {
+            ToRib::Shutdown(done) => {
+                for e in up.values() {
+                    let _ = e.tx.send(Message::Notification(Notification::cease(2)));
+                }
+                let _ = done.send(());
+                Vec::new()
+            }
+            ToRib::Up(id, n, tx) => {
+                rib.peers[id].router_id = Some(n.peer_id);
+                up.insert(
+                    id,
+                    Established {
+                        tx,
+                        ctx: n.context(),
+                        sent: BTreeMap::new(),
+                    },
+                );
+                export_all(&rib, id, up.get_mut(&id).expect("inserted"));
+                Vec::new()
+            }
+            ToRib::Refresh(id) => {
+                if let Some(e) = up.get_mut(&id) {
+                    e.sent.clear();
+                    export_all(&rib, id, e);
+                }
+                Vec::new()
+            }
+            ToRib::Down(id) => {
+                up.remove(&id);
+                rib.peer_down(id)
+            }
+            ToRib::Update(id, u) => {
+                let Applied {
+                    changed,
+                    rejected,
+                    max_prefix_exceeded,
+                } = rib.apply(id, &u);
+                for (prefix, why) in &rejected {
+                    tracing::warn!(peer = %rib.peers[id].name, %prefix, %why, "prefix rejected");
+                }
+                if max_prefix_exceeded {
+                    tracing::error!(peer = %rib.peers[id].name, max = rib.peers[id].policy.max_prefix, "max-prefix exceeded: stopping the session");
+                    if let Some(e) = up.get(&id) {
+                        let _ = e.tx.send(Message::Notification(Notification::cease(1)));
+                    }
+                }
+                changed
+            }
+        };
+        for prefix in &changed {
+            for (id, e) in up.iter_mut() {
+                export_one(&rib, *id, e, prefix);
+            }
+        }
+        publish(&rib, &status);
+    }
+}
+
+fn export_one(rib: &Rib, to: PeerId, e: &mut Established, prefix: &IpNet) {
+    let want = rib.export(to, prefix);
+    let had = e.sent.get(prefix);
+    if want.as_ref() == had {
+        return;
+    }
+    let msgs = match &want {
+        Some(a) => wire::encode_updates(&[], &[*prefix], Some(a), e.ctx),
+        None => wire::encode_updates(&[*prefix], &[], None, e.ctx),
+    };
+    for m in msgs {
+        if let Ok(Message::Update(u)) = wire::decode(&m, e.ctx) {
+            let _ = e.tx.send(Message::Update(u));
+        }
+    }
+    match want {
+        Some(a) => {
+            e.sent.insert(*prefix, a);
+        }
+        None => {
+            e.sent.remove(prefix);
+        }
+    }
+}
+
+fn export_all(rib: &Rib, to: PeerId, e: &mut Established) {
+    for prefix in rib.prefixes() {
+        export_one(rib, to, e, &prefix);
+    }
+    // End-of-RIB (RFC 4724): an empty UPDATE.
+    let _ = e.tx.send(Message::Update(Update::default()));
+}
+
+fn publish(rib: &Rib, status: &SharedStatus) {
+    let mut s = status.lock().expect("not poisoned");
+    for (i, c) in rib.counters.iter().enumerate() {
+        s.sessions[i].prefixes = c.clone();
+        s.sessions[i].accepted_now = rib.accepted_count(i);
+    }
+    s.routes = rib
+        .prefixes()
+        .into_iter()
+        .filter_map(|p| {
+            let hops: Vec<IpAddr> = rib
+                .multipath(&p)
+                .iter()
+                .filter(|x| x.from.is_some())
+                .filter_map(|x| x.attributes.next_hop)
+                .collect();
+            (!hops.is_empty()).then_some((p, hops))
+        })
+        .collect();
+}

@@ -1,0 +1,222 @@
+//! The embedded iBGP speaker against bird2 as the site router, in namespaces:
+//!
+//! ```text
+//!  site ns: bird2, bridge 10.10.0.1/24 ──┬── gw1 ns 10.10.0.2 ── 192.0.2.1 ─┐
+//!                                        └── gw2 ns 10.10.0.3 ── 192.0.2.3 ─┼─ inet ns (bridge)
+//!                                                      c1 ns 192.0.2.11 ────┘
+//! ```
+//! c1 runs 2 links to each gateway and announces 10.200.0.11/32 over iBGP through its tunnels;
+//! both gateways reflect it to bird with next-hop-self, so bird's kernel table must hold it
+//! with two nexthops, and lose one when a gateway stops.
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn veth(a: &Netns, an: &str, b: &Netns, bn: &str) {
+    run(
+        "ip",
+        &[
+            "-n", &a.name, "link", "add", an, "type", "veth", "peer", "name", bn, "netns", &b.name,
+        ],
+    );
+    a.ip(&["link", "set", an, "up"]);
+    b.ip(&["link", "set", bn, "up"]);
+}
+
+fn key(dir: &Path, name: &str) -> String {
+    let k = dir.join(format!("{name}.key"));
+    let out = Command::new(BIN).arg("genkey").output().unwrap();
+    std::fs::write(&k, &out.stdout).unwrap();
+    run("chmod", &["600", k.to_str().unwrap()]);
+    let p = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{BIN} pubkey < {}", k.display()))
+        .output()
+        .unwrap();
+    String::from_utf8(p.stdout).unwrap().trim().to_string()
+}
+
+fn bird_nexthops(site: &Netns, prefix: &str) -> Vec<String> {
+    let v = site.ip_json(&["route", "show", prefix]);
+    let Some(r) = v.as_array().and_then(|a| a.first()) else {
+        return vec![];
+    };
+    let mut hops: Vec<String> = match r.get("nexthops") {
+        Some(h) => h
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["gateway"].as_str().unwrap_or("").to_string())
+            .collect(),
+        None => r
+            .get("gateway")
+            .and_then(|g| g.as_str())
+            .map(|g| vec![g.to_string()])
+            .unwrap_or_default(),
+    };
+    hops.sort();
+    hops
+}
+
+#[test]
+fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
+    if !root_or_skip("bird_interop") {
+        return;
+    }
+    let (site, gw1, gw2, inet, c1) = (
+        Netns::new(),
+        Netns::new(),
+        Netns::new(),
+        Netns::new(),
+        Netns::new(),
+    );
+    let dir = std::env::temp_dir().join(format!("{}-bgp", site.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Site LAN.
+    site.ip(&["link", "add", "br0", "type", "bridge"]);
+    site.ip(&["link", "set", "br0", "up"]);
+    site.ip(&["addr", "add", "10.10.0.1/24", "dev", "br0"]);
+    for (gw, n, addr) in [(&gw1, "1", "10.10.0.2/24"), (&gw2, "2", "10.10.0.3/24")] {
+        veth(&site, &format!("s{n}"), gw, "lan");
+        site.ip(&["link", "set", &format!("s{n}"), "master", "br0"]);
+        gw.ip(&["addr", "add", addr, "dev", "lan"]);
+    }
+    // Internet.
+    inet.ip(&["link", "add", "br0", "type", "bridge"]);
+    inet.ip(&["link", "set", "br0", "up"]);
+    for (ns, n, addr) in [
+        (&gw1, "1", "192.0.2.1/24"),
+        (&gw2, "2", "192.0.2.3/24"),
+        (&c1, "3", "192.0.2.11/24"),
+    ] {
+        veth(&inet, &format!("i{n}"), ns, "wan");
+        inet.ip(&["link", "set", &format!("i{n}"), "master", "br0"]);
+        ns.ip(&["addr", "add", addr, "dev", "wan"]);
+    }
+    let (k1, k2, kc) = (key(&dir, "gw1"), key(&dir, "gw2"), key(&dir, "c1"));
+    let cfg = dir.join("site.kdl");
+    std::fs::write(
+        &cfg,
+        format!(
+            "site \"lab\" {{\n asn 65010\n cloud-block \"10.200.0.0/16\"\n site-prefix \"10.10.0.0/16\"\n links 2\n keepalive-ms 200\n dead-after 3\n}}\n\
+             gateway \"gw1\" {{\n endpoint \"192.0.2.1\"\n site-address \"10.10.0.2\"\n public-key \"{k1}\"\n}}\n\
+             gateway \"gw2\" {{\n endpoint \"192.0.2.3\"\n site-address \"10.10.0.3\"\n public-key \"{k2}\"\n}}\n\
+             node \"c1\" {{\n address \"10.200.0.11\"\n public-key \"{kc}\"\n}}\n\
+             bgp {{\n hold-time 30\n neighbor \"site-router\" {{\n address \"10.10.0.1\"\n }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    let bird_conf = dir.join("bird.conf");
+    std::fs::write(
+        &bird_conf,
+        "router id 10.10.0.1;\n\
+         protocol device {}\n\
+         protocol kernel { ipv4 { import none; export filter { if dest = RTD_UNICAST then accept; reject; }; }; merge paths on; }\n\
+         template bgp gateways { local 10.10.0.1 as 65010; neighbor as 65010; direct; hold time 30; ipv4 { import all; export none; }; }\n\
+         protocol bgp gw1 from gateways { neighbor 10.10.0.2; }\n\
+         protocol bgp gw2 from gateways { neighbor 10.10.0.3; }\n",
+    )
+    .unwrap();
+    let sock = dir.join("bird.ctl");
+    let s = sock.to_str().unwrap();
+    let mut procs = vec![Proc::spawn(
+        &site,
+        &[
+            "bird",
+            "-f",
+            "-c",
+            bird_conf.to_str().unwrap(),
+            "-s",
+            s,
+            "-P",
+            dir.join("bird.pid").to_str().unwrap(),
+        ],
+        dir.join("bird.log"),
+    )];
+    let c = cfg.to_str().unwrap();
+    for (ns, host) in [(&gw1, "gw1"), (&gw2, "gw2"), (&c1, "c1")] {
+        let k = dir.join(format!("{host}.key"));
+        procs.push(Proc::spawn(
+            ns,
+            &[
+                BIN,
+                "run",
+                "-c",
+                c,
+                "--node",
+                host,
+                "-k",
+                k.to_str().unwrap(),
+            ],
+            dir.join(format!("{host}.log")),
+        ));
+    }
+    let logs = |procs: &[Proc]| {
+        procs
+            .iter()
+            .map(Proc::log)
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
+    let t0 = Instant::now();
+    while bird_nexthops(&site, "10.200.0.11/32") != ["10.10.0.2", "10.10.0.3"] {
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "bird never had both paths: {:?}\n{}",
+            bird_nexthops(&site, "10.200.0.11/32"),
+            logs(&procs)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "bird has 10.200.0.11/32 via both gateways after {:?}",
+        t0.elapsed()
+    );
+    // bird decodes what our reflector added.
+    let show = site.exec(&["birdc", "-s", s, "show", "route", "10.200.0.11/32", "all"]);
+    let show = String::from_utf8_lossy(&show.stdout).to_string();
+    assert!(show.contains("BGP.originator_id: 10.200.0.11"), "{show}");
+    assert!(
+        show.contains("BGP.cluster_list: 10.10.0.2")
+            && show.contains("BGP.cluster_list: 10.10.0.3"),
+        "{show}"
+    );
+    // The site can reach the node through either gateway.
+    let ping = site.exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.200.0.11"]);
+    assert!(ping.status.success(), "{}", text(&ping));
+    // Stopping gw1 takes its path away.
+    procs[1].signal("-TERM");
+    let t1 = Instant::now();
+    while bird_nexthops(&site, "10.200.0.11/32") != ["10.10.0.3"] {
+        assert!(
+            t1.elapsed() < Duration::from_secs(40),
+            "gw1's path stayed: {:?}",
+            bird_nexthops(&site, "10.200.0.11/32")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "gw1 stopped: bird down to one path after {:?}",
+        t1.elapsed()
+    );
+    // A crash is not a stop: with graceful restart (RFC 4724) bird keeps gw2's routes, marked
+    // stale, while it waits for gw2 to come back.
+    procs[2].signal("-KILL");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        bird_nexthops(&site, "10.200.0.11/32"),
+        ["10.10.0.3"],
+        "graceful restart keeps the path"
+    );
+    let show = site.exec(&["birdc", "-s", s, "show", "protocols", "all", "gw2"]);
+    let show = String::from_utf8_lossy(&show.stdout).to_string();
+    assert!(
+        show.to_lowercase().contains("restart"),
+        "bird reports the restart: {show}"
+    );
+    drop(procs);
+    let _ = std::fs::remove_dir_all(&dir);
+}
