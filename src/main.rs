@@ -288,6 +288,28 @@ fn render_status(s: &serde_json::Value) -> String {
             if l["alive"] == true { "live" } else { "dead" }
         ));
     }
+    if let Some(b) = s["bgp"].as_object() {
+        out.push_str(&format!(
+            "\n{:<14} {:<18} {:<12} {:>8} {:>8} {:>8} {}\n",
+            "BGP PEER", "ADDRESS", "STATE", "RECEIVED", "ACCEPTED", "REJECTED", "LAST ERROR"
+        ));
+        for p in b["sessions"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "{:<14} {:<18} {:<12} {:>8} {:>8} {:>8} {}\n",
+                p["name"].as_str().unwrap_or(""),
+                p["address"].as_str().unwrap_or(""),
+                p["state"].as_str().unwrap_or(""),
+                p["prefixes"]["received"],
+                p["prefixes"]["accepted"],
+                p["prefixes"]["rejected"],
+                p["last_error"].as_str().unwrap_or("-")
+            ));
+        }
+        out.push_str(&format!(
+            "connections refused from unknown addresses: {}\n",
+            b["refused_connections"]
+        ));
+    }
     out
 }
 

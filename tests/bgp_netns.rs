@@ -187,6 +187,32 @@ fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
     // The site can reach the node through either gateway.
     let ping = site.exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.200.0.11"]);
     assert!(ping.status.success(), "{}", text(&ping));
+    // A BGP connection from an address that is not a configured peer is refused and counted.
+    site.ip(&["addr", "add", "10.10.0.77/24", "dev", "br0"]);
+    let stranger = "import socket; s = socket.socket(); s.settimeout(3); s.bind(('10.10.0.77', 0)); s.connect(('10.10.0.3', 179)); print(len(s.recv(4096)))";
+    let probe = site.exec(&["python3", "-c", stranger]);
+    assert_eq!(
+        String::from_utf8_lossy(&probe.stdout).trim(),
+        "0",
+        "closed without an OPEN: {}",
+        text(&probe)
+    );
+    let st = gw2.appliance(&["status", "--output", "json"]);
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert!(
+        st["bgp"]["refused_connections"].as_u64().unwrap() >= 1,
+        "{st}"
+    );
+    let sessions = st["bgp"]["sessions"].as_array().unwrap();
+    let c1_session = sessions.iter().find(|p| p["name"] == "c1").unwrap();
+    assert_eq!(c1_session["state"], "Established", "{st}");
+    assert_eq!(c1_session["prefixes"]["accepted"], 1, "{st}");
+    let text_status = gw2.appliance(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&text_status.stdout).contains("site-router"),
+        "{}",
+        text(&text_status)
+    );
     // Stopping gw1 takes its path away.
     procs[1].signal("-TERM");
     let t1 = Instant::now();

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need=(iproute2 iputils-ping util-linux file bc nftables python3 wireguard-go wireguard-tools iperf3 bird2)
+need=(iproute2 iputils-ping util-linux file bc nftables python3 wireguard-go wireguard-tools iperf3 bird2 gobgpd)
 missing=()
 for p in "${need[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

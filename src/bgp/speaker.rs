@@ -246,7 +246,7 @@ async fn peer_task(
                 None => return,
             }
         };
-        let reason = run_session(id, &p, stream, fsm.clone(), &rib, &status).await;
+        let reason = run_session(id, &p, stream, fsm.clone(), &rib, &status, &mut accepted).await;
         tracing::info!(peer = %p.peer.name, %reason, "BGP session down");
         set_state(&status, id, "Active", Some(reason.clone()));
         let _ = rib.send(ToRib::Down(id));
@@ -254,7 +254,11 @@ async fn peer_task(
     }
 }
 
-/// One TCP connection's life. Returns why it ended.
+/// One TCP connection's life. Returns why it ended. A second connection from the same peer
+/// while this one runs is refused with Cease 7 (connection collision resolution): with the
+/// roles the config gives (nodes connect to gateways, the lower router ID among gateways
+/// connects) only the site router ever dials in while we dial out, and it resolves the
+/// collision on its side.
 async fn run_session(
     id: PeerId,
     p: &PeerConfig,
@@ -262,6 +266,7 @@ async fn run_session(
     fsm: FsmConfig,
     rib: &mpsc::UnboundedSender<ToRib>,
     status: &SharedStatus,
+    accepted: &mut mpsc::UnboundedReceiver<TcpStream>,
 ) -> String {
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
@@ -340,6 +345,11 @@ async fn run_session(
                 Ok(0) | Err(_) => pending = s.handle(FsmEvent::Disconnected),
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
             },
+            Some(mut extra) = accepted.recv() => {
+                let cease = wire::encode(&Message::Notification(Notification::cease(7)), Context::default());
+                let _ = extra.write_all(&cease).await;
+                tracing::debug!(peer = %p.peer.name, "second connection refused (collision)");
+            }
             Some(m) = out_rx.recv() => {
                 if let Message::Notification(n) = &m {
                     pending = s.handle(FsmEvent::Stop { subcode: n.subcode });
