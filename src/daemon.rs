@@ -416,6 +416,7 @@ fn bgp_config(
             restart_time: 120,
             peers,
             originate: Vec::new(),
+            client_to_client: false,
         }));
     }
     if let Some(n) = cfg.nodes.iter().find(|n| n.name == host) {
@@ -447,6 +448,7 @@ fn bgp_config(
             restart_time: 120,
             peers,
             originate: n.prefixes.iter().map(|p| (*p, own.clone())).collect(),
+            client_to_client: false,
         }));
     }
     Ok(None)

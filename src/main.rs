@@ -102,6 +102,10 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// Stand-alone route reflector for the shared rr-bench harness (bench/bgp); reads RR_IP,
+    /// PORT, ASN, CLIENTS_FILE, LISTENER_IP and RUN_DIR from the environment.
+    #[command(hide = true)]
+    BgpReflector,
     /// Print what appliance owns on this host (or, with --desired, what the config wants) as
     /// the state model the planner compares.
     State {
@@ -145,6 +149,7 @@ fn main() -> ExitCode {
             key_file,
         } => run_cmd(file.config, host.node, key_file),
         Command::Status { output } => status_cmd(output),
+        Command::BgpReflector => bench_reflector(),
         Command::Reconcile {
             args,
             host,
@@ -215,6 +220,47 @@ fn run_cmd(config: PathBuf, node: Option<String>, key_file: PathBuf) -> ExitCode
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn bench_reflector() -> ExitCode {
+    let env = |k: &str| std::env::var(k).map_err(|_| format!("{k} is not set"));
+    let run = || -> Result<(), String> {
+        let ip: std::net::IpAddr = env("RR_IP")?.parse().map_err(|e| format!("RR_IP: {e}"))?;
+        let port: u16 = env("PORT")?.parse().map_err(|e| format!("PORT: {e}"))?;
+        let asn: u32 = env("ASN")?.parse().map_err(|e| format!("ASN: {e}"))?;
+        let listener: std::net::IpAddr = env("LISTENER_IP")?
+            .parse()
+            .map_err(|e| format!("LISTENER_IP: {e}"))?;
+        let text = std::fs::read_to_string(env("CLIENTS_FILE")?).map_err(|e| e.to_string())?;
+        let mut clients = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let mut f = line.split_whitespace();
+            let (Some(a), Some(b)) = (f.next(), f.next()) else {
+                return Err(format!("bad clients line {line:?}"));
+            };
+            clients.push((
+                a.parse().map_err(|e| format!("{a}: {e}"))?,
+                b.parse().map_err(|e| format!("{b}: {e}"))?,
+            ));
+        }
+        let count = std::path::PathBuf::from(env("RUN_DIR")?).join("rr.count");
+        let rt = runtime().map_err(|_| "runtime".to_string())?;
+        rt.block_on(appliance::bgp::speaker::bench_reflector(
+            std::net::SocketAddr::new(ip, port),
+            asn,
+            clients,
+            listener,
+            count,
+        ))
+        .map_err(|e| e.to_string())
+    };
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(EXIT_ERROR)
         }

@@ -78,7 +78,13 @@ pub struct Rib {
     pub peers: Vec<Peer>,
     pub counters: Vec<Counters>,
     adj_in: Vec<BTreeMap<IpNet, Attributes>>,
+    /// prefix → peers that announced it, so path selection does not scan every peer.
+    index: BTreeMap<IpNet, std::collections::BTreeSet<PeerId>>,
     local: BTreeMap<IpNet, Attributes>,
+    /// Reflect client routes to other clients (RFC 4456 default). Gateways turn it off: nodes
+    /// reach the whole cloud block through the gateways and need no per-node routes, and with
+    /// a thousand nodes reflection would be a million UPDATEs.
+    pub client_to_client: bool,
 }
 
 const DEFAULT_LOCAL_PREF: u32 = 100;
@@ -91,7 +97,9 @@ impl Rib {
             peers: Vec::new(),
             counters: Vec::new(),
             adj_in: Vec::new(),
+            index: BTreeMap::new(),
             local: BTreeMap::new(),
+            client_to_client: true,
         }
     }
 
@@ -138,7 +146,7 @@ impl Rib {
         let mut out = Applied::default();
         for prefix in u.effective_withdrawn() {
             self.counters[peer].withdrawn += 1;
-            if self.adj_in[peer].remove(&prefix).is_some() {
+            if self.remove(peer, &prefix) {
                 out.changed.push(prefix);
             }
         }
@@ -152,12 +160,13 @@ impl Rib {
                 Ok(()) => {
                     self.counters[peer].accepted += 1;
                     self.adj_in[peer].insert(*prefix, a.clone());
+                    self.index.entry(*prefix).or_default().insert(peer);
                     out.changed.push(*prefix);
                 }
                 Err(why) => {
                     self.counters[peer].rejected += 1;
                     // A rejected re-announcement replaces the earlier accepted one: withdraw it.
-                    if self.adj_in[peer].remove(prefix).is_some() {
+                    if self.remove(peer, prefix) {
                         out.changed.push(*prefix);
                     }
                     out.rejected.push((*prefix, why));
@@ -169,17 +178,30 @@ impl Rib {
         out
     }
 
+    fn remove(&mut self, peer: PeerId, prefix: &IpNet) -> bool {
+        let had = self.adj_in[peer].remove(prefix).is_some();
+        if let Some(set) = self.index.get_mut(prefix) {
+            set.remove(&peer);
+            if set.is_empty() {
+                self.index.remove(prefix);
+            }
+        }
+        had
+    }
+
     /// The peer's session went down: everything it announced goes.
     pub fn peer_down(&mut self, peer: PeerId) -> Vec<IpNet> {
-        std::mem::take(&mut self.adj_in[peer]).into_keys().collect()
+        let gone: Vec<IpNet> = self.adj_in[peer].keys().copied().collect();
+        for p in &gone {
+            self.remove(peer, p);
+        }
+        gone
     }
 
     /// Every known prefix (for a full re-export after a session comes up or a route refresh).
     pub fn prefixes(&self) -> Vec<IpNet> {
         let mut v: Vec<IpNet> = self.local.keys().copied().collect();
-        for rib in &self.adj_in {
-            v.extend(rib.keys().copied());
-        }
+        v.extend(self.index.keys().copied());
         v.sort();
         v.dedup();
         v
@@ -195,10 +217,10 @@ impl Rib {
                 attributes: a.clone(),
             });
         }
-        for (i, rib) in self.adj_in.iter().enumerate() {
-            if let Some(a) = rib.get(prefix) {
+        for i in self.index.get(prefix).into_iter().flatten() {
+            if let Some(a) = self.adj_in[*i].get(prefix) {
                 v.push(Path {
-                    from: Some(i),
+                    from: Some(*i),
                     attributes: a.clone(),
                 });
             }
@@ -251,6 +273,12 @@ impl Rib {
             }
             let from_kind = self.peers[from].kind;
             if from_kind == PeerKind::NonClient && to_kind == PeerKind::NonClient {
+                return None;
+            }
+            if from_kind == PeerKind::Client
+                && to_kind == PeerKind::Client
+                && !self.client_to_client
+            {
                 return None;
             }
         }
@@ -382,6 +410,17 @@ mod tests {
             rib.export(c1, &net("10.200.0.11/32")).is_none(),
             "never back to its source"
         );
+    }
+
+    #[test]
+    fn without_client_to_client_reflection_clients_hear_only_non_client_routes() {
+        let (mut rib, site, c1, c2) = gateway();
+        rib.client_to_client = false;
+        rib.apply(c1, &announce("10.200.0.11/32", attrs("10.200.0.11")));
+        rib.apply(site, &announce("10.10.0.0/16", attrs("10.10.0.1")));
+        assert!(rib.export(c2, &net("10.200.0.11/32")).is_none());
+        assert!(rib.export(site, &net("10.200.0.11/32")).is_some());
+        assert!(rib.export(c2, &net("10.10.0.0/16")).is_some());
     }
 
     #[test]

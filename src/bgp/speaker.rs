@@ -47,6 +47,8 @@ pub struct SpeakerConfig {
     pub peers: Vec<PeerConfig>,
     /// Routes this speaker originates (a node's own prefixes).
     pub originate: Vec<(IpNet, Attributes)>,
+    /// Reflect client routes to other clients (see `Rib::client_to_client`).
+    pub client_to_client: bool,
 }
 
 /// What `appliance status` shows per session, like `birdc show protocols`.
@@ -148,6 +150,7 @@ pub async fn start(cfg: SpeakerConfig) -> std::io::Result<Speaker> {
         tokio::spawn(accept_task(listener, accept_txs, status.clone()));
     }
     let mut rib = Rib::new(cfg.router_id);
+    rib.client_to_client = cfg.client_to_client;
     for p in &cfg.peers {
         rib.add_peer(p.peer.clone());
     }
@@ -277,7 +280,8 @@ async fn run_session(
     let mut hold_deadline = far;
     let mut keepalive_deadline = far;
     let mut keepalive_every = None::<Duration>;
-    let mut buf: Vec<u8> = Vec::with_capacity(8192);
+    // Small until a peer sends a lot: a thousand idle sessions must stay cheap.
+    let mut buf: Vec<u8> = Vec::with_capacity(512);
     let mut pending = s.handle(FsmEvent::Connected);
     set_state(status, id, "OpenSent", None);
     loop {
@@ -339,11 +343,12 @@ async fn run_session(
             }
             _ => {}
         }
-        let mut chunk = [0u8; 8192];
+        if buf.capacity() - buf.len() < 256 {
+            buf.reserve(4096);
+        }
         tokio::select! {
-            r = rd.read(&mut chunk) => match r {
-                Ok(0) | Err(_) => pending = s.handle(FsmEvent::Disconnected),
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            r = rd.read_buf(&mut buf) => if let Ok(0) | Err(_) = r {
+                pending = s.handle(FsmEvent::Disconnected);
             },
             Some(mut extra) = accepted.recv() => {
                 let cease = wire::encode(&Message::Notification(Notification::cease(7)), Context::default());
@@ -434,7 +439,7 @@ async fn rib_task(mut rib: Rib, mut rx: mpsc::UnboundedReceiver<ToRib>, status: 
                 export_one(&rib, *id, e, prefix);
             }
         }
-        publish(&rib, &status);
+        publish(&rib, &status, &changed);
     }
 }
 
@@ -471,23 +476,93 @@ fn export_all(rib: &Rib, to: PeerId, e: &mut Established) {
     let _ = e.tx.send(Message::Update(Update::default()));
 }
 
-fn publish(rib: &Rib, status: &SharedStatus) {
+/// Refresh the shared status: every peer's counters, and the learned routes that changed.
+fn publish(rib: &Rib, status: &SharedStatus, changed: &[IpNet]) {
     let mut s = status.lock().expect("not poisoned");
     for (i, c) in rib.counters.iter().enumerate() {
         s.sessions[i].prefixes = c.clone();
         s.sessions[i].accepted_now = rib.accepted_count(i);
     }
-    s.routes = rib
-        .prefixes()
-        .into_iter()
-        .filter_map(|p| {
-            let hops: Vec<IpAddr> = rib
-                .multipath(&p)
-                .iter()
-                .filter(|x| x.from.is_some())
-                .filter_map(|x| x.attributes.next_hop)
-                .collect();
-            (!hops.is_empty()).then_some((p, hops))
+    for p in changed {
+        let hops: Vec<IpAddr> = rib
+            .multipath(p)
+            .iter()
+            .filter(|x| x.from.is_some())
+            .filter_map(|x| x.attributes.next_hop)
+            .collect();
+        if hops.is_empty() {
+            s.routes.remove(p);
+        } else {
+            s.routes.insert(*p, hops);
+        }
+    }
+}
+
+/// A stand-alone reflector for `bench/bgp` (the shared rr-bench harness's `custom` mode):
+/// clients from `clients` (address, allowed block), one non-client listener, no
+/// client-to-client reflection; writes the number of learned prefixes to `count_file` every
+/// 100 ms.
+pub async fn bench_reflector(
+    listen: SocketAddr,
+    asn: u32,
+    clients: Vec<(IpAddr, IpNet)>,
+    listener: IpAddr,
+    count_file: std::path::PathBuf,
+) -> std::io::Result<()> {
+    use super::rib::{PeerKind, Policy};
+    let IpAddr::V4(id) = listen.ip() else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "IPv4 listen address needed",
+        ));
+    };
+    let policy = |allow: Vec<IpNet>| Policy {
+        allow,
+        deny: vec![],
+        max_prefix: 1000,
+        next_hop_self: None,
+    };
+    let mut peers: Vec<PeerConfig> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, (ip, block))| PeerConfig {
+            peer: Peer {
+                name: format!("c{i}"),
+                kind: PeerKind::Client,
+                policy: policy(vec![*block]),
+                router_id: None,
+            },
+            address: *ip,
+            active: false,
         })
         .collect();
+    peers.push(PeerConfig {
+        peer: Peer {
+            name: "listener".into(),
+            kind: PeerKind::NonClient,
+            policy: policy(vec![]),
+            router_id: None,
+        },
+        address: listener,
+        active: false,
+    });
+    let speaker = start(SpeakerConfig {
+        local_as: asn,
+        router_id: id,
+        local_address: listen.ip(),
+        listen: Some(listen),
+        hold_time: 90,
+        restart_time: 0,
+        peers,
+        originate: vec![],
+        client_to_client: false,
+    })
+    .await?;
+    loop {
+        let n = speaker.status.lock().expect("not poisoned").routes.len();
+        let tmp = count_file.with_extension("tmp");
+        std::fs::write(&tmp, format!("{n}\n"))?;
+        std::fs::rename(&tmp, &count_file)?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
