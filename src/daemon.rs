@@ -12,7 +12,7 @@
 use crate::config::{self, Config, Role};
 use crate::control::{self, Request};
 use crate::datapath::LinkRuntime;
-use crate::desired::desired_live;
+use crate::desired::{desired_with, Learned};
 use crate::key::{load_private_key, PrivateKey};
 use crate::liveness::{Liveness, Tracker};
 use crate::netlink::Netlink;
@@ -39,6 +39,8 @@ type LinkKey = (String, u32);
 struct Daemon {
     opts: Options,
     bgp: Option<crate::bgp::speaker::Speaker>,
+    /// What this node learned over iBGP (prefix → advertising gateways), as last installed.
+    learned: Learned,
     cfg: Config,
     role: Role,
     key: Option<PrivateKey>,
@@ -89,8 +91,8 @@ impl Daemon {
     async fn sync(&mut self) -> Result<Plan, String> {
         let tracker = &self.tracker;
         let live = |peer: &str, link: u32| tracker.is_alive(&(peer.to_string(), link));
-        let (role, want) =
-            desired_live(&self.cfg, &self.opts.host, &live).map_err(|e| e.to_string())?;
+        let (role, want) = desired_with(&self.cfg, &self.opts.host, &live, &self.learned)
+            .map_err(|e| e.to_string())?;
         let plan = reconcile::plan_state(&self.nl, &self.opts.host, role, &want)
             .await
             .map_err(|e| e.to_string())?;
@@ -126,7 +128,13 @@ impl Daemon {
             }
         }
         let changes = self.tracker.update(seen);
-        if changes.is_empty() {
+        let learned = self.learned_now();
+        let learned_changed = learned != self.learned;
+        if learned_changed {
+            tracing::info!(prefixes = learned.len(), "routes learned over iBGP changed");
+            self.learned = learned;
+        }
+        if changes.is_empty() && !learned_changed {
             return;
         }
         for ((peer, link), alive) in &changes {
@@ -145,6 +153,19 @@ impl Daemon {
             ),
             Err(e) => tracing::error!(error = %e, "route update failed"),
         }
+    }
+
+    /// On a node: the prefixes its gateways advertise, each with the advertising gateways.
+    fn learned_now(&self) -> Learned {
+        let (Some(b), Role::Node) = (&self.bgp, self.role) else {
+            return Learned::new();
+        };
+        let status = b.status.lock().expect("not poisoned");
+        status
+            .routes
+            .iter()
+            .map(|(p, paths)| (*p, paths.iter().map(|x| x.peer.clone()).collect()))
+            .collect()
     }
 
     fn reset_rate_limiters(&self) {
@@ -226,7 +247,7 @@ impl Daemon {
                 serde_json::json!({
                     "sessions": b.sessions,
                     "refused_connections": b.refused_connections,
-                    "routes": b.routes.iter().map(|(p, h)| serde_json::json!({"prefix": p.to_string(), "next_hops": h})).collect::<Vec<_>>(),
+                    "routes": b.routes.iter().map(|(p, h)| serde_json::json!({"prefix": p.to_string(), "paths": h})).collect::<Vec<_>>(),
                 })
             }),
         })
@@ -277,6 +298,7 @@ pub async fn run(opts: Options) -> Result<(), String> {
     let nl = Netlink::connect().map_err(|e| format!("netlink: {e}"))?;
     let mut d = Daemon {
         bgp: None,
+        learned: Learned::new(),
         opts,
         cfg,
         role,
@@ -428,7 +450,17 @@ fn bgp_config(
                 peer(
                     &g.name,
                     PeerKind::NonClient,
-                    policy(vec![], n.prefixes.clone(), None),
+                    // Never a route that covers a gateway endpoint: the tunnels' own UDP
+                    // would be routed into the tunnels.
+                    policy(
+                        vec![],
+                        n.prefixes
+                            .iter()
+                            .copied()
+                            .chain(cfg.gateways.iter().map(|g| ipnet::IpNet::from(g.endpoint)))
+                            .collect(),
+                        None,
+                    ),
                     g.site_address,
                     true,
                 )

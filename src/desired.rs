@@ -40,13 +40,28 @@ pub fn desired_live(
     name: &str,
     live: Live<'_>,
 ) -> Result<(Role, HostState), HostError> {
+    desired_with(cfg, name, live, &Learned::new())
+}
+
+/// Prefixes a node learned over iBGP, each with the gateways that advertise it.
+pub type Learned = std::collections::BTreeMap<IpNet, Vec<String>>;
+
+/// [`desired_live`] plus the routes a node learned over iBGP: each becomes a multipath route
+/// over the live links of the gateways that advertise it (with a fail-closed blackhole), unless
+/// the config already routes exactly that prefix.
+pub fn desired_with(
+    cfg: &Config,
+    name: &str,
+    live: Live<'_>,
+    learned: &Learned,
+) -> Result<(Role, HostState), HostError> {
     let role = cfg.role_of(name).ok_or_else(|| HostError::Unknown {
         name: name.to_string(),
         hint: suggest(name, &cfg.host_names()).map(str::to_string),
     })?;
     let state = match role {
         Role::Gateway => gateway(cfg, live),
-        Role::Node => node(cfg, name, live),
+        Role::Node => node(cfg, name, live, learned),
         Role::Relay => relay(),
     };
     Ok((role, state))
@@ -80,7 +95,7 @@ fn gateway(cfg: &Config, live: Live<'_>) -> HostState {
     s
 }
 
-fn node(cfg: &Config, name: &str, live: Live<'_>) -> HostState {
+fn node(cfg: &Config, name: &str, live: Live<'_>, learned: &Learned) -> HostState {
     let me = cfg
         .nodes
         .iter()
@@ -113,6 +128,22 @@ fn node(cfg: &Config, name: &str, live: Live<'_>) -> HostState {
         }
         s.add_route(*p, BLACKHOLE_METRIC, vec![], true);
         routed.push(*p);
+    }
+    let statically: Vec<IpNet> = routed.clone();
+    for (prefix, gateways) in learned {
+        if statically.contains(prefix) {
+            continue;
+        }
+        let via: Vec<String> = (0..cfg.site.links)
+            .flat_map(|i| gateways.iter().map(move |g| (g, i)))
+            .filter(|(g, i)| live(g, *i))
+            .map(|(g, i)| node_link_name(g, i))
+            .collect();
+        if !via.is_empty() {
+            s.add_route_from(*prefix, via, me.address);
+        }
+        s.add_route(*prefix, BLACKHOLE_METRIC, vec![], true);
+        routed.push(*prefix);
     }
     s.add_link(ADDRESS_DEVICE, LinkKind::Tun, cfg.site.mtu);
     s.addresses.insert(crate::state::Address {
@@ -229,6 +260,35 @@ mod tests {
         let (_, s) = desired_live(&cfg, "c1", &|_, _| false).unwrap();
         assert!(s.routes.values().all(|r| r.blackhole), "{:?}", s.routes);
         assert_eq!(s.links.len(), 9, "devices stay when links die");
+    }
+
+    #[test]
+    fn a_learned_prefix_is_routed_over_the_live_links_of_the_gateways_that_advertise_it() {
+        let cfg = cfg();
+        let mut learned = Learned::new();
+        learned.insert("10.12.0.0/16".parse().unwrap(), vec!["gw2".to_string()]);
+        learned.insert("10.10.0.0/16".parse().unwrap(), vec!["gw1".to_string()]);
+        let (_, s) = desired_with(&cfg, "c1", &|g, i| !(g == "gw2" && i == 0), &learned).unwrap();
+        let r = s
+            .routes
+            .values()
+            .find(|r| r.dst.to_string() == "10.12.0.0/16" && !r.blackhole)
+            .unwrap();
+        assert_eq!(r.via, vec!["ap-gw2-1", "ap-gw2-2", "ap-gw2-3"]);
+        assert!(s
+            .routes
+            .values()
+            .any(|r| r.dst.to_string() == "10.12.0.0/16" && r.blackhole));
+        let site = s
+            .routes
+            .values()
+            .find(|r| r.dst.to_string() == "10.10.0.0/16" && !r.blackhole)
+            .unwrap();
+        assert_eq!(
+            site.via.len(),
+            7,
+            "a prefix the config routes keeps its static route"
+        );
     }
 
     #[test]

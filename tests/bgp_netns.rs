@@ -115,7 +115,8 @@ fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
         "router id 10.10.0.1;\n\
          protocol device {}\n\
          protocol kernel { ipv4 { import none; export filter { if dest = RTD_UNICAST then accept; reject; }; }; merge paths on; }\n\
-         template bgp gateways { local 10.10.0.1 as 65010; neighbor as 65010; direct; hold time 30; ipv4 { import all; export none; }; }\n\
+         protocol static { ipv4; route 10.12.0.0/16 blackhole; }\n\
+         template bgp gateways { local 10.10.0.1 as 65010; neighbor as 65010; direct; hold time 30; ipv4 { import all; export where source = RTS_STATIC; }; }\n\
          protocol bgp gw1 from gateways { neighbor 10.10.0.2; }\n\
          protocol bgp gw2 from gateways { neighbor 10.10.0.3; }\n",
     )
@@ -184,6 +185,25 @@ fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
             && show.contains("BGP.cluster_list: 10.10.0.3"),
         "{show}"
     );
+    // The site router announces a prefix the config does not list: the gateways reflect it to
+    // the node, which routes it over both gateways' live links.
+    let learned = |ns: &Netns| -> Vec<String> {
+        ns.our_routes()
+            .into_iter()
+            .find(|(d, m, _)| d == "10.12.0.0/16" && *m == 20)
+            .map(|r| r.2)
+            .unwrap_or_default()
+    };
+    let t2 = Instant::now();
+    while learned(&c1) != ["ap-gw1-0", "ap-gw1-1", "ap-gw2-0", "ap-gw2-1"] {
+        assert!(
+            t2.elapsed() < Duration::from_secs(20),
+            "c1 never routed 10.12.0.0/16 over both gateways: {:?}\n{}",
+            learned(&c1),
+            logs(&procs)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // The site can reach the node through either gateway.
     let ping = site.exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.200.0.11"]);
     assert!(ping.status.success(), "{}", text(&ping));
@@ -228,6 +248,15 @@ fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
         "gw1 stopped: bird down to one path after {:?}",
         t1.elapsed()
     );
+    let t3 = Instant::now();
+    while learned(&c1) != ["ap-gw2-0", "ap-gw2-1"] {
+        assert!(
+            t3.elapsed() < Duration::from_secs(20),
+            "c1 still routes 10.12.0.0/16 via gw1: {:?}",
+            learned(&c1)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // A crash is not a stop: with graceful restart (RFC 4724) bird keeps gw2's routes, marked
     // stale, while it waits for gw2 to come back.
     procs[2].signal("-KILL");

@@ -67,8 +67,14 @@ pub struct SessionStatus {
 pub struct Status {
     pub sessions: Vec<SessionStatus>,
     pub refused_connections: u64,
-    /// Best paths with their multipath next hops, as the kernel sync would install them.
-    pub routes: BTreeMap<IpNet, Vec<IpAddr>>,
+    /// Learned prefixes with their equal-cost paths: which peer, which next hop.
+    pub routes: BTreeMap<IpNet, Vec<LearnedPath>>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct LearnedPath {
+    pub peer: String,
+    pub next_hop: Option<IpAddr>,
 }
 
 pub type SharedStatus = Arc<Mutex<Status>>;
@@ -484,16 +490,20 @@ fn publish(rib: &Rib, status: &SharedStatus, changed: &[IpNet]) {
         s.sessions[i].accepted_now = rib.accepted_count(i);
     }
     for p in changed {
-        let hops: Vec<IpAddr> = rib
+        let paths: Vec<LearnedPath> = rib
             .multipath(p)
             .iter()
-            .filter(|x| x.from.is_some())
-            .filter_map(|x| x.attributes.next_hop)
+            .filter_map(|x| {
+                x.from.map(|i| LearnedPath {
+                    peer: rib.peers[i].name.clone(),
+                    next_hop: x.attributes.next_hop,
+                })
+            })
             .collect();
-        if hops.is_empty() {
+        if paths.is_empty() {
             s.routes.remove(p);
         } else {
-            s.routes.insert(*p, hops);
+            s.routes.insert(*p, paths);
         }
     }
 }
