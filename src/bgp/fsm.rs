@@ -78,10 +78,11 @@ pub enum Action {
     KeepaliveTimer(Option<Duration>),
     Close,
     Established(Negotiated),
-    /// The session went down; routes learned from the peer must go (or become stale under
-    /// graceful restart).
+    /// The session went down; routes learned from the peer must go, or, with `keep_stale`,
+    /// stay marked stale that long while the peer restarts (RFC 4724).
     Down {
         reason: String,
+        keep_stale: Option<Duration>,
     },
     /// An UPDATE to apply to the peer's Adj-RIB-In.
     Update(Update),
@@ -171,6 +172,7 @@ impl Session {
         if self.state != State::Idle && self.state != State::Connect || self.negotiated.is_some() {
             out.push(Action::Down {
                 reason: reason.into(),
+                keep_stale: None,
             });
         }
         self.state = State::Connect;
@@ -253,7 +255,20 @@ impl Session {
                 ]
             }
             (Connect, _) => Vec::new(),
-            (_, Event::Disconnected) => self.down("connection closed", None),
+            (state, Event::Disconnected) => {
+                // RFC 4724 §4.2: the TCP session of an established peer that announced graceful
+                // restart ended without a NOTIFICATION: keep its routes, marked stale, for its
+                // restart time.
+                let restart = match (state, &self.negotiated) {
+                    (State::Established, Some(n)) => n.peer_restart_time.filter(|t| *t > 0),
+                    _ => None,
+                };
+                let mut out = self.down("connection closed", None);
+                if let Some(Action::Down { keep_stale, .. }) = out.last_mut() {
+                    *keep_stale = restart.map(|t| Duration::from_secs(t as u64));
+                }
+                out
+            }
             (_, Event::Malformed(e)) => self.down(
                 format!("malformed message from peer: {}", e.reason),
                 Some(e.notification),
@@ -497,6 +512,43 @@ mod tests {
         );
         assert!(out.iter().any(|a| matches!(a, Action::Down { .. })));
         assert!(out.contains(&Action::Close));
+    }
+
+    #[test]
+    fn a_dropped_connection_of_a_graceful_restart_peer_keeps_its_routes_stale() {
+        let mut s = Session::new(cfg());
+        s.start();
+        s.handle(Event::Connected);
+        let mut open = peer_open(90);
+        if let Message::Open(o) = &mut open {
+            o.capabilities.push(Capability::GracefulRestart {
+                restarting: false,
+                time: 120,
+                families: vec![],
+            });
+        }
+        s.handle(Event::Received(open));
+        s.handle(Event::Received(Message::Keepalive));
+        let out = s.handle(Event::Disconnected);
+        assert!(out.iter().any(|a| matches!(a, Action::Down { keep_stale: Some(d), .. } if *d == Duration::from_secs(120))), "{out:?}");
+    }
+
+    #[test]
+    fn a_notification_ends_graceful_restart_and_the_routes_go() {
+        let mut s = established(90);
+        let out = s.handle(Event::Received(Message::Notification(Notification::cease(
+            2,
+        ))));
+        assert!(
+            out.iter().any(|a| matches!(
+                a,
+                Action::Down {
+                    keep_stale: None,
+                    ..
+                }
+            )),
+            "{out:?}"
+        );
     }
 
     #[test]

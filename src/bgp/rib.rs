@@ -78,6 +78,8 @@ pub struct Rib {
     pub peers: Vec<Peer>,
     pub counters: Vec<Counters>,
     adj_in: Vec<BTreeMap<IpNet, Attributes>>,
+    /// Per peer: routes kept after a graceful-restart drop, not yet re-announced (RFC 4724).
+    stale: Vec<std::collections::BTreeSet<IpNet>>,
     /// prefix → peers that announced it, so path selection does not scan every peer.
     index: BTreeMap<IpNet, std::collections::BTreeSet<PeerId>>,
     local: BTreeMap<IpNet, Attributes>,
@@ -97,6 +99,7 @@ impl Rib {
             peers: Vec::new(),
             counters: Vec::new(),
             adj_in: Vec::new(),
+            stale: Vec::new(),
             index: BTreeMap::new(),
             local: BTreeMap::new(),
             client_to_client: true,
@@ -107,6 +110,7 @@ impl Rib {
         self.peers.push(peer);
         self.counters.push(Counters::default());
         self.adj_in.push(BTreeMap::new());
+        self.stale.push(Default::default());
         self.peers.len() - 1
     }
 
@@ -160,6 +164,7 @@ impl Rib {
                 Ok(()) => {
                     self.counters[peer].accepted += 1;
                     self.adj_in[peer].insert(*prefix, a.clone());
+                    self.stale[peer].remove(prefix);
                     self.index.entry(*prefix).or_default().insert(peer);
                     out.changed.push(*prefix);
                 }
@@ -189,8 +194,28 @@ impl Rib {
         had
     }
 
+    /// The peer restarts gracefully: keep what it announced, marked stale, until it announces
+    /// it again or [`Rib::sweep_stale`] runs (End-of-RIB, or the restart time ran out).
+    pub fn mark_stale(&mut self, peer: PeerId) {
+        self.stale[peer] = self.adj_in[peer].keys().copied().collect();
+    }
+
+    /// Drop the routes still stale for `peer`; returns them.
+    pub fn sweep_stale(&mut self, peer: PeerId) -> Vec<IpNet> {
+        let gone: Vec<IpNet> = std::mem::take(&mut self.stale[peer]).into_iter().collect();
+        for p in &gone {
+            self.remove(peer, p);
+        }
+        gone
+    }
+
+    pub fn stale_count(&self, peer: PeerId) -> usize {
+        self.stale[peer].len()
+    }
+
     /// The peer's session went down: everything it announced goes.
     pub fn peer_down(&mut self, peer: PeerId) -> Vec<IpNet> {
+        self.stale[peer].clear();
         let gone: Vec<IpNet> = self.adj_in[peer].keys().copied().collect();
         for p in &gone {
             self.remove(peer, p);
@@ -553,6 +578,28 @@ mod tests {
         worse.local_pref = Some(50);
         rib.apply(g2, &announce("10.10.0.0/16", worse));
         assert_eq!(rib.multipath(&net("10.10.0.0/16")).len(), 1);
+    }
+
+    #[test]
+    fn stale_routes_survive_a_graceful_restart_until_end_of_rib_sweeps_the_unconfirmed() {
+        let (mut rib, site, c1, _) = gateway();
+        rib.peers[c1].policy.allow = vec![net("10.200.0.0/28")];
+        let u = Update {
+            announced: vec![net("10.200.0.1/32"), net("10.200.0.2/32")],
+            attributes: Some(attrs("10.200.0.11")),
+            ..Default::default()
+        };
+        rib.apply(c1, &u);
+        rib.mark_stale(c1);
+        assert!(
+            rib.export(site, &net("10.200.0.1/32")).is_some(),
+            "still announced while the peer restarts"
+        );
+        rib.apply(c1, &announce("10.200.0.1/32", attrs("10.200.0.11")));
+        assert_eq!(rib.stale_count(c1), 1);
+        assert_eq!(rib.sweep_stale(c1), vec![net("10.200.0.2/32")]);
+        assert!(rib.export(site, &net("10.200.0.2/32")).is_none());
+        assert!(rib.export(site, &net("10.200.0.1/32")).is_some());
     }
 
     #[test]

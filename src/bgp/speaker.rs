@@ -104,7 +104,10 @@ enum ToRib {
     Up(PeerId, Negotiated, mpsc::UnboundedSender<Message>),
     Update(PeerId, Update),
     Refresh(PeerId),
-    Down(PeerId),
+    /// Session down; with a duration the peer restarts gracefully and its routes stay stale.
+    Down(PeerId, Option<Duration>),
+    /// The restart time given to a peer in `generation` of its sessions ran out.
+    StaleExpired(PeerId, u64),
 }
 
 /// Start the speaker; it runs until the runtime stops.
@@ -163,7 +166,7 @@ pub async fn start(cfg: SpeakerConfig) -> std::io::Result<Speaker> {
     for (prefix, a) in &cfg.originate {
         rib.originate(*prefix, a.clone());
     }
-    tokio::spawn(rib_task(rib, rib_rx, status.clone()));
+    tokio::spawn(rib_task(rib, rib_rx, rib_tx.clone(), status.clone()));
     Ok(Speaker { status, tx: rib_tx })
 }
 
@@ -255,10 +258,11 @@ async fn peer_task(
                 None => return,
             }
         };
-        let reason = run_session(id, &p, stream, fsm.clone(), &rib, &status, &mut accepted).await;
-        tracing::info!(peer = %p.peer.name, %reason, "BGP session down");
+        let (reason, keep_stale) =
+            run_session(id, &p, stream, fsm.clone(), &rib, &status, &mut accepted).await;
+        tracing::info!(peer = %p.peer.name, %reason, ?keep_stale, "BGP session down");
         set_state(&status, id, "Active", Some(reason.clone()));
-        let _ = rib.send(ToRib::Down(id));
+        let _ = rib.send(ToRib::Down(id, keep_stale));
         tokio::time::sleep(CONNECT_RETRY).await;
     }
 }
@@ -276,7 +280,7 @@ async fn run_session(
     rib: &mpsc::UnboundedSender<ToRib>,
     status: &SharedStatus,
     accepted: &mut mpsc::UnboundedReceiver<TcpStream>,
-) -> String {
+) -> (String, Option<Duration>) {
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
     let mut s = Session::new(fsm);
@@ -297,7 +301,7 @@ async fn run_session(
                 Action::Send(m) => {
                     let bytes = wire::encode(&m, s.context());
                     if let Err(e) = wr.write_all(&bytes).await {
-                        return format!("write: {e}");
+                        return (format!("write: {e}"), None);
                     }
                     if let Some(k) = keepalive_every {
                         keepalive_deadline = Instant::now() + k;
@@ -318,7 +322,7 @@ async fn run_session(
                     set_state(status, id, "Established", None);
                     let _ = rib.send(ToRib::Up(id, n, out_tx.clone()));
                 }
-                Action::Down { reason } => return reason,
+                Action::Down { reason, keep_stale } => return (reason, keep_stale),
                 Action::Update(u) => {
                     if !u.errors.is_empty() {
                         tracing::warn!(peer = %p.peer.name, errors = ?u.errors, treat_as_withdraw = u.treat_as_withdraw, "malformed UPDATE attributes (RFC 7606)");
@@ -387,8 +391,15 @@ struct Established {
     sent: BTreeMap<IpNet, Attributes>,
 }
 
-async fn rib_task(mut rib: Rib, mut rx: mpsc::UnboundedReceiver<ToRib>, status: SharedStatus) {
+async fn rib_task(
+    mut rib: Rib,
+    mut rx: mpsc::UnboundedReceiver<ToRib>,
+    me: mpsc::UnboundedSender<ToRib>,
+    status: SharedStatus,
+) {
     let mut up: BTreeMap<PeerId, Established> = BTreeMap::new();
+    // Counts each peer's sessions, so a restart timer from an earlier one is ignored.
+    let mut generation: Vec<u64> = vec![0; rib.peers.len()];
     while let Some(ev) = rx.recv().await {
         let changed: Vec<IpNet> = match ev {
             ToRib::Shutdown(done) => {
@@ -399,6 +410,7 @@ async fn rib_task(mut rib: Rib, mut rx: mpsc::UnboundedReceiver<ToRib>, status: 
                 Vec::new()
             }
             ToRib::Up(id, n, tx) => {
+                generation[id] += 1;
                 rib.peers[id].router_id = Some(n.peer_id);
                 up.insert(
                     id,
@@ -418,16 +430,36 @@ async fn rib_task(mut rib: Rib, mut rx: mpsc::UnboundedReceiver<ToRib>, status: 
                 }
                 Vec::new()
             }
-            ToRib::Down(id) => {
+            ToRib::Down(id, Some(restart)) => {
+                up.remove(&id);
+                rib.mark_stale(id);
+                tracing::info!(peer = %rib.peers[id].name, stale = rib.stale_count(id), ?restart, "peer restarting gracefully: routes kept stale");
+                let (me, g) = (me.clone(), generation[id]);
+                tokio::spawn(async move {
+                    tokio::time::sleep(restart).await;
+                    let _ = me.send(ToRib::StaleExpired(id, g));
+                });
+                Vec::new()
+            }
+            ToRib::Down(id, None) => {
                 up.remove(&id);
                 rib.peer_down(id)
             }
+            ToRib::StaleExpired(id, g) if g == generation[id] && !up.contains_key(&id) => {
+                tracing::warn!(peer = %rib.peers[id].name, "restart time over: stale routes removed");
+                rib.sweep_stale(id)
+            }
+            ToRib::StaleExpired(..) => Vec::new(),
             ToRib::Update(id, u) => {
                 let Applied {
-                    changed,
+                    mut changed,
                     rejected,
                     max_prefix_exceeded,
                 } = rib.apply(id, &u);
+                if u.is_end_of_rib() {
+                    // RFC 4724: after End-of-RIB, what the peer did not re-announce is gone.
+                    changed.extend(rib.sweep_stale(id));
+                }
                 for (prefix, why) in &rejected {
                     tracing::warn!(peer = %rib.peers[id].name, %prefix, %why, "prefix rejected");
                 }
