@@ -11,33 +11,7 @@
 
 mod common;
 use common::*;
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn veth(a: &Netns, an: &str, b: &Netns, bn: &str) {
-    run(
-        "ip",
-        &[
-            "-n", &a.name, "link", "add", an, "type", "veth", "peer", "name", bn, "netns", &b.name,
-        ],
-    );
-    a.ip(&["link", "set", an, "up"]);
-    b.ip(&["link", "set", bn, "up"]);
-}
-
-fn key(dir: &Path, name: &str) -> String {
-    let k = dir.join(format!("{name}.key"));
-    let out = Command::new(BIN).arg("genkey").output().unwrap();
-    std::fs::write(&k, &out.stdout).unwrap();
-    run("chmod", &["600", k.to_str().unwrap()]);
-    let p = Command::new("sh")
-        .arg("-c")
-        .arg(format!("{BIN} pubkey < {}", k.display()))
-        .output()
-        .unwrap();
-    String::from_utf8(p.stdout).unwrap().trim().to_string()
-}
 
 fn bird_nexthops(site: &Netns, prefix: &str) -> Vec<String> {
     let v = site.ip_json(&["route", "show", prefix]);
@@ -96,7 +70,7 @@ fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
         inet.ip(&["link", "set", &format!("i{n}"), "master", "br0"]);
         ns.ip(&["addr", "add", addr, "dev", "wan"]);
     }
-    let (k1, k2, kc) = (key(&dir, "gw1"), key(&dir, "gw2"), key(&dir, "c1"));
+    let (k1, k2, kc) = (genkey(&dir, "gw1"), genkey(&dir, "gw2"), genkey(&dir, "c1"));
     let cfg = dir.join("site.kdl");
     std::fs::write(
         &cfg,
@@ -137,23 +111,8 @@ fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
         ],
         dir.join("bird.log"),
     )];
-    let c = cfg.to_str().unwrap();
     for (ns, host) in [(&gw1, "gw1"), (&gw2, "gw2"), (&c1, "c1")] {
-        let k = dir.join(format!("{host}.key"));
-        procs.push(Proc::spawn(
-            ns,
-            &[
-                BIN,
-                "run",
-                "-c",
-                c,
-                "--node",
-                host,
-                "-k",
-                k.to_str().unwrap(),
-            ],
-            dir.join(format!("{host}.log")),
-        ));
+        procs.push(daemon(ns, &dir, host));
     }
     let logs = |procs: &[Proc]| {
         procs

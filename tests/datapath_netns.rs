@@ -9,7 +9,7 @@
 
 mod common;
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -97,19 +97,6 @@ fn lab() -> Lab {
     }
 }
 
-fn genkey(dir: &Path, name: &str) -> String {
-    let key = dir.join(format!("{name}.key"));
-    let out = Command::new(BIN).arg("genkey").output().unwrap();
-    std::fs::write(&key, &out.stdout).unwrap();
-    run("chmod", &["600", key.to_str().unwrap()]);
-    let pubkey = Command::new("sh")
-        .arg("-c")
-        .arg(format!("{BIN} pubkey < {}", key.display()))
-        .output()
-        .unwrap();
-    String::from_utf8(pubkey.stdout).unwrap().trim().to_string()
-}
-
 fn site(
     links: u32,
     keepalive_ms: u32,
@@ -127,22 +114,6 @@ fn site(
         ));
     }
     s
-}
-
-/// `appliance run` for `host` in `ns`, with the lab's site.kdl and HOST.key, logging to HOST.log.
-fn daemon(ns: &Netns, dir: &Path, host: &str) -> Proc {
-    let (cfg, key) = (dir.join("site.kdl"), dir.join(format!("{host}.key")));
-    let args = [
-        BIN,
-        "run",
-        "-c",
-        cfg.to_str().unwrap(),
-        "--node",
-        host,
-        "-k",
-        key.to_str().unwrap(),
-    ];
-    Proc::spawn(ns, &args, dir.join(format!("{host}.log")))
 }
 
 fn status(ns: &Netns) -> serde_json::Value {

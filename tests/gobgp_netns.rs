@@ -14,36 +14,10 @@
 mod common;
 use common::*;
 use serde_json::Value;
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// gobgpd's gRPC API inside the site namespace (the port is per namespace).
 const API_PORT: &str = "50051";
-
-fn veth(a: &Netns, an: &str, b: &Netns, bn: &str) {
-    run(
-        "ip",
-        &[
-            "-n", &a.name, "link", "add", an, "type", "veth", "peer", "name", bn, "netns", &b.name,
-        ],
-    );
-    a.ip(&["link", "set", an, "up"]);
-    b.ip(&["link", "set", bn, "up"]);
-}
-
-fn key(dir: &Path, name: &str) -> String {
-    let k = dir.join(format!("{name}.key"));
-    let out = Command::new(BIN).arg("genkey").output().unwrap();
-    std::fs::write(&k, &out.stdout).unwrap();
-    run("chmod", &["600", k.to_str().unwrap()]);
-    let p = Command::new("sh")
-        .arg("-c")
-        .arg(format!("{BIN} pubkey < {}", k.display()))
-        .output()
-        .unwrap();
-    String::from_utf8(p.stdout).unwrap().trim().to_string()
-}
 
 /// GoBGP's best path for `prefix` in its global RIB, as `gobgp -j` prints it:
 /// `{"PREFIX":[{"nlri":..,"best":true,"attrs":[{"type":N,..},..],..}]}`. None while gobgpd is
@@ -111,7 +85,7 @@ fn gobgp_receives_a_reflected_client_route_with_originator_id_and_cluster_list()
         inet.ip(&["link", "set", &format!("i{n}"), "master", "br0"]);
         ns.ip(&["addr", "add", addr, "dev", "wan"]);
     }
-    let (k1, kc) = (key(&dir, "gw1"), key(&dir, "c1"));
+    let (k1, kc) = (genkey(&dir, "gw1"), genkey(&dir, "c1"));
     let cfg = dir.join("site.kdl");
     std::fs::write(
         &cfg,
@@ -156,23 +130,8 @@ fn gobgp_receives_a_reflected_client_route_with_originator_id_and_cluster_list()
         ],
         dir.join("gobgpd.log"),
     )];
-    let c = cfg.to_str().unwrap();
     for (ns, host) in [(&gw1, "gw1"), (&c1, "c1")] {
-        let k = dir.join(format!("{host}.key"));
-        procs.push(Proc::spawn(
-            ns,
-            &[
-                BIN,
-                "run",
-                "-c",
-                c,
-                "--node",
-                host,
-                "-k",
-                k.to_str().unwrap(),
-            ],
-            dir.join(format!("{host}.log")),
-        ));
+        procs.push(daemon(ns, &dir, host));
     }
     let logs = |procs: &[Proc]| {
         procs

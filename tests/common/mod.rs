@@ -248,3 +248,46 @@ impl Drop for Proc {
         let _ = self.child.wait();
     }
 }
+
+/// A veth pair between two namespaces, both ends up.
+pub fn veth(a: &Netns, an: &str, b: &Netns, bn: &str) {
+    run(
+        "ip",
+        &[
+            "-n", &a.name, "link", "add", an, "type", "veth", "peer", "name", bn, "netns", &b.name,
+        ],
+    );
+    a.ip(&["link", "set", an, "up"]);
+    b.ip(&["link", "set", bn, "up"]);
+}
+
+/// A new key pair from `appliance genkey`: the private key in DIR/NAME.key (mode 0600); returns
+/// the public key.
+pub fn genkey(dir: &std::path::Path, name: &str) -> String {
+    let key = dir.join(format!("{name}.key"));
+    let out = Command::new(BIN).arg("genkey").output().unwrap();
+    std::fs::write(&key, &out.stdout).unwrap();
+    run("chmod", &["600", key.to_str().unwrap()]);
+    let pubkey = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{BIN} pubkey < {}", key.display()))
+        .output()
+        .unwrap();
+    String::from_utf8(pubkey.stdout).unwrap().trim().to_string()
+}
+
+/// `appliance run` for `host` in `ns` with DIR/site.kdl and DIR/HOST.key, logging to DIR/HOST.log.
+pub fn daemon(ns: &Netns, dir: &std::path::Path, host: &str) -> Proc {
+    let (cfg, key) = (dir.join("site.kdl"), dir.join(format!("{host}.key")));
+    let args = [
+        BIN,
+        "run",
+        "-c",
+        cfg.to_str().unwrap(),
+        "--node",
+        host,
+        "-k",
+        key.to_str().unwrap(),
+    ];
+    Proc::spawn(ns, &args, dir.join(format!("{host}.log")))
+}
