@@ -1,7 +1,8 @@
 //! Persistent tun devices (kernel edge).
 //!
 //! The reconcile creates tunnel devices persistent and without a queue attached: the kernel
-//! keeps them with no carrier until the datapath daemon attaches (same name, same flags), and
+//! keeps them with no carrier until the datapath daemon attaches (same name, same flags; see
+//! `datapath::attach_offload`), and
 //! drops the carrier again when the daemon exits or crashes. rtnetlink cannot create tun
 //! devices (the kernel answers "Operation not supported"), so this is the classic
 //! `/dev/net/tun` + `TUNSETIFF` + `TUNSETPERSIST`, as `ip tuntap add` does.
@@ -53,19 +54,4 @@ pub fn create_persistent(name: &str) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-/// Attach a queue to the existing tun device `name` (created by the reconcile). Attaching turns
-/// the carrier on; closing the last queue (daemon exit or crash) turns it off again.
-pub fn attach(name: &str) -> io::Result<std::fs::File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")?;
-    let mut req = ifreq(name, TUN_FLAGS)?;
-    // SAFETY: TUNSETIFF reads and writes one ifreq, which lives for the call.
-    if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(file)
 }
