@@ -137,6 +137,16 @@ impl Daemon {
         if changes.is_empty() && !learned_changed {
             return;
         }
+        if let (Some(b), Role::Gateway) = (&self.bgp, self.role) {
+            // A node with no live link at all is unreachable: tell BGP at once.
+            let mut touched: Vec<&str> = changes.iter().map(|((p, _), _)| p.as_str()).collect();
+            touched.dedup();
+            for peer in touched {
+                let any =
+                    (0..self.cfg.site.links).any(|i| self.tracker.is_alive(&(peer.to_string(), i)));
+                b.set_reachable(peer, any);
+            }
+        }
         for ((peer, link), alive) in &changes {
             if *alive {
                 tracing::info!(%peer, link, "link up");

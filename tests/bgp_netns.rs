@@ -192,6 +192,34 @@ fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
         "{}",
         text(&text_status)
     );
+    // A node whose tunnels die leaves the site router's table within seconds, not after the
+    // 30 s hold time: the gateways see its links go dead and reset its session.
+    procs[3].signal("-KILL");
+    let t4 = Instant::now();
+    while !bird_nexthops(&site, "10.200.0.11/32").is_empty() {
+        assert!(
+            t4.elapsed() < Duration::from_secs(10),
+            "bird kept the dead node's route: {:?}",
+            bird_nexthops(&site, "10.200.0.11/32")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "c1 killed: bird withdrew its route after {:?}",
+        t4.elapsed()
+    );
+    procs[3] = daemon(&c1, &dir, "c1");
+    let t5 = Instant::now();
+    while bird_nexthops(&site, "10.200.0.11/32") != ["10.10.0.2", "10.10.0.3"] {
+        assert!(
+            t5.elapsed() < Duration::from_secs(30),
+            "c1 did not come back: {:?}\n{}",
+            bird_nexthops(&site, "10.200.0.11/32"),
+            logs(&procs)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("c1 restarted: both paths back after {:?}", t5.elapsed());
     // Stopping gw1 takes its path away.
     procs[1].signal("-TERM");
     let t1 = Instant::now();

@@ -83,12 +83,23 @@ pub type SharedStatus = Arc<Mutex<Status>>;
 pub struct Speaker {
     pub status: SharedStatus,
     tx: mpsc::UnboundedSender<ToRib>,
+    names: Vec<String>,
 }
 
 impl Speaker {
     /// Tell every established peer we are going away on purpose (Cease, administrative
     /// shutdown): they withdraw our routes at once. A crash or SIGKILL sends nothing, so peers
     /// keep our routes for the graceful-restart time instead (RFC 4724).
+    /// The datapath says whether `peer` (a node) can be reached at all. When it cannot (every
+    /// tunnel link dead), its session is reset and its routes withdrawn at once, instead of
+    /// waiting out the hold timer: the site router stops sending traffic this way within a
+    /// second. The node reconnects when its links come back.
+    pub fn set_reachable(&self, peer: &str, reachable: bool) {
+        if let Some(id) = self.names.iter().position(|n| n == peer) {
+            let _ = self.tx.send(ToRib::Reachable(id, reachable));
+        }
+    }
+
     pub async fn shutdown(&self) {
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         if self.tx.send(ToRib::Shutdown(done_tx)).is_ok() {
@@ -108,6 +119,8 @@ enum ToRib {
     Down(PeerId, Option<Duration>),
     /// The restart time given to a peer in `generation` of its sessions ran out.
     StaleExpired(PeerId, u64),
+    /// The datapath can (or can no longer) reach this peer.
+    Reachable(PeerId, bool),
 }
 
 /// Start the speaker; it runs until the runtime stops.
@@ -166,8 +179,13 @@ pub async fn start(cfg: SpeakerConfig) -> std::io::Result<Speaker> {
     for (prefix, a) in &cfg.originate {
         rib.originate(*prefix, a.clone());
     }
+    let names = cfg.peers.iter().map(|p| p.peer.name.clone()).collect();
     tokio::spawn(rib_task(rib, rib_rx, rib_tx.clone(), status.clone()));
-    Ok(Speaker { status, tx: rib_tx })
+    Ok(Speaker {
+        status,
+        tx: rib_tx,
+        names,
+    })
 }
 
 async fn accept_task(
@@ -450,6 +468,16 @@ async fn rib_task(
                 rib.sweep_stale(id)
             }
             ToRib::StaleExpired(..) => Vec::new(),
+            ToRib::Reachable(id, false) => {
+                if let Some(e) = up.remove(&id) {
+                    tracing::warn!(peer = %rib.peers[id].name, "no live tunnel to this peer: session reset, routes withdrawn");
+                    // Cease 6/8 ("out of resources" is the closest) ends the session task.
+                    let _ = e.tx.send(Message::Notification(Notification::cease(8)));
+                }
+                rib.sweep_stale(id);
+                rib.peer_down(id)
+            }
+            ToRib::Reachable(_, true) => Vec::new(),
             ToRib::Update(id, u) => {
                 let Applied {
                     mut changed,
