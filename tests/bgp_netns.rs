@@ -49,40 +49,28 @@ fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
     );
     let dir = std::env::temp_dir().join(format!("{}-bgp", site.name));
     std::fs::create_dir_all(&dir).unwrap();
-    // Site LAN.
-    site.ip(&["link", "add", "br0", "type", "bridge"]);
-    site.ip(&["link", "set", "br0", "up"]);
-    site.ip(&["addr", "add", "10.10.0.1/24", "dev", "br0"]);
-    for (gw, n, addr) in [(&gw1, "1", "10.10.0.2/24"), (&gw2, "2", "10.10.0.3/24")] {
-        veth(&site, &format!("s{n}"), gw, "lan");
-        site.ip(&["link", "set", &format!("s{n}"), "master", "br0"]);
-        gw.ip(&["addr", "add", addr, "dev", "lan"]);
-    }
-    // Internet.
-    inet.ip(&["link", "add", "br0", "type", "bridge"]);
-    inet.ip(&["link", "set", "br0", "up"]);
-    for (ns, n, addr) in [
-        (&gw1, "1", "192.0.2.1/24"),
-        (&gw2, "2", "192.0.2.3/24"),
-        (&c1, "3", "192.0.2.11/24"),
-    ] {
-        veth(&inet, &format!("i{n}"), ns, "wan");
-        inet.ip(&["link", "set", &format!("i{n}"), "master", "br0"]);
-        ns.ip(&["addr", "add", addr, "dev", "wan"]);
-    }
-    let (k1, k2, kc) = (genkey(&dir, "gw1"), genkey(&dir, "gw2"), genkey(&dir, "c1"));
-    let cfg = dir.join("site.kdl");
-    std::fs::write(
-        &cfg,
-        format!(
-            "site \"lab\" {{\n asn 65010\n cloud-block \"10.200.0.0/16\"\n site-prefix \"10.10.0.0/16\"\n links 2\n keepalive-ms 200\n dead-after 3\n}}\n\
-             gateway \"gw1\" {{\n endpoint \"192.0.2.1\"\n site-address \"10.10.0.2\"\n public-key \"{k1}\"\n}}\n\
-             gateway \"gw2\" {{\n endpoint \"192.0.2.3\"\n site-address \"10.10.0.3\"\n public-key \"{k2}\"\n}}\n\
-             node \"c1\" {{\n address \"10.200.0.11\"\n public-key \"{kc}\"\n}}\n\
-             bgp {{\n hold-time 30\n neighbor \"site-router\" {{\n address \"10.10.0.1\"\n }}\n}}\n"
-        ),
-    )
-    .unwrap();
+    bridge(
+        &site,
+        Some("10.10.0.1/24"),
+        &[(&gw1, "lan", "10.10.0.2/24"), (&gw2, "lan", "10.10.0.3/24")],
+    );
+    bridge(
+        &inet,
+        None,
+        &[
+            (&gw1, "wan", "192.0.2.1/24"),
+            (&gw2, "wan", "192.0.2.3/24"),
+            (&c1, "wan", "192.0.2.11/24"),
+        ],
+    );
+    bgp_site(
+        &dir,
+        &[
+            ("gw1", "192.0.2.1", "10.10.0.2"),
+            ("gw2", "192.0.2.3", "10.10.0.3"),
+        ],
+        ("site-router", "10.10.0.1"),
+    );
     let bird_conf = dir.join("bird.conf");
     std::fs::write(
         &bird_conf,

@@ -71,32 +71,21 @@ fn gobgp_receives_a_reflected_client_route_with_originator_id_and_cluster_list()
     let dir = std::env::temp_dir().join(format!("{}-gobgp", site.name));
     std::fs::create_dir_all(&dir).unwrap();
     // Site LAN: gobgpd on the bridge itself.
-    site.ip(&["link", "add", "br0", "type", "bridge"]);
-    site.ip(&["link", "set", "br0", "up"]);
-    site.ip(&["addr", "add", "10.10.0.9/24", "dev", "br0"]);
-    veth(&site, "s1", &gw1, "lan");
-    site.ip(&["link", "set", "s1", "master", "br0"]);
-    gw1.ip(&["addr", "add", "10.10.0.2/24", "dev", "lan"]);
-    // Internet.
-    inet.ip(&["link", "add", "br0", "type", "bridge"]);
-    inet.ip(&["link", "set", "br0", "up"]);
-    for (ns, n, addr) in [(&gw1, "1", "192.0.2.1/24"), (&c1, "3", "192.0.2.11/24")] {
-        veth(&inet, &format!("i{n}"), ns, "wan");
-        inet.ip(&["link", "set", &format!("i{n}"), "master", "br0"]);
-        ns.ip(&["addr", "add", addr, "dev", "wan"]);
-    }
-    let (k1, kc) = (genkey(&dir, "gw1"), genkey(&dir, "c1"));
-    let cfg = dir.join("site.kdl");
-    std::fs::write(
-        &cfg,
-        format!(
-            "site \"lab\" {{\n asn 65010\n cloud-block \"10.200.0.0/16\"\n site-prefix \"10.10.0.0/16\"\n links 2\n keepalive-ms 200\n dead-after 3\n}}\n\
-             gateway \"gw1\" {{\n endpoint \"192.0.2.1\"\n site-address \"10.10.0.2\"\n public-key \"{k1}\"\n}}\n\
-             node \"c1\" {{\n address \"10.200.0.11\"\n public-key \"{kc}\"\n}}\n\
-             bgp {{\n hold-time 30\n neighbor \"gobgp\" {{\n address \"10.10.0.9\"\n }}\n}}\n"
-        ),
-    )
-    .unwrap();
+    bridge(
+        &site,
+        Some("10.10.0.9/24"),
+        &[(&gw1, "lan", "10.10.0.2/24")],
+    );
+    bridge(
+        &inet,
+        None,
+        &[(&gw1, "wan", "192.0.2.1/24"), (&c1, "wan", "192.0.2.11/24")],
+    );
+    bgp_site(
+        &dir,
+        &[("gw1", "192.0.2.1", "10.10.0.2")],
+        ("gobgp", "10.10.0.9"),
+    );
     // Both sides connect actively and accept on port 179; either session wins.
     let gobgp_conf = dir.join("gobgpd.toml");
     std::fs::write(

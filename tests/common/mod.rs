@@ -291,3 +291,42 @@ pub fn daemon(ns: &Netns, dir: &std::path::Path, host: &str) -> Proc {
     ];
     Proc::spawn(ns, &args, dir.join(format!("{host}.log")))
 }
+
+/// A bridge `br0` in `hub` (addressed `hub_addr` if given) with each `(ns, dev, addr)` attached
+/// through a veth whose `ns` end is `dev` with address `addr`.
+pub fn bridge(hub: &Netns, hub_addr: Option<&str>, members: &[(&Netns, &str, &str)]) {
+    hub.ip(&["link", "add", "br0", "type", "bridge"]);
+    hub.ip(&["link", "set", "br0", "up"]);
+    if let Some(a) = hub_addr {
+        hub.ip(&["addr", "add", a, "dev", "br0"]);
+    }
+    for (i, (ns, dev, addr)) in members.iter().enumerate() {
+        let port = format!("p{i}");
+        veth(hub, &port, ns, dev);
+        hub.ip(&["link", "set", &port, "master", "br0"]);
+        ns.ip(&["addr", "add", addr, "dev", dev]);
+    }
+}
+
+/// The iBGP labs' site file in DIR/site.kdl: gateways `(name, endpoint, site address)`, node
+/// c1 at 10.200.0.11, one site-router neighbour `(name, address)`; keys made in DIR.
+pub fn bgp_site(dir: &std::path::Path, gateways: &[(&str, &str, &str)], neighbor: (&str, &str)) {
+    let mut s = String::from(
+        "site \"lab\" {\n asn 65010\n cloud-block \"10.200.0.0/16\"\n site-prefix \"10.10.0.0/16\"\n links 2\n keepalive-ms 200\n dead-after 3\n}\n",
+    );
+    for (name, endpoint, site_address) in gateways {
+        let k = genkey(dir, name);
+        s.push_str(&format!(
+            "gateway \"{name}\" {{\n endpoint \"{endpoint}\"\n site-address \"{site_address}\"\n public-key \"{k}\"\n}}\n"
+        ));
+    }
+    let kc = genkey(dir, "c1");
+    s.push_str(&format!(
+        "node \"c1\" {{\n address \"10.200.0.11\"\n public-key \"{kc}\"\n}}\n"
+    ));
+    s.push_str(&format!(
+        "bgp {{\n hold-time 30\n neighbor \"{}\" {{\n address \"{}\"\n }}\n}}\n",
+        neighbor.0, neighbor.1
+    ));
+    std::fs::write(dir.join("site.kdl"), s).unwrap();
+}
