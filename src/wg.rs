@@ -662,6 +662,15 @@ mod tests {
         p
     }
 
+    /// `packet` encrypted by `from` for its peer, as the datagram on the wire.
+    fn seal(from: &Link, packet: &[u8]) -> Vec<u8> {
+        let mut out = vec![0u8; MAX_PACKET];
+        let Outbound::Send(_, n) = from.outbound(packet, &mut out) else {
+            panic!("no session to send on")
+        };
+        out[..n].to_vec()
+    }
+
     fn connect(gw: &Link, node: &Link) {
         let hello = node.tick(P);
         assert_eq!(hello.len(), 1, "the node initiates");
@@ -706,10 +715,7 @@ mod tests {
         let mut out = vec![0u8; MAX_PACKET];
         // c1 owns 10.200.0.11 only; it claims to be another node.
         let p = ipv4_packet([10, 200, 0, 12], [10, 10, 0, 5], b"spoof");
-        let Outbound::Send(_, n) = node.outbound(&p, &mut out) else {
-            panic!()
-        };
-        let d = out[..n].to_vec();
+        let d = seal(&node, &p);
         let r = gw.inbound(NODE.parse().unwrap(), &d, &mut out);
         assert_eq!(r.to_tun, None);
         assert_eq!(r.dropped, Some(DropReason::Spoofed));
@@ -722,10 +728,7 @@ mod tests {
         connect(&gw, &node);
         let mut out = vec![0u8; MAX_PACKET];
         let p = ipv4_packet([10, 200, 0, 11], [10, 10, 0, 5], b"once");
-        let Outbound::Send(_, n) = node.outbound(&p, &mut out) else {
-            panic!()
-        };
-        let d = out[..n].to_vec();
+        let d = seal(&node, &p);
         assert!(gw
             .inbound(NODE.parse().unwrap(), &d, &mut out)
             .to_tun
@@ -748,10 +751,7 @@ mod tests {
         }
         assert!(gw.stats.invalid.load(Ordering::Relaxed) >= 6);
         // and the session still works
-        let Outbound::Send(_, n) = node.outbound(&p, &mut out) else {
-            panic!()
-        };
-        let d = out[..n].to_vec();
+        let d = seal(&node, &p);
         assert!(gw
             .inbound(NODE.parse().unwrap(), &d, &mut out)
             .to_tun

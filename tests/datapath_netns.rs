@@ -500,39 +500,31 @@ fn the_daemon_refuses_a_world_readable_key_and_a_key_that_is_not_in_the_config()
     let _other = genkey(&lab.dir, "other");
     let cfg = lab.dir.join("site.kdl");
     std::fs::write(&cfg, site(1, 300, 3, &gw_pub, &[])).unwrap();
-    let key = lab.dir.join("gw1.key");
-    run("chmod", &["644", key.to_str().unwrap()]);
-    let out = lab.gw.appliance(&[
-        "run",
-        "-c",
-        cfg.to_str().unwrap(),
-        "--node",
-        "gw1",
-        "-k",
-        key.to_str().unwrap(),
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("chmod 600"),
-        "{}",
-        text(&out)
-    );
-    let other = lab.dir.join("other.key");
-    let out = lab.gw.appliance(&[
-        "run",
-        "-c",
-        cfg.to_str().unwrap(),
-        "--node",
-        "gw1",
-        "-k",
-        other.to_str().unwrap(),
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("but the config lists"),
-        "{}",
-        text(&out)
-    );
+    let run_with = |key: &str| {
+        let key = lab.dir.join(key);
+        lab.gw.appliance(&[
+            "run",
+            "-c",
+            cfg.to_str().unwrap(),
+            "--node",
+            "gw1",
+            "-k",
+            key.to_str().unwrap(),
+        ])
+    };
+    run("chmod", &["644", lab.dir.join("gw1.key").to_str().unwrap()]);
+    for (key, error) in [
+        ("gw1.key", "chmod 600"),
+        ("other.key", "but the config lists"),
+    ] {
+        let out = run_with(key);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(error),
+            "{}",
+            text(&out)
+        );
+    }
 }
 
 /// wireguard-go in `ns` as interface wg0 with one peer.

@@ -446,41 +446,40 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_wrong_peer_as_is_refused_with_bad_peer_as() {
-        let mut s = Session::new(Config {
-            peer_as: 65020,
-            ..cfg()
-        });
+    /// The actions after the peer's OPEN (hold 90) reaches a session with `config`.
+    fn after_open(config: Config) -> (Session, Vec<Action>) {
+        let mut s = Session::new(config);
         s.start();
         s.handle(Event::Connected);
         let out = s.handle(Event::Received(peer_open(90)));
-        assert!(
-            out.contains(&Action::Send(Message::Notification(Notification::new(
-                2,
-                2,
-                vec![]
-            ))))
-        );
+        (s, out)
+    }
+
+    fn refused_with(out: &[Action], subcode: u8) -> bool {
+        out.contains(&Action::Send(Message::Notification(Notification::new(
+            2,
+            subcode,
+            vec![],
+        ))))
+    }
+
+    #[test]
+    fn a_wrong_peer_as_is_refused_with_bad_peer_as() {
+        let (s, out) = after_open(Config {
+            peer_as: 65020,
+            ..cfg()
+        });
+        assert!(refused_with(&out, 2), "{out:?}");
         assert_eq!(s.state, State::Connect);
     }
 
     #[test]
     fn our_own_bgp_identifier_from_the_peer_is_refused() {
-        let mut s = Session::new(Config {
+        let (_, out) = after_open(Config {
             local_id: "10.10.0.1".parse().unwrap(),
             ..cfg()
         });
-        s.start();
-        s.handle(Event::Connected);
-        let out = s.handle(Event::Received(peer_open(90)));
-        assert!(
-            out.contains(&Action::Send(Message::Notification(Notification::new(
-                2,
-                3,
-                vec![]
-            ))))
-        );
+        assert!(refused_with(&out, 3), "{out:?}");
     }
 
     #[test]
