@@ -66,6 +66,15 @@ pub struct Gateway {
     pub public_key: PublicKey,
 }
 
+/// Who speaks iBGP for a node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BgpSpeaker {
+    #[default]
+    Appliance,
+    External,
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Node {
     pub name: String,
@@ -76,6 +85,9 @@ pub struct Node {
     pub public_key: PublicKey,
     /// Pool this node is a slot of, if any.
     pub pool: Option<String>,
+    /// Who speaks iBGP for this node: appliance itself, or a routing daemon of the node's own
+    /// (bird, FRR, GoBGP: a Kubernetes CNI, say) peering with the gateways from `address`.
+    pub bgp_speaker: BgpSpeaker,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -232,7 +244,7 @@ const SITE: &[&str] = &[
     "dead-after",
 ];
 const GATEWAY: &[&str] = &["endpoint", "site-address", "public-key"];
-const NODE: &[&str] = &["address", "prefix", "public-key"];
+const NODE: &[&str] = &["address", "prefix", "public-key", "bgp-speaker"];
 const RELAY: &[&str] = &["public-address", "private-address"];
 const POOL: &[&str] = &["prefix", "count", "key"];
 const BGP: &[&str] = &["hold-time", "max-prefix", "neighbor"];
@@ -781,6 +793,22 @@ impl Loader<'_> {
         let public_key = self
             .required(&f, "public-key")
             .and_then(|n| self.field_key(n));
+        let bgp_speaker = match f.by_name.get("bgp-speaker").and_then(|v| v.first()) {
+            None => Some(BgpSpeaker::Appliance),
+            Some(field) => match self.string(field) {
+                Some(("appliance", _)) => Some(BgpSpeaker::Appliance),
+                Some(("external", _)) => Some(BgpSpeaker::External),
+                Some((other, span)) => {
+                    self.err(
+                        Diagnostic::new(span, format!("`bgp-speaker` {other:?} is not known"))
+                            .label("expected \"appliance\" or \"external\"")
+                            .help("\"external\": a routing daemon on the node peers with the gateways itself"),
+                    );
+                    None
+                }
+                None => None,
+            },
+        };
         let address = address?;
         let prefixes = if prefixes.is_empty() && !f.by_name.contains_key("prefix") {
             vec![IpNet::from(address)]
@@ -793,6 +821,7 @@ impl Loader<'_> {
             prefixes,
             public_key: public_key?,
             pool: None,
+            bgp_speaker: bgp_speaker?,
         })
     }
 
@@ -1061,6 +1090,7 @@ fn pool_slots(p: &Pool) -> impl Iterator<Item = Node> + '_ {
             prefixes: vec![IpNet::from(address)],
             public_key: *key,
             pool: Some(p.name.clone()),
+            bgp_speaker: BgpSpeaker::Appliance,
         }
     })
 }

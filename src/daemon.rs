@@ -133,6 +133,7 @@ impl Daemon {
         if learned_changed {
             tracing::info!(prefixes = learned.len(), "routes learned over iBGP changed");
             self.learned = learned;
+            self.update_link_routes();
         }
         if changes.is_empty() && !learned_changed {
             return;
@@ -165,17 +166,45 @@ impl Daemon {
         }
     }
 
-    /// On a node: the prefixes its gateways advertise, each with the advertising gateways.
+    /// What iBGP taught this host: on a node, the prefixes its gateways advertise, each with
+    /// the advertising gateways; on a gateway, the prefixes each node announces (accepted by
+    /// the node's import policy), each with that node.
     fn learned_now(&self) -> Learned {
-        let (Some(b), Role::Node) = (&self.bgp, self.role) else {
+        let Some(b) = &self.bgp else {
             return Learned::new();
         };
         let status = b.status.lock().expect("not poisoned");
+        let from_nodes = self.role == Role::Gateway;
         status
             .routes
             .iter()
-            .map(|(p, paths)| (*p, paths.iter().map(|x| x.peer.clone()).collect()))
+            .filter_map(|(p, paths)| {
+                let by: Vec<String> = paths
+                    .iter()
+                    .filter(|x| !from_nodes || self.cfg.nodes.iter().any(|n| n.name == x.peer))
+                    .map(|x| x.peer.clone())
+                    .collect();
+                (!by.is_empty()).then_some((*p, by))
+            })
             .collect()
+    }
+
+    /// A gateway sends each node only the prefixes it announces: give the running links the
+    /// new prefix → peer tables (sessions and endpoints are kept).
+    fn update_link_routes(&self) {
+        if self.role != Role::Gateway {
+            return;
+        }
+        match topology::links_with(&self.cfg, &self.opts.host, &self.learned) {
+            Ok((_, specs)) => {
+                for spec in &specs {
+                    if let Some(rt) = self.links.get(&spec.dev) {
+                        rt.replace(rt.current().rebuild(spec));
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot rebuild the link tables"),
+        }
     }
 
     fn reset_rate_limiters(&self) {
@@ -188,7 +217,8 @@ impl Daemon {
     async fn reload(&mut self, path: Option<PathBuf>) -> Result<String, String> {
         let path = path.unwrap_or_else(|| self.opts.config.clone());
         let cfg = load(&path)?;
-        let (role, specs) = topology::links(&cfg, &self.opts.host).map_err(|e| e.to_string())?;
+        let (role, specs) = topology::links_with(&cfg, &self.opts.host, &self.learned)
+            .map_err(|e| e.to_string())?;
         if role != self.role {
             return Err(format!(
                 "{} changes role from {} to {role}: restart the daemon for that",
@@ -296,7 +326,9 @@ impl Daemon {
 pub async fn run(opts: Options) -> Result<(), String> {
     use tokio::signal::unix::{signal, SignalKind};
     let cfg = load(&opts.config)?;
-    let (role, specs) = topology::links(&cfg, &opts.host).map_err(|e| e.to_string())?;
+    // Nothing is learned yet: a gateway starts routing only the node addresses.
+    let (role, specs) =
+        topology::links_with(&cfg, &opts.host, &Learned::new()).map_err(|e| e.to_string())?;
     let key = if specs.is_empty() {
         None
     } else {
@@ -452,6 +484,12 @@ fn bgp_config(
         }));
     }
     if let Some(n) = cfg.nodes.iter().find(|n| n.name == host) {
+        if n.bgp_speaker == crate::config::BgpSpeaker::External {
+            tracing::info!(
+                "bgp-speaker \"external\": this node's own routing daemon peers with the gateways"
+            );
+            return Ok(None);
+        }
         let id = v4(n.address, "node address")?;
         let peers = cfg
             .gateways

@@ -40,15 +40,46 @@ pub fn desired_live(
     name: &str,
     live: Live<'_>,
 ) -> Result<(Role, HostState), HostError> {
-    desired_with(cfg, name, live, &Learned::new())
+    desired_with(cfg, name, live, &config_view(cfg, name))
 }
 
-/// Prefixes a node learned over iBGP, each with the gateways that advertise it.
+/// Prefixes learned over iBGP, each with the peers that advertise it: on a node, the gateways;
+/// on a gateway, the nodes (only a node's own, policy-accepted prefixes count).
 pub type Learned = std::collections::BTreeMap<IpNet, Vec<String>>;
 
-/// [`desired_live`] plus the routes a node learned over iBGP: each becomes a multipath route
-/// over the live links of the gateways that advertise it (with a fail-closed blackhole), unless
-/// the config already routes exactly that prefix.
+/// What iBGP would teach this host if every peer announced everything the config allows it:
+/// on a gateway, each node's assigned prefixes from that node; nothing on a node (the site
+/// prefixes it needs are in the config). One-shot `reconcile` and `--dry-run` plan with this.
+pub fn config_view(cfg: &Config, name: &str) -> Learned {
+    let mut l = Learned::new();
+    if cfg.role_of(name) == Some(Role::Gateway) {
+        for n in &cfg.nodes {
+            for p in &n.prefixes {
+                l.entry(*p).or_default().push(n.name.clone());
+            }
+        }
+    }
+    l
+}
+
+/// The prefixes a gateway routes to node `n`: its address (the iBGP session runs from it, so
+/// it is routed before any route is learned), then each assigned prefix the node announces.
+pub fn node_routes(n: &crate::config::Node, learned: &Learned) -> Vec<IpNet> {
+    let own = IpNet::from(n.address);
+    let mut v = vec![own];
+    v.extend(
+        n.prefixes
+            .iter()
+            .copied()
+            .filter(|p| *p != own && learned.get(p).is_some_and(|by| by.contains(&n.name))),
+    );
+    v
+}
+
+/// The desired state with what iBGP taught: on a node, each learned prefix becomes a
+/// multipath route over the live links of the gateways that advertise it (with a fail-closed
+/// blackhole), unless the config already routes exactly that prefix; on a gateway, each node
+/// prefix is routed to the node only while the node announces it ([`node_routes`]).
 pub fn desired_with(
     cfg: &Config,
     name: &str,
@@ -60,14 +91,14 @@ pub fn desired_with(
         hint: suggest(name, &cfg.host_names()).map(str::to_string),
     })?;
     let state = match role {
-        Role::Gateway => gateway(cfg, live),
+        Role::Gateway => gateway(cfg, live, learned),
         Role::Node => node(cfg, name, live, learned),
         Role::Relay => relay(),
     };
     Ok((role, state))
 }
 
-fn gateway(cfg: &Config, live: Live<'_>) -> HostState {
+fn gateway(cfg: &Config, live: Live<'_>, learned: &Learned) -> HostState {
     let mut s = HostState::default();
     let devs: Vec<String> = (0..cfg.site.links).map(gateway_link_name).collect();
     for d in &devs {
@@ -79,12 +110,12 @@ fn gateway(cfg: &Config, live: Live<'_>) -> HostState {
             .filter(|i| live(&n.name, *i))
             .map(gateway_link_name)
             .collect();
-        for p in &n.prefixes {
-            if !via.is_empty() {
-                s.add_route(*p, TUNNEL_METRIC, via.clone(), false);
+        if !via.is_empty() {
+            for p in node_routes(n, learned) {
+                s.add_route(p, TUNNEL_METRIC, via.clone(), false);
             }
-            routed.push(*p);
         }
+        routed.extend(n.prefixes.iter().copied());
     }
     for cb in &cfg.site.cloud_blocks {
         s.add_route(*cb, BLACKHOLE_METRIC, vec![], true);
@@ -288,6 +319,49 @@ mod tests {
             site.via.len(),
             7,
             "a prefix the config routes keeps its static route"
+        );
+    }
+
+    #[test]
+    fn a_gateway_routes_a_node_prefix_only_while_that_node_announces_it() {
+        let text = include_str!("../tests/golden/two-gateways/config.kdl").replace(
+            "node \"c1\" {",
+            "node \"c1\" {\n    prefix \"10.200.0.11/32\"\n    prefix \"10.200.1.0/28\"\n    prefix \"10.200.1.16/28\"",
+        );
+        let cfg = parse("t.kdl", &text).unwrap();
+        let routes = |learned: &Learned| {
+            let (_, s) = desired_with(&cfg, "gw1", &|_, _| true, learned).unwrap();
+            let mut v: Vec<String> = s
+                .routes
+                .values()
+                .filter(|r| !r.blackhole && r.dst.to_string().starts_with("10.200."))
+                .map(|r| r.dst.to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            routes(&Learned::new()),
+            ["10.200.0.11/32", "10.200.0.12/32"],
+            "before iBGP: only the node addresses the sessions run from"
+        );
+        let mut learned = Learned::new();
+        learned.insert("10.200.1.16/28".parse().unwrap(), vec!["c1".into()]);
+        learned.insert("10.200.1.0/28".parse().unwrap(), vec!["c2".into()]);
+        assert_eq!(
+            routes(&learned),
+            ["10.200.0.11/32", "10.200.0.12/32", "10.200.1.16/28"],
+            "c1's announced prefix is routed; c1's prefix announced by c2 is not"
+        );
+        assert_eq!(
+            routes(&config_view(&cfg, "gw1")),
+            [
+                "10.200.0.11/32",
+                "10.200.0.12/32",
+                "10.200.1.0/28",
+                "10.200.1.16/28"
+            ],
+            "a one-shot reconcile plans every assignment"
         );
     }
 

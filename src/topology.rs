@@ -43,8 +43,18 @@ pub struct PeerSpec {
     pub routes: Vec<IpNet>,
 }
 
-/// The links host `name` runs, in device-name order.
+/// The links host `name` runs, in device-name order, as the config alone sees them.
 pub fn links(cfg: &Config, name: &str) -> Result<(Role, Vec<LinkSpec>), HostError> {
+    links_with(cfg, name, &crate::desired::config_view(cfg, name))
+}
+
+/// The links with what iBGP taught: a gateway sends a node only its address and the assigned
+/// prefixes the node announces ([`crate::desired::node_routes`]).
+pub fn links_with(
+    cfg: &Config,
+    name: &str,
+    learned: &crate::desired::Learned,
+) -> Result<(Role, Vec<LinkSpec>), HostError> {
     let (role, _) = crate::desired::desired(cfg, name)?;
     let links = match role {
         Role::Gateway => {
@@ -67,7 +77,7 @@ pub fn links(cfg: &Config, name: &str) -> Result<(Role, Vec<LinkSpec>), HostErro
                             public_key: n.public_key,
                             endpoint: None,
                             allowed: n.prefixes.clone(),
-                            routes: n.prefixes.clone(),
+                            routes: crate::desired::node_routes(n, learned),
                         })
                         .collect(),
                 })

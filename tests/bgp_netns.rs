@@ -13,28 +13,6 @@ mod common;
 use common::*;
 use std::time::{Duration, Instant};
 
-fn bird_nexthops(site: &Netns, prefix: &str) -> Vec<String> {
-    let v = site.ip_json(&["route", "show", prefix]);
-    let Some(r) = v.as_array().and_then(|a| a.first()) else {
-        return vec![];
-    };
-    let mut hops: Vec<String> = match r.get("nexthops") {
-        Some(h) => h
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x["gateway"].as_str().unwrap_or("").to_string())
-            .collect(),
-        None => r
-            .get("gateway")
-            .and_then(|g| g.as_str())
-            .map(|g| vec![g.to_string()])
-            .unwrap_or_default(),
-    };
-    hops.sort();
-    hops
-}
-
 #[test]
 fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
     if !root_or_skip("bird_interop") {
@@ -70,10 +48,11 @@ fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
             ("gw2", "192.0.2.3", "10.10.0.3"),
         ],
         ("site-router", "10.10.0.1"),
+        "",
     );
-    let bird_conf = dir.join("bird.conf");
-    std::fs::write(
-        &bird_conf,
+    let (bird_proc, sock) = bird(
+        &site,
+        &dir,
         "router id 10.10.0.1;\n\
          protocol device {}\n\
          protocol kernel { ipv4 { import none; export filter { if dest = RTD_UNICAST then accept; reject; }; }; merge paths on; }\n\
@@ -81,24 +60,9 @@ fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
          template bgp gateways { local 10.10.0.1 as 65010; neighbor as 65010; direct; hold time 30; ipv4 { import all; export where source = RTS_STATIC; }; }\n\
          protocol bgp gw1 from gateways { neighbor 10.10.0.2; }\n\
          protocol bgp gw2 from gateways { neighbor 10.10.0.3; }\n",
-    )
-    .unwrap();
-    let sock = dir.join("bird.ctl");
-    let s = sock.to_str().unwrap();
-    let mut procs = vec![Proc::spawn(
-        &site,
-        &[
-            "bird",
-            "-f",
-            "-c",
-            bird_conf.to_str().unwrap(),
-            "-s",
-            s,
-            "-P",
-            dir.join("bird.pid").to_str().unwrap(),
-        ],
-        dir.join("bird.log"),
-    )];
+    );
+    let s = sock.as_str();
+    let mut procs = vec![bird_proc];
     for (ns, host) in [(&gw1, "gw1"), (&gw2, "gw2"), (&c1, "c1")] {
         procs.push(daemon(ns, &dir, host));
     }
@@ -110,11 +74,11 @@ fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
             .join("\n----\n")
     };
     let t0 = Instant::now();
-    while bird_nexthops(&site, "10.200.0.11/32") != ["10.10.0.2", "10.10.0.3"] {
+    while kernel_nexthops(&site, "10.200.0.11/32") != ["10.10.0.2", "10.10.0.3"] {
         assert!(
             t0.elapsed() < Duration::from_secs(40),
             "bird never had both paths: {:?}\n{}",
-            bird_nexthops(&site, "10.200.0.11/32"),
+            kernel_nexthops(&site, "10.200.0.11/32"),
             logs(&procs)
         );
         std::thread::sleep(Duration::from_millis(200));
@@ -184,11 +148,11 @@ fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
     // 30 s hold time: the gateways see its links go dead and reset its session.
     procs[3].signal("-KILL");
     let t4 = Instant::now();
-    while !bird_nexthops(&site, "10.200.0.11/32").is_empty() {
+    while !kernel_nexthops(&site, "10.200.0.11/32").is_empty() {
         assert!(
             t4.elapsed() < Duration::from_secs(10),
             "bird kept the dead node's route: {:?}",
-            bird_nexthops(&site, "10.200.0.11/32")
+            kernel_nexthops(&site, "10.200.0.11/32")
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -198,11 +162,11 @@ fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
     );
     procs[3] = daemon(&c1, &dir, "c1");
     let t5 = Instant::now();
-    while bird_nexthops(&site, "10.200.0.11/32") != ["10.10.0.2", "10.10.0.3"] {
+    while kernel_nexthops(&site, "10.200.0.11/32") != ["10.10.0.2", "10.10.0.3"] {
         assert!(
             t5.elapsed() < Duration::from_secs(30),
             "c1 did not come back: {:?}\n{}",
-            bird_nexthops(&site, "10.200.0.11/32"),
+            kernel_nexthops(&site, "10.200.0.11/32"),
             logs(&procs)
         );
         std::thread::sleep(Duration::from_millis(100));
@@ -211,11 +175,11 @@ fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
     // Stopping gw1 takes its path away.
     procs[1].signal("-TERM");
     let t1 = Instant::now();
-    while bird_nexthops(&site, "10.200.0.11/32") != ["10.10.0.3"] {
+    while kernel_nexthops(&site, "10.200.0.11/32") != ["10.10.0.3"] {
         assert!(
             t1.elapsed() < Duration::from_secs(40),
             "gw1's path stayed: {:?}",
-            bird_nexthops(&site, "10.200.0.11/32")
+            kernel_nexthops(&site, "10.200.0.11/32")
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -237,7 +201,7 @@ fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
     procs[2].signal("-KILL");
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
-        bird_nexthops(&site, "10.200.0.11/32"),
+        kernel_nexthops(&site, "10.200.0.11/32"),
         ["10.10.0.3"],
         "graceful restart keeps the path"
     );

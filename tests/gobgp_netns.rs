@@ -1,4 +1,6 @@
-//! The embedded route reflector against GoBGP, an independent BGP implementation, in namespaces:
+//! The embedded route reflector against GoBGP, an independent BGP implementation, in namespaces,
+//! first as a non-client (the site router's place), then as a reflector client (a node's own
+//! routing daemon, further below). The non-client case:
 //!
 //! ```text
 //!  site ns: gobgpd, bridge 10.10.0.9/24 ── gw1 ns 10.10.0.2 ── 192.0.2.1 ─┬─ inet ns (bridge)
@@ -85,6 +87,7 @@ fn gobgp_receives_a_reflected_client_route_with_originator_id_and_cluster_list()
         &dir,
         &[("gw1", "192.0.2.1", "10.10.0.2")],
         ("gobgp", "10.10.0.9"),
+        "",
     );
     // Both sides connect actively and accept on port 179; either session wins.
     let gobgp_conf = dir.join("gobgpd.toml");
@@ -161,6 +164,224 @@ fn gobgp_receives_a_reflected_client_route_with_originator_id_and_cluster_list()
         .map(|l| l.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
     assert_eq!(clusters, ["10.10.0.2"], "cluster list: {path}");
+    drop(procs);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `gobgp` CLI against the gobgpd of `ns`.
+fn gobgp(ns: &Netns, args: &[&str]) -> std::process::Output {
+    let mut cmd = vec!["gobgp", "-u", "127.0.0.1", "-p", API_PORT];
+    cmd.extend_from_slice(args);
+    ns.exec(&cmd)
+}
+
+/// A cloud node whose own routing daemon speaks iBGP (`bgp-speaker "external"`, as a
+/// Kubernetes node running a BGP CNI would): appliance runs the node's tunnels, and gobgpd on
+/// the node is a route-reflector client of gw1, peering from the node address through them.
+///
+/// ```text
+///  site ns: bird2 10.10.0.1 ── gw1 ns 10.10.0.2 ── 192.0.2.1 ─┬─ inet ns (bridge)
+///             c1 ns 192.0.2.11: appliance (tunnels) + gobgpd ─┘
+/// ```
+/// - what gobgpd receives from gw1: bird's 10.12.0.0/16, reflected from a non-client to a
+///   client, with ORIGINATOR_ID = bird's router ID and CLUSTER_LIST = [gw1];
+/// - what gobgpd announces: its assigned 10.200.5.0/24 becomes a kernel route on gw1 over
+///   c1's links and a route in bird's table, and the site reaches an address in it through the
+///   tunnels; withdrawn, it leaves gw1's kernel while the tunnels stay up;
+/// - a site prefix, a prefix outside the cloud block and a prefix of the cloud block that is
+///   not c1's are rejected, counted, and never reach bird.
+#[test]
+fn gobgp_as_a_reflector_client_gets_originator_id_and_cluster_list_and_its_announcements_are_policed(
+) {
+    if !root_or_skip("gobgp_client_interop") {
+        return;
+    }
+    let (site, gw1, inet, c1) = (Netns::new(), Netns::new(), Netns::new(), Netns::new());
+    let dir = std::env::temp_dir().join(format!("{}-gobgp-client", site.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    bridge(
+        &site,
+        Some("10.10.0.1/24"),
+        &[(&gw1, "lan", "10.10.0.2/24")],
+    );
+    bridge(
+        &inet,
+        None,
+        &[(&gw1, "wan", "192.0.2.1/24"), (&c1, "wan", "192.0.2.11/24")],
+    );
+    bgp_site(
+        &dir,
+        &[("gw1", "192.0.2.1", "10.10.0.2")],
+        ("site-router", "10.10.0.1"),
+        " prefix \"10.200.0.11/32\"\n prefix \"10.200.5.0/24\"\n bgp-speaker \"external\"",
+    );
+    let (bird_proc, _sock) = bird(
+        &site,
+        &dir,
+        "router id 10.10.0.1;\n\
+         protocol device {}\n\
+         protocol kernel { ipv4 { import none; export filter { if dest = RTD_UNICAST then accept; reject; }; }; }\n\
+         protocol static { ipv4; route 10.12.0.0/16 blackhole; }\n\
+         protocol bgp gw1 { local 10.10.0.1 as 65010; neighbor 10.10.0.2 as 65010; direct; hold time 30; ipv4 { import all; export where source = RTS_STATIC; }; }\n",
+    );
+    // gobgpd on the node: no listener (port -1), it dials gw1 from the node address.
+    let conf = dir.join("gobgpd.toml");
+    std::fs::write(
+        &conf,
+        "[global.config]\n\
+         \x20 as = 65010\n\
+         \x20 router-id = \"10.200.0.11\"\n\
+         \x20 port = -1\n\
+         [[neighbors]]\n\
+         \x20 [neighbors.config]\n\
+         \x20   neighbor-address = \"10.10.0.2\"\n\
+         \x20   peer-as = 65010\n\
+         \x20 [neighbors.transport.config]\n\
+         \x20   local-address = \"10.200.0.11\"\n\
+         \x20 [[neighbors.afi-safis]]\n\
+         \x20   [neighbors.afi-safis.config]\n\
+         \x20     afi-safi-name = \"ipv4-unicast\"\n",
+    )
+    .unwrap();
+    let mut procs = vec![
+        bird_proc,
+        daemon(&gw1, &dir, "gw1"),
+        daemon(&c1, &dir, "c1"),
+    ];
+    // appliance puts the node address on ap-lo; gobgpd can bind it once that is done.
+    let t = Instant::now();
+    while !c1.ip(&["-4", "addr", "show"]).contains("10.200.0.11") {
+        assert!(t.elapsed() < Duration::from_secs(20), "{}", procs[2].log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let api = format!("127.0.0.1:{API_PORT}");
+    procs.push(Proc::spawn(
+        &c1,
+        &[
+            "gobgpd",
+            "-f",
+            conf.to_str().unwrap(),
+            "-t",
+            "toml",
+            "--api-hosts",
+            &api,
+            "--pprof-disable",
+        ],
+        dir.join("gobgpd.log"),
+    ));
+    let logs = |procs: &[Proc]| {
+        procs
+            .iter()
+            .map(Proc::log)
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
+    // What the client receives.
+    let t0 = Instant::now();
+    let path = loop {
+        let (best, shown) = gobgp_best(&c1, "10.12.0.0/16");
+        if let Some(p) = best {
+            break p;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "gobgp never received 10.12.0.0/16; last `gobgp global rib -j`:\n{shown}\n{}",
+            logs(&procs)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!(
+        "gobgp client has 10.12.0.0/16 after {:?}: {path}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        attr(&path, 9).and_then(|a| a["value"].as_str()),
+        Some("10.10.0.1"),
+        "ORIGINATOR_ID is the site router's ID: {path}"
+    );
+    let clusters: Vec<&str> = attr(&path, 10)
+        .and_then(|a| a["value"].as_array())
+        .map(|l| l.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    assert_eq!(clusters, ["10.10.0.2"], "CLUSTER_LIST is gw1: {path}");
+    // What the client announces.
+    for p in [
+        "10.200.0.11/32",
+        "10.200.5.0/24",
+        "10.10.5.0/24",
+        "198.18.0.0/24",
+        "10.200.9.0/24",
+    ] {
+        let out = gobgp(&c1, &["global", "rib", "add", p, "-a", "ipv4"]);
+        assert!(out.status.success(), "gobgp rib add {p}: {}", text(&out));
+    }
+    let gw_route = |p: &str| -> Vec<String> {
+        gw1.our_routes()
+            .into_iter()
+            .find(|(d, m, _)| d == p && *m == 20)
+            .map(|r| r.2)
+            .unwrap_or_default()
+    };
+    let t1 = Instant::now();
+    while gw_route("10.200.5.0/24") != ["ap-l0", "ap-l1"]
+        || kernel_nexthops(&site, "10.200.5.0/24") != ["10.10.0.2"]
+    {
+        assert!(
+            t1.elapsed() < Duration::from_secs(20),
+            "gw1 {:?}, bird {:?}\n{}",
+            gw_route("10.200.5.0/24"),
+            kernel_nexthops(&site, "10.200.5.0/24"),
+            logs(&procs)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "10.200.5.0/24 routed by gw1 and bird {:?} after the announcement",
+        t1.elapsed()
+    );
+    // Bytes through the tunnels to an address inside the learned prefix.
+    c1.ip(&["addr", "add", "10.200.5.1/32", "dev", "lo"]);
+    let ping = site.exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.200.5.1"]);
+    assert!(ping.status.success(), "{}", text(&ping));
+    // Policy on the gateway: three announcements rejected and counted, none at the site.
+    let st = gw1.appliance(&["status", "--output", "json"]);
+    let st: Value = serde_json::from_slice(&st.stdout).unwrap();
+    let c1_session = st["bgp"]["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "c1")
+        .cloned()
+        .unwrap();
+    assert_eq!(c1_session["prefixes"]["accepted"], 2, "{st}");
+    assert_eq!(c1_session["prefixes"]["rejected"], 3, "{st}");
+    for p in ["10.10.5.0/24", "198.18.0.0/24", "10.200.9.0/24"] {
+        assert!(
+            kernel_nexthops(&site, p).is_empty(),
+            "{p} leaked to the site"
+        );
+        assert!(gw_route(p).is_empty(), "{p} routed on gw1");
+    }
+    // Withdrawn by the node's daemon: the route leaves gw1's kernel (and bird's) while the
+    // tunnels, and the route to the node address, stay.
+    let out = gobgp(
+        &c1,
+        &["global", "rib", "del", "10.200.5.0/24", "-a", "ipv4"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let t2 = Instant::now();
+    while !gw_route("10.200.5.0/24").is_empty()
+        || !kernel_nexthops(&site, "10.200.5.0/24").is_empty()
+    {
+        assert!(
+            t2.elapsed() < Duration::from_secs(20),
+            "withdrawn 10.200.5.0/24 still routed: gw1 {:?}, bird {:?}",
+            gw_route("10.200.5.0/24"),
+            kernel_nexthops(&site, "10.200.5.0/24")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(gw_route("10.200.0.11/32"), ["ap-l0", "ap-l1"]);
     drop(procs);
     let _ = std::fs::remove_dir_all(&dir);
 }

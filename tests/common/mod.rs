@@ -310,7 +310,13 @@ pub fn bridge(hub: &Netns, hub_addr: Option<&str>, members: &[(&Netns, &str, &st
 
 /// The iBGP labs' site file in DIR/site.kdl: gateways `(name, endpoint, site address)`, node
 /// c1 at 10.200.0.11, one site-router neighbour `(name, address)`; keys made in DIR.
-pub fn bgp_site(dir: &std::path::Path, gateways: &[(&str, &str, &str)], neighbor: (&str, &str)) {
+/// `node_extra` goes inside node c1's block (more prefixes, `bgp-speaker "external"`).
+pub fn bgp_site(
+    dir: &std::path::Path,
+    gateways: &[(&str, &str, &str)],
+    neighbor: (&str, &str),
+    node_extra: &str,
+) {
     let mut s = String::from(
         "site \"lab\" {\n asn 65010\n cloud-block \"10.200.0.0/16\"\n site-prefix \"10.10.0.0/16\"\n links 2\n keepalive-ms 200\n dead-after 3\n}\n",
     );
@@ -322,11 +328,52 @@ pub fn bgp_site(dir: &std::path::Path, gateways: &[(&str, &str, &str)], neighbor
     }
     let kc = genkey(dir, "c1");
     s.push_str(&format!(
-        "node \"c1\" {{\n address \"10.200.0.11\"\n public-key \"{kc}\"\n}}\n"
+        "node \"c1\" {{\n address \"10.200.0.11\"\n public-key \"{kc}\"\n{node_extra}\n}}\n"
     ));
     s.push_str(&format!(
         "bgp {{\n hold-time 30\n neighbor \"{}\" {{\n address \"{}\"\n }}\n}}\n",
         neighbor.0, neighbor.1
     ));
     std::fs::write(dir.join("site.kdl"), s).unwrap();
+}
+
+/// bird2 in `ns` with config `conf` (written to `dir/bird.conf`), its control socket at
+/// `dir/bird.ctl` (returned).
+pub fn bird(ns: &Netns, dir: &std::path::Path, conf: &str) -> (Proc, String) {
+    let path = dir.join("bird.conf");
+    std::fs::write(&path, conf).unwrap();
+    let sock = dir.join("bird.ctl").to_str().unwrap().to_string();
+    let p = Proc::spawn(
+        ns,
+        &[
+            "bird",
+            "-f",
+            "-c",
+            path.to_str().unwrap(),
+            "-s",
+            &sock,
+            "-P",
+            dir.join("bird.pid").to_str().unwrap(),
+        ],
+        dir.join("bird.log"),
+    );
+    (p, sock)
+}
+
+/// The nexthop gateways of `prefix` in `ns`'s kernel table (bird's kernel protocol exports).
+pub fn kernel_nexthops(ns: &Netns, prefix: &str) -> Vec<String> {
+    let v = ns.ip_json(&["route", "show", prefix]);
+    let mut hops: Vec<String> = Vec::new();
+    for r in v.as_array().into_iter().flatten() {
+        if let Some(nh) = r.get("nexthops").and_then(|n| n.as_array()) {
+            hops.extend(
+                nh.iter()
+                    .filter_map(|h| h["gateway"].as_str().map(String::from)),
+            );
+        } else if let Some(g) = r["gateway"].as_str() {
+            hops.push(g.to_string());
+        }
+    }
+    hops.sort();
+    hops
 }
