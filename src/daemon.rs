@@ -179,11 +179,14 @@ impl Daemon {
             .routes
             .iter()
             .filter_map(|(p, paths)| {
-                let by: Vec<String> = paths
+                let mut by: Vec<String> = paths
                     .iter()
                     .filter(|x| !from_nodes || self.cfg.nodes.iter().any(|n| n.name == x.peer))
                     .map(|x| x.peer.clone())
                     .collect();
+                // With ADD-PATH one peer may advertise several paths: one entry per peer.
+                by.sort();
+                by.dedup();
                 (!by.is_empty()).then_some((*p, by))
             })
             .collect()

@@ -330,24 +330,32 @@ fn render_status(s: &serde_json::Value) -> String {
             age(&l["last_rx_age_ms"]),
             bytes(&l["rx_bytes"]),
             bytes(&l["tx_bytes"]),
-            l["handshakes"],
+            l["handshakes"].to_string(),
             if l["alive"] == true { "live" } else { "dead" }
         ));
     }
     if let Some(b) = s["bgp"].as_object() {
         out.push_str(&format!(
-            "\n{:<14} {:<18} {:<12} {:>8} {:>8} {:>8} {}\n",
-            "BGP PEER", "ADDRESS", "STATE", "RECEIVED", "ACCEPTED", "REJECTED", "LAST ERROR"
+            "\n{:<14} {:<18} {:<12} {:>8} {:>8} {:>8} {:<9} {}\n",
+            "BGP PEER",
+            "ADDRESS",
+            "STATE",
+            "RECEIVED",
+            "ACCEPTED",
+            "REJECTED",
+            "ADD-PATH",
+            "LAST ERROR"
         ));
         for p in b["sessions"].as_array().into_iter().flatten() {
             out.push_str(&format!(
-                "{:<14} {:<18} {:<12} {:>8} {:>8} {:>8} {}\n",
+                "{:<14} {:<18} {:<12} {:>8} {:>8} {:>8} {:<9} {}\n",
                 p["name"].as_str().unwrap_or(""),
                 p["address"].as_str().unwrap_or(""),
                 p["state"].as_str().unwrap_or(""),
-                p["prefixes"]["received"],
-                p["prefixes"]["accepted"],
-                p["prefixes"]["rejected"],
+                p["prefixes"]["received"].to_string(),
+                p["prefixes"]["accepted"].to_string(),
+                p["prefixes"]["rejected"].to_string(),
+                add_path_column(p),
                 p["last_error"].as_str().unwrap_or("-")
             ));
         }
@@ -357,6 +365,17 @@ fn render_status(s: &serde_json::Value) -> String {
         ));
     }
     out
+}
+
+/// "rx", "tx", "rx+tx" or "-": the directions ADD-PATH was negotiated in, any family.
+fn add_path_column(session: &serde_json::Value) -> &'static str {
+    let on = |k: &str| session[k]["ipv4"] == true || session[k]["ipv6"] == true;
+    match (on("add_path_rx"), on("add_path_tx")) {
+        (true, true) => "rx+tx",
+        (true, false) => "rx",
+        (false, true) => "tx",
+        (false, false) => "-",
+    }
 }
 
 fn pubkey() -> ExitCode {

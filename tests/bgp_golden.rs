@@ -9,6 +9,7 @@ use std::path::Path;
 
 const CTX: Context = Context {
     four_octet_as: true,
+    ..Context::PLAIN
 };
 
 fn hex(name: &str) -> Vec<u8> {

@@ -7,7 +7,8 @@
 //! ```
 //! c1 runs 2 links to each gateway and announces 10.200.0.11/32 over iBGP through its tunnels;
 //! both gateways reflect it to bird with next-hop-self, so bird's kernel table must hold it
-//! with two nexthops, and lose one when a gateway stops.
+//! with two nexthops, and lose one when a gateway stops. bird's session with gw1 negotiates
+//! ADD-PATH (RFC 7911) both ways; the one with gw2 does not.
 
 mod common;
 use common::*;
@@ -47,18 +48,19 @@ fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
             ("gw1", "192.0.2.1", "10.10.0.2"),
             ("gw2", "192.0.2.3", "10.10.0.3"),
         ],
-        ("site-router", "10.10.0.1"),
+        &[("site-router", "10.10.0.1")],
         "",
     );
     let (bird_proc, sock) = bird(
         &site,
         &dir,
+        "bird",
         "router id 10.10.0.1;\n\
          protocol device {}\n\
          protocol kernel { ipv4 { import none; export filter { if dest = RTD_UNICAST then accept; reject; }; }; merge paths on; }\n\
          protocol static { ipv4; route 10.12.0.0/16 blackhole; }\n\
          template bgp gateways { local 10.10.0.1 as 65010; neighbor as 65010; direct; hold time 30; ipv4 { import all; export where source = RTS_STATIC; }; }\n\
-         protocol bgp gw1 from gateways { neighbor 10.10.0.2; }\n\
+         protocol bgp gw1 from gateways { neighbor 10.10.0.2; ipv4 { add paths on; }; }\n\
          protocol bgp gw2 from gateways { neighbor 10.10.0.3; }\n",
     );
     let s = sock.as_str();
@@ -138,6 +140,23 @@ fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
     let c1_session = sessions.iter().find(|p| p["name"] == "c1").unwrap();
     assert_eq!(c1_session["state"], "Established", "{st}");
     assert_eq!(c1_session["prefixes"]["accepted"], 1, "{st}");
+    // bird's session with gw1 uses ADD-PATH both ways (RFC 7911): gw1 decoded bird's path
+    // identifiers (c1 learned 10.12.0.0/16 through gw1 above) and bird decoded gw1's.
+    let st1 = gw1.appliance(&["status", "--output", "json"]);
+    let st1: serde_json::Value = serde_json::from_slice(&st1.stdout).unwrap();
+    let site_session = st1["bgp"]["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "site-router")
+        .cloned()
+        .unwrap();
+    assert_eq!(site_session["add_path_rx"]["ipv4"], true, "{st1}");
+    assert_eq!(site_session["add_path_tx"]["ipv4"], true, "{st1}");
+    assert_eq!(site_session["prefixes"]["accepted"], 1, "{st1}");
+    let show = site.exec(&["birdc", "-s", s, "show", "protocols", "all", "gw1"]);
+    let show = String::from_utf8_lossy(&show.stdout).to_string();
+    assert!(show.contains("ADD-PATH"), "{show}");
     let text_status = gw2.appliance(&["status"]);
     assert!(
         String::from_utf8_lossy(&text_status.stdout).contains("site-router"),

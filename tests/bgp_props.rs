@@ -2,8 +2,8 @@
 //! bytes that decode back to the same value, and no byte string makes the decoder panic.
 
 use appliance::bgp::wire::{
-    decode, encode, AsSegment, Attributes, Capability, Context, Message, Notification, Open,
-    Origin, Update,
+    decode, encode, AsSegment, Attributes, Capability, Context, Families, Message, Nlri,
+    Notification, Open, Origin, Update,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use proptest::prelude::*;
@@ -11,6 +11,19 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 const CTX: Context = Context {
     four_octet_as: true,
+    ..Context::PLAIN
+};
+
+const ADD_PATH: Context = Context {
+    four_octet_as: true,
+    add_path_rx: Families {
+        ipv4: true,
+        ipv6: true,
+    },
+    add_path_tx: Families {
+        ipv4: true,
+        ipv6: true,
+    },
 };
 
 fn v4net() -> impl Strategy<Value = IpNet> {
@@ -65,16 +78,26 @@ fn attributes(v6_nlri: bool) -> impl Strategy<Value = Attributes> {
         )
 }
 
-fn update() -> impl Strategy<Value = Update> {
+/// NLRI with path identifiers when the session uses ADD-PATH, 0 otherwise.
+fn nlri(net: impl Strategy<Value = IpNet>, add_path: bool) -> impl Strategy<Value = Nlri> {
+    let id = if add_path {
+        (0u32..).boxed()
+    } else {
+        Just(0u32).boxed()
+    };
+    (net, id).prop_map(|(prefix, path_id)| Nlri { prefix, path_id })
+}
+
+fn update(add_path: bool) -> impl Strategy<Value = Update> {
     prop_oneof![
         (
-            prop::collection::vec(v4net(), 1..30),
-            prop::collection::vec(v4net(), 0..30),
+            prop::collection::vec(nlri(v4net(), add_path), 1..30),
+            prop::collection::vec(nlri(v4net(), add_path), 0..30),
             attributes(false)
         ),
         (
-            prop::collection::vec(v6net(), 1..30),
-            prop::collection::vec(v6net(), 0..30),
+            prop::collection::vec(nlri(v6net(), add_path), 1..30),
+            prop::collection::vec(nlri(v6net(), add_path), 0..30),
             attributes(true)
         ),
     ]
@@ -105,11 +128,19 @@ fn sorted(m: Message) -> Message {
 
 proptest! {
     #[test]
-    fn updates_round_trip(u in update()) {
+    fn updates_round_trip(u in update(false)) {
         let m = Message::Update(u);
         let bytes = encode(&m, CTX);
         prop_assume!(bytes.len() <= 4096);
         prop_assert_eq!(sorted(decode(&bytes, CTX).unwrap()), sorted(m));
+    }
+
+    #[test]
+    fn add_path_updates_round_trip(u in update(true)) {
+        let m = Message::Update(u);
+        let bytes = encode(&m, ADD_PATH);
+        prop_assume!(bytes.len() <= 4096);
+        prop_assert_eq!(sorted(decode(&bytes, ADD_PATH).unwrap()), sorted(m));
     }
 
     #[test]
@@ -129,11 +160,12 @@ proptest! {
     }
 
     #[test]
-    fn arbitrary_bytes_after_a_valid_header_never_panic(kind in 1u8..=6, body in prop::collection::vec(any::<u8>(), 0..600), four in any::<bool>()) {
+    fn arbitrary_bytes_after_a_valid_header_never_panic(kind in 1u8..=6, body in prop::collection::vec(any::<u8>(), 0..600), four in any::<bool>(), add_path in any::<bool>()) {
         let mut m = vec![0xff; 16];
         m.extend_from_slice(&((19 + body.len()) as u16).to_be_bytes());
         m.push(kind);
         m.extend_from_slice(&body);
-        let _ = decode(&m, Context { four_octet_as: four });
+        let ctx = if add_path { ADD_PATH } else { Context::PLAIN };
+        let _ = decode(&m, Context { four_octet_as: four, ..ctx });
     }
 }

@@ -56,6 +56,15 @@ fn gobgp_best(site: &Netns, prefix: &str) -> (Option<Value>, String) {
     (best, shown)
 }
 
+/// Every path GoBGP holds for `prefix` (with ADD-PATH, one per path identifier).
+fn gobgp_paths(ns: &Netns, prefix: &str) -> Vec<Value> {
+    let out = gobgp(ns, &["global", "rib", "-a", "ipv4", "-j"]);
+    serde_json::from_slice::<Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v.get(prefix).and_then(Value::as_array).cloned())
+        .unwrap_or_default()
+}
+
 /// The attribute of type code `code` (3 NEXT_HOP, 9 ORIGINATOR_ID, 10 CLUSTER_LIST) of a path.
 fn attr(path: &Value, code: u64) -> Option<&Value> {
     path["attrs"]
@@ -86,7 +95,7 @@ fn gobgp_receives_a_reflected_client_route_with_originator_id_and_cluster_list()
     bgp_site(
         &dir,
         &[("gw1", "192.0.2.1", "10.10.0.2")],
-        ("gobgp", "10.10.0.9"),
+        &[("gobgp", "10.10.0.9")],
         "",
     );
     // Both sides connect actively and accept on port 179; either session wins.
@@ -212,18 +221,25 @@ fn gobgp_as_a_reflector_client_gets_originator_id_and_cluster_list_and_its_annou
     bgp_site(
         &dir,
         &[("gw1", "192.0.2.1", "10.10.0.2")],
-        ("site-router", "10.10.0.1"),
+        &[("site-router", "10.10.0.1"), ("site-router-b", "10.10.0.5")],
         " prefix \"10.200.0.11/32\"\n prefix \"10.200.5.0/24\"\n bgp-speaker \"external\"",
     );
-    let (bird_proc, _sock) = bird(
-        &site,
-        &dir,
-        "router id 10.10.0.1;\n\
-         protocol device {}\n\
-         protocol kernel { ipv4 { import none; export filter { if dest = RTD_UNICAST then accept; reject; }; }; }\n\
-         protocol static { ipv4; route 10.12.0.0/16 blackhole; }\n\
-         protocol bgp gw1 { local 10.10.0.1 as 65010; neighbor 10.10.0.2 as 65010; direct; hold time 30; ipv4 { import all; export where source = RTS_STATIC; }; }\n",
-    );
+    // Two site routers (bird, 10.10.0.1 and 10.10.0.5) both announce 10.12.0.0/16: gw1 holds
+    // two paths for it, and an ADD-PATH client receives both.
+    site.ip(&["addr", "add", "10.10.0.5/24", "dev", "br0"]);
+    // Only bird-a exports to the site's kernel (one kernel protocol per table).
+    let site_router = |id: &str, kernel: &str| {
+        format!(
+            "router id {id};\n\
+             protocol device {{}}\n\
+             {kernel}\n\
+             protocol static {{ ipv4; route 10.12.0.0/16 blackhole; }}\n\
+             protocol bgp gw1 {{ local {id} as 65010; neighbor 10.10.0.2 as 65010; direct; strict bind on; hold time 30; ipv4 {{ import all; export where source = RTS_STATIC; }}; }}\n"
+        )
+    };
+    let kernel = "protocol kernel { ipv4 { import none; export filter { if dest = RTD_UNICAST then accept; reject; }; }; }";
+    let (bird_a, _) = bird(&site, &dir, "bird-a", &site_router("10.10.0.1", kernel));
+    let (bird_b, _) = bird(&site, &dir, "bird-b", &site_router("10.10.0.5", ""));
     // gobgpd on the node: no listener (port -1), it dials gw1 from the node address.
     let conf = dir.join("gobgpd.toml");
     std::fs::write(
@@ -240,18 +256,22 @@ fn gobgp_as_a_reflector_client_gets_originator_id_and_cluster_list_and_its_annou
          \x20   local-address = \"10.200.0.11\"\n\
          \x20 [[neighbors.afi-safis]]\n\
          \x20   [neighbors.afi-safis.config]\n\
-         \x20     afi-safi-name = \"ipv4-unicast\"\n",
+         \x20     afi-safi-name = \"ipv4-unicast\"\n\
+         \x20   [neighbors.afi-safis.add-paths.config]\n\
+         \x20     receive = true\n\
+         \x20     send-max = 8\n",
     )
     .unwrap();
     let mut procs = vec![
-        bird_proc,
+        bird_a,
+        bird_b,
         daemon(&gw1, &dir, "gw1"),
         daemon(&c1, &dir, "c1"),
     ];
     // appliance puts the node address on ap-lo; gobgpd can bind it once that is done.
     let t = Instant::now();
     while !c1.ip(&["-4", "addr", "show"]).contains("10.200.0.11") {
-        assert!(t.elapsed() < Duration::from_secs(20), "{}", procs[2].log());
+        assert!(t.elapsed() < Duration::from_secs(20), "{}", procs[3].log());
         std::thread::sleep(Duration::from_millis(100));
     }
     let api = format!("127.0.0.1:{API_PORT}");
@@ -276,34 +296,45 @@ fn gobgp_as_a_reflector_client_gets_originator_id_and_cluster_list_and_its_annou
             .collect::<Vec<_>>()
             .join("\n----\n")
     };
-    // What the client receives.
+    // What the client receives: both site paths (ADD-PATH, RFC 7911: gobgpd asked for several
+    // paths, told apart by the path identifiers gw1 gave them), each reflected from a
+    // non-client with ORIGINATOR_ID = that site router's ID and CLUSTER_LIST = [gw1].
     let t0 = Instant::now();
-    let path = loop {
-        let (best, shown) = gobgp_best(&c1, "10.12.0.0/16");
-        if let Some(p) = best {
-            break p;
+    let paths = loop {
+        let paths = gobgp_paths(&c1, "10.12.0.0/16");
+        if paths.len() >= 2 {
+            break paths;
         }
         assert!(
             t0.elapsed() < Duration::from_secs(40),
-            "gobgp never received 10.12.0.0/16; last `gobgp global rib -j`:\n{shown}\n{}",
+            "gobgp has {} path(s) for 10.12.0.0/16: {paths:?}\ngw1: {}\n{}",
+            paths.len(),
+            text(&gw1.appliance(&["status"])),
             logs(&procs)
         );
         std::thread::sleep(Duration::from_millis(200));
     };
     eprintln!(
-        "gobgp client has 10.12.0.0/16 after {:?}: {path}",
+        "gobgp client has both paths of 10.12.0.0/16 after {:?}",
         t0.elapsed()
     );
-    assert_eq!(
-        attr(&path, 9).and_then(|a| a["value"].as_str()),
-        Some("10.10.0.1"),
-        "ORIGINATOR_ID is the site router's ID: {path}"
-    );
-    let clusters: Vec<&str> = attr(&path, 10)
-        .and_then(|a| a["value"].as_array())
-        .map(|l| l.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    assert_eq!(clusters, ["10.10.0.2"], "CLUSTER_LIST is gw1: {path}");
+    let mut hops = Vec::new();
+    for path in &paths {
+        let hop = attr(path, 3).and_then(|a| a["nexthop"].as_str()).unwrap();
+        assert_eq!(
+            attr(path, 9).and_then(|a| a["value"].as_str()),
+            Some(hop),
+            "ORIGINATOR_ID is the announcing site router's ID: {path}"
+        );
+        let clusters: Vec<&str> = attr(path, 10)
+            .and_then(|a| a["value"].as_array())
+            .map(|l| l.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        assert_eq!(clusters, ["10.10.0.2"], "CLUSTER_LIST is gw1: {path}");
+        hops.push(hop.to_string());
+    }
+    hops.sort();
+    assert_eq!(hops, ["10.10.0.1", "10.10.0.5"], "{paths:?}");
     // What the client announces.
     for p in [
         "10.200.0.11/32",
@@ -354,6 +385,11 @@ fn gobgp_as_a_reflector_client_gets_originator_id_and_cluster_list_and_its_annou
         .cloned()
         .unwrap();
     assert_eq!(c1_session["prefixes"]["accepted"], 2, "{st}");
+    assert_eq!(
+        c1_session["add_path_rx"]["ipv4"], true,
+        "gobgpd sends path ids: {st}"
+    );
+    assert_eq!(c1_session["add_path_tx"]["ipv4"], true, "{st}");
     assert_eq!(c1_session["prefixes"]["rejected"], 3, "{st}");
     for p in ["10.10.5.0/24", "198.18.0.0/24", "10.200.9.0/24"] {
         assert!(

@@ -4,8 +4,8 @@
 //! clocks, so every rule is a unit test.
 
 use super::wire::{
-    Capability, Context, DecodeError, Message, Notification, Open, Update, AFI_IPV4, AFI_IPV6,
-    SAFI_UNICAST,
+    Capability, Context, DecodeError, Families, Message, Notification, Open, Update, AFI_IPV4,
+    AFI_IPV6, SAFI_UNICAST,
 };
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -43,14 +43,49 @@ pub struct Negotiated {
     pub route_refresh: bool,
     /// The peer's graceful-restart time, if it announced the capability.
     pub peer_restart_time: Option<u16>,
+    /// ADD-PATH (RFC 7911): families in which the peer sends us path identifiers.
+    pub add_path_rx: Families,
+    /// Families in which we send the peer several paths, with path identifiers.
+    pub add_path_tx: Families,
 }
 
 impl Negotiated {
     pub fn context(&self) -> Context {
         Context {
             four_octet_as: self.four_octet_as,
+            add_path_rx: self.add_path_rx,
+            add_path_tx: self.add_path_tx,
         }
     }
+}
+
+/// RFC 7911 §5 send/receive field: 1 receive, 2 send, 3 both.
+const ADD_PATH_RECEIVE: u8 = 1;
+const ADD_PATH_SEND: u8 = 2;
+
+/// The ADD-PATH families both sides agreed on: we receive path identifiers where we offered to
+/// receive and the peer offered to send, and send them where the reverse holds. `ours` and
+/// `theirs` are the capability tuples (AFI, SAFI, send/receive).
+pub fn add_path_agreement(
+    ours: &[(u16, u8, u8)],
+    theirs: &[(u16, u8, u8)],
+) -> (Families, Families) {
+    let bits = |list: &[(u16, u8, u8)], afi: u16| {
+        list.iter()
+            .filter(|(a, s, _)| *a == afi && *s == SAFI_UNICAST)
+            .fold(0, |acc, (_, _, b)| acc | b)
+    };
+    let both = |we: u8, they: u8| {
+        let f = |afi| bits(ours, afi) & we != 0 && bits(theirs, afi) & they != 0;
+        Families {
+            ipv4: f(AFI_IPV4),
+            ipv6: f(AFI_IPV6),
+        }
+    };
+    (
+        both(ADD_PATH_RECEIVE, ADD_PATH_SEND),
+        both(ADD_PATH_SEND, ADD_PATH_RECEIVE),
+    )
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,7 +147,8 @@ impl Session {
         }
     }
 
-    /// Our OPEN: IPv4 and IPv6 unicast, route refresh, 4-octet AS, graceful restart.
+    /// Our OPEN: IPv4 and IPv6 unicast, route refresh, 4-octet AS, ADD-PATH send and receive
+    /// for both families, graceful restart.
     pub fn open_message(&self) -> Open {
         let mut caps = vec![
             Capability::Multiprotocol {
@@ -125,6 +161,7 @@ impl Session {
             },
             Capability::RouteRefresh,
             Capability::FourOctetAs(self.config.local_as),
+            Capability::AddPath(self.add_path_offer()),
         ];
         if self.config.restart_time > 0 {
             caps.push(Capability::GracefulRestart {
@@ -142,6 +179,14 @@ impl Session {
             bgp_id: self.config.local_id,
             capabilities: caps,
         }
+    }
+
+    fn add_path_offer(&self) -> Vec<(u16, u8, u8)> {
+        let both = ADD_PATH_RECEIVE | ADD_PATH_SEND;
+        vec![
+            (AFI_IPV4, SAFI_UNICAST, both),
+            (AFI_IPV6, SAFI_UNICAST, both),
+        ]
     }
 
     /// Codec parameters for this session (4-octet AS once negotiated).
@@ -214,7 +259,19 @@ impl Session {
         } else {
             o.hold_time.min(self.config.hold_time)
         };
+        let theirs: Vec<(u16, u8, u8)> = o
+            .capabilities
+            .iter()
+            .filter_map(|c| match c {
+                Capability::AddPath(v) => Some(v.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        let (add_path_rx, add_path_tx) = add_path_agreement(&self.add_path_offer(), &theirs);
         Ok(Negotiated {
+            add_path_rx,
+            add_path_tx,
             peer_id: o.bgp_id,
             hold_time,
             four_octet_as: has(&|c| matches!(c, Capability::FourOctetAs(_))),
@@ -444,6 +501,46 @@ mod tests {
         assert!(
             out.contains(&Action::HoldTimer(None)) && out.contains(&Action::KeepaliveTimer(None))
         );
+    }
+
+    #[test]
+    fn add_path_is_used_only_in_the_directions_and_families_both_sides_offered() {
+        let mut s = Session::new(cfg());
+        s.start();
+        s.handle(Event::Connected);
+        let Message::Open(mut o) = peer_open(90) else {
+            unreachable!()
+        };
+        // The peer (like bird's `add paths rx`) only receives, and only IPv4.
+        o.capabilities
+            .push(Capability::AddPath(vec![(AFI_IPV4, SAFI_UNICAST, 1)]));
+        s.handle(Event::Received(Message::Open(o)));
+        let ctx = s.context();
+        assert_eq!(
+            ctx.add_path_tx,
+            Families {
+                ipv4: true,
+                ipv6: false
+            },
+            "we send path identifiers where it receives them"
+        );
+        assert_eq!(ctx.add_path_rx, Families::NONE, "it sends none");
+    }
+
+    #[test]
+    fn a_peer_without_the_add_path_capability_gets_plain_nlri() {
+        let s = established(90);
+        assert_eq!(s.context().add_path_rx, Families::NONE);
+        assert_eq!(s.context().add_path_tx, Families::NONE);
+    }
+
+    #[test]
+    fn we_offer_add_path_send_and_receive_for_both_families() {
+        let o = Session::new(cfg()).open_message();
+        assert!(o.capabilities.contains(&Capability::AddPath(vec![
+            (AFI_IPV4, SAFI_UNICAST, 3),
+            (AFI_IPV6, SAFI_UNICAST, 3)
+        ])));
     }
 
     /// The actions after the peer's OPEN (hold 90) reaches a session with `config`.

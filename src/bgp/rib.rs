@@ -7,8 +7,13 @@
 //! came from. A reflected route gets ORIGINATOR_ID (if absent) and our CLUSTER_ID prepended to
 //! CLUSTER_LIST; a route that carries our router ID as ORIGINATOR_ID or our CLUSTER_ID in its
 //! CLUSTER_LIST is a loop and is dropped on import.
+//!
+//! ADD-PATH (RFC 7911): a peer may announce several paths for one prefix, told apart by path
+//! identifier; each is its own Adj-RIB-In entry. Each stored path also gets the identifier we
+//! use when we send it on ([`Rib::export_paths`]), unique per prefix and stable while the path
+//! lives.
 
-use super::wire::{Attributes, Update};
+use super::wire::{Attributes, Nlri, Update};
 use ipnet::IpNet;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -68,8 +73,22 @@ pub struct Applied {
 pub struct Path {
     /// None for a locally originated route.
     pub from: Option<PeerId>,
+    /// The path identifier the peer gave it (0 without ADD-PATH).
+    pub rx_id: u32,
+    /// The path identifier we give it towards ADD-PATH peers.
+    pub tx_id: u32,
     pub attributes: Attributes,
 }
+
+/// One Adj-RIB-In entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stored {
+    attributes: Attributes,
+    tx_id: u32,
+}
+
+/// Locally originated routes go out as path 1; learned ones get 2, 3, … as they arrive.
+const LOCAL_TX_ID: u32 = 1;
 
 #[derive(Debug)]
 pub struct Rib {
@@ -77,11 +96,14 @@ pub struct Rib {
     pub cluster_id: Ipv4Addr,
     pub peers: Vec<Peer>,
     pub counters: Vec<Counters>,
-    adj_in: Vec<BTreeMap<IpNet, Attributes>>,
+    adj_in: Vec<BTreeMap<Nlri, Stored>>,
     /// Per peer: routes kept after a graceful-restart drop, not yet re-announced (RFC 4724).
-    stale: Vec<std::collections::BTreeSet<IpNet>>,
-    /// prefix → peers that announced it, so path selection does not scan every peer.
-    index: BTreeMap<IpNet, std::collections::BTreeSet<PeerId>>,
+    stale: Vec<std::collections::BTreeSet<Nlri>>,
+    /// prefix → (peer, path identifier) of the paths announced for it, so path selection does
+    /// not scan every peer.
+    index: BTreeMap<IpNet, std::collections::BTreeSet<(PeerId, u32)>>,
+    /// The next path identifier to hand out (wraps after 2^32 paths, skipping 0 and 1).
+    next_tx_id: u32,
     local: BTreeMap<IpNet, Attributes>,
     /// Reflect client routes to other clients (RFC 4456 default). Gateways turn it off: nodes
     /// reach the whole cloud block through the gateways and need no per-node routes, and with
@@ -102,6 +124,7 @@ impl Rib {
             stale: Vec::new(),
             index: BTreeMap::new(),
             local: BTreeMap::new(),
+            next_tx_id: LOCAL_TX_ID + 1,
             client_to_client: true,
         }
     }
@@ -120,6 +143,7 @@ impl Rib {
         vec![prefix]
     }
 
+    /// Accepted paths from `peer` (one per prefix, unless it uses ADD-PATH).
     pub fn accepted_count(&self, peer: PeerId) -> usize {
         self.adj_in[peer].len()
     }
@@ -148,33 +172,47 @@ impl Rib {
     /// Apply an UPDATE from `peer` to its Adj-RIB-In.
     pub fn apply(&mut self, peer: PeerId, u: &Update) -> Applied {
         let mut out = Applied::default();
-        for prefix in u.effective_withdrawn() {
+        for n in u.effective_withdrawn() {
             self.counters[peer].withdrawn += 1;
-            if self.remove(peer, &prefix) {
-                out.changed.push(prefix);
+            if self.remove(peer, &n) {
+                out.changed.push(n.prefix);
             }
         }
         if u.treat_as_withdraw {
             return out;
         }
         let Some(a) = &u.attributes else { return out };
-        for prefix in &u.announced {
+        for n in &u.announced {
             self.counters[peer].received += 1;
-            match self.import_check(peer, prefix, a) {
+            match self.import_check(peer, &n.prefix, a) {
                 Ok(()) => {
                     self.counters[peer].accepted += 1;
-                    self.adj_in[peer].insert(*prefix, a.clone());
-                    self.stale[peer].remove(prefix);
-                    self.index.entry(*prefix).or_default().insert(peer);
-                    out.changed.push(*prefix);
+                    let tx_id = match self.adj_in[peer].get(n) {
+                        // An implicit replace keeps the identifier peers know the path by.
+                        Some(old) => old.tx_id,
+                        None => self.allocate_tx_id(),
+                    };
+                    self.adj_in[peer].insert(
+                        *n,
+                        Stored {
+                            attributes: a.clone(),
+                            tx_id,
+                        },
+                    );
+                    self.stale[peer].remove(n);
+                    self.index
+                        .entry(n.prefix)
+                        .or_default()
+                        .insert((peer, n.path_id));
+                    out.changed.push(n.prefix);
                 }
                 Err(why) => {
                     self.counters[peer].rejected += 1;
                     // A rejected re-announcement replaces the earlier accepted one: withdraw it.
-                    if self.remove(peer, prefix) {
-                        out.changed.push(*prefix);
+                    if self.remove(peer, n) {
+                        out.changed.push(n.prefix);
                     }
-                    out.rejected.push((*prefix, why));
+                    out.rejected.push((n.prefix, why));
                 }
             }
         }
@@ -183,12 +221,21 @@ impl Rib {
         out
     }
 
-    fn remove(&mut self, peer: PeerId, prefix: &IpNet) -> bool {
-        let had = self.adj_in[peer].remove(prefix).is_some();
-        if let Some(set) = self.index.get_mut(prefix) {
-            set.remove(&peer);
+    fn allocate_tx_id(&mut self) -> u32 {
+        let id = self.next_tx_id;
+        self.next_tx_id = match self.next_tx_id.wrapping_add(1) {
+            0 => LOCAL_TX_ID + 1,
+            n => n,
+        };
+        id
+    }
+
+    fn remove(&mut self, peer: PeerId, n: &Nlri) -> bool {
+        let had = self.adj_in[peer].remove(n).is_some();
+        if let Some(set) = self.index.get_mut(&n.prefix) {
+            set.remove(&(peer, n.path_id));
             if set.is_empty() {
-                self.index.remove(prefix);
+                self.index.remove(&n.prefix);
             }
         }
         had
@@ -200,13 +247,13 @@ impl Rib {
         self.stale[peer] = self.adj_in[peer].keys().copied().collect();
     }
 
-    /// Drop the routes still stale for `peer`; returns them.
+    /// Drop the routes still stale for `peer`; returns their prefixes.
     pub fn sweep_stale(&mut self, peer: PeerId) -> Vec<IpNet> {
-        let gone: Vec<IpNet> = std::mem::take(&mut self.stale[peer]).into_iter().collect();
-        for p in &gone {
-            self.remove(peer, p);
+        let gone: Vec<Nlri> = std::mem::take(&mut self.stale[peer]).into_iter().collect();
+        for n in &gone {
+            self.remove(peer, n);
         }
-        gone
+        prefixes_of(&gone)
     }
 
     pub fn stale_count(&self, peer: PeerId) -> usize {
@@ -216,11 +263,11 @@ impl Rib {
     /// The peer's session went down: everything it announced goes.
     pub fn peer_down(&mut self, peer: PeerId) -> Vec<IpNet> {
         self.stale[peer].clear();
-        let gone: Vec<IpNet> = self.adj_in[peer].keys().copied().collect();
-        for p in &gone {
-            self.remove(peer, p);
+        let gone: Vec<Nlri> = self.adj_in[peer].keys().copied().collect();
+        for n in &gone {
+            self.remove(peer, n);
         }
-        gone
+        prefixes_of(&gone)
     }
 
     /// Every known prefix (for a full re-export after a session comes up or a route refresh).
@@ -239,14 +286,22 @@ impl Rib {
         if let Some(a) = self.local.get(prefix) {
             v.push(Path {
                 from: None,
+                rx_id: 0,
+                tx_id: LOCAL_TX_ID,
                 attributes: a.clone(),
             });
         }
-        for i in self.index.get(prefix).into_iter().flatten() {
-            if let Some(a) = self.adj_in[*i].get(prefix) {
+        for (i, rx_id) in self.index.get(prefix).into_iter().flatten() {
+            let n = Nlri {
+                prefix: *prefix,
+                path_id: *rx_id,
+            };
+            if let Some(st) = self.adj_in[*i].get(&n) {
                 v.push(Path {
                     from: Some(*i),
-                    attributes: a.clone(),
+                    rx_id: *rx_id,
+                    tx_id: st.tx_id,
+                    attributes: st.attributes.clone(),
                 });
             }
         }
@@ -283,6 +338,7 @@ impl Rib {
                 a.cluster_list.len(),
                 u32::from(router_id),
                 p.from,
+                p.rx_id,
             )
         };
         key(x).cmp(&key(y))
@@ -291,6 +347,28 @@ impl Rib {
     /// What to tell `to` about `prefix`: the attributes to announce, or None to withdraw.
     pub fn export(&self, to: PeerId, prefix: &IpNet) -> Option<Attributes> {
         let best = self.paths(prefix).into_iter().next()?;
+        self.export_path(to, &best)
+    }
+
+    /// What to tell an ADD-PATH peer about `prefix`: every path it may have, each with our
+    /// path identifier. A peer we rewrite the next hop for (the site router) gets only the
+    /// best path: the others would differ in nothing it can use.
+    pub fn export_paths(&self, to: PeerId, prefix: &IpNet) -> Vec<(u32, Attributes)> {
+        let paths = self.paths(prefix);
+        let take = if self.peers[to].policy.next_hop_self.is_some() {
+            1
+        } else {
+            paths.len()
+        };
+        paths
+            .iter()
+            .take(take)
+            .filter_map(|p| self.export_path(to, p).map(|a| (p.tx_id, a)))
+            .collect()
+    }
+
+    /// One path as `to` should see it, or None if reflection rules keep it from `to`.
+    fn export_path(&self, to: PeerId, best: &Path) -> Option<Attributes> {
         let to_kind = self.peers[to].kind;
         if let Some(from) = best.from {
             if from == to {
@@ -323,6 +401,12 @@ impl Rib {
     }
 }
 
+fn prefixes_of(nlri: &[Nlri]) -> Vec<IpNet> {
+    let mut v: Vec<IpNet> = nlri.iter().map(|n| n.prefix).collect();
+    v.dedup();
+    v
+}
+
 fn as_path_len(a: &Attributes) -> usize {
     a.as_path
         .iter()
@@ -349,6 +433,10 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn nlri(s: &str) -> Nlri {
+        net(s).into()
+    }
+
     fn policy() -> Policy {
         Policy {
             allow: vec![],
@@ -368,7 +456,7 @@ mod tests {
 
     fn announce(p: &str, a: Attributes) -> Update {
         Update {
-            announced: vec![net(p)],
+            announced: vec![nlri(p)],
             attributes: Some(a),
             ..Default::default()
         }
@@ -408,6 +496,81 @@ mod tests {
             router_id: Some("10.200.0.12".parse().unwrap()),
         });
         (rib, site, c1, c2)
+    }
+
+    fn path(p: &str, path_id: u32) -> Nlri {
+        Nlri {
+            prefix: net(p),
+            path_id,
+        }
+    }
+
+    #[test]
+    fn add_path_keeps_each_path_of_one_peer_apart_and_withdraws_them_one_by_one() {
+        let (mut rib, site, c1, _) = gateway();
+        let two = Update {
+            announced: vec![path("10.12.0.0/16", 1), path("10.12.0.0/16", 2)],
+            attributes: Some(attrs("10.10.0.1")),
+            ..Default::default()
+        };
+        rib.apply(site, &two);
+        assert_eq!(rib.paths(&net("10.12.0.0/16")).len(), 2);
+        assert_eq!(rib.accepted_count(site), 2);
+        let to_c1 = rib.export_paths(c1, &net("10.12.0.0/16"));
+        assert_eq!(to_c1.len(), 2, "an ADD-PATH client gets both");
+        assert_ne!(to_c1[0].0, to_c1[1].0, "with distinct path identifiers");
+        let withdraw_one = Update {
+            withdrawn: vec![path("10.12.0.0/16", 1)],
+            ..Default::default()
+        };
+        rib.apply(site, &withdraw_one);
+        let left = rib.export_paths(c1, &net("10.12.0.0/16"));
+        assert_eq!(
+            left,
+            vec![to_c1[1].clone()],
+            "path 2 stays, same identifier"
+        );
+    }
+
+    #[test]
+    fn an_implicit_replace_keeps_the_path_identifier_peers_know() {
+        let (mut rib, site, c1, _) = gateway();
+        rib.apply(site, &announce("10.12.0.0/16", attrs("10.10.0.1")));
+        let before = rib.export_paths(c1, &net("10.12.0.0/16"));
+        let mut a = attrs("10.10.0.1");
+        a.med = Some(10);
+        rib.apply(site, &announce("10.12.0.0/16", a));
+        let after = rib.export_paths(c1, &net("10.12.0.0/16"));
+        assert_eq!(before[0].0, after[0].0);
+        assert_eq!(after[0].1.med, Some(10));
+    }
+
+    #[test]
+    fn add_path_towards_a_next_hop_self_peer_sends_only_the_best_path() {
+        let (mut rib, site, c1, c2) = gateway();
+        rib.apply(c1, &announce("10.200.0.11/32", attrs("10.200.0.11")));
+        // c2 may not announce c1's prefix, so give the prefix a second, local path instead.
+        let _ = c2;
+        rib.originate(net("10.200.0.11/32"), attrs("10.10.0.2"));
+        assert_eq!(rib.paths(&net("10.200.0.11/32")).len(), 2);
+        let to_site = rib.export_paths(site, &net("10.200.0.11/32"));
+        assert_eq!(to_site.len(), 1, "{to_site:?}");
+        assert_eq!(to_site[0].1.next_hop, Some("10.10.0.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn add_path_still_applies_reflection_rules_per_path() {
+        let (mut rib, site, c1, _) = gateway();
+        rib.apply(site, &announce("10.12.0.0/16", attrs("10.10.0.1")));
+        rib.apply(c1, &announce("10.200.0.11/32", attrs("10.200.0.11")));
+        assert!(
+            rib.export_paths(c1, &net("10.200.0.11/32")).is_empty(),
+            "nothing goes back to the peer it came from"
+        );
+        assert!(
+            rib.export_paths(site, &net("10.12.0.0/16")).is_empty(),
+            "a non-client's route never goes to a non-client"
+        );
     }
 
     #[test]
@@ -482,7 +645,11 @@ mod tests {
     fn a_node_announcing_another_nodes_prefix_or_a_site_prefix_is_rejected_and_counted() {
         let (mut rib, _, c1, _) = gateway();
         let u = Update {
-            announced: vec![net("10.200.0.12/32"), net("10.10.0.0/16"), net("0.0.0.0/0")],
+            announced: vec![
+                nlri("10.200.0.12/32"),
+                nlri("10.10.0.0/16"),
+                nlri("0.0.0.0/0"),
+            ],
             attributes: Some(attrs("10.200.0.11")),
             ..Default::default()
         };
@@ -530,9 +697,9 @@ mod tests {
         rib.peers[c1].policy.allow = vec![net("10.200.0.0/28")];
         let u = Update {
             announced: vec![
-                net("10.200.0.1/32"),
-                net("10.200.0.2/32"),
-                net("10.200.0.3/32"),
+                nlri("10.200.0.1/32"),
+                nlri("10.200.0.2/32"),
+                nlri("10.200.0.3/32"),
             ],
             attributes: Some(attrs("10.200.0.11")),
             ..Default::default()
@@ -585,7 +752,7 @@ mod tests {
         let (mut rib, site, c1, _) = gateway();
         rib.peers[c1].policy.allow = vec![net("10.200.0.0/28")];
         let u = Update {
-            announced: vec![net("10.200.0.1/32"), net("10.200.0.2/32")],
+            announced: vec![nlri("10.200.0.1/32"), nlri("10.200.0.2/32")],
             attributes: Some(attrs("10.200.0.11")),
             ..Default::default()
         };

@@ -10,7 +10,7 @@
 
 use super::fsm::{Action, Config as FsmConfig, Event as FsmEvent, Negotiated, Session};
 use super::rib::{Applied, Counters, Peer, PeerId, Rib};
-use super::wire::{self, Attributes, Context, Message, Notification, Update};
+use super::wire::{self, Attributes, Context, Families, Message, Nlri, Notification, Update};
 use ipnet::IpNet;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -61,6 +61,10 @@ pub struct SessionStatus {
     pub last_error: Option<String>,
     pub prefixes: Counters,
     pub accepted_now: usize,
+    /// ADD-PATH (RFC 7911) as negotiated: families the peer sends us several paths in, and
+    /// families we send it several paths in.
+    pub add_path_rx: Families,
+    pub add_path_tx: Families,
 }
 
 #[derive(Debug, Default)]
@@ -338,6 +342,11 @@ async fn run_session(
                 Action::Established(n) => {
                     tracing::info!(peer = %p.peer.name, id = %n.peer_id, hold = n.hold_time, "BGP session established");
                     set_state(status, id, "Established", None);
+                    {
+                        let mut s = status.lock().expect("not poisoned");
+                        s.sessions[id].add_path_rx = n.add_path_rx;
+                        s.sessions[id].add_path_tx = n.add_path_tx;
+                    }
                     let _ = rib.send(ToRib::Up(id, n, out_tx.clone()));
                 }
                 Action::Down { reason, keep_stale } => return (reason, keep_stale),
@@ -405,8 +414,9 @@ async fn run_session(
 struct Established {
     tx: mpsc::UnboundedSender<Message>,
     ctx: Context,
-    /// What we told this peer (Adj-RIB-Out), to send only differences.
-    sent: BTreeMap<IpNet, Attributes>,
+    /// What we told this peer (Adj-RIB-Out), to send only differences. Path identifiers are
+    /// ours (ADD-PATH) or 0.
+    sent: BTreeMap<Nlri, Attributes>,
 }
 
 async fn rib_task(
@@ -510,27 +520,51 @@ async fn rib_task(
 }
 
 fn export_one(rib: &Rib, to: PeerId, e: &mut Established, prefix: &IpNet) {
-    let want = rib.export(to, prefix);
-    let had = e.sent.get(prefix);
-    if want.as_ref() == had {
-        return;
-    }
-    let msgs = match &want {
-        Some(a) => wire::encode_updates(&[], &[*prefix], Some(a), e.ctx),
-        None => wire::encode_updates(&[*prefix], &[], None, e.ctx),
+    let want: Vec<(Nlri, Attributes)> = if e.ctx.add_path_tx.has(matches!(prefix, IpNet::V6(_))) {
+        rib.export_paths(to, prefix)
+            .into_iter()
+            .map(|(path_id, a)| {
+                (
+                    Nlri {
+                        prefix: *prefix,
+                        path_id,
+                    },
+                    a,
+                )
+            })
+            .collect()
+    } else {
+        rib.export(to, prefix)
+            .map(|a| (Nlri::from(*prefix), a))
+            .into_iter()
+            .collect()
     };
-    for m in msgs {
-        if let Ok(Message::Update(u)) = wire::decode(&m, e.ctx) {
-            let _ = e.tx.send(Message::Update(u));
+    let had: Vec<Nlri> = e
+        .sent
+        .range(
+            Nlri::from(*prefix)..=Nlri {
+                prefix: *prefix,
+                path_id: u32::MAX,
+            },
+        )
+        .map(|(n, _)| *n)
+        .collect();
+    let gone: Vec<Nlri> = had
+        .into_iter()
+        .filter(|n| !want.iter().any(|(w, _)| w == n))
+        .collect();
+    let mut msgs = wire::updates(&gone, &[], None);
+    for n in &gone {
+        e.sent.remove(n);
+    }
+    for (n, a) in want {
+        if e.sent.get(&n) != Some(&a) {
+            msgs.extend(wire::updates(&[], &[n], Some(&a)));
+            e.sent.insert(n, a);
         }
     }
-    match want {
-        Some(a) => {
-            e.sent.insert(*prefix, a);
-        }
-        None => {
-            e.sent.remove(prefix);
-        }
+    for u in msgs {
+        let _ = e.tx.send(Message::Update(u));
     }
 }
 

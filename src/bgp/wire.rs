@@ -153,11 +153,34 @@ pub struct RawAttribute {
     pub value: Vec<u8>,
 }
 
+/// One NLRI: a prefix and its path identifier. The identifier is on the wire only on sessions
+/// that negotiated ADD-PATH for the prefix's family (RFC 7911); elsewhere it is 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Nlri {
+    pub prefix: IpNet,
+    pub path_id: u32,
+}
+
+impl From<IpNet> for Nlri {
+    fn from(prefix: IpNet) -> Nlri {
+        Nlri { prefix, path_id: 0 }
+    }
+}
+
+impl std::fmt::Display for Nlri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.path_id {
+            0 => write!(f, "{}", self.prefix),
+            id => write!(f, "{} (path {id})", self.prefix),
+        }
+    }
+}
+
 /// UPDATE (RFC 4271 §4.3, RFC 4760): IPv4 NLRI in the classic fields, IPv6 in MP_(UN)REACH.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Update {
-    pub withdrawn: Vec<IpNet>,
-    pub announced: Vec<IpNet>,
+    pub withdrawn: Vec<Nlri>,
+    pub announced: Vec<Nlri>,
     pub attributes: Option<Attributes>,
     /// RFC 7606: a malformed attribute made this UPDATE's announcements withdrawals.
     pub treat_as_withdraw: bool,
@@ -173,7 +196,7 @@ impl Update {
 
     /// What a receiver should withdraw: the withdrawn routes, plus the announcements when
     /// the UPDATE is treated as a withdrawal.
-    pub fn effective_withdrawn(&self) -> Vec<IpNet> {
+    pub fn effective_withdrawn(&self) -> Vec<Nlri> {
         let mut w = self.withdrawn.clone();
         if self.treat_as_withdraw {
             w.extend(self.announced.iter().copied());
@@ -256,11 +279,46 @@ fn err(code: u8, subcode: u8, data: &[u8], reason: impl Into<String>) -> DecodeE
     }
 }
 
-/// Session parameters that change how messages are read.
-#[derive(Debug, Clone, Copy, Default)]
+/// Session parameters that change how messages are read and written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Context {
     /// Both sides sent the 4-octet AS capability: AS_PATH carries 4-octet numbers.
     pub four_octet_as: bool,
+    /// ADD-PATH (RFC 7911): the families whose NLRI we read carry path identifiers.
+    pub add_path_rx: Families,
+    /// The families whose NLRI we write carry path identifiers.
+    pub add_path_tx: Families,
+}
+
+impl Context {
+    /// 2-octet AS, no ADD-PATH: a session before its OPENs are exchanged.
+    pub const PLAIN: Context = Context {
+        four_octet_as: false,
+        add_path_rx: Families::NONE,
+        add_path_tx: Families::NONE,
+    };
+}
+
+/// A flag per address family (IPv4 unicast, IPv6 unicast).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Families {
+    pub ipv4: bool,
+    pub ipv6: bool,
+}
+
+impl Families {
+    pub const NONE: Families = Families {
+        ipv4: false,
+        ipv6: false,
+    };
+
+    pub fn has(&self, v6: bool) -> bool {
+        if v6 {
+            self.ipv6
+        } else {
+            self.ipv4
+        }
+    }
 }
 
 /// Length of the message at the start of `buf`, once its header is there. Checks the marker
@@ -465,10 +523,20 @@ fn decode_capabilities(mut v: &[u8], caps: &mut Vec<Capability>) -> Result<(), D
 }
 
 /// Prefixes in the RFC 4271 NLRI encoding: length in bits, then the significant octets.
-fn decode_prefixes(mut b: &[u8], v6: bool) -> Result<Vec<IpNet>, String> {
+/// NLRI of one family; with `add_path`, each prefix follows its 4-octet path identifier.
+fn decode_prefixes(mut b: &[u8], v6: bool, add_path: bool) -> Result<Vec<Nlri>, String> {
     let mut out = Vec::new();
     let max = if v6 { 128 } else { 32 };
     while !b.is_empty() {
+        let mut path_id = 0;
+        if add_path {
+            let id = b.get(..4).ok_or("path identifier truncated")?;
+            path_id = u32::from_be_bytes([id[0], id[1], id[2], id[3]]);
+            b = &b[4..];
+            if b.is_empty() {
+                return Err("path identifier without a prefix".into());
+            }
+        }
         let bits = b[0] as usize;
         if bits > max {
             return Err(format!("prefix length {bits} > {max}"));
@@ -492,7 +560,10 @@ fn decode_prefixes(mut b: &[u8], v6: bool) -> Result<Vec<IpNet>, String> {
                     .trunc(),
             )
         };
-        out.push(net);
+        out.push(Nlri {
+            prefix: net,
+            path_id,
+        });
         b = &b[1 + octets..];
     }
     Ok(out)
@@ -514,9 +585,9 @@ fn decode_update(b: &[u8], ctx: Context) -> Result<Update, DecodeError> {
         .ok_or_else(|| malformed("total path attribute length overruns the UPDATE".into()))?;
     let nlri_raw = &rest[2 + alen..];
     let mut u = Update {
-        withdrawn: decode_prefixes(withdrawn_raw, false)
+        withdrawn: decode_prefixes(withdrawn_raw, false, ctx.add_path_rx.ipv4)
             .map_err(|e| err(3, 1, &[], format!("withdrawn routes: {e}")))?,
-        announced: decode_prefixes(nlri_raw, false)
+        announced: decode_prefixes(nlri_raw, false, ctx.add_path_rx.ipv4)
             .map_err(|e| err(3, 10, &[], format!("NLRI: {e}")))?,
         ..Default::default()
     };
@@ -672,15 +743,15 @@ fn decode_update(b: &[u8], ctx: Context) -> Result<Update, DecodeError> {
             }
             MP_REACH => {
                 // RFC 7606 §7.11: a malformed MP_REACH hides its NLRI: session reset.
-                let (nh, nlri) =
-                    decode_mp_reach(value).map_err(|e| malformed(format!("MP_REACH_NLRI: {e}")))?;
+                let (nh, nlri) = decode_mp_reach(value, ctx.add_path_rx)
+                    .map_err(|e| malformed(format!("MP_REACH_NLRI: {e}")))?;
                 if let Some(nh) = nh {
                     a.next_hop = Some(nh);
                 }
                 u.announced.extend(nlri);
             }
             MP_UNREACH => {
-                let nlri = decode_mp_unreach(value)
+                let nlri = decode_mp_unreach(value, ctx.add_path_rx)
                     .map_err(|e| malformed(format!("MP_UNREACH_NLRI: {e}")))?;
                 u.withdrawn.extend(nlri);
             }
@@ -701,7 +772,7 @@ fn decode_update(b: &[u8], ctx: Context) -> Result<Update, DecodeError> {
             _ => {} // unknown optional non-transitive: quietly ignored (RFC 4271 §5)
         }
     }
-    let has_v4_nlri = u.announced.iter().any(|n| matches!(n, IpNet::V4(_)));
+    let has_v4_nlri = u.announced.iter().any(|n| matches!(n.prefix, IpNet::V4(_)));
     if !u.announced.is_empty() {
         let mut missing = Vec::new();
         if !have_origin {
@@ -767,7 +838,7 @@ fn afi_is_v6(afi: u16, safi: u8) -> Result<bool, String> {
     }
 }
 
-fn decode_mp_reach(v: &[u8]) -> Result<(Option<IpAddr>, Vec<IpNet>), String> {
+fn decode_mp_reach(v: &[u8], rx: Families) -> Result<(Option<IpAddr>, Vec<Nlri>), String> {
     if v.len() < 5 {
         return Err("too short".into());
     }
@@ -785,15 +856,15 @@ fn decode_mp_reach(v: &[u8]) -> Result<(Option<IpAddr>, Vec<IpNet>), String> {
     if rest.is_empty() {
         return Err("no reserved octet".into());
     }
-    Ok((next_hop, decode_prefixes(&rest[1..], v6)?))
+    Ok((next_hop, decode_prefixes(&rest[1..], v6, rx.has(v6))?))
 }
 
-fn decode_mp_unreach(v: &[u8]) -> Result<Vec<IpNet>, String> {
+fn decode_mp_unreach(v: &[u8], rx: Families) -> Result<Vec<Nlri>, String> {
     if v.len() < 3 {
         return Err("too short".into());
     }
     let v6 = afi_is_v6(u16::from_be_bytes([v[0], v[1]]), v[2])?;
-    decode_prefixes(&v[3..], v6)
+    decode_prefixes(&v[3..], v6, rx.has(v6))
 }
 
 // ---------------------------------------------------------------------------------- encode
@@ -879,7 +950,11 @@ fn encode_open(o: &Open) -> Vec<u8> {
     b
 }
 
-fn encode_prefix(out: &mut Vec<u8>, n: &IpNet) {
+fn encode_prefix(out: &mut Vec<u8>, nlri: &Nlri, tx: Families) {
+    let n = &nlri.prefix;
+    if tx.has(matches!(n, IpNet::V6(_))) {
+        out.extend_from_slice(&nlri.path_id.to_be_bytes());
+    }
     let bits = n.prefix_len();
     out.push(bits);
     let octets = (bits as usize).div_ceil(8);
@@ -900,11 +975,18 @@ fn attr(out: &mut Vec<u8>, flags: u8, code: u8, value: &[u8]) {
 }
 
 fn encode_update(u: &Update, ctx: Context) -> Vec<u8> {
-    let (w4, w6): (Vec<_>, Vec<_>) = u.withdrawn.iter().partition(|n| matches!(n, IpNet::V4(_)));
-    let (a4, a6): (Vec<_>, Vec<_>) = u.announced.iter().partition(|n| matches!(n, IpNet::V4(_)));
+    let tx = ctx.add_path_tx;
+    let (w4, w6): (Vec<_>, Vec<_>) = u
+        .withdrawn
+        .iter()
+        .partition(|n| matches!(n.prefix, IpNet::V4(_)));
+    let (a4, a6): (Vec<_>, Vec<_>) = u
+        .announced
+        .iter()
+        .partition(|n| matches!(n.prefix, IpNet::V4(_)));
     let mut withdrawn = Vec::new();
     for n in &w4 {
-        encode_prefix(&mut withdrawn, n);
+        encode_prefix(&mut withdrawn, n, tx);
     }
     let mut attrs = Vec::new();
     if let Some(a) = &u.attributes {
@@ -970,7 +1052,7 @@ fn encode_update(u: &Update, ctx: Context) -> Vec<u8> {
             }
             v.push(0);
             for n in &a6 {
-                encode_prefix(&mut v, n);
+                encode_prefix(&mut v, n, tx);
             }
             attr(&mut attrs, OPTIONAL, MP_REACH, &v);
         }
@@ -982,7 +1064,7 @@ fn encode_update(u: &Update, ctx: Context) -> Vec<u8> {
         let mut v = AFI_IPV6.to_be_bytes().to_vec();
         v.push(SAFI_UNICAST);
         for n in &w6 {
-            encode_prefix(&mut v, n);
+            encode_prefix(&mut v, n, tx);
         }
         attr(&mut attrs, OPTIONAL, MP_UNREACH, &v);
     }
@@ -991,40 +1073,46 @@ fn encode_update(u: &Update, ctx: Context) -> Vec<u8> {
     b.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
     b.extend_from_slice(&attrs);
     for n in &a4 {
-        encode_prefix(&mut b, n);
+        encode_prefix(&mut b, n, tx);
     }
     b
 }
 
-/// Split announcements or withdrawals sharing `attributes` into UPDATEs that fit 4096 bytes.
+/// Split announcements or withdrawals sharing `attributes` into UPDATEs that each fit in
+/// 4096 bytes once encoded.
+pub fn updates(
+    withdrawn: &[Nlri],
+    announced: &[Nlri],
+    attributes: Option<&Attributes>,
+) -> Vec<Update> {
+    // 21 bytes per IPv6 prefix at most (with a path identifier): 150 per message leave room
+    // for the attributes.
+    let mut out: Vec<Update> = withdrawn
+        .chunks(150)
+        .map(|chunk| Update {
+            withdrawn: chunk.to_vec(),
+            ..Default::default()
+        })
+        .collect();
+    out.extend(announced.chunks(150).map(|chunk| Update {
+        announced: chunk.to_vec(),
+        attributes: attributes.cloned(),
+        ..Default::default()
+    }));
+    out
+}
+
+/// [`updates`], encoded.
 pub fn encode_updates(
-    withdrawn: &[IpNet],
-    announced: &[IpNet],
+    withdrawn: &[Nlri],
+    announced: &[Nlri],
     attributes: Option<&Attributes>,
     ctx: Context,
 ) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    // 17 bytes per IPv6 prefix at most: 150 per message leaves room for the attributes.
-    for chunk in withdrawn.chunks(150) {
-        out.push(encode(
-            &Message::Update(Update {
-                withdrawn: chunk.to_vec(),
-                ..Default::default()
-            }),
-            ctx,
-        ));
-    }
-    for chunk in announced.chunks(150) {
-        out.push(encode(
-            &Message::Update(Update {
-                announced: chunk.to_vec(),
-                attributes: attributes.cloned(),
-                ..Default::default()
-            }),
-            ctx,
-        ));
-    }
-    out
+    updates(withdrawn, announced, attributes)
+        .into_iter()
+        .map(|u| encode(&Message::Update(u), ctx))
+        .collect()
 }
 
 #[cfg(test)]
@@ -1033,10 +1121,118 @@ mod tests {
 
     const CTX: Context = Context {
         four_octet_as: true,
+        ..Context::PLAIN
     };
+
+    /// A session that negotiated ADD-PATH both ways for both families.
+    const ADD_PATH: Context = Context {
+        four_octet_as: true,
+        add_path_rx: Families {
+            ipv4: true,
+            ipv6: true,
+        },
+        add_path_tx: Families {
+            ipv4: true,
+            ipv6: true,
+        },
+    };
+
+    #[test]
+    fn add_path_nlri_carry_a_path_identifier_before_each_prefix() {
+        let u = Update {
+            announced: vec![
+                Nlri {
+                    prefix: net("10.12.0.0/16"),
+                    path_id: 7,
+                },
+                Nlri {
+                    prefix: net("10.12.0.0/16"),
+                    path_id: 9,
+                },
+            ],
+            attributes: Some(ibgp_attrs("10.10.0.1")),
+            ..Default::default()
+        };
+        let m = encode(&Message::Update(u.clone()), ADD_PATH);
+        // The NLRI field ends the message: id 7, /16, 10.12; id 9, /16, 10.12.
+        assert_eq!(
+            &m[m.len() - 14..],
+            &[0, 0, 0, 7, 16, 10, 12, 0, 0, 0, 9, 16, 10, 12]
+        );
+        assert_eq!(decode(&m, ADD_PATH).unwrap(), Message::Update(u));
+    }
+
+    #[test]
+    fn add_path_ipv6_nlri_and_withdrawals_round_trip_in_mp_attributes() {
+        let u = Update {
+            announced: vec![Nlri {
+                prefix: net("2001:db8:200::/64"),
+                path_id: 3,
+            }],
+            // IPv4 withdrawals come first on the wire, then MP_UNREACH_NLRI.
+            withdrawn: vec![
+                Nlri {
+                    prefix: net("10.1.0.0/16"),
+                    path_id: 5,
+                },
+                Nlri {
+                    prefix: net("2001:db8:1::/48"),
+                    path_id: 4,
+                },
+            ],
+            attributes: Some(ibgp_attrs("2001:db8::1")),
+            ..Default::default()
+        };
+        let m = encode(&Message::Update(u.clone()), ADD_PATH);
+        assert_eq!(decode(&m, ADD_PATH).unwrap(), Message::Update(u));
+    }
+
+    #[test]
+    fn add_path_nlri_read_without_add_path_are_a_treat_as_withdraw_or_error_not_a_panic() {
+        let u = Update {
+            announced: vec![Nlri {
+                prefix: net("10.12.0.0/16"),
+                path_id: 0x0a0b_0c0d,
+            }],
+            attributes: Some(ibgp_attrs("10.10.0.1")),
+            ..Default::default()
+        };
+        let m = encode(&Message::Update(u), ADD_PATH);
+        // Read as plain NLRI the identifier's first octet is a prefix length of 0: the bytes
+        // make no valid list of prefixes, which RFC 4271 calls an invalid network field.
+        match decode(&m, CTX) {
+            Err(e) => assert_eq!((e.notification.code, e.notification.subcode), (3, 10)),
+            Ok(Message::Update(u)) => assert_ne!(u.announced[0].prefix, net("10.12.0.0/16")),
+            Ok(other) => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_path_identifier_with_no_prefix_after_it_is_an_invalid_network_field() {
+        let mut m = encode(
+            &Message::Update(Update {
+                attributes: Some(ibgp_attrs("10.10.0.1")),
+                announced: vec![nlri("10.12.0.0/16")],
+                ..Default::default()
+            }),
+            CTX,
+        );
+        // Replace the plain NLRI (3 octets) by a lone 4-octet path identifier.
+        m.truncate(m.len() - 3);
+        m.extend_from_slice(&[0, 0, 0, 1]);
+        let len = m.len() as u16;
+        m[16..18].copy_from_slice(&len.to_be_bytes());
+        let e = decode(&m, ADD_PATH).unwrap_err();
+        assert_eq!((e.notification.code, e.notification.subcode), (3, 10));
+        assert!(e.reason.contains("path identifier"), "{}", e.reason);
+    }
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
+    }
+
+    fn nlri(s: &str) -> Nlri {
+        net(s).into()
     }
 
     fn ibgp_attrs(nh: &str) -> Attributes {
@@ -1090,14 +1286,14 @@ mod tests {
         a.med = Some(5);
         a.as_path = vec![AsSegment::Sequence(vec![65001, 4_200_000_001])];
         roundtrip(&Message::Update(Update {
-            withdrawn: vec![net("10.200.0.12/32"), net("2001:db8:1::/48")],
-            announced: vec![net("10.200.0.11/32"), net("10.200.1.0/24")],
+            withdrawn: vec![nlri("10.200.0.12/32"), nlri("2001:db8:1::/48")],
+            announced: vec![nlri("10.200.0.11/32"), nlri("10.200.1.0/24")],
             attributes: Some(a.clone()),
             ..Default::default()
         }));
         a.next_hop = Some("2001:db8::2".parse().unwrap());
         roundtrip(&Message::Update(Update {
-            announced: vec![net("2001:db8:200::/64"), net("::/0")],
+            announced: vec![nlri("2001:db8:200::/64"), nlri("::/0")],
             attributes: Some(a),
             ..Default::default()
         }));
@@ -1137,7 +1333,7 @@ mod tests {
             panic!()
         };
         assert!(!u.treat_as_withdraw, "{:?}", u.errors);
-        assert_eq!(u.announced, vec![net("10.200.0.11/32")]);
+        assert_eq!(u.announced, vec![nlri("10.200.0.11/32")]);
     }
 
     #[test]
@@ -1211,7 +1407,7 @@ mod tests {
             u.treat_as_withdraw,
             "expected treat-as-withdraw for {raw:02x?}"
         );
-        assert_eq!(u.effective_withdrawn(), vec![net("10.200.0.11/32")]);
+        assert_eq!(u.effective_withdrawn(), vec![nlri("10.200.0.11/32")]);
         u
     }
 
@@ -1303,8 +1499,8 @@ mod tests {
         a.cluster_list = vec!["1.1.1.1".parse().unwrap()];
         let m = encode(
             &Message::Update(Update {
-                announced: vec![net("10.200.0.0/24"), net("2001:db8::/32")],
-                withdrawn: vec![net("10.1.0.0/16")],
+                announced: vec![nlri("10.200.0.0/24"), nlri("2001:db8::/32")],
+                withdrawn: vec![nlri("10.1.0.0/16")],
                 attributes: Some(a),
                 ..Default::default()
             }),

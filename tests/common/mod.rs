@@ -314,7 +314,7 @@ pub fn bridge(hub: &Netns, hub_addr: Option<&str>, members: &[(&Netns, &str, &st
 pub fn bgp_site(
     dir: &std::path::Path,
     gateways: &[(&str, &str, &str)],
-    neighbor: (&str, &str),
+    neighbors: &[(&str, &str)],
     node_extra: &str,
 ) {
     let mut s = String::from(
@@ -330,32 +330,35 @@ pub fn bgp_site(
     s.push_str(&format!(
         "node \"c1\" {{\n address \"10.200.0.11\"\n public-key \"{kc}\"\n{node_extra}\n}}\n"
     ));
-    s.push_str(&format!(
-        "bgp {{\n hold-time 30\n neighbor \"{}\" {{\n address \"{}\"\n }}\n}}\n",
-        neighbor.0, neighbor.1
-    ));
+    s.push_str("bgp {\n hold-time 30\n");
+    for (name, address) in neighbors {
+        s.push_str(&format!(
+            " neighbor \"{name}\" {{\n address \"{address}\"\n }}\n"
+        ));
+    }
+    s.push_str("}\n");
     std::fs::write(dir.join("site.kdl"), s).unwrap();
 }
 
-/// bird2 in `ns` with config `conf` (written to `dir/bird.conf`), its control socket at
-/// `dir/bird.ctl` (returned).
-pub fn bird(ns: &Netns, dir: &std::path::Path, conf: &str) -> (Proc, String) {
-    let path = dir.join("bird.conf");
-    std::fs::write(&path, conf).unwrap();
-    let sock = dir.join("bird.ctl").to_str().unwrap().to_string();
+/// bird2 in `ns` named `name`, with config `conf`: its files are `dir/NAME.{conf,ctl,pid,log}`.
+/// Returns the process and the control socket's path (for `birdc -s`).
+pub fn bird(ns: &Netns, dir: &std::path::Path, name: &str, conf: &str) -> (Proc, String) {
+    let file = |ext: &str| dir.join(format!("{name}.{ext}"));
+    std::fs::write(file("conf"), format!("log stderr all;\n{conf}")).unwrap();
+    let sock = file("ctl").to_str().unwrap().to_string();
     let p = Proc::spawn(
         ns,
         &[
             "bird",
             "-f",
             "-c",
-            path.to_str().unwrap(),
+            file("conf").to_str().unwrap(),
             "-s",
             &sock,
             "-P",
-            dir.join("bird.pid").to_str().unwrap(),
+            file("pid").to_str().unwrap(),
         ],
-        dir.join("bird.log"),
+        file("log"),
     );
     (p, sock)
 }
