@@ -63,6 +63,9 @@ pub struct Gateway {
     pub endpoint: IpAddr,
     /// The gateway's own address on the site LAN (router ID, BGP source).
     pub site_address: IpAddr,
+    /// Its IPv6 address on the site LAN, when the site is dual-stack: the next hop the site
+    /// router gets for IPv6 routes.
+    pub site_address_v6: Option<IpAddr>,
     pub public_key: PublicKey,
 }
 
@@ -250,7 +253,14 @@ const POOL: &[&str] = &["prefix", "count", "key"];
 const BGP: &[&str] = &["hold-time", "max-prefix", "neighbor"];
 const NEIGHBOR: &[&str] = &["address"];
 /// Children that may appear more than once.
-const REPEATABLE: &[&str] = &["cloud-block", "site-prefix", "prefix", "key", "neighbor"];
+const REPEATABLE: &[&str] = &[
+    "cloud-block",
+    "site-prefix",
+    "prefix",
+    "key",
+    "neighbor",
+    "site-address",
+];
 
 impl Loader<'_> {
     fn err(&mut self, d: Diagnostic) {
@@ -773,14 +783,38 @@ impl Loader<'_> {
         let name = self.block_name(node);
         let f = self.fields(node, GATEWAY);
         let endpoint = self.required(&f, "endpoint").and_then(|n| self.ip(n));
-        let site_address = self.required(&f, "site-address").and_then(|n| self.ip(n));
+        let first = self.required(&f, "site-address").and_then(|n| self.ip(n));
+        let mut site_address_v6 = None;
+        let extra: Vec<&KdlNode> = f
+            .by_name
+            .get("site-address")
+            .map(|v| v.iter().skip(1).copied().collect())
+            .unwrap_or_default();
+        for (i, field) in extra.into_iter().enumerate() {
+            let Some(a) = self.ip(field) else { continue };
+            match first {
+                Some(IpAddr::V4(_)) if a.is_ipv6() && i == 0 => site_address_v6 = Some(a),
+                _ => self.err(
+                    Diagnostic::new(
+                        field_span(node, "site-address", i + 1),
+                        format!(
+                            "`site-address` {a}: this gateway already has an {} site address",
+                            if a.is_ipv4() { "IPv4" } else { "IPv6" }
+                        ),
+                    )
+                    .label("extra site address")
+                    .help("give the IPv4 site address first, then at most one IPv6 one for a dual-stack site"),
+                ),
+            }
+        }
         let public_key = self
             .required(&f, "public-key")
             .and_then(|n| self.field_key(n));
         Some(Gateway {
             name: name?,
             endpoint: endpoint?,
-            site_address: site_address?,
+            site_address: first?,
+            site_address_v6,
             public_key: public_key?,
         })
     }
@@ -1344,19 +1378,23 @@ impl Semantics<'_> {
                     .help("the endpoint is the gateway's public (underlay) address"),
                 );
             }
-            if self.in_cloud(&IpNet::from(g.site_address)) {
-                self.push(
-                    Diagnostic::new(
-                        field_span(n, "site-address", 0),
-                        format!(
-                            "gateway site address {} is inside the cloud block {}",
-                            g.site_address,
-                            self.cloud()
-                        ),
-                    )
-                    .label("a site-LAN address cannot be lent to the cloud")
-                    .help("`site-address` is the gateway's own address on the site LAN"),
-                );
+            for (i, a) in std::iter::once(g.site_address)
+                .chain(g.site_address_v6)
+                .enumerate()
+            {
+                if self.in_cloud(&IpNet::from(a)) {
+                    self.push(
+                        Diagnostic::new(
+                            field_span(n, "site-address", i),
+                            format!(
+                                "gateway site address {a} is inside the cloud block {}",
+                                self.cloud()
+                            ),
+                        )
+                        .label("a site-LAN address cannot be lent to the cloud")
+                        .help("`site-address` is the gateway's own address on the site LAN"),
+                    );
+                }
             }
         }
     }
@@ -1403,6 +1441,25 @@ impl Semantics<'_> {
         bgp: &Bgp,
         bgp_node: Option<&KdlNode>,
     ) {
+        let v6_cloud = self
+            .site
+            .cloud_blocks
+            .iter()
+            .find(|c| matches!(c, IpNet::V6(_)));
+        if let (Some(cb), false) = (v6_cloud, bgp.neighbors.is_empty()) {
+            for (g, n) in gateways {
+                if g.site_address_v6.is_none() && g.site_address.is_ipv4() {
+                    self.push(
+                        Diagnostic::new(
+                            field_span(n, "site-address", 0),
+                            format!("gateway {:?} has no IPv6 site address, but the cloud block {cb} is IPv6", g.name),
+                        )
+                        .label("only an IPv4 site address")
+                        .help("add `site-address \"<its IPv6 address on the site LAN>\"`: the site router needs an IPv6 next hop for the IPv6 cloud routes"),
+                    );
+                }
+            }
+        }
         for nb in &bgp.neighbors {
             let span = bgp_node
                 .and_then(|b| b.children())
@@ -1414,7 +1471,9 @@ impl Semantics<'_> {
                 })
                 .map(|n| field_span(n, "address", 0))
                 .unwrap_or((0, 0));
-            if let Some((g, _)) = gateways.iter().find(|(g, _)| g.site_address == nb.address) {
+            if let Some((g, _)) = gateways.iter().find(|(g, _)| {
+                g.site_address == nb.address || g.site_address_v6 == Some(nb.address)
+            }) {
                 self.push(
                     Diagnostic::new(span, format!("BGP neighbor {:?} has the site address of gateway {:?}", nb.name, g.name))
                         .label("a gateway, not a site router")

@@ -9,7 +9,7 @@
 //! leaves every multipath route at once (re-plan with [`desired_live`] and apply); it comes back
 //! when packets do. Each transition is logged once.
 
-use crate::config::{self, Config, Role};
+use crate::config::{self, Config, Gateway, Role};
 use crate::control::{self, Request};
 use crate::datapath::LinkRuntime;
 use crate::desired::{desired_with, Learned};
@@ -424,11 +424,12 @@ fn bgp_config(
         _ => Err(format!("{what} {a} must be IPv4 to serve as BGP router ID")),
     };
     let policy =
-        |allow: Vec<ipnet::IpNet>, deny: Vec<ipnet::IpNet>, nhs: Option<std::net::IpAddr>| Policy {
+        |allow: Vec<ipnet::IpNet>, deny: Vec<ipnet::IpNet>, nhs: Option<&Gateway>| Policy {
             allow,
             deny,
             max_prefix: cfg.bgp.max_prefix,
-            next_hop_self: nhs,
+            next_hop_self: nhs.map(|g| g.site_address),
+            next_hop_self_v6: nhs.and_then(|g| g.site_address_v6),
         };
     let peer = |name: &str, kind, policy, address, active| PeerConfig {
         peer: Peer {
@@ -447,7 +448,7 @@ fn bgp_config(
             peers.push(peer(
                 &n.name,
                 PeerKind::NonClient,
-                policy(vec![], cfg.site.cloud_blocks.clone(), Some(g.site_address)),
+                policy(vec![], cfg.site.cloud_blocks.clone(), Some(g)),
                 n.address,
                 true,
             ));

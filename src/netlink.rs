@@ -305,10 +305,17 @@ impl Netlink {
                 .get(dev)
                 .ok_or_else(|| NetlinkError::NoDevice(dev.clone()))?;
             let b = match r.dst {
-                IpNet::V4(_) => RouteNextHopBuilder::new_ipv4(),
-                IpNet::V6(_) => RouteNextHopBuilder::new_ipv6(),
+                IpNet::V4(_) => RouteNextHopBuilder::new_ipv4().interface(ix),
+                // Linux refuses device-only IPv6 nexthops in a multipath route ("device only
+                // routes can not be added for IPv6 using the multipath API"). Tunnels are
+                // point-to-point and NOARP, so a link-local gateway on each is never resolved:
+                // it only makes the nexthop acceptable.
+                IpNet::V6(_) => RouteNextHopBuilder::new_ipv6()
+                    .interface(ix)
+                    .via(IpAddr::V6(V6_TUNNEL_GATEWAY))
+                    .expect("an IPv6 gateway fits an IPv6 nexthop"),
             };
-            hops.push(b.interface(ix).build());
+            hops.push(b.build());
         }
         msg.attributes.push(RouteAttribute::MultiPath(hops));
         if let Some(src) = r.src {
@@ -320,6 +327,9 @@ impl Netlink {
         Ok(msg)
     }
 }
+
+/// The gateway of every IPv6 nexthop over a tunnel (see `route_message`).
+pub const V6_TUNNEL_GATEWAY: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0xad);
 
 /// The message naming a route of ours: destination, metric, main table, our protocol.
 fn route_key_message(r: &Route) -> RouteMessage {
@@ -405,6 +415,11 @@ fn owned_route(m: &RouteMessage, names: &HashMap<u32, String>) -> Option<Route> 
             _ => {}
         }
     }
+    let blackhole = m.header.kind == RouteType::BlackHole;
+    if blackhole {
+        // The kernel gives IPv6 blackholes the loopback device as output: not a nexthop.
+        via.clear();
+    }
     via.sort();
     let src = m.attributes.iter().find_map(|a| match a {
         RouteAttribute::PrefSource(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
@@ -415,7 +430,7 @@ fn owned_route(m: &RouteMessage, names: &HashMap<u32, String>) -> Option<Route> 
         dst,
         metric,
         via,
-        blackhole: m.header.kind == RouteType::BlackHole,
+        blackhole,
         src,
     })
 }

@@ -233,3 +233,141 @@ fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
     drop(procs);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A dual-stack site. Same lab as above, plus IPv6: the site LAN is also 2001:db8:10::/64, the
+/// cloud block also 2001:db8:200::/48, c1 also holds 2001:db8:200:11::/64. The iBGP sessions
+/// stay IPv4; IPv6 routes travel in MP_REACH_NLRI (RFC 4760) and the gateways give bird their
+/// IPv6 LAN address as next hop.
+#[test]
+fn a_dual_stack_site_learns_the_node_ipv6_prefix_once_per_gateway_and_reaches_it() {
+    if !root_or_skip("bird_ipv6") {
+        return;
+    }
+    let (site, gw1, gw2, inet, c1) = (
+        Netns::new(),
+        Netns::new(),
+        Netns::new(),
+        Netns::new(),
+        Netns::new(),
+    );
+    let dir = std::env::temp_dir().join(format!("{}-bgp6", site.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    bridge(
+        &site,
+        Some("10.10.0.1/24"),
+        &[(&gw1, "lan", "10.10.0.2/24"), (&gw2, "lan", "10.10.0.3/24")],
+    );
+    // IPv6 on the LAN, without duplicate address detection delaying the first packets.
+    for (ns, dev, a) in [
+        (&site, "br0", "2001:db8:10::1/64"),
+        (&gw1, "lan", "2001:db8:10::2/64"),
+        (&gw2, "lan", "2001:db8:10::3/64"),
+    ] {
+        ns.ip(&["addr", "add", a, "dev", dev, "nodad"]);
+    }
+    bridge(
+        &inet,
+        None,
+        &[
+            (&gw1, "wan", "192.0.2.1/24"),
+            (&gw2, "wan", "192.0.2.3/24"),
+            (&c1, "wan", "192.0.2.11/24"),
+        ],
+    );
+    let (k1, k2, kc) = (genkey(&dir, "gw1"), genkey(&dir, "gw2"), genkey(&dir, "c1"));
+    std::fs::write(
+        dir.join("site.kdl"),
+        format!(
+            "site \"lab\" {{\n asn 65010\n cloud-block \"10.200.0.0/16\"\n cloud-block \"2001:db8:200::/48\"\n \
+             site-prefix \"10.10.0.0/16\"\n site-prefix \"2001:db8:10::/48\"\n links 2\n keepalive-ms 200\n dead-after 3\n}}\n\
+             gateway \"gw1\" {{\n endpoint \"192.0.2.1\"\n site-address \"10.10.0.2\"\n site-address \"2001:db8:10::2\"\n public-key \"{k1}\"\n}}\n\
+             gateway \"gw2\" {{\n endpoint \"192.0.2.3\"\n site-address \"10.10.0.3\"\n site-address \"2001:db8:10::3\"\n public-key \"{k2}\"\n}}\n\
+             node \"c1\" {{\n address \"10.200.0.11\"\n prefix \"10.200.0.11/32\"\n prefix \"2001:db8:200:11::/64\"\n public-key \"{kc}\"\n}}\n\
+             bgp {{\n hold-time 30\n neighbor \"site-router\" {{\n address \"10.10.0.1\"\n }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    let export = "export filter { if dest = RTD_UNICAST then accept; reject; }";
+    let (bird_proc, sock) = bird(
+        &site,
+        &dir,
+        "bird",
+        &format!(
+            "router id 10.10.0.1;\n\
+             protocol device {{}}\n\
+             protocol kernel {{ ipv4 {{ import none; {export}; }}; merge paths on; }}\n\
+             protocol kernel {{ ipv6 {{ import none; {export}; }}; merge paths on; }}\n\
+             protocol static {{ ipv6; route 2001:db8:12::/48 blackhole; }}\n\
+             template bgp gateways {{ local 10.10.0.1 as 65010; neighbor as 65010; direct; hold time 30;\n\
+               ipv4 {{ import all; export none; }};\n\
+               ipv6 {{ import all; export where source = RTS_STATIC; next hop address 2001:db8:10::1; }}; }}\n\
+             protocol bgp gw1 from gateways {{ neighbor 10.10.0.2; }}\n\
+             protocol bgp gw2 from gateways {{ neighbor 10.10.0.3; }}\n"
+        ),
+    );
+    let mut procs = vec![bird_proc];
+    for (ns, host) in [(&gw1, "gw1"), (&gw2, "gw2"), (&c1, "c1")] {
+        procs.push(daemon(ns, &dir, host));
+    }
+    let logs = |procs: &[Proc]| {
+        procs
+            .iter()
+            .map(Proc::log)
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
+    let t0 = Instant::now();
+    while kernel_nexthops(&site, "2001:db8:200:11::/64") != ["2001:db8:10::2", "2001:db8:10::3"] {
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "bird never had both IPv6 paths: {:?}\n{}\n{}",
+            kernel_nexthops(&site, "2001:db8:200:11::/64"),
+            text(&site.exec(&["birdc", "-s", &sock, "show", "route", "all"])),
+            logs(&procs)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "bird has 2001:db8:200:11::/64 via both gateways' IPv6 addresses after {:?}",
+        t0.elapsed()
+    );
+    // The IPv4 route of the same node is there too, with the IPv4 next hops.
+    assert_eq!(
+        kernel_nexthops(&site, "10.200.0.11/32"),
+        ["10.10.0.2", "10.10.0.3"]
+    );
+    // bird's IPv6 prefix reaches the node as a multipath route over both gateways' links.
+    let learned = || -> Vec<String> {
+        c1.our_routes()
+            .into_iter()
+            .find(|(d, m, _)| d == "2001:db8:12::/48" && *m == 20)
+            .map(|r| r.2)
+            .unwrap_or_default()
+    };
+    let t1 = Instant::now();
+    while learned() != ["ap-gw1-0", "ap-gw1-1", "ap-gw2-0", "ap-gw2-1"] {
+        assert!(
+            t1.elapsed() < Duration::from_secs(20),
+            "c1 never routed 2001:db8:12::/48 over both gateways: {:?}\n{}",
+            learned(),
+            logs(&procs)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // IPv6 bytes from the site to an address inside the node's prefix, through the tunnels.
+    c1.ip(&["addr", "add", "2001:db8:200:11::1/128", "dev", "lo"]);
+    let ping = site.exec(&[
+        "ping",
+        "-6",
+        "-c",
+        "3",
+        "-i",
+        "0.2",
+        "-W",
+        "2",
+        "2001:db8:200:11::1",
+    ]);
+    assert!(ping.status.success(), "{}\n{}", text(&ping), logs(&procs));
+    drop(procs);
+    let _ = std::fs::remove_dir_all(&dir);
+}

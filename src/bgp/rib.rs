@@ -39,6 +39,9 @@ pub struct Policy {
     /// Rewrite the next hop to this address when exporting (towards the site router, so it
     /// sees one path per gateway).
     pub next_hop_self: Option<IpAddr>,
+    /// The same for IPv6 routes (a dual-stack site router needs an IPv6 next hop); None: use
+    /// `next_hop_self`.
+    pub next_hop_self_v6: Option<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -347,7 +350,7 @@ impl Rib {
     /// What to tell `to` about `prefix`: the attributes to announce, or None to withdraw.
     pub fn export(&self, to: PeerId, prefix: &IpNet) -> Option<Attributes> {
         let best = self.paths(prefix).into_iter().next()?;
-        self.export_path(to, &best)
+        self.export_path(to, prefix, &best)
     }
 
     /// What to tell an ADD-PATH peer about `prefix`: every path it may have, each with our
@@ -363,12 +366,12 @@ impl Rib {
         paths
             .iter()
             .take(take)
-            .filter_map(|p| self.export_path(to, p).map(|a| (p.tx_id, a)))
+            .filter_map(|p| self.export_path(to, prefix, p).map(|a| (p.tx_id, a)))
             .collect()
     }
 
     /// One path as `to` should see it, or None if reflection rules keep it from `to`.
-    fn export_path(&self, to: PeerId, best: &Path) -> Option<Attributes> {
+    fn export_path(&self, to: PeerId, prefix: &IpNet, best: &Path) -> Option<Attributes> {
         let to_kind = self.peers[to].kind;
         if let Some(from) = best.from {
             if from == to {
@@ -394,7 +397,18 @@ impl Rib {
             }
             a.cluster_list.insert(0, self.cluster_id);
         }
-        if let Some(nh) = self.peers[to].policy.next_hop_self {
+        // A route never goes back to the router that originated it: it would drop it as a loop
+        // (RFC 4456 §8). With ADD-PATH a client would otherwise get its own route back as
+        // reflected by the other gateways.
+        if a.originator_id.is_some() && a.originator_id == self.peers[to].router_id {
+            return None;
+        }
+        let policy = &self.peers[to].policy;
+        let nhs = match prefix {
+            IpNet::V6(_) => policy.next_hop_self_v6.or(policy.next_hop_self),
+            IpNet::V4(_) => policy.next_hop_self,
+        };
+        if let Some(nh) = nhs {
             a.next_hop = Some(nh);
         }
         Some(a)
@@ -443,6 +457,7 @@ mod tests {
             deny: vec![],
             max_prefix: 100,
             next_hop_self: None,
+            next_hop_self_v6: None,
         }
     }
 
@@ -556,6 +571,24 @@ mod tests {
         let to_site = rib.export_paths(site, &net("10.200.0.11/32"));
         assert_eq!(to_site.len(), 1, "{to_site:?}");
         assert_eq!(to_site[0].1.next_hop, Some("10.10.0.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_client_never_gets_its_own_route_back_through_another_reflector() {
+        let (mut rib, _, c1, _) = gateway();
+        let gw2 = rib.add_peer(Peer {
+            name: "gw2".into(),
+            kind: PeerKind::NonClient,
+            policy: policy(),
+            router_id: Some("10.10.0.3".parse().unwrap()),
+        });
+        rib.apply(c1, &announce("10.200.0.11/32", attrs("10.200.0.11")));
+        let mut via_gw2 = attrs("10.200.0.11");
+        via_gw2.originator_id = Some("10.200.0.11".parse().unwrap());
+        via_gw2.cluster_list = vec!["10.10.0.3".parse().unwrap()];
+        rib.apply(gw2, &announce("10.200.0.11/32", via_gw2));
+        assert_eq!(rib.paths(&net("10.200.0.11/32")).len(), 2);
+        assert!(rib.export_paths(c1, &net("10.200.0.11/32")).is_empty());
     }
 
     #[test]

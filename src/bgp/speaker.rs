@@ -625,6 +625,7 @@ pub async fn bench_reflector(
         deny: vec![],
         max_prefix: 1000,
         next_hop_self: None,
+        next_hop_self_v6: None,
     };
     let mut peers: Vec<PeerConfig> = clients
         .iter()

@@ -365,7 +365,8 @@ pub fn bird(ns: &Netns, dir: &std::path::Path, name: &str, conf: &str) -> (Proc,
 
 /// The nexthop gateways of `prefix` in `ns`'s kernel table (bird's kernel protocol exports).
 pub fn kernel_nexthops(ns: &Netns, prefix: &str) -> Vec<String> {
-    let v = ns.ip_json(&["route", "show", prefix]);
+    let fam = if prefix.contains(':') { "-6" } else { "-4" };
+    let v = ns.ip_json(&[fam, "route", "show", prefix]);
     let mut hops: Vec<String> = Vec::new();
     for r in v.as_array().into_iter().flatten() {
         if let Some(nh) = r.get("nexthops").and_then(|n| n.as_array()) {
