@@ -4,7 +4,7 @@
 //! where our attribute order is theirs, re-encode to the same bytes. For each malformed
 //! message sent to bird, our decision is compared with bird's reply.
 
-use appliance::bgp::wire::{decode, encode, Context, Message};
+use appliance::bgp::wire::{decode, encode, Context, Families, Message};
 use std::path::Path;
 
 const CTX: Context = Context {
@@ -24,8 +24,21 @@ fn hex(name: &str) -> Vec<u8> {
         .collect()
 }
 
-/// Messages from bird/gobgp that we decode. ADD-PATH UPDATEs (14–17) carry path identifiers
-/// in their NLRI, which we do not negotiate, and are left out.
+/// The session bird ran with `add paths on` (ADD-PATH both ways, both families).
+const ADD_PATH: Context = Context {
+    four_octet_as: true,
+    add_path_rx: Families {
+        ipv4: true,
+        ipv6: true,
+    },
+    add_path_tx: Families {
+        ipv4: true,
+        ipv6: true,
+    },
+};
+
+/// Messages from bird/gobgp that we decode on a plain session. The ADD-PATH UPDATEs (14–17)
+/// have their own test below.
 const PRODUCED: &[&str] = &[
     "01-open-bird-ibgp-full-caps.hex",
     "02-open-bird-as4200000001.hex",
@@ -96,6 +109,53 @@ fn messages_from_bird_and_gobgp_decode_and_round_trip() {
             exact.contains(name),
             "{name} no longer re-encodes to the same bytes"
         );
+    }
+}
+
+/// bird's ADD-PATH UPDATEs (RFC 7911): each NLRI decodes with bird's path identifier and
+/// re-encodes to bird's exact bytes.
+#[test]
+fn add_path_updates_from_bird_decode_with_their_path_identifiers_and_re_encode_exactly() {
+    for (name, prefix, path_id, withdrawal) in [
+        ("14-update-ipv4-addpath.hex", "10.10.0.0/16", 2, false),
+        ("15-update-ipv6-addpath.hex", "2001:db8:10::/48", 3, false),
+        (
+            "16-update-ipv4-addpath-withdraw.hex",
+            "10.10.0.0/16",
+            2,
+            true,
+        ),
+        (
+            "17-update-ipv6-addpath-mp-unreach.hex",
+            "2001:db8:10::/48",
+            3,
+            true,
+        ),
+    ] {
+        let bytes = hex(name);
+        let Message::Update(u) =
+            decode(&bytes, ADD_PATH).unwrap_or_else(|e| panic!("{name}: {e:?}"))
+        else {
+            panic!("{name}: not an UPDATE")
+        };
+        assert!(u.errors.is_empty(), "{name}: {:?}", u.errors);
+        let nlri = if withdrawal {
+            &u.withdrawn
+        } else {
+            &u.announced
+        };
+        assert_eq!(nlri.len(), 1, "{name}: {u:?}");
+        assert_eq!(nlri[0].prefix.to_string(), prefix, "{name}");
+        assert_eq!(nlri[0].path_id, path_id, "{name}");
+        let again = encode(&Message::Update(u.clone()), ADD_PATH);
+        assert_eq!(
+            decode(&again, ADD_PATH).unwrap(),
+            Message::Update(u),
+            "{name}: semantic round trip"
+        );
+        if name.starts_with("14") || name.starts_with("16") {
+            assert_eq!(again, bytes, "{name}: byte for byte");
+        }
     }
 }
 

@@ -197,8 +197,8 @@ fn gobgp(ns: &Netns, args: &[&str]) -> std::process::Output {
 /// - what gobgpd announces: its assigned 10.200.5.0/24 becomes a kernel route on gw1 over
 ///   c1's links and a route in bird's table, and the site reaches an address in it through the
 ///   tunnels; withdrawn, it leaves gw1's kernel while the tunnels stay up;
-/// - a site prefix, a prefix outside the cloud block and a prefix of the cloud block that is
-///   not c1's are rejected, counted, and never reach bird.
+/// - a site prefix, a prefix outside the cloud block, another node's prefix and a prefix of
+///   the cloud block that is nobody's are rejected, counted, and never reach bird.
 #[test]
 fn gobgp_as_a_reflector_client_gets_originator_id_and_cluster_list_and_its_announcements_are_policed(
 ) {
@@ -224,6 +224,13 @@ fn gobgp_as_a_reflector_client_gets_originator_id_and_cluster_list_and_its_annou
         &[("site-router", "10.10.0.1"), ("site-router-b", "10.10.0.5")],
         " prefix \"10.200.0.11/32\"\n prefix \"10.200.5.0/24\"\n bgp-speaker \"external\"",
     );
+    // A second node, whose prefix c1 must not be able to announce.
+    let k2 = genkey(&dir, "c2");
+    let mut kdl = std::fs::read_to_string(dir.join("site.kdl")).unwrap();
+    kdl.push_str(&format!(
+        "node \"c2\" {{\n address \"10.200.0.12\"\n public-key \"{k2}\"\n}}\n"
+    ));
+    std::fs::write(dir.join("site.kdl"), kdl).unwrap();
     // Two site routers (bird, 10.10.0.1 and 10.10.0.5) both announce 10.12.0.0/16: gw1 holds
     // two paths for it, and an ADD-PATH client receives both.
     site.ip(&["addr", "add", "10.10.0.5/24", "dev", "br0"]);
@@ -342,6 +349,7 @@ fn gobgp_as_a_reflector_client_gets_originator_id_and_cluster_list_and_its_annou
         "10.10.5.0/24",
         "198.18.0.0/24",
         "10.200.9.0/24",
+        "10.200.0.12/32",
     ] {
         let out = gobgp(&c1, &["global", "rib", "add", p, "-a", "ipv4"]);
         assert!(out.status.success(), "gobgp rib add {p}: {}", text(&out));
@@ -374,7 +382,7 @@ fn gobgp_as_a_reflector_client_gets_originator_id_and_cluster_list_and_its_annou
     c1.ip(&["addr", "add", "10.200.5.1/32", "dev", "lo"]);
     let ping = site.exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.200.5.1"]);
     assert!(ping.status.success(), "{}", text(&ping));
-    // Policy on the gateway: three announcements rejected and counted, none at the site.
+    // Policy on the gateway: four announcements rejected and counted, none at the site.
     let st = gw1.appliance(&["status", "--output", "json"]);
     let st: Value = serde_json::from_slice(&st.stdout).unwrap();
     let c1_session = st["bgp"]["sessions"]
@@ -390,8 +398,13 @@ fn gobgp_as_a_reflector_client_gets_originator_id_and_cluster_list_and_its_annou
         "gobgpd sends path ids: {st}"
     );
     assert_eq!(c1_session["add_path_tx"]["ipv4"], true, "{st}");
-    assert_eq!(c1_session["prefixes"]["rejected"], 3, "{st}");
-    for p in ["10.10.5.0/24", "198.18.0.0/24", "10.200.9.0/24"] {
+    assert_eq!(c1_session["prefixes"]["rejected"], 4, "{st}");
+    for p in [
+        "10.10.5.0/24",
+        "198.18.0.0/24",
+        "10.200.9.0/24",
+        "10.200.0.12/32",
+    ] {
         assert!(
             kernel_nexthops(&site, p).is_empty(),
             "{p} leaked to the site"
