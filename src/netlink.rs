@@ -255,7 +255,10 @@ impl Netlink {
                 Ok(req.execute().await?)
             }
             (Op::Remove, Some(Item::Route(r)), _) => {
-                let msg = route_key_message(r);
+                let mut msg = route_key_message(r);
+                // Any scope: a route of ours someone added by hand (`ip route add … dev X`
+                // makes it scope link) must still go; like `ip route del`.
+                msg.header.scope = RouteScope::NoWhere;
                 Ok(self.handle.route().del(msg).execute().await?)
             }
             (Op::Add | Op::Change, _, Some(Item::Sysctl(s))) => {

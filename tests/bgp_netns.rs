@@ -179,6 +179,19 @@ fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
         "c1 killed: bird withdrew its route after {:?}",
         t4.elapsed()
     );
+    // A route of ours the dead daemon had learned, that nobody announces any more: the new
+    // daemon purges it when it starts.
+    c1.ip(&[
+        "route",
+        "add",
+        "10.99.0.0/16",
+        "dev",
+        "ap-gw1-0",
+        "proto",
+        "173",
+        "metric",
+        "20",
+    ]);
     procs[3] = daemon(&c1, &dir, "c1");
     let t5 = Instant::now();
     while kernel_nexthops(&site, "10.200.0.11/32") != ["10.10.0.2", "10.10.0.3"] {
@@ -191,6 +204,11 @@ fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!("c1 restarted: both paths back after {:?}", t5.elapsed());
+    assert!(
+        !c1.our_routes().iter().any(|(d, _, _)| d == "10.99.0.0/16"),
+        "stale route of ours survived the restart: {:?}",
+        c1.our_routes()
+    );
     // Stopping gw1 takes its path away.
     procs[1].signal("-TERM");
     let t1 = Instant::now();
