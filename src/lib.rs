@@ -22,4 +22,5 @@ pub mod state;
 pub mod sysctl;
 pub mod topology;
 pub mod tundev;
+pub mod userdata;
 pub mod wg;
