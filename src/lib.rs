@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod desired;
 pub mod diag;
+pub mod init;
 pub mod key;
 pub mod liveness;
 pub mod logging;

@@ -117,9 +117,17 @@ enum Command {
         #[arg(long)]
         desired: bool,
     },
+    /// The image's PID 1: find the config (kernel command line, cidata drive, metadata
+    /// service, cache), apply it and supervise `appliance run`. As the initramfs `/init` it is
+    /// stage 1 (verity root, switch_root).
+    Init,
 }
 
 fn main() -> ExitCode {
+    // The kernel runs the initramfs `/init` with no arguments: that is stage 1 of the image.
+    if appliance::init::is_stage1() {
+        appliance::init::stage1();
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -137,6 +145,7 @@ fn main() -> ExitCode {
         _ => appliance::logging::init(),
     }
     match cli.command {
+        Command::Init => appliance::init::stage2(),
         Command::Genkey => {
             println!("{}", appliance::key::PrivateKey::generate().to_base64());
             ExitCode::SUCCESS

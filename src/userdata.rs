@@ -135,6 +135,8 @@ pub struct Accepted {
     pub interfaces: Vec<Interface>,
     /// sha256 of the whole decoded user-data.
     pub sha256: String,
+    /// The whole decoded user-data, as validated (what the cache keeps and the hash covers).
+    pub original: String,
 }
 
 const BLOCK: &str = "appliance";
@@ -201,6 +203,7 @@ pub fn validate(file: &str, text: &str, fallback_host: Option<&str>) -> Result<A
             private_key: block.private_key.map(|(k, _)| k),
             interfaces: block.interfaces,
             sha256: sha256_hex(text),
+            original: text.to_string(),
         }),
         _ => {
             diags.sort_by_key(|d| d.offset);

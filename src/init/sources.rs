@@ -1,0 +1,256 @@
+//! Where user-data is fetched from: the kernel command line, a NoCloud / config drive, the
+//! metadata service. Each source answers one [`Found`] per discovery round; refusals carry the
+//! full reason for the console. Label probing is pure and tested; the rest is thin I/O.
+
+use super::sys;
+use crate::userdata::{self, cmdline_config, CmdlineConfig, Found, USER_DATA_LIMIT};
+use std::time::Duration;
+
+/// Filesystems a seed may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeedFs {
+    Iso9660,
+    Vfat,
+}
+
+impl SeedFs {
+    fn kernel_name(self) -> &'static str {
+        match self {
+            SeedFs::Iso9660 => "iso9660",
+            SeedFs::Vfat => "vfat",
+        }
+    }
+}
+
+/// How many bytes of a device [`probe_label`] needs.
+pub const PROBE_LEN: usize = 32768 + 2048;
+
+/// The filesystem and label of a device from its first bytes: the ISO 9660 primary volume
+/// descriptor (sector 16), or a FAT boot sector (FAT12/16 label at 43, FAT32 at 71).
+pub fn probe_label(b: &[u8]) -> Option<(SeedFs, String)> {
+    let trim = |s: &[u8]| {
+        String::from_utf8_lossy(s)
+            .trim_end_matches([' ', '\0'])
+            .to_string()
+    };
+    if b.len() >= 32768 + 72 && b[32768] == 1 && &b[32769..32774] == b"CD001" {
+        return Some((SeedFs::Iso9660, trim(&b[32768 + 40..32768 + 72])));
+    }
+    if b.len() >= 512 && b[510] == 0x55 && b[511] == 0xaa {
+        if &b[82..87] == b"FAT32" {
+            return Some((SeedFs::Vfat, trim(&b[71..82])));
+        }
+        if &b[54..57] == b"FAT" {
+            return Some((SeedFs::Vfat, trim(&b[43..54])));
+        }
+    }
+    None
+}
+
+/// Seed labels and where each keeps its user-data.
+pub fn seed_path(label: &str) -> Option<&'static str> {
+    match label {
+        "cidata" | "CIDATA" => Some("user-data"),
+        "config-2" | "CONFIG-2" => Some("openstack/latest/user_data"),
+        _ => None,
+    }
+}
+
+fn refused(sha: Option<String>, reason: String) -> Found {
+    Found::Refused {
+        sha256: sha,
+        reason,
+    }
+}
+
+/// Decode and validate raw bytes; `what` names them in diagnostics.
+pub fn judge(what: &str, raw: &[u8], fallback_host: Option<&str>) -> Found {
+    let text = match userdata::decode(raw) {
+        Ok(t) => t,
+        Err(e) => return refused(None, format!("{what}: {e}")),
+    };
+    match userdata::validate(what, &text, fallback_host) {
+        Ok(a) => Found::Valid(Box::new(a)),
+        Err(report) => refused(Some(userdata::sha256_hex(&text)), report.render()),
+    }
+}
+
+/// `appliance.config=` on the kernel command line.
+pub fn cmdline(value: Option<&str>, fallback_host: Option<&str>) -> Found {
+    let Some(v) = value else {
+        return Found::Absent;
+    };
+    match cmdline_config(v) {
+        Err(e) => refused(None, e),
+        Ok(CmdlineConfig::Inline(raw)) => {
+            judge("user-data (appliance.config=)", &raw, fallback_host)
+        }
+        Ok(CmdlineConfig::Url(url)) => match http_get(&url) {
+            Ok(Some(raw)) => judge(&format!("user-data ({url})"), &raw, fallback_host),
+            Ok(None) => Found::Absent,
+            Err(e) => refused(None, format!("{url}: {e}")),
+        },
+    }
+}
+
+/// Every block device whose filesystem label marks a seed, as (device, fs, label).
+fn seed_devices() -> Vec<(String, SeedFs, String)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/sys/class/block") else {
+        return out;
+    };
+    let mut names: Vec<String> = dir
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for name in names {
+        if name.starts_with("dm-") || name.starts_with("loop") || name.starts_with("ram") {
+            continue;
+        }
+        let dev = format!("/dev/{name}");
+        let Ok(head) = sys::read_head(&dev, PROBE_LEN) else {
+            continue;
+        };
+        if let Some((fs, label)) = probe_label(&head) {
+            if seed_path(&label).is_some() {
+                out.push((dev, fs, label));
+            }
+        }
+    }
+    out
+}
+
+/// A NoCloud (`cidata`) or config drive (`config-2`) seed.
+pub fn cidata(fallback_host: Option<&str>) -> Found {
+    let Some((dev, fs, label)) = seed_devices().into_iter().next() else {
+        return Found::Absent;
+    };
+    let dir = "/run/appliance/seed";
+    let _ = std::fs::create_dir_all(dir);
+    if let Err(e) = sys::mount(
+        &dev,
+        dir,
+        fs.kernel_name(),
+        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "",
+    ) {
+        return refused(None, format!("seed {dev} (label {label}): {e}"));
+    }
+    let path = format!("{dir}/{}", seed_path(&label).expect("a seed label"));
+    let raw = read_limited(&path);
+    sys::umount(dir);
+    match raw {
+        Ok(raw) => judge(
+            &format!("user-data ({label} on {dev})"),
+            &raw,
+            fallback_host,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => refused(
+            None,
+            format!(
+                "seed {dev} (label {label}) has no {}",
+                seed_path(&label).unwrap_or("user-data")
+            ),
+        ),
+        Err(e) => refused(None, format!("seed {dev}: cannot read user-data: {e}")),
+    }
+}
+
+/// Read at most one byte more than the limit, so "too large" is still reported as such.
+fn read_limited(path: &str) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    std::fs::File::open(path)?
+        .take(USER_DATA_LIMIT as u64 + 1)
+        .read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// GET a URL with our small client: Ok(None) when there is nothing there (404 or empty).
+pub fn http_get(url: &str) -> Result<Option<Vec<u8>>, String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(4)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent.get(url).call().map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    if status == 404 {
+        return Ok(None);
+    }
+    if status != 200 {
+        return Err(format!("HTTP status {status}"));
+    }
+    match resp
+        .body_mut()
+        .with_config()
+        .limit(USER_DATA_LIMIT as u64)
+        .read_to_vec()
+    {
+        Ok(b) if b.is_empty() => Ok(None),
+        Ok(b) => Ok(Some(b)),
+        Err(ureq::Error::BodyExceedsLimit(_)) => Ok(Some(vec![b' '; USER_DATA_LIMIT + 1])),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The Exoscale metadata service: `/1.0/user-data`, then `/latest/user-data`.
+pub fn metadata(base: &str, network_up: bool, fallback_host: Option<&str>) -> Found {
+    if !network_up {
+        return Found::Absent;
+    }
+    // An unreachable service is not a refusal: it may come up later (or never, on a gateway).
+    for path in ["/1.0/user-data", "/latest/user-data"] {
+        let url = format!("{base}{path}");
+        if let Ok(Some(raw)) = http_get(&url) {
+            return judge(&format!("user-data ({url})"), &raw, fallback_host);
+        }
+    }
+    Found::Absent
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_iso9660_volume_id_is_read_from_the_primary_descriptor() {
+        let mut b = vec![0u8; PROBE_LEN];
+        b[32768] = 1;
+        b[32769..32774].copy_from_slice(b"CD001");
+        b[32808..32840].copy_from_slice(format!("{:<32}", "cidata").as_bytes());
+        assert_eq!(probe_label(&b), Some((SeedFs::Iso9660, "cidata".into())));
+    }
+
+    #[test]
+    fn fat16_and_fat32_labels_are_read_from_the_boot_sector() {
+        let mut b = vec![0u8; 512];
+        b[510] = 0x55;
+        b[511] = 0xaa;
+        b[54..62].copy_from_slice(b"FAT16   ");
+        b[43..54].copy_from_slice(b"CIDATA     ");
+        assert_eq!(probe_label(&b), Some((SeedFs::Vfat, "CIDATA".into())));
+        b[54..62].copy_from_slice(&[0; 8]);
+        b[82..90].copy_from_slice(b"FAT32   ");
+        b[71..82].copy_from_slice(b"config-2   ");
+        assert_eq!(probe_label(&b), Some((SeedFs::Vfat, "config-2".into())));
+    }
+
+    #[test]
+    fn other_devices_have_no_seed_label() {
+        assert_eq!(probe_label(&[0u8; PROBE_LEN]), None);
+        assert_eq!(seed_path("state"), None);
+        assert_eq!(seed_path("CIDATA"), Some("user-data"));
+        assert_eq!(seed_path("config-2"), Some("openstack/latest/user_data"));
+    }
+
+    #[test]
+    fn a_bad_cmdline_config_is_refused_not_ignored() {
+        assert!(matches!(
+            cmdline(Some("ftp://x"), None),
+            Found::Refused { .. }
+        ));
+        assert!(matches!(cmdline(None, None), Found::Absent));
+    }
+}
