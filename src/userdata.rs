@@ -588,6 +588,9 @@ pub fn cmdline_config(value: &str) -> Result<CmdlineConfig, String> {
 pub enum Found {
     /// Nothing there (yet): no parameter, no seed device, no answer from the service.
     Absent,
+    /// Nothing there yet, for a reason worth telling while the image waits (e.g. the metadata
+    /// service does not answer).
+    Unavailable(String),
     /// Something there that was refused, and why (the full, rendered reason).
     Refused {
         sha256: Option<String>,

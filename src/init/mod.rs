@@ -37,12 +37,16 @@ const MODULE_LIST: &str = "/lib/modules/load.list";
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_secs(1);
 
-/// One console line.
+/// Console lines, stamped with the seconds since boot like the kernel's own.
 pub fn say(msg: &str) {
     use std::io::Write as _;
+    let up = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|u| u.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default();
     let mut e = std::io::stderr().lock();
     for line in msg.lines() {
-        let _ = writeln!(e, "appliance-init: {line}");
+        let _ = writeln!(e, "[{up:>8}] appliance-init: {line}");
     }
 }
 
@@ -327,6 +331,13 @@ fn discover(c: &Cmdline, net: &net::NetState) -> Accepted {
                 }
             }
         }
+        let notes: Vec<String> = round
+            .iter()
+            .filter_map(|(source, f)| match f {
+                Found::Unavailable(why) => Some(format!("{source}: {why}")),
+                _ => None,
+            })
+            .collect();
         let wait_over = start.elapsed() >= wait;
         match userdata::decide(round, wait_over, cache.is_some()) {
             Decision::Apply(source, a) => {
@@ -341,7 +352,10 @@ fn discover(c: &Cmdline, net: &net::NetState) -> Accepted {
             Decision::Wait => {}
         }
         if wait_over && last_note.elapsed() >= Duration::from_secs(30) {
-            say("no config yet (kernel command line, cidata/config-2 drive, metadata service, cache): waiting");
+            say(&format!(
+                "no config yet (kernel command line, cidata/config-2 drive, metadata service, cache): waiting{}",
+                if notes.is_empty() { String::new() } else { format!(" ({})", notes.join("; ")) }
+            ));
             last_note = Instant::now();
             cache = cache.or_else(|| load_cache(host));
         }

@@ -198,16 +198,19 @@ pub fn http_get(url: &str) -> Result<Option<Vec<u8>>, String> {
 /// The Exoscale metadata service: `/1.0/user-data`, then `/latest/user-data`.
 pub fn metadata(base: &str, network_up: bool, fallback_host: Option<&str>) -> Found {
     if !network_up {
-        return Found::Absent;
+        return Found::Unavailable("no network address yet".into());
     }
     // An unreachable service is not a refusal: it may come up later (or never, on a gateway).
+    let mut why = Vec::new();
     for path in ["/1.0/user-data", "/latest/user-data"] {
         let url = format!("{base}{path}");
-        if let Ok(Some(raw)) = http_get(&url) {
-            return judge(&format!("user-data ({url})"), &raw, fallback_host);
+        match http_get(&url) {
+            Ok(Some(raw)) => return judge(&format!("user-data ({url})"), &raw, fallback_host),
+            Ok(None) => why.push(format!("{url}: no user-data")),
+            Err(e) => why.push(format!("{url}: {e}")),
         }
     }
-    Found::Absent
+    Found::Unavailable(why.join("; "))
 }
 
 #[cfg(test)]
