@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Build the appliance disk image, offline, from Debian packages and our static binary.
 #
-#   images/build.sh [--bin PATH] [--out DIR] [--version V]
+#   images/build.sh [--bin PATH] [--out DIR] [--version V] [--cmdline-extra "ARGS"]
+#
+# --bin: the static appliance binary (default: `cargo build --release`). --cmdline-extra: more
+# kernel parameters (e.g. "appliance.wait=10"); they become part of the image (and its hash).
 #
 # Output (DIR, default build/image): appliance.raw (the disk, sized to its partitions),
 # appliance.qcow2 (the same disk, 10 GiB virtual size, compressed, preallocation off: what
@@ -25,12 +28,14 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 bin=""
 out="$here/build/image"
 version=""
+extra=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --bin) bin=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --version) version=$2; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    --cmdline-extra) extra=$2; shift 2 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "build.sh: unknown argument $1 (see --help)" >&2; exit 64 ;;
   esac
 done
@@ -106,7 +111,7 @@ touch_all "$initrd"
 (cd "$initrd" && find . -print0 | sort -z | cpio --quiet --null --reproducible -o -H newc -R 0:0) \
   | zstd -q -T1 -12 > "$work/initrd.img"
 
-cmdline_for() { echo "console=ttyS0,115200 appliance.slot=$1 appliance.verity=$2 panic=10"; }
+cmdline_for() { echo "console=ttyS0,115200 appliance.slot=$1 appliance.verity=$2 panic=10${extra:+ $extra}"; }
 
 # ---- unified kernel image (systemd-boot Type #2 entry), PE timestamp and checksum pinned
 stub=/usr/lib/systemd/boot/efi/linuxx64.efi.stub

@@ -1,0 +1,591 @@
+//! The boot suite: build the image with images/build.sh, check it, and boot it under
+//! `qemu-system-x86_64 -accel tcg`, reading the serial console with generous wall-clock
+//! timeouts (the machine is slow and shared). One VM at a time.
+//!
+//! Networking: the metadata service is emulated inside qemu's user networking with
+//! `restrict=on` and a `guestfwd` command (tests/image/metadata-server.py on the connection's
+//! stdio): no host socket is opened and the guest can reach nothing else. The two-VM test joins
+//! its VMs with a qemu stream netdev over a Unix socket in the test's own directory.
+//!
+//! Needs root (the kernel in /boot, apt) and the packages tests/run.sh installs; outside CI it
+//! skips when they are missing, under CI=true it fails.
+
+mod common;
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the image polls the live sources before the cache stands in (test images only;
+/// the shipped default is 30 s).
+const TEST_WAIT: &str = "appliance.wait=8";
+
+/// One VM at a time: TCG is CPU-bound and the machine has two cores.
+static VM: Mutex<()> = Mutex::new(());
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn ready(test: &str) -> bool {
+    if !common::root_or_skip(test) {
+        return false;
+    }
+    let have = Command::new("sh")
+        .args(["-c", "command -v qemu-system-x86_64 && command -v mkfs.erofs && command -v veritysetup && command -v xorriso && test -r /usr/share/OVMF/OVMF_CODE_4M.fd"])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !have {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: CI must have qemu-system-x86, erofs-utils, cryptsetup-bin, xorriso and ovmf (tests/run.sh installs them)"
+        );
+        eprintln!("skipping {test}: image tools missing (run tests/run.sh as root)");
+    }
+    have
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = root()
+        .join("target")
+        .join("image-tests")
+        .join(format!("{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Build the image into `out`; returns the build's wall-clock time.
+fn build(out: &Path) -> Duration {
+    let t = Instant::now();
+    let o = Command::new(root().join("images/build.sh"))
+        .args(["--bin", common::BIN, "--out"])
+        .arg(out)
+        .args(["--cmdline-extra", TEST_WAIT])
+        .env("SOURCE_DATE_EPOCH", "1767225600")
+        .output()
+        .expect("run images/build.sh");
+    assert!(
+        o.status.success(),
+        "images/build.sh failed:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    t.elapsed()
+}
+
+/// The image every boot test starts from, built once per test run.
+fn image() -> &'static PathBuf {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let out = scratch("image");
+        let took = build(&out);
+        eprintln!("image built in {:.1} s", took.as_secs_f64());
+        out
+    })
+}
+
+fn sha256(s: &str) -> String {
+    appliance::userdata::sha256_hex(s)
+}
+
+fn copy_disk(dir: &Path) -> PathBuf {
+    let disk = dir.join("disk.raw");
+    let ok = Command::new("cp")
+        .args(["--sparse=always"])
+        .arg(image().join("appliance.raw"))
+        .arg(&disk)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    disk
+}
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let o = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A NoCloud seed: a vfat disk labelled CIDATA, or an ISO 9660 image labelled cidata.
+fn seed(dir: &Path, name: &str, user_data: &[u8], iso: bool) -> PathBuf {
+    let src = dir.join(format!("{name}.d"));
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("user-data"), user_data).unwrap();
+    std::fs::write(src.join("meta-data"), "instance-id: test\n").unwrap();
+    let img = dir.join(format!("{name}.img"));
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+    if iso {
+        run(
+            "xorriso",
+            &[
+                "-as",
+                "mkisofs",
+                "-quiet",
+                "-V",
+                "cidata",
+                "-J",
+                "-r",
+                "-o",
+                &p(&img),
+                &p(&src),
+            ],
+        );
+    } else {
+        run("truncate", &["-s", "4M", &p(&img)]);
+        run("mkfs.vfat", &["-n", "CIDATA", &p(&img)]);
+        run(
+            "mcopy",
+            &[
+                "-i",
+                &p(&img),
+                &p(&src.join("user-data")),
+                &p(&src.join("meta-data")),
+                "::",
+            ],
+        );
+    }
+    img
+}
+
+/// A running VM and everything its serial console printed.
+struct Vm {
+    child: Child,
+    console: Arc<Mutex<String>>,
+    log: PathBuf,
+    started: Instant,
+    _turn: Option<std::sync::MutexGuard<'static, ()>>,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // Only the qemu we started, by its PID.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::write(&self.log, self.console.lock().unwrap().as_bytes());
+    }
+}
+
+enum Firmware {
+    Bios,
+    /// q35 + OVMF; the VARS copy lives in the test directory.
+    Uefi(PathBuf),
+}
+
+fn start_vm(
+    dir: &Path,
+    name: &str,
+    fw: Firmware,
+    disk: &Path,
+    extra: &[String],
+    take_turn: bool,
+) -> Vm {
+    let turn = take_turn.then(|| VM.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut args: Vec<String> = vec![
+        "-accel".into(),
+        "tcg".into(),
+        "-m".into(),
+        "512".into(),
+        "-display".into(),
+        "none".into(),
+        "-monitor".into(),
+        "none".into(),
+        "-serial".into(),
+        "stdio".into(),
+        "-no-reboot".into(),
+        "-drive".into(),
+        format!("file={},format=raw,if=virtio", disk.display()),
+    ];
+    match fw {
+        Firmware::Bios => args.extend(["-machine".into(), "pc".into()]),
+        Firmware::Uefi(vars) => {
+            std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).unwrap();
+            args.extend([
+                "-machine".into(),
+                "q35".into(),
+                "-drive".into(),
+                "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
+                "-drive".into(),
+                format!("if=pflash,format=raw,file={}", vars.display()),
+            ]);
+        }
+    }
+    args.extend(extra.iter().cloned());
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(&args)
+        .env("METADATA_LOG", dir.join(format!("{name}-metadata.log")))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start qemu-system-x86_64");
+    let console = Arc::new(Mutex::new(String::new()));
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let c = console.clone();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stream);
+            let mut line = Vec::new();
+            while r
+                .read_until(b'\n', &mut line)
+                .map(|n| n > 0)
+                .unwrap_or(false)
+            {
+                c.lock().unwrap().push_str(&String::from_utf8_lossy(&line));
+                line.clear();
+            }
+        });
+    }
+    Vm {
+        child,
+        console,
+        log: dir.join(format!("{name}.console.log")),
+        started: Instant::now(),
+        _turn: turn,
+    }
+}
+
+impl Vm {
+    fn text(&self) -> String {
+        self.console.lock().unwrap().clone()
+    }
+
+    /// Wait for a console line containing `needle`; returns the seconds since qemu started.
+    fn wait_for(&mut self, needle: &str) -> f64 {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        loop {
+            if self.text().contains(needle) {
+                return self.started.elapsed().as_secs_f64();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "qemu exited ({status}) before {needle:?}; console:\n{}",
+                    tail(&self.text())
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "no {needle:?} within {BOOT_TIMEOUT:?}; console:\n{}",
+                    tail(&self.text())
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
+fn site(host: &str) -> String {
+    format!(
+        r#"appliance {{
+    host "{host}"
+}}
+site "lab" {{
+    asn 65010
+    cloud-block "10.200.0.0/16"
+    site-prefix "10.10.0.0/16"
+    links 2
+}}
+gateway "gw1" {{
+    endpoint "192.0.2.1"
+    site-address "10.10.0.2"
+    public-key "1nE7Va0QzFM6HwnWNX6LFyqkPZDBqPd1ib73nKyCE2Y="
+}}
+node "c1" {{
+    address "10.200.0.11"
+    public-key "Yv/7p9TBowqS327ezLJ0y0qDFu1eWh6tlOG0wxZybZE="
+}}
+"#
+    )
+}
+
+#[test]
+fn two_builds_are_bit_identical_and_the_disk_has_the_expected_layout() {
+    if !ready("image reproducibility") {
+        return;
+    }
+    let first = image();
+    let second = scratch("image-again");
+    let took = build(&second);
+    eprintln!("second build in {:.1} s", took.as_secs_f64());
+    let sums = |d: &Path| std::fs::read_to_string(d.join("SHA256SUMS")).unwrap();
+    assert_eq!(sums(first), sums(&second), "two builds differ");
+    let _ = std::fs::remove_dir_all(&second);
+
+    let info: serde_json::Value = serde_json::from_str(&run(
+        "qemu-img",
+        &[
+            "info",
+            "--output=json",
+            first.join("appliance.qcow2").to_str().unwrap(),
+        ],
+    ))
+    .unwrap();
+    assert_eq!(info["format"], "qcow2", "{info}");
+    assert_eq!(info["virtual-size"], 10u64 * 1024 * 1024 * 1024, "{info}");
+    let qcow2_size = std::fs::metadata(first.join("appliance.qcow2"))
+        .unwrap()
+        .len();
+    eprintln!("qcow2 {} MiB on disk", qcow2_size / (1024 * 1024));
+    assert!(
+        qcow2_size < 200 * 1024 * 1024,
+        "qcow2 is {qcow2_size} bytes: preallocated?"
+    );
+
+    let table: serde_json::Value = serde_json::from_str(&run(
+        "sfdisk",
+        &["-J", first.join("appliance.raw").to_str().unwrap()],
+    ))
+    .unwrap();
+    let t = &table["partitiontable"];
+    assert_eq!(t["label"], "gpt");
+    let parts = t["partitions"].as_array().unwrap();
+    let names: Vec<&str> = parts.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["esp", "rootA", "verityA", "rootB", "verityB", "state"]
+    );
+    let types: Vec<&str> = parts.iter().map(|p| p["type"].as_str().unwrap()).collect();
+    assert_eq!(types[0], "C12A7328-F81F-11D2-BA4B-00A0C93EC93B");
+    assert_eq!(types[1], "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709");
+    assert_eq!(types[2], "2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5");
+    assert_eq!(parts[0]["attrs"], "LegacyBIOSBootable");
+    // The root hash in the UKI's command line is the one veritysetup computed.
+    let hash = std::fs::read_to_string(first.join("root-hash-A")).unwrap();
+    let uki = std::fs::read(first.join("appliance-A.efi")).unwrap();
+    let needle = format!("appliance.verity={}", hash.trim());
+    assert!(
+        uki.windows(needle.len()).any(|w| w == needle.as_bytes()),
+        "UKI lacks {needle}"
+    );
+}
+
+#[test]
+fn bios_boot_applies_a_nocloud_seed_then_the_cache_and_keeps_it_against_a_bad_seed() {
+    if !ready("BIOS boot") {
+        return;
+    }
+    let dir = scratch("bios");
+    let disk = copy_disk(&dir);
+    let user_data = site("c1");
+    let hash = sha256(&user_data);
+    let good = seed(&dir, "seed", user_data.as_bytes(), false);
+    let drive = |p: &Path| {
+        vec![
+            "-drive".to_string(),
+            format!("file={},format=raw,if=virtio,readonly=on", p.display()),
+        ]
+    };
+
+    // 1. First boot, NoCloud seed (vfat CIDATA): applied from cidata; a key is generated.
+    let mut vm = start_vm(
+        &dir,
+        "boot1",
+        Firmware::Bios,
+        &disk,
+        &[drive(&good), vec!["-nic".into(), "none".into()]].concat(),
+        true,
+    );
+    let t = vm.wait_for(&format!("config applied from cidata, hash {hash}"));
+    vm.wait_for("started appliance run");
+    let text = vm.text();
+    assert!(
+        text.contains("first boot: generated a private key"),
+        "{}",
+        tail(&text)
+    );
+    let pubkey = text
+        .lines()
+        .find_map(|l| l.split("appliance-init: public key: ").nth(1))
+        .unwrap()
+        .trim()
+        .to_string();
+    eprintln!("BIOS + cidata: config applied {t:.1} s after qemu start");
+    drop(vm);
+
+    // 2. No source at all: the cached config, and the same key (state persisted).
+    let mut vm = start_vm(
+        &dir,
+        "boot2",
+        Firmware::Bios,
+        &disk,
+        &["-nic".into(), "none".into()],
+        true,
+    );
+    let t = vm.wait_for(&format!("config applied from cache, hash {hash}"));
+    let text = vm.text();
+    assert!(
+        text.contains("first accepted from cidata"),
+        "{}",
+        tail(&text)
+    );
+    assert!(
+        text.contains(&format!("public key: {pubkey}")),
+        "{}",
+        tail(&text)
+    );
+    assert!(!text.contains("generated a private key"), "{}", tail(&text));
+    eprintln!("BIOS, no source: cached config applied {t:.1} s after qemu start");
+    drop(vm);
+
+    // 3. A malformed seed (ISO 9660 this time): refused with the reason, the cache stays.
+    let bad_text = user_data.replace("links 2", "links 0");
+    let bad = seed(&dir, "bad", bad_text.as_bytes(), true);
+    let mut vm = start_vm(
+        &dir,
+        "boot3",
+        Firmware::Bios,
+        &disk,
+        &[drive(&bad), vec!["-nic".into(), "none".into()]].concat(),
+        true,
+    );
+    vm.wait_for(&format!(
+        "config from cidata rejected, the last good config (hash {hash}) stays in force"
+    ));
+    let t = vm.wait_for(&format!("config applied from cache, hash {hash}"));
+    let text = vm.text();
+    assert!(
+        text.contains("user-data (cidata on /dev/"),
+        "{}",
+        tail(&text)
+    );
+    assert!(
+        text.contains("links"),
+        "the reason names the field: {}",
+        tail(&text)
+    );
+    assert!(!text.contains(&format!(
+        "config applied from cidata, hash {}",
+        sha256(&bad_text)
+    )));
+    eprintln!("BIOS, malformed seed: kept the cached config {t:.1} s after qemu start");
+}
+
+#[test]
+fn uefi_boot_applies_gzip_user_data_from_the_emulated_metadata_service() {
+    if !ready("UEFI boot") {
+        return;
+    }
+    let dir = scratch("uefi");
+    let disk = copy_disk(&dir);
+    let user_data = site("c1");
+    let hash = sha256(&user_data);
+    let gz = dir.join("user-data.gz");
+    let o = Command::new("gzip")
+        .args(["-9n", "-c"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(user_data.as_bytes())?;
+            c.wait_with_output()
+        });
+    let gzipped = o.unwrap().stdout;
+    assert_eq!(&gzipped[..2], &[0x1f, 0x8b]);
+    std::fs::write(&gz, &gzipped).unwrap();
+    let server = root().join("tests/image/metadata-server.py");
+    let netdev = format!(
+        "user,id=n0,net=169.254.169.0/24,host=169.254.169.2,dhcpstart=169.254.169.15,restrict=on,guestfwd=tcp:169.254.169.254:80-cmd:python3 {} {}",
+        server.display(),
+        gz.display()
+    );
+    let extra = vec![
+        "-netdev".into(),
+        netdev,
+        "-device".into(),
+        "virtio-net-pci,netdev=n0".into(),
+    ];
+    let mut vm = start_vm(
+        &dir,
+        "uefi",
+        Firmware::Uefi(dir.join("vars.fd")),
+        &disk,
+        &extra,
+        true,
+    );
+    let t = vm.wait_for(&format!("config applied from metadata, hash {hash}"));
+    vm.wait_for("started appliance run");
+    let text = vm.text();
+    assert!(
+        text.contains("eth0: DHCP lease 169.254.169.15/24"),
+        "{}",
+        tail(&text)
+    );
+    let log = std::fs::read_to_string(dir.join("uefi-metadata.log")).unwrap_or_default();
+    assert!(
+        log.contains("GET /1.0/user-data HTTP/1.1 -> 200"),
+        "metadata log: {log}"
+    );
+    eprintln!("UEFI + metadata (gzip): config applied {t:.1} s after qemu start");
+}
+
+#[test]
+fn a_corrupted_root_block_stops_the_boot() {
+    if !ready("verity tamper") {
+        return;
+    }
+    let dir = scratch("tamper");
+    let disk = copy_disk(&dir);
+    let table: serde_json::Value =
+        serde_json::from_str(&run("sfdisk", &["-J", disk.to_str().unwrap()])).unwrap();
+    let root_start = table["partitiontable"]["partitions"][1]["start"]
+        .as_u64()
+        .unwrap();
+    // Flip one byte 2 MiB into the root filesystem: inside the binary's data.
+    let offset = root_start * 512 + 2 * 1024 * 1024 + 123;
+    {
+        use std::io::{Read as _, Seek as _, SeekFrom};
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&disk)
+            .unwrap();
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact(&mut b).unwrap();
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        f.write_all(&[b[0] ^ 0xff]).unwrap();
+    }
+    let mut vm = start_vm(
+        &dir,
+        "tamper",
+        Firmware::Bios,
+        &disk,
+        &["-nic".into(), "none".into()],
+        true,
+    );
+    let t = vm.wait_for("boot stopped: root slot A");
+    let text = vm.text();
+    assert!(text.contains("fails dm-verity"), "{}", tail(&text));
+    assert!(
+        text.contains("is corrupted"),
+        "the kernel names the block: {}",
+        tail(&text)
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !vm.text().contains("stage 2"),
+        "the boot went on: {}",
+        tail(&vm.text())
+    );
+    eprintln!("verity tamper: boot stopped {t:.1} s after qemu start");
+}
