@@ -194,6 +194,11 @@ fn start_vm(
     take_turn: bool,
 ) -> Vm {
     let turn = take_turn.then(|| VM.lock().unwrap_or_else(|e| e.into_inner()));
+    let format = if disk.extension().is_some_and(|e| e == "qcow2") {
+        "qcow2"
+    } else {
+        "raw"
+    };
     let mut args: Vec<String> = vec![
         "-accel".into(),
         "tcg".into(),
@@ -207,7 +212,7 @@ fn start_vm(
         "stdio".into(),
         "-no-reboot".into(),
         "-drive".into(),
-        format!("file={},format=raw,if=virtio", disk.display()),
+        format!("file={},format={format},if=virtio", disk.display()),
     ];
     match fw {
         Firmware::Bios => args.extend(["-machine".into(), "pc".into()]),
@@ -294,10 +299,38 @@ fn tail(s: &str) -> String {
     lines[lines.len().saturating_sub(60)..].join("\n")
 }
 
+/// A key pair from our own `genkey` / `pubkey`.
+fn keypair() -> (String, String) {
+    let private = run(common::BIN, &["genkey"]).trim().to_string();
+    let mut c = Command::new(common::BIN)
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{private}\n").as_bytes())
+        .unwrap();
+    let public = String::from_utf8(c.wait_with_output().unwrap().stdout).unwrap();
+    (private, public.trim().to_string())
+}
+
+const C1_PUBLIC: &str = "Yv/7p9TBowqS327ezLJ0y0qDFu1eWh6tlOG0wxZybZE=";
+
 fn site(host: &str) -> String {
+    site_with_key(host, C1_PUBLIC, None)
+}
+
+/// The test site; `c1_public` is node c1's key, `private` (if any) goes into the block.
+fn site_with_key(host: &str, c1_public: &str, private: Option<&str>) -> String {
+    let key = private
+        .map(|k| format!("\n    private-key \"{k}\""))
+        .unwrap_or_default();
     format!(
         r#"appliance {{
-    host "{host}"
+    host "{host}"{key}
 }}
 site "lab" {{
     asn 65010
@@ -312,7 +345,7 @@ gateway "gw1" {{
 }}
 node "c1" {{
     address "10.200.0.11"
-    public-key "Yv/7p9TBowqS327ezLJ0y0qDFu1eWh6tlOG0wxZybZE="
+    public-key "{c1_public}"
 }}
 "#
     )
@@ -386,6 +419,8 @@ fn bios_boot_applies_a_nocloud_seed_then_the_cache_and_keeps_it_against_a_bad_se
     }
     let dir = scratch("bios");
     let disk = copy_disk(&dir);
+    // A disk larger than the image, as `dd` onto a bigger disk leaves it.
+    run("truncate", &["-s", "+256M", disk.to_str().unwrap()]);
     let user_data = site("c1");
     let hash = sha256(&user_data);
     let good = seed(&dir, "seed", user_data.as_bytes(), false);
@@ -419,8 +454,24 @@ fn bios_boot_applies_a_nocloud_seed_then_the_cache_and_keeps_it_against_a_bad_se
         .unwrap()
         .trim()
         .to_string();
+    assert!(
+        text.contains("state grown from 64 MiB to 320 MiB"),
+        "{}",
+        tail(&text)
+    );
     eprintln!("BIOS + cidata: config applied {t:.1} s after qemu start");
     drop(vm);
+    let verify = Command::new("sfdisk")
+        .arg("--verify")
+        .arg(&disk)
+        .output()
+        .unwrap();
+    let verify = String::from_utf8_lossy(&verify.stdout).to_string()
+        + &String::from_utf8_lossy(&verify.stderr);
+    assert!(
+        verify.contains("No errors detected"),
+        "sfdisk --verify after growth:\n{verify}"
+    );
 
     // 2. No source at all: the cached config, and the same key (state persisted).
     let mut vm = start_vm(
@@ -444,6 +495,11 @@ fn bios_boot_applies_a_nocloud_seed_then_the_cache_and_keeps_it_against_a_bad_se
         tail(&text)
     );
     assert!(!text.contains("generated a private key"), "{}", tail(&text));
+    assert!(
+        !text.contains("state grown"),
+        "growth happens once: {}",
+        tail(&text)
+    );
     eprintln!("BIOS, no source: cached config applied {t:.1} s after qemu start");
     drop(vm);
 
@@ -486,8 +542,25 @@ fn uefi_boot_applies_gzip_user_data_from_the_emulated_metadata_service() {
         return;
     }
     let dir = scratch("uefi");
-    let disk = copy_disk(&dir);
-    let user_data = site("c1");
+    // The published qcow2 (10 GiB virtual), under a throw-away overlay: what Exoscale boots.
+    let disk = dir.join("overlay.qcow2");
+    let backing = image().join("appliance.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            backing.to_str().unwrap(),
+            disk.to_str().unwrap(),
+        ],
+    );
+    let (private, public) = keypair();
+    let user_data = site_with_key("c1", &public, Some(&private));
     let hash = sha256(&user_data);
     let gz = dir.join("user-data.gz");
     let o = Command::new("gzip")

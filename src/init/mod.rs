@@ -15,6 +15,7 @@
 
 pub mod dhcp;
 pub mod dm;
+pub mod gpt;
 pub mod net;
 pub mod sources;
 pub mod sys;
@@ -183,30 +184,56 @@ fn stage1_inner() -> Result<std::convert::Infallible, String> {
     )?;
     let (state_dev, _) = &parts["state"];
     let state_at = format!("/newroot{STATE}");
-    if let Err(e) = sys::mount(
-        state_dev,
-        &state_at,
-        "ext4",
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOATIME,
-        "",
-    ) {
-        // Keys and the config cache are lost at reboot, but the machine still works.
-        say(&format!(
-            "state partition unusable ({e}); using memory instead"
-        ));
-        sys::mount(
-            "tmpfs",
-            &state_at,
-            "tmpfs",
-            libc::MS_NOSUID | libc::MS_NODEV,
-            "mode=0755",
-        )?;
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOATIME;
+    match sys::mount(state_dev, &state_at, "ext4", flags, "") {
+        Ok(()) => grow_state(state_dev, &state_at),
+        Err(e) => {
+            // Keys and the config cache are lost at reboot, but the machine still works.
+            say(&format!(
+                "state partition unusable ({e}); using memory instead"
+            ));
+            sys::mount(
+                "tmpfs",
+                &state_at,
+                "tmpfs",
+                libc::MS_NOSUID | libc::MS_NODEV,
+                "mode=0755",
+            )?;
+        }
     }
     say(&format!(
         "stage 1 done in {:.1} s; switching root",
         started.elapsed().as_secs_f64()
     ));
     sys::switch_root("/newroot", &[BIN, "init"])
+}
+
+/// The disk holding a partition: /sys/class/block/vda6 links to …/block/vda/vda6.
+fn disk_of(part_dev: &str) -> Option<String> {
+    let name = part_dev.rsplit('/').next()?;
+    let link = std::fs::read_link(format!("/sys/class/block/{name}")).ok()?;
+    let parent = link.parent()?.file_name()?.to_string_lossy().into_owned();
+    Some(format!("/dev/{parent}"))
+}
+
+/// First boot on a larger disk: stretch `state` to the end and move the backup GPT there.
+/// A failure is reported and the boot goes on with the state as it is.
+fn grow_state(state_dev: &str, mounted_at: &str) {
+    let Some(disk) = disk_of(state_dev) else {
+        say(&format!(
+            "cannot tell which disk holds {state_dev}; state not grown"
+        ));
+        return;
+    };
+    match gpt::grow_disk(&disk, "state", mounted_at) {
+        Ok(Some((old, new))) => say(&format!(
+            "state grown from {} MiB to {} MiB; backup GPT moved to the end of {disk}",
+            old >> 20,
+            new >> 20
+        )),
+        Ok(None) => {}
+        Err(e) => say(&format!("state not grown: {e}")),
+    }
 }
 
 /// Read the whole verity device once: dm-verity checks every block against the root hash.
