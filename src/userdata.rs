@@ -133,6 +133,9 @@ pub struct Accepted {
     /// This host's private key, when the user-data carries one.
     pub private_key: Option<PrivateKey>,
     pub interfaces: Vec<Interface>,
+    /// An IPv4 address behind the tunnels that must answer ICMP echo for this machine to count
+    /// as healthy (`health-check` in the block).
+    pub health_check: Option<std::net::Ipv4Addr>,
     /// sha256 of the whole decoded user-data.
     pub sha256: String,
     /// The whole decoded user-data, as validated (what the cache keeps and the hash covers).
@@ -140,7 +143,7 @@ pub struct Accepted {
 }
 
 const BLOCK: &str = "appliance";
-const BLOCK_FIELDS: &[&str] = &["host", "private-key", "interface"];
+const BLOCK_FIELDS: &[&str] = &["host", "private-key", "interface", "health-check"];
 const INTERFACE_FIELDS: &[&str] = &["address", "gateway"];
 
 /// What the `appliance` block said, with spans for later checks.
@@ -149,6 +152,7 @@ struct HostBlock {
     host: Option<(String, (usize, usize))>,
     private_key: Option<(PrivateKey, (usize, usize))>,
     interfaces: Vec<Interface>,
+    health_check: Option<std::net::Ipv4Addr>,
 }
 
 /// Validate decoded user-data. `file` names it in diagnostics (e.g. `user-data (cidata)`);
@@ -202,6 +206,7 @@ pub fn validate(file: &str, text: &str, fallback_host: Option<&str>) -> Result<A
             site_text,
             private_key: block.private_key.map(|(k, _)| k),
             interfaces: block.interfaces,
+            health_check: block.health_check,
             sha256: sha256_hex(text),
             original: text.to_string(),
         }),
@@ -275,7 +280,7 @@ fn host_block(node: &KdlNode, diags: &mut Vec<Diagnostic>) -> HostBlock {
     for field in children.nodes() {
         let name = field.name().value();
         match name {
-            "host" | "private-key" if field.children().is_some() => diags.push(
+            "host" | "private-key" | "health-check" if field.children().is_some() => diags.push(
                 Diagnostic::new(name_span(field), format!("`{name}` takes no block")).label("here"),
             ),
             "host" => {
@@ -295,6 +300,18 @@ fn host_block(node: &KdlNode, diags: &mut Vec<Diagnostic>) -> HostBlock {
                             Diagnostic::new(span, format!("invalid private key: {e}"))
                                 .label("not a WireGuard key")
                                 .help("a key is 44 characters of base64, as `appliance genkey` prints"),
+                        ),
+                    }
+                }
+            }
+            "health-check" => {
+                if let Some((s, span)) = only_string(field, diags) {
+                    match s.parse::<std::net::Ipv4Addr>() {
+                        Ok(a) => b.health_check = Some(a),
+                        Err(_) => diags.push(
+                            Diagnostic::new(span, format!("invalid health-check address {s:?}"))
+                                .label("not an IPv4 address")
+                                .help("name an IPv4 address behind the tunnels that answers ping, e.g. a gateway's site-address"),
                         ),
                     }
                 }
@@ -773,6 +790,20 @@ node "c1" {
             .unwrap_err()
             .render()
             .contains("ADDRESS/PREFIX"));
+    }
+
+    #[test]
+    fn a_health_check_names_an_ipv4_address() {
+        let text = format!("appliance {{ host \"c1\"; health-check \"10.10.0.2\" }}\n{SITE}");
+        assert_eq!(
+            validate("u", &text, None).unwrap().health_check,
+            Some("10.10.0.2".parse().unwrap())
+        );
+        let bad = format!("appliance {{ host \"c1\"; health-check \"gw1\" }}\n{SITE}");
+        assert!(validate("u", &bad, None)
+            .unwrap_err()
+            .render()
+            .contains("not an IPv4 address"));
     }
 
     #[test]

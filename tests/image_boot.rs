@@ -294,6 +294,14 @@ impl Vm {
     }
 }
 
+/// Did the supervisor report `appliance run` ending?
+fn died(console: &str) -> bool {
+    console.lines().any(|l| {
+        l.contains("appliance-init: appliance run (pid")
+            && (l.contains("exited with status") || l.contains("was killed by signal"))
+    })
+}
+
 fn tail(s: &str) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(60)..].join("\n")
@@ -596,8 +604,21 @@ fn uefi_boot_applies_gzip_user_data_from_the_emulated_metadata_service() {
         true,
     );
     let t = vm.wait_for(&format!("config applied from metadata, hash {hash}"));
-    vm.wait_for("started appliance run");
+    // The supplied key matches the site file: the daemon stays up and the boot is healthy.
+    vm.wait_for("healthy: the daemon is up");
     let text = vm.text();
+    assert!(!died(&text), "the daemon died: {}", tail(&text));
+    assert!(
+        text.contains(&format!("public key: {public}")),
+        "{}",
+        tail(&text)
+    );
+    assert!(
+        text.contains("state grown from 64 MiB to 99"),
+        "{}",
+        tail(&text)
+    );
+    assert!(!text.contains(&private), "the private key was printed");
     assert!(
         text.contains("eth0: DHCP lease 169.254.169.15/24"),
         "{}",
@@ -661,4 +682,108 @@ fn a_corrupted_root_block_stops_the_boot() {
         tail(&vm.text())
     );
     eprintln!("verity tamper: boot stopped {t:.1} s after qemu start");
+}
+
+#[test]
+fn a_gateway_vm_and_a_node_vm_bring_up_the_tunnels_and_the_node_reaches_the_site_address() {
+    if !ready("two VMs") {
+        return;
+    }
+    let dir = scratch("pair");
+    let (gw_private, gw_public) = keypair();
+    let (c1_private, c1_public) = keypair();
+    let site_text = format!(
+        r#"site "lab" {{
+    asn 65010
+    cloud-block "10.200.0.0/16"
+    site-prefix "10.10.0.0/16"
+    links 2
+}}
+gateway "gw1" {{
+    endpoint "192.0.2.1"
+    site-address "10.10.0.2"
+    public-key "{gw_public}"
+}}
+node "c1" {{
+    address "10.200.0.11"
+    public-key "{c1_public}"
+}}
+"#
+    );
+    // The gateway's site address sits on its loopback: the node reaches it only through the
+    // tunnels (its one route to 10.10.0.0/16 is the multipath route over them).
+    let gw_data = format!(
+        "appliance {{\n    host \"gw1\"\n    private-key \"{gw_private}\"\n    interface \"eth0\" {{\n        address \"192.0.2.1/24\"\n    }}\n    interface \"lo\" {{\n        address \"10.10.0.2/32\"\n    }}\n}}\n{site_text}"
+    );
+    let c1_data = format!(
+        "appliance {{\n    host \"c1\"\n    private-key \"{c1_private}\"\n    interface \"eth0\" {{\n        address \"192.0.2.11/24\"\n    }}\n    health-check \"10.10.0.2\"\n}}\n{site_text}"
+    );
+    let gw_disk = dir.join("gw.raw");
+    let c1_disk = dir.join("c1.raw");
+    for d in [&gw_disk, &c1_disk] {
+        run(
+            "cp",
+            &[
+                "--sparse=always",
+                image().join("appliance.raw").to_str().unwrap(),
+                d.to_str().unwrap(),
+            ],
+        );
+    }
+    let gw_seed = seed(&dir, "gw-seed", gw_data.as_bytes(), false);
+    let c1_seed = seed(&dir, "c1-seed", c1_data.as_bytes(), false);
+    // One virtual wire: a qemu stream netdev over a Unix socket in this test's directory.
+    let wire = dir.join("wire.sock");
+    let nic = |server: &str, mac: &str| {
+        vec![
+            "-drive".to_string(),
+            format!(
+                "file={},format=raw,if=virtio,readonly=on",
+                if server == "on" { &gw_seed } else { &c1_seed }.display()
+            ),
+            "-netdev".into(),
+            format!(
+                "stream,id=w0,server={server},addr.type=unix,addr.path={}",
+                wire.display()
+            ),
+            "-device".into(),
+            format!("virtio-net-pci,netdev=w0,mac={mac}"),
+        ]
+    };
+    let mut gw = start_vm(
+        &dir,
+        "gw1",
+        Firmware::Bios,
+        &gw_disk,
+        &nic("on", "52:54:00:00:00:01"),
+        true,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !wire.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "qemu did not create {}",
+            wire.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut c1 = start_vm(
+        &dir,
+        "c1",
+        Firmware::Bios,
+        &c1_disk,
+        &nic("off", "52:54:00:00:00:02"),
+        false,
+    );
+    gw.wait_for("config applied from cidata");
+    c1.wait_for("config applied from cidata");
+    let t = c1.wait_for("health check: 10.10.0.2 answered");
+    c1.wait_for("healthy: the daemon is up");
+    for (vm, name) in [(&gw, "gateway"), (&c1, "node")] {
+        let text = vm.text();
+        assert!(!died(&text), "the {name} daemon died: {}", tail(&text));
+    }
+    eprintln!("two VMs: the node reached the gateway's site address through the tunnels {t:.1} s after start");
+    drop(c1);
+    drop(gw);
 }

@@ -16,6 +16,7 @@
 pub mod dhcp;
 pub mod dm;
 pub mod gpt;
+pub mod health;
 pub mod net;
 pub mod sources;
 pub mod sys;
@@ -285,8 +286,7 @@ pub fn stage2() -> ! {
     let net = Arc::new(net::NetState::default());
     net::start(net.clone());
     let accepted = discover(&c, &net);
-    let host = accepted.host.clone();
-    supervise(&host)
+    supervise(&accepted)
 }
 
 fn load_cache(fallback_host: Option<&str>) -> Option<(CacheRecord, Accepted)> {
@@ -501,12 +501,73 @@ fn install_key(a: &Accepted) {
     }
 }
 
+/// How long `appliance run` must stay up (and the health check answer, if any) before this
+/// boot counts as healthy.
+const HEALTHY_AFTER: Duration = Duration::from_secs(15);
+
+/// The health check's state: pings every 2 s until answered, then every 30 s; transitions are
+/// said once.
+struct Health {
+    target: Option<std::net::Ipv4Addr>,
+    answered: bool,
+    next: Instant,
+    seq: u16,
+    last_note: Instant,
+    since: Instant,
+}
+
+impl Health {
+    fn poll(&mut self) {
+        let Some(target) = self.target else {
+            return;
+        };
+        if Instant::now() < self.next {
+            return;
+        }
+        self.seq = self.seq.wrapping_add(1);
+        match health::ping(target, self.seq, Duration::from_secs(1)) {
+            Ok(rtt) => {
+                if !self.answered {
+                    say(&format!(
+                        "health check: {target} answered in {:.1} ms ({:.0} s after the daemon started)",
+                        rtt.as_secs_f64() * 1000.0,
+                        self.since.elapsed().as_secs_f64()
+                    ));
+                }
+                self.answered = true;
+                self.next = Instant::now() + Duration::from_secs(30);
+            }
+            Err(e) => {
+                if self.answered {
+                    say(&format!("health check: {target} stopped answering: {e}"));
+                } else if self.last_note.elapsed() >= Duration::from_secs(30) {
+                    say(&format!("health check: {target} does not answer yet: {e}"));
+                    self.last_note = Instant::now();
+                }
+                self.answered = false;
+                self.next = Instant::now() + Duration::from_secs(2);
+            }
+        }
+    }
+}
+
 /// Run `appliance run` forever: restart it with backoff (1 s doubling to 60 s, back to 1 s
-/// after a minute of uptime) and reap every child the kernel hands PID 1.
-fn supervise(host: &str) -> ! {
+/// after a minute of uptime), reap every child the kernel hands PID 1, run the health check,
+/// and say once when this boot is healthy.
+fn supervise(a: &Accepted) -> ! {
+    let host = a.host.as_str();
     let mut child: Option<(i32, Instant)> = None;
     let mut backoff = Duration::from_secs(1);
     let mut restart_at = Instant::now();
+    let mut healthy = false;
+    let mut health = Health {
+        target: a.health_check,
+        answered: false,
+        next: Instant::now(),
+        seq: 0,
+        last_note: Instant::now(),
+        since: Instant::now(),
+    };
     loop {
         if child.is_none() && Instant::now() >= restart_at {
             match std::process::Command::new(BIN)
@@ -555,6 +616,14 @@ fn supervise(host: &str) -> ! {
                     backoff = (backoff * 2).min(Duration::from_secs(60));
                 }
             }
+        }
+        if child.is_some() {
+            health.poll();
+        }
+        let up_long_enough = child.is_some_and(|(_, since)| since.elapsed() >= HEALTHY_AFTER);
+        if !healthy && up_long_enough && (health.target.is_none() || health.answered) {
+            healthy = true;
+            say("healthy: the daemon is up and the health check (if any) answers");
         }
         std::thread::sleep(Duration::from_millis(200));
     }
