@@ -137,6 +137,7 @@ with open(path, "r+b") as f:
 EOF
 }
 make_uki A "$roothash" "$work/appliance-A.efi"
+make_uki B "$roothash" "$work/appliance-B.efi"
 
 # ---- ESP: systemd-boot (UEFI) and syslinux (BIOS)
 mib=$((1024 * 1024))
@@ -146,23 +147,21 @@ esp_img=$work/esp.img
 truncate -s $((esp_mib * mib)) "$esp_img"
 mkfs.vfat -F 32 -n ESP -i "$(derive esp-volid | cut -c1-8)" --invariant -h "$esp_start" "$esp_img" >/dev/null
 esp=$work/esp
-mkdir -p "$esp/EFI/BOOT" "$esp/EFI/systemd" "$esp/EFI/Linux" "$esp/loader" "$esp/syslinux" "$esp/A"
+mkdir -p "$esp/EFI/BOOT" "$esp/EFI/systemd" "$esp/EFI/Linux" "$esp/loader" "$esp/syslinux" "$esp/A" "$esp/slots"
 cp /usr/lib/systemd/boot/efi/systemd-bootx64.efi "$esp/EFI/BOOT/BOOTX64.EFI"
 cp /usr/lib/systemd/boot/efi/systemd-bootx64.efi "$esp/EFI/systemd/systemd-bootx64.efi"
 cp "$work/appliance-A.efi" "$esp/EFI/Linux/appliance-A.efi"
 printf 'timeout 0\ndefault appliance-A.efi\nconsole-mode keep\n' > "$esp/loader/loader.conf"
 cp "$vmlinuz" "$esp/A/vmlinuz"
 cp "$work/initrd.img" "$esp/A/initrd"
-cat > "$esp/syslinux/syslinux.cfg" <<EOF
-SERIAL 0 115200
-PROMPT 0
-TIMEOUT 1
-DEFAULT A
-LABEL A
-  LINUX /A/vmlinuz
-  INITRD /A/initrd
-  APPEND $(cmdline_for A "$roothash")
-EOF
+# slots/: what `appliance image install` takes from this image for either slot of a running
+# machine (this image's root is always in its slot A; the entries differ in the slot they name).
+for s in A B; do
+  cp "$work/appliance-$s.efi" "$esp/slots/appliance-$s.efi"
+  printf 'LABEL %s\n  LINUX /%s/vmlinuz\n  INITRD /%s/initrd\n  APPEND %s\n' \
+    "$s" "$s" "$s" "$(cmdline_for "$s" "$roothash")" > "$esp/slots/syslinux-$s.cfg"
+done
+{ printf 'SERIAL 0 115200\nPROMPT 0\nTIMEOUT 1\nDEFAULT A\n'; cat "$esp/slots/syslinux-A.cfg"; } > "$esp/syslinux/syslinux.cfg"
 touch_all "$esp"
 # mtools stamps new directories with the current time unless SOURCE_DATE_EPOCH says otherwise.
 export MTOOLS_SKIP_CHECK=1

@@ -121,6 +121,22 @@ enum Command {
     /// service, cache), apply it and supervise `appliance run`. As the initramfs `/init` it is
     /// stage 1 (verity root, switch_root).
     Init,
+    /// The bootable image's A/B slots (run on a machine booted from the image).
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Write IMAGE (a disk image built by images/build.sh, as a file or a block device) into
+    /// the inactive slot, verify it against its root hash, and make the next boot (only the
+    /// next one) try it; it becomes the default once it comes up healthy.
+    Install {
+        /// The image: appliance.raw, or a disk holding it (e.g. /dev/vdb).
+        image: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -146,6 +162,9 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Init => appliance::init::stage2(),
+        Command::Image {
+            command: ImageCommand::Install { image },
+        } => image_install(&image),
         Command::Genkey => {
             println!("{}", appliance::key::PrivateKey::generate().to_base64());
             ExitCode::SUCCESS
@@ -366,6 +385,28 @@ fn render_status(s: &serde_json::Value) -> String {
         ));
     }
     out
+}
+
+fn image_install(image: &std::path::Path) -> ExitCode {
+    match appliance::init::ab::install(&image.display().to_string()) {
+        Ok(Some((slot, hash))) => {
+            println!(
+                "slot {slot} installed and verified (root hash {hash}); reboot to try it once"
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            println!(
+                "{} is the running image: nothing to install",
+                image.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
 }
 
 fn pubkey() -> ExitCode {

@@ -136,6 +136,9 @@ pub struct Accepted {
     /// An IPv4 address behind the tunnels that must answer ICMP echo for this machine to count
     /// as healthy (`health-check` in the block).
     pub health_check: Option<std::net::Ipv4Addr>,
+    /// A disk image (file or block device) to install into the inactive slot once this boot is
+    /// healthy (`install-image` in the block); installed once per root hash.
+    pub install_image: Option<String>,
     /// sha256 of the whole decoded user-data.
     pub sha256: String,
     /// The whole decoded user-data, as validated (what the cache keeps and the hash covers).
@@ -143,7 +146,13 @@ pub struct Accepted {
 }
 
 const BLOCK: &str = "appliance";
-const BLOCK_FIELDS: &[&str] = &["host", "private-key", "interface", "health-check"];
+const BLOCK_FIELDS: &[&str] = &[
+    "host",
+    "private-key",
+    "interface",
+    "health-check",
+    "install-image",
+];
 const INTERFACE_FIELDS: &[&str] = &["address", "gateway"];
 
 /// What the `appliance` block said, with spans for later checks.
@@ -153,6 +162,7 @@ struct HostBlock {
     private_key: Option<(PrivateKey, (usize, usize))>,
     interfaces: Vec<Interface>,
     health_check: Option<std::net::Ipv4Addr>,
+    install_image: Option<String>,
 }
 
 /// Validate decoded user-data. `file` names it in diagnostics (e.g. `user-data (cidata)`);
@@ -207,6 +217,7 @@ pub fn validate(file: &str, text: &str, fallback_host: Option<&str>) -> Result<A
             private_key: block.private_key.map(|(k, _)| k),
             interfaces: block.interfaces,
             health_check: block.health_check,
+            install_image: block.install_image,
             sha256: sha256_hex(text),
             original: text.to_string(),
         }),
@@ -280,9 +291,14 @@ fn host_block(node: &KdlNode, diags: &mut Vec<Diagnostic>) -> HostBlock {
     for field in children.nodes() {
         let name = field.name().value();
         match name {
-            "host" | "private-key" | "health-check" if field.children().is_some() => diags.push(
-                Diagnostic::new(name_span(field), format!("`{name}` takes no block")).label("here"),
-            ),
+            "host" | "private-key" | "health-check" | "install-image"
+                if field.children().is_some() =>
+            {
+                diags.push(
+                    Diagnostic::new(name_span(field), format!("`{name}` takes no block"))
+                        .label("here"),
+                )
+            }
             "host" => {
                 if b.host.is_some() {
                     diags.push(
@@ -301,6 +317,22 @@ fn host_block(node: &KdlNode, diags: &mut Vec<Diagnostic>) -> HostBlock {
                                 .label("not a WireGuard key")
                                 .help("a key is 44 characters of base64, as `appliance genkey` prints"),
                         ),
+                    }
+                }
+            }
+            "install-image" => {
+                if let Some((s, span)) = only_string(field, diags) {
+                    if s.starts_with('/') {
+                        b.install_image = Some(s);
+                    } else {
+                        diags.push(
+                            Diagnostic::new(
+                                span,
+                                format!("install-image {s:?} is not an absolute path"),
+                            )
+                            .label("not a path")
+                            .help("name a block device or image file, e.g. \"/dev/vdb\""),
+                        );
                     }
                 }
             }

@@ -62,14 +62,20 @@ fn scratch(name: &str) -> PathBuf {
 
 /// Build the image into `out`; returns the build's wall-clock time.
 fn build(out: &Path) -> Duration {
+    build_with(out, TEST_WAIT, None)
+}
+
+fn build_with(out: &Path, cmdline: &str, version: Option<&str>) -> Duration {
     let t = Instant::now();
-    let o = Command::new(root().join("images/build.sh"))
-        .args(["--bin", common::BIN, "--out"])
+    let mut cmd = Command::new(root().join("images/build.sh"));
+    cmd.args(["--bin", common::BIN, "--out"])
         .arg(out)
-        .args(["--cmdline-extra", TEST_WAIT])
-        .env("SOURCE_DATE_EPOCH", "1767225600")
-        .output()
-        .expect("run images/build.sh");
+        .args(["--cmdline-extra", cmdline])
+        .env("SOURCE_DATE_EPOCH", "1767225600");
+    if let Some(v) = version {
+        cmd.args(["--version", v]);
+    }
+    let o = cmd.output().expect("run images/build.sh");
     assert!(
         o.status.success(),
         "images/build.sh failed:\n{}{}",
@@ -786,4 +792,57 @@ node "c1" {{
     eprintln!("two VMs: the node reached the gateway's site address through the tunnels {t:.1} s after start");
     drop(c1);
     drop(gw);
+}
+
+#[test]
+fn a_broken_image_installed_in_slot_b_falls_back_to_slot_a() {
+    if !ready("A/B fallback") {
+        return;
+    }
+    let dir = scratch("ab");
+    let disk = copy_disk(&dir);
+    // An update whose kernel cannot start its init: it panics, and panic=10 reboots.
+    let broken = dir.join("broken");
+    build_with(
+        &broken,
+        &format!("{TEST_WAIT} rdinit=/nonexistent"),
+        Some("0.1.0-broken"),
+    );
+    let (private, public) = keypair();
+    let user_data = site_with_key("c1", &public, Some(&private)).replace(
+        "    host \"c1\"\n",
+        "    host \"c1\"\n    install-image \"/dev/vdb\"\n",
+    );
+    assert!(user_data.contains("install-image"));
+    let seed = seed(&dir, "seed", user_data.as_bytes(), false);
+    let ro = |p: &Path| {
+        vec![
+            "-drive".to_string(),
+            format!("file={},format=raw,if=virtio,readonly=on", p.display()),
+        ]
+    };
+    let extra = [
+        ro(&broken.join("appliance.raw")),
+        ro(&seed),
+        // Let the guest reboot: the fallback is a reboot.
+        vec![
+            "-action".into(),
+            "reboot=reset".into(),
+            "-nic".into(),
+            "none".into(),
+        ],
+    ]
+    .concat();
+    let mut vm = start_vm(&dir, "ab", Firmware::Bios, &disk, &extra, true);
+    vm.wait_for("healthy: the daemon is up");
+    let t_installed = vm.wait_for("slot B installed and verified");
+    vm.wait_for("appliance.slot=B");
+    let t_panic = vm.wait_for("Kernel panic");
+    let t_back = vm.wait_for("slot B did not come up healthy: back on slot A");
+    vm.wait_for("failed a trial boot before: not installing it again");
+    let text = vm.text();
+    assert!(!text.contains("slot B is healthy"), "{}", tail(&text));
+    eprintln!(
+        "A/B: slot B installed {t_installed:.1} s, trial panicked {t_panic:.1} s, back on A {t_back:.1} s after qemu start"
+    );
 }

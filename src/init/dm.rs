@@ -110,6 +110,7 @@ const fn dm_iowr(nr: u64) -> u64 {
     (3 << 30) | ((DM_IOCTL_SIZE as u64) << 16) | (0xfd << 8) | nr
 }
 const DM_DEV_CREATE: u64 = dm_iowr(3);
+const DM_DEV_REMOVE: u64 = dm_iowr(4);
 const DM_DEV_SUSPEND: u64 = dm_iowr(6);
 const DM_TABLE_LOAD: u64 = dm_iowr(9);
 
@@ -170,6 +171,17 @@ pub fn create_verity(name: &str, sectors: u64, params: &str) -> Result<String, S
     let mut resume = dm_buffer(name, 0, 0, &[]);
     dm_ioctl(&ctl, DM_DEV_SUSPEND, &mut resume, "resume")?;
     Ok(format!("/dev/dm-{}", libc::minor(dev as libc::dev_t)))
+}
+
+/// Remove the mapping called `name`.
+pub fn remove(name: &str) -> Result<(), String> {
+    let ctl = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/mapper/control")
+        .map_err(|e| format!("cannot open /dev/mapper/control: {e}"))?;
+    let mut buf = dm_buffer(name, 0, 0, &[]);
+    dm_ioctl(&ctl, DM_DEV_REMOVE, &mut buf, "remove")
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 //!
 //! Everything it says goes to the console (ttyS0) prefixed `appliance-init:`.
 
+pub mod ab;
 pub mod dhcp;
 pub mod dm;
 pub mod gpt;
@@ -52,7 +53,7 @@ pub fn say(msg: &str) {
     }
 }
 
-fn cmdline() -> Cmdline {
+pub(crate) fn cmdline() -> Cmdline {
     Cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default())
 }
 
@@ -66,42 +67,43 @@ pub fn is_stage1() -> bool {
 
 // ---------------------------------------------------------------------------------- stage 1
 
+/// Set in stage 1 when this boot tries a freshly installed slot.
+static TRIAL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 pub fn stage1() -> ! {
     let err = match stage1_inner() {
         Ok(never) => match never {},
         Err(e) => e,
     };
     say(&format!("boot stopped: {err}"));
+    if TRIAL.load(std::sync::atomic::Ordering::SeqCst) {
+        say("this was a trial boot: rebooting into the previous slot in 5 s");
+        std::thread::sleep(Duration::from_secs(5));
+        ab::reboot();
+    }
     sys::halt_forever()
 }
 
-/// A partition found by its GPT name: (device node, "major:minor").
-fn partitions() -> std::collections::HashMap<String, (String, String)> {
-    let mut out = std::collections::HashMap::new();
-    for e in std::fs::read_dir("/sys/class/block")
+/// Partitions by GPT name on the first disk (in name order: vda before vdb) that has all of
+/// `want`: name → (device node, "major:minor"). Another disk built from the same image (an
+/// update attached as a second disk) never lends its partitions to this boot.
+fn partitions(want: &[String]) -> Option<std::collections::HashMap<String, (String, String)>> {
+    let mut disks: Vec<String> = std::fs::read_dir("/sys/block")
         .into_iter()
         .flatten()
         .flatten()
-    {
-        let Ok(u) = std::fs::read_to_string(e.path().join("uevent")) else {
-            continue;
-        };
-        let field = |k: &str| {
-            u.lines()
-                .find_map(|l| l.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
-                .map(str::to_string)
-        };
-        if let (Some(name), Some(dev), Some(maj), Some(min)) = (
-            field("PARTNAME"),
-            field("DEVNAME"),
-            field("MAJOR"),
-            field("MINOR"),
-        ) {
-            out.entry(name)
-                .or_insert((format!("/dev/{dev}"), format!("{maj}:{min}")));
-        }
-    }
-    out
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    disks.sort();
+    disks.into_iter().find_map(|d| {
+        let parts = ab::disk_partitions(&d);
+        want.iter().all(|w| parts.contains_key(w)).then(|| {
+            parts
+                .into_iter()
+                .map(|(k, (dev, mm, _))| (k, (dev, mm)))
+                .collect()
+        })
+    })
 }
 
 fn stage1_inner() -> Result<std::convert::Infallible, String> {
@@ -144,23 +146,40 @@ fn stage1_inner() -> Result<std::convert::Infallible, String> {
     ];
     let deadline = Instant::now() + Duration::from_secs(60);
     let parts = loop {
-        let p = partitions();
-        if want.iter().all(|w| p.contains_key(w)) {
+        if let Some(p) = partitions(&want) {
             break p;
         }
         if Instant::now() > deadline {
-            let missing: Vec<&str> = want
-                .iter()
-                .filter(|w| !p.contains_key(*w))
-                .map(String::as_str)
-                .collect();
             return Err(format!(
-                "partitions {} did not appear within 60 s",
-                missing.join(", ")
+                "no disk with partitions {} appeared within 60 s",
+                want.join(", ")
             ));
         }
         std::thread::sleep(Duration::from_millis(100));
     };
+    // State first: it says whether this boot is a trial, which decides what a failure does.
+    let (state_dev, _) = &parts["state"];
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOATIME;
+    let _ = std::fs::create_dir_all(STATE);
+    let state_ok = match sys::mount(state_dev, STATE, "ext4", flags, "") {
+        Ok(()) => {
+            grow_state(state_dev, STATE);
+            true
+        }
+        Err(e) => {
+            // Keys and the config cache are lost at reboot, but the machine still works.
+            say(&format!(
+                "state partition unusable ({e}); using memory instead"
+            ));
+            false
+        }
+    };
+    if state_ok && ab::is_trial(&slot) {
+        say(&format!(
+            "slot {slot} is on trial: a failure reboots into the previous slot"
+        ));
+        TRIAL.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     let (data_dev, data_mm) = &parts[&want[0]];
     let (hash_dev, hash_mm) = &parts[&want[1]];
     let sb = sys::read_head(hash_dev, 512).map_err(|e| format!("{hash_dev}: {e}"))?;
@@ -183,24 +202,17 @@ fn stage1_inner() -> Result<std::convert::Infallible, String> {
         libc::MS_RDONLY | libc::MS_NODEV,
         "",
     )?;
-    let (state_dev, _) = &parts["state"];
     let state_at = format!("/newroot{STATE}");
-    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOATIME;
-    match sys::mount(state_dev, &state_at, "ext4", flags, "") {
-        Ok(()) => grow_state(state_dev, &state_at),
-        Err(e) => {
-            // Keys and the config cache are lost at reboot, but the machine still works.
-            say(&format!(
-                "state partition unusable ({e}); using memory instead"
-            ));
-            sys::mount(
-                "tmpfs",
-                &state_at,
-                "tmpfs",
-                libc::MS_NOSUID | libc::MS_NODEV,
-                "mode=0755",
-            )?;
-        }
+    if state_ok {
+        sys::mount(STATE, &state_at, "", libc::MS_MOVE, "")?;
+    } else {
+        sys::mount(
+            "tmpfs",
+            &state_at,
+            "tmpfs",
+            libc::MS_NOSUID | libc::MS_NODEV,
+            "mode=0755",
+        )?;
     }
     say(&format!(
         "stage 1 done in {:.1} s; switching root",
@@ -238,7 +250,7 @@ fn grow_state(state_dev: &str, mounted_at: &str) {
 }
 
 /// Read the whole verity device once: dm-verity checks every block against the root hash.
-fn verify_all(dev: &str) -> Result<(), String> {
+pub(crate) fn verify_all(dev: &str) -> Result<(), String> {
     use std::io::Read as _;
     let mut f = std::fs::File::open(dev).map_err(|e| format!("{dev}: {e}"))?;
     let mut buf = vec![0u8; 1 << 20];
@@ -285,8 +297,10 @@ pub fn stage2() -> ! {
     ));
     let net = Arc::new(net::NetState::default());
     net::start(net.clone());
+    let slot = c.slot.clone().unwrap_or_else(|| "A".into());
+    ab::on_boot(&slot);
     let accepted = discover(&c, &net);
-    supervise(&accepted)
+    supervise(&accepted, &slot)
 }
 
 fn load_cache(fallback_host: Option<&str>) -> Option<(CacheRecord, Accepted)> {
@@ -391,7 +405,7 @@ fn discover(c: &Cmdline, net: &net::NetState) -> Accepted {
 }
 
 /// Write a file atomically (temp file, fsync, rename, fsync the directory).
-fn write_atomic(path: &str, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &str, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let p = std::path::Path::new(path);
@@ -554,8 +568,10 @@ impl Health {
 /// Run `appliance run` forever: restart it with backoff (1 s doubling to 60 s, back to 1 s
 /// after a minute of uptime), reap every child the kernel hands PID 1, run the health check,
 /// and say once when this boot is healthy.
-fn supervise(a: &Accepted) -> ! {
+fn supervise(a: &Accepted, slot: &str) -> ! {
     let host = a.host.as_str();
+    let trial = ab::is_trial(slot);
+    let booted = Instant::now();
     let mut child: Option<(i32, Instant)> = None;
     let mut backoff = Duration::from_secs(1);
     let mut restart_at = Instant::now();
@@ -624,6 +640,26 @@ fn supervise(a: &Accepted) -> ! {
         if !healthy && up_long_enough && (health.target.is_none() || health.answered) {
             healthy = true;
             say("healthy: the daemon is up and the health check (if any) answers");
+            ab::on_healthy(slot);
+            if let Some(image) = &a.install_image {
+                match ab::install(image) {
+                    Ok(Some((target, hash))) => {
+                        say(&format!(
+                            "slot {target} installed and verified (root hash {hash}); rebooting to try it once"
+                        ));
+                        ab::reboot();
+                    }
+                    Ok(None) => {}
+                    Err(e) => say(&format!("install-image {image}: {e}")),
+                }
+            }
+        }
+        if trial && !healthy && booted.elapsed() > ab::TRIAL_TIMEOUT {
+            say(&format!(
+                "slot {slot} is not healthy after {} s of its trial: rebooting into the previous slot",
+                ab::TRIAL_TIMEOUT.as_secs()
+            ));
+            ab::reboot();
         }
         std::thread::sleep(Duration::from_millis(200));
     }
