@@ -846,3 +846,73 @@ fn a_broken_image_installed_in_slot_b_falls_back_to_slot_a() {
         "A/B: slot B installed {t_installed:.1} s, trial panicked {t_panic:.1} s, back on A {t_back:.1} s after qemu start"
     );
 }
+
+#[test]
+fn a_good_update_boots_once_on_uefi_and_becomes_the_default_when_healthy() {
+    if !ready("A/B update") {
+        return;
+    }
+    let dir = scratch("ab-uefi");
+    let disk = copy_disk(&dir);
+    let next = dir.join("next");
+    build_with(&next, TEST_WAIT, Some("0.1.0-next"));
+    let next_hash = std::fs::read_to_string(next.join("root-hash-A"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let (private, public) = keypair();
+    let user_data = site_with_key("c1", &public, Some(&private)).replace(
+        "    host \"c1\"\n",
+        "    host \"c1\"\n    install-image \"/dev/vdb\"\n",
+    );
+    let seed = seed(&dir, "seed", user_data.as_bytes(), false);
+    let ro = |p: &Path| {
+        vec![
+            "-drive".to_string(),
+            format!("file={},format=raw,if=virtio,readonly=on", p.display()),
+        ]
+    };
+    let extra = [
+        ro(&next.join("appliance.raw")),
+        ro(&seed),
+        vec![
+            "-action".into(),
+            "reboot=reset".into(),
+            "-nic".into(),
+            "none".into(),
+        ],
+    ]
+    .concat();
+    let mut vm = start_vm(
+        &dir,
+        "ab-uefi",
+        Firmware::Uefi(dir.join("vars.fd")),
+        &disk,
+        &extra,
+        true,
+    );
+    let t_installed = vm.wait_for(&format!(
+        "slot B installed and verified (root hash {next_hash})"
+    ));
+    vm.wait_for("slot B is on trial");
+    let t_default = vm.wait_for("slot B is healthy: it is now the default");
+    std::thread::sleep(Duration::from_secs(3));
+    drop(vm);
+    // The ESP now boots B by default, on both firmwares.
+    let table: serde_json::Value =
+        serde_json::from_str(&run("sfdisk", &["-J", disk.to_str().unwrap()])).unwrap();
+    let esp_offset = table["partitiontable"]["partitions"][0]["start"]
+        .as_u64()
+        .unwrap()
+        * 512;
+    let image = format!("{}@@{esp_offset}", disk.display());
+    let loader = run("mtype", &["-i", &image, "::/loader/loader.conf"]);
+    assert!(loader.contains("default appliance-B.efi"), "{loader}");
+    let syslinux = run("mtype", &["-i", &image, "::/syslinux/syslinux.cfg"]);
+    assert!(syslinux.contains("DEFAULT B"), "{syslinux}");
+    assert!(
+        syslinux.contains(&format!("appliance.verity={next_hash}")),
+        "{syslinux}"
+    );
+    eprintln!("A/B on UEFI: slot B installed {t_installed:.1} s, default after its healthy trial {t_default:.1} s after qemu start");
+}
