@@ -17,6 +17,10 @@
 # 6 state (ext4; grown to the disk at first boot). The root hash sits on the kernel command
 # line inside the unified kernel image (and in syslinux.cfg for BIOS).
 #
+# Inputs come from Debian packages (installed with apt-get when missing). Other builders (the Nix
+# derivation in nix/) set APPLIANCE_NO_APT=1 and point at their own files with KERNEL,
+# MODULES_ROOT (the directory holding lib/modules/KVER), KVER, SDBOOT_DIR and SYSLINUX_MBR.
+#
 # Reproducible: every timestamp is SOURCE_DATE_EPOCH (default: the last commit's time), and
 # every UUID, salt and volume id is derived from the binary's hash and the version, so the
 # same inputs give the same bytes.
@@ -43,6 +47,7 @@ done
 need=(linux-image-amd64 erofs-utils cryptsetup-bin syslinux syslinux-common systemd-boot-efi
       mtools dosfstools e2fsprogs fdisk zstd cpio kmod qemu-utils binutils)
 missing=()
+[ -n "${APPLIANCE_NO_APT:-}" ] && need=()
 for p in "${need[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then echo "build.sh: missing packages: ${missing[*]} (run as root to install them)" >&2; exit 1; fi
@@ -61,8 +66,11 @@ if [ -z "${SOURCE_DATE_EPOCH:-}" ]; then
   SOURCE_DATE_EPOCH=$(git -C "$here" log -1 --format=%ct 2>/dev/null || echo 1700000000)
 fi
 export SOURCE_DATE_EPOCH
-kver=${KVER:-$(ls /lib/modules | sort -V | tail -1)}
-vmlinuz=/boot/vmlinuz-$kver
+modroot=${MODULES_ROOT:-/}
+kver=${KVER:-$(ls "$modroot/lib/modules" | sort -V | tail -1)}
+vmlinuz=${KERNEL:-/boot/vmlinuz-$kver}
+sdboot=${SDBOOT_DIR:-/usr/lib/systemd/boot/efi}
+gptmbr=${SYSLINUX_MBR:-/usr/lib/syslinux/mbr/gptmbr.bin}
 [ -r "$vmlinuz" ] || { echo "build.sh: no kernel $vmlinuz" >&2; exit 1; }
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/appliance-image.XXXXXX")
@@ -101,11 +109,18 @@ modules=(virtio_pci virtio_blk virtio_net virtio_scsi ata_piix ahci sd_mod sr_mo
          nls_cp437 nls_utf8 erofs dm_verity ext4 tun e1000 efivarfs)
 : > "$initrd/lib/modules/load.list"
 for m in "${modules[@]}"; do
-  modprobe -S "$kver" --show-depends "$m" | awk '$1 == "insmod" {print $2}'
+  modprobe -d "$modroot" -S "$kver" --show-depends "$m" | awk '$1 == "insmod" {print $2}'
 done | awk '!seen[$0]++' | while read -r ko; do
-  mkdir -p "$initrd$(dirname "$ko")"
-  cp "$ko" "$initrd$ko"
-  echo "$ko" >> "$initrd/lib/modules/load.list"
+  # Stored uncompressed: finit_module gets plain ELF on every kernel.
+  rel=${ko#"${modroot%/}"}
+  plain=${rel%.xz}; plain=${plain%.zst}
+  mkdir -p "$initrd$(dirname "$plain")"
+  case "$ko" in
+    *.xz) xz -dc "$ko" > "$initrd$plain" ;;
+    *.zst) zstd -qdc "$ko" > "$initrd$plain" ;;
+    *) cp "$ko" "$initrd$plain" ;;
+  esac
+  echo "$plain" >> "$initrd/lib/modules/load.list"
 done
 touch_all "$initrd"
 (cd "$initrd" && find . -print0 | sort -z | cpio --quiet --null --reproducible -o -H newc -R 0:0) \
@@ -114,7 +129,7 @@ touch_all "$initrd"
 cmdline_for() { echo "console=ttyS0,115200 appliance.slot=$1 appliance.verity=$2 panic=10${extra:+ $extra}"; }
 
 # ---- unified kernel image (systemd-boot Type #2 entry), PE timestamp and checksum pinned
-stub=/usr/lib/systemd/boot/efi/linuxx64.efi.stub
+stub=$sdboot/linuxx64.efi.stub
 make_uki() { # slot roothash output
   cmdline_for "$1" "$2" > "$work/cmdline-$1"
   sed "s/^PRETTY_NAME=.*/PRETTY_NAME=\"appliance $version slot $1\"/" "$root/etc/os-release" > "$work/osrel-$1"
@@ -148,16 +163,17 @@ truncate -s $((esp_mib * mib)) "$esp_img"
 mkfs.vfat -F 32 -n ESP -i "$(derive esp-volid | cut -c1-8)" --invariant -h "$esp_start" "$esp_img" >/dev/null
 esp=$work/esp
 mkdir -p "$esp/EFI/BOOT" "$esp/EFI/systemd" "$esp/EFI/Linux" "$esp/loader" "$esp/syslinux" "$esp/A" "$esp/slots"
-cp /usr/lib/systemd/boot/efi/systemd-bootx64.efi "$esp/EFI/BOOT/BOOTX64.EFI"
-cp /usr/lib/systemd/boot/efi/systemd-bootx64.efi "$esp/EFI/systemd/systemd-bootx64.efi"
+cp "$sdboot/systemd-bootx64.efi" "$esp/EFI/BOOT/BOOTX64.EFI"
+cp "$sdboot/systemd-bootx64.efi" "$esp/EFI/systemd/systemd-bootx64.efi"
 cp "$work/appliance-A.efi" "$esp/EFI/Linux/appliance-A.efi"
 printf 'timeout 0\ndefault appliance-A.efi\nconsole-mode keep\n' > "$esp/loader/loader.conf"
 cp "$vmlinuz" "$esp/A/vmlinuz"
 cp "$work/initrd.img" "$esp/A/initrd"
 # slots/: what `appliance image install` takes from this image for either slot of a running
 # machine (this image's root is always in its slot A; the entries differ in the slot they name).
+# Slot A's UKI is the one in EFI/Linux; slot B's waits in slots/.
+cp "$work/appliance-B.efi" "$esp/slots/appliance-B.efi"
 for s in A B; do
-  cp "$work/appliance-$s.efi" "$esp/slots/appliance-$s.efi"
   printf 'LABEL %s\n  LINUX /%s/vmlinuz\n  INITRD /%s/initrd\n  APPEND %s\n' \
     "$s" "$s" "$s" "$(cmdline_for "$s" "$roothash")" > "$esp/slots/syslinux-$s.cfg"
 done
@@ -207,7 +223,7 @@ put "$esp_img" $p1
 put "$work/root.erofs" $p2
 put "$work/verity.img" $p3
 put "$state_img" $p6
-dd if=/usr/lib/syslinux/mbr/gptmbr.bin of="$raw" bs=440 count=1 conv=notrunc status=none
+dd if="$gptmbr" of="$raw" bs=440 count=1 conv=notrunc status=none
 
 # ---- outputs
 cp --sparse=always "$raw" "$out/appliance.raw"

@@ -389,8 +389,14 @@ pub fn install(image: &str) -> Result<Option<(String, String)>, String> {
                 &format!("{NEW_ESP_MOUNT}/A/initrd"),
                 &format!("{ESP_MOUNT}/{target}/initrd"),
             )?;
+            // The image keeps slot A's UKI where systemd-boot finds it, slot B's in slots/.
+            let uki = if target == "A" {
+                format!("{NEW_ESP_MOUNT}/EFI/Linux/appliance-A.efi")
+            } else {
+                format!("{NEW_ESP_MOUNT}/slots/appliance-B.efi")
+            };
             copy_file(
-                &format!("{NEW_ESP_MOUNT}/slots/appliance-{target}.efi"),
+                &uki,
                 &format!("{ESP_MOUNT}/EFI/Linux/appliance-{target}.efi"),
             )?;
             let cfg_path = format!("{ESP_MOUNT}/syslinux/syslinux.cfg");
