@@ -133,11 +133,27 @@ fn stage1_inner() -> Result<std::convert::Infallible, String> {
     dm::check_root_hash(&root_hash)?;
     say(&format!("stage 1: slot {slot}, loading modules"));
     let list = std::fs::read_to_string(MODULE_LIST).map_err(|e| format!("{MODULE_LIST}: {e}"))?;
+    let mut absent = Vec::new();
     for m in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        // Some fail by design on some machines (crc32c-intel without SSE4.2): say and go on.
-        if let Err(e) = sys::load_module(m) {
-            say(&format!("module {e}"));
+        match sys::load_module(m) {
+            Ok(()) => {}
+            // Hardware-specific modules (crc32c-intel without SSE4.2, efivarfs on BIOS)
+            // refuse with ENODEV by design: list them once.
+            Err(e) if e.ends_with("No such device (os error 19)") => absent.push(
+                m.rsplit('/')
+                    .next()
+                    .unwrap_or(m)
+                    .trim_end_matches(".ko")
+                    .to_string(),
+            ),
+            Err(e) => say(&format!("module {e}")),
         }
+    }
+    if !absent.is_empty() {
+        say(&format!(
+            "modules not for this machine: {}",
+            absent.join(", ")
+        ));
     }
     let want = [
         format!("root{slot}"),
@@ -299,7 +315,7 @@ pub fn stage2() -> ! {
     net::start(net.clone());
     let slot = c.slot.clone().unwrap_or_else(|| "A".into());
     ab::on_boot(&slot);
-    let accepted = discover(&c, &net);
+    let accepted = discover(&c, &net, ab::is_trial(&slot));
     supervise(&accepted, &slot)
 }
 
@@ -330,7 +346,7 @@ fn load_cache(fallback_host: Option<&str>) -> Option<(CacheRecord, Accepted)> {
 
 /// Poll the sources until one gives a valid config (or the wait ends and the cache stands in),
 /// then apply it. Never returns without a config.
-fn discover(c: &Cmdline, net: &net::NetState) -> Accepted {
+fn discover(c: &Cmdline, net: &net::NetState, trial: bool) -> Accepted {
     let wait = c.wait.map(Duration::from_secs).unwrap_or(DEFAULT_WAIT);
     let metadata_base = c
         .metadata
@@ -391,6 +407,10 @@ fn discover(c: &Cmdline, net: &net::NetState) -> Accepted {
                 return a;
             }
             Decision::Wait => {}
+        }
+        if trial && start.elapsed() > ab::TRIAL_TIMEOUT {
+            say("no usable config on this trial slot: rebooting into the previous slot");
+            ab::reboot();
         }
         if wait_over && last_note.elapsed() >= Duration::from_secs(30) {
             say(&format!(
