@@ -60,6 +60,30 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
+/// A test's directory: removed when the test passes, kept (with the console logs) when it fails.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        Scratch(scratch(name))
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
 /// Build the image into `out`; returns the build's wall-clock time.
 fn build(out: &Path) -> Duration {
     build_with(out, TEST_WAIT, None)
@@ -431,7 +455,7 @@ fn bios_boot_applies_a_nocloud_seed_then_the_cache_and_keeps_it_against_a_bad_se
     if !ready("BIOS boot") {
         return;
     }
-    let dir = scratch("bios");
+    let dir = Scratch::new("bios");
     let disk = copy_disk(&dir);
     // A disk larger than the image, as `dd` onto a bigger disk leaves it.
     run("truncate", &["-s", "+256M", disk.to_str().unwrap()]);
@@ -555,7 +579,7 @@ fn uefi_boot_applies_gzip_user_data_from_the_emulated_metadata_service() {
     if !ready("UEFI boot") {
         return;
     }
-    let dir = scratch("uefi");
+    let dir = Scratch::new("uefi");
     // The published qcow2 (10 GiB virtual), under a throw-away overlay: what Exoscale boots.
     let disk = dir.join("overlay.qcow2");
     let backing = image().join("appliance.qcow2");
@@ -643,7 +667,7 @@ fn a_corrupted_root_block_stops_the_boot() {
     if !ready("verity tamper") {
         return;
     }
-    let dir = scratch("tamper");
+    let dir = Scratch::new("tamper");
     let disk = copy_disk(&dir);
     let table: serde_json::Value =
         serde_json::from_str(&run("sfdisk", &["-J", disk.to_str().unwrap()])).unwrap();
@@ -695,7 +719,7 @@ fn a_gateway_vm_and_a_node_vm_bring_up_the_tunnels_and_the_node_reaches_the_site
     if !ready("two VMs") {
         return;
     }
-    let dir = scratch("pair");
+    let dir = Scratch::new("pair");
     let (gw_private, gw_public) = keypair();
     let (c1_private, c1_public) = keypair();
     let site_text = format!(
@@ -799,7 +823,7 @@ fn a_broken_image_installed_in_slot_b_falls_back_to_slot_a() {
     if !ready("A/B fallback") {
         return;
     }
-    let dir = scratch("ab");
+    let dir = Scratch::new("ab");
     let disk = copy_disk(&dir);
     // An update whose kernel cannot start its init: it panics, and panic=10 reboots.
     let broken = dir.join("broken");
@@ -852,7 +876,7 @@ fn a_good_update_boots_once_on_uefi_and_becomes_the_default_when_healthy() {
     if !ready("A/B update") {
         return;
     }
-    let dir = scratch("ab-uefi");
+    let dir = Scratch::new("ab-uefi");
     let disk = copy_disk(&dir);
     let next = dir.join("next");
     build_with(&next, TEST_WAIT, Some("0.1.0-next"));
