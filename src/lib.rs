@@ -1,7 +1,8 @@
 //! `appliance`: extends a research site's network into a public cloud.
 //!
 //! Pure core (no I/O): [`config`] (site model and validation), [`desired`] (what one host
-//! should look like), [`plan`] (diff, printable plan, revert), [`state`], [`diag`], [`key`].
+//! should look like), [`plan`] (diff, printable plan, revert), [`state`], [`diag`], [`key`],
+//! [`userdata`] (how a booted image reads its config). The image's PID 1 is [`init`].
 //! Thin edges: [`netlink`], [`sysctl`], [`tundev`] (kernel I/O), [`reconcile`] (sequencing:
 //! observe → diff → apply → verify → revert), [`logging`].
 

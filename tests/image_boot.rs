@@ -51,10 +51,19 @@ fn ready(test: &str) -> bool {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let d = root()
-        .join("target")
-        .join("image-tests")
-        .join(format!("{}-{name}", std::process::id()));
+    let base = root().join("target").join("image-tests");
+    // Directories of earlier runs whose process is gone (the shared image, failed tests' logs).
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(|| {
+        for e in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name.split('-').next().unwrap_or("");
+            if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    });
+    let d = base.join(format!("{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
