@@ -56,7 +56,8 @@ impl std::fmt::Display for Source {
 /// Why user-data bytes were refused before any parsing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
-    #[error("user-data is {0} bytes; the limit is {USER_DATA_LIMIT} (gzip it: `exo ... --cloud-init-compress`)")]
+    /// Sources read at most one byte past the limit: the count is a lower bound.
+    #[error("user-data is over the {USER_DATA_LIMIT}-byte limit (read {0} bytes); gzip it: `exo ... --cloud-init-compress`")]
     TooLarge(usize),
     #[error("user-data is empty")]
     Empty,

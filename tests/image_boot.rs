@@ -333,12 +333,56 @@ impl Vm {
     }
 }
 
+/// Send one QMP command to a VM's monitor socket and wait for its reply (events may come
+/// first).
+fn qmp_command(sock: &Path, command: &str) {
+    let s = std::os::unix::net::UnixStream::connect(sock).expect("QMP socket");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut lines = BufReader::new(s).lines();
+    let mut reply = |what: &str| loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("QMP closed before {what}"))
+            .unwrap();
+        if line.contains("\"return\"") || line.contains("\"error\"") || line.contains("\"QMP\"") {
+            return line;
+        }
+    };
+    reply("the greeting");
+    w.write_all(b"{\"execute\": \"qmp_capabilities\"}\n")
+        .unwrap();
+    reply("qmp_capabilities");
+    w.write_all(format!("{{\"execute\": \"{command}\"}}\n").as_bytes())
+        .unwrap();
+    let r = reply(command);
+    assert!(r.contains("\"return\""), "QMP {command}: {r}");
+}
+
 /// Did the supervisor report `appliance run` ending?
 fn died(console: &str) -> bool {
     console.lines().any(|l| {
         l.contains("appliance-init: appliance run (pid")
             && (l.contains("exited with status") || l.contains("was killed by signal"))
     })
+}
+
+impl Vm {
+    /// Wait for qemu to end by itself (the guest powered off).
+    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the VM did not power off within {timeout:?}: {}",
+                tail(&self.text())
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
 }
 
 fn tail(s: &str) -> String {
@@ -628,11 +672,14 @@ fn uefi_boot_applies_gzip_user_data_from_the_emulated_metadata_service() {
         server.display(),
         gz.display()
     );
+    let qmp = dir.join("qmp.sock");
     let extra = vec![
         "-netdev".into(),
         netdev,
         "-device".into(),
         "virtio-net-pci,netdev=n0".into(),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", qmp.display()),
     ];
     let mut vm = start_vm(
         &dir,
@@ -669,6 +716,22 @@ fn uefi_boot_applies_gzip_user_data_from_the_emulated_metadata_service() {
         "metadata log: {log}"
     );
     eprintln!("UEFI + metadata (gzip): config applied {t:.1} s after qemu start");
+
+    // The ACPI power button (what a cloud's "stop" presses): an orderly power-off.
+    qmp_command(&qmp, "system_powerdown");
+    vm.wait_for("shutdown requested (power button or SIGTERM)");
+    vm.wait_for("state remounted read-only");
+    let status = vm.wait_exit(Duration::from_secs(120));
+    assert!(
+        status.success(),
+        "qemu ended with {status}: {}",
+        tail(&vm.text())
+    );
+    assert!(
+        vm.text().contains("appliance run stopped"),
+        "{}",
+        tail(&vm.text())
+    );
 }
 
 #[test]

@@ -19,6 +19,7 @@ pub mod dm;
 pub mod gpt;
 pub mod health;
 pub mod net;
+pub mod power;
 pub mod sources;
 pub mod sys;
 
@@ -311,6 +312,7 @@ pub fn stage2() -> ! {
         c.slot.as_deref().unwrap_or("?"),
         env!("CARGO_PKG_VERSION")
     ));
+    power::start();
     let net = Arc::new(net::NetState::default());
     net::start(net.clone());
     let slot = c.slot.clone().unwrap_or_else(|| "A".into());
@@ -407,6 +409,9 @@ fn discover(c: &Cmdline, net: &net::NetState, trial: bool) -> Accepted {
                 return a;
             }
             Decision::Wait => {}
+        }
+        if let Some((action, why)) = power::requested() {
+            power::shutdown(action, why, None);
         }
         if trial && start.elapsed() > ab::TRIAL_TIMEOUT {
             say("no usable config on this trial slot: rebooting into the previous slot");
@@ -667,7 +672,11 @@ fn supervise(a: &Accepted, slot: &str) -> ! {
                         say(&format!(
                             "slot {target} installed and verified (root hash {hash}); rebooting to try it once"
                         ));
-                        ab::reboot();
+                        power::shutdown(
+                            power::Action::Reboot,
+                            &format!("trying slot {target}"),
+                            child.map(|c| c.0),
+                        );
                     }
                     Ok(None) => {}
                     Err(e) => say(&format!("install-image {image}: {e}")),
@@ -675,11 +684,17 @@ fn supervise(a: &Accepted, slot: &str) -> ! {
             }
         }
         if trial && !healthy && booted.elapsed() > ab::TRIAL_TIMEOUT {
-            say(&format!(
-                "slot {slot} is not healthy after {} s of its trial: rebooting into the previous slot",
-                ab::TRIAL_TIMEOUT.as_secs()
-            ));
-            ab::reboot();
+            power::shutdown(
+                power::Action::Reboot,
+                &format!(
+                    "slot {slot} is not healthy after {} s of its trial; back to the previous slot",
+                    ab::TRIAL_TIMEOUT.as_secs()
+                ),
+                child.map(|c| c.0),
+            );
+        }
+        if let Some((action, why)) = power::requested() {
+            power::shutdown(action, why, child.map(|c| c.0));
         }
         std::thread::sleep(Duration::from_millis(200));
     }
