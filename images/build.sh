@@ -7,6 +7,7 @@
 # kernel parameters (e.g. "appliance.wait=10"); they become part of the image (and its hash).
 #
 # Output (DIR, default build/image): appliance.raw (the disk, sized to its partitions),
+# appliance.raw.gz (the update artifact for `appliance image install http://…`),
 # appliance.qcow2 (the same disk, 10 GiB virtual size, compressed, preallocation off: what
 # Exoscale registers as a template), appliance-A.efi / vmlinuz / initrd (the slot-A boot files,
 # also used by `appliance image install`), root-A.erofs + verity-A.img with root-hash-A,
@@ -106,7 +107,7 @@ initrd=$work/initrd
 mkdir -p "$initrd/lib/modules"
 install -m 0755 "$stripped" "$initrd/init"
 modules=(virtio_pci virtio_blk virtio_net virtio_scsi ata_piix ahci sd_mod sr_mod isofs vfat nls_ascii
-         nls_cp437 nls_utf8 erofs dm_verity ext4 tun e1000 efivarfs button evdev)
+         nls_cp437 nls_utf8 erofs dm_verity ext4 tun e1000 efivarfs button evdev loop)
 : > "$initrd/lib/modules/load.list"
 for m in "${modules[@]}"; do
   modprobe -d "$modroot" -S "$kver" --show-depends "$m" | awk '$1 == "insmod" {print $2}'
@@ -230,13 +231,15 @@ cp --sparse=always "$raw" "$out/appliance.raw"
 rm -f "$out/appliance.qcow2"
 qemu-img convert -q -c -m 1 -f raw -O qcow2 -o preallocation=off "$raw" "$out/appliance.qcow2"
 qemu-img resize -q "$out/appliance.qcow2" 10G
+# The update artifact: what `appliance image install http://…/appliance.raw.gz` fetches.
+gzip -n -c "$raw" > "$out/appliance.raw.gz"
 cp "$work/appliance-A.efi" "$out/appliance-A.efi"
 cp "$vmlinuz" "$out/vmlinuz"
 cp "$work/initrd.img" "$out/initrd"
 cp "$work/root.erofs" "$out/root-A.erofs"
 cp "$work/verity.img" "$out/verity-A.img"
 echo "$roothash" > "$out/root-hash-A"
-(cd "$out" && sha256sum appliance.raw appliance.qcow2 appliance-A.efi root-A.erofs verity-A.img > SHA256SUMS \
+(cd "$out" && sha256sum appliance.raw appliance.raw.gz appliance.qcow2 appliance-A.efi root-A.erofs verity-A.img > SHA256SUMS \
   && md5sum appliance.qcow2 > MD5SUMS)
 echo "built $out/appliance.raw ($((total / mib)) MiB) and appliance.qcow2 ($(($(stat -c %s "$out/appliance.qcow2") / 1024)) KiB, 10 GiB virtual)"
 echo "root hash (slot A): $roothash"

@@ -134,8 +134,12 @@ enum ImageCommand {
     /// the inactive slot, verify it against its root hash, and make the next boot (only the
     /// next one) try it; it becomes the default once it comes up healthy.
     Install {
-        /// The image: appliance.raw, or a disk holding it (e.g. /dev/vdb).
-        image: PathBuf,
+        /// The image: appliance.raw, a disk holding it (e.g. /dev/vdb), or the raw image's
+        /// http:// URL (gzip or not; needs --root-hash).
+        image: String,
+        /// The root hash the image must have (root-hash-A of its build).
+        #[arg(long)]
+        root_hash: Option<String>,
     },
 }
 
@@ -163,8 +167,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Init => appliance::init::stage2(),
         Command::Image {
-            command: ImageCommand::Install { image },
-        } => image_install(&image),
+            command: ImageCommand::Install { image, root_hash },
+        } => image_install(&image, root_hash.as_deref()),
         Command::Genkey => {
             println!("{}", appliance::key::PrivateKey::generate().to_base64());
             ExitCode::SUCCESS
@@ -387,8 +391,12 @@ fn render_status(s: &serde_json::Value) -> String {
     out
 }
 
-fn image_install(image: &std::path::Path) -> ExitCode {
-    match appliance::init::ab::install(&image.display().to_string()) {
+fn image_install(image: &str, root_hash: Option<&str>) -> ExitCode {
+    if image.starts_with("http://") && root_hash.is_none() {
+        eprintln!("error: an http:// image needs --root-hash (plain HTTP authenticates nothing)");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    match appliance::init::ab::install(image, root_hash) {
         Ok(Some((slot, hash))) => {
             println!(
                 "slot {slot} installed and verified (root hash {hash}); reboot to try it once"
@@ -396,10 +404,7 @@ fn image_install(image: &std::path::Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(None) => {
-            println!(
-                "{} is the running image: nothing to install",
-                image.display()
-            );
+            println!("{image} is the running image: nothing to install");
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -137,9 +137,13 @@ pub struct Accepted {
     /// An IPv4 address behind the tunnels that must answer ICMP echo for this machine to count
     /// as healthy (`health-check` in the block).
     pub health_check: Option<std::net::Ipv4Addr>,
-    /// A disk image (file or block device) to install into the inactive slot once this boot is
-    /// healthy (`install-image` in the block); installed once per root hash.
+    /// A disk image (file, block device, or `http://` URL of the raw image, gzip or not) to
+    /// install into the inactive slot once this boot is healthy (`install-image` in the
+    /// block); installed once per root hash.
     pub install_image: Option<String>,
+    /// The root hash the image must have (`install-root-hash`; required for URLs, whose
+    /// transport authenticates nothing).
+    pub install_root_hash: Option<String>,
     /// sha256 of the whole decoded user-data.
     pub sha256: String,
     /// The whole decoded user-data, as validated (what the cache keeps and the hash covers).
@@ -163,7 +167,8 @@ struct HostBlock {
     private_key: Option<(PrivateKey, (usize, usize))>,
     interfaces: Vec<Interface>,
     health_check: Option<std::net::Ipv4Addr>,
-    install_image: Option<String>,
+    install_image: Option<(String, (usize, usize))>,
+    install_root_hash: Option<String>,
 }
 
 /// Validate decoded user-data. `file` names it in diagnostics (e.g. `user-data (cidata)`);
@@ -218,7 +223,8 @@ pub fn validate(file: &str, text: &str, fallback_host: Option<&str>) -> Result<A
             private_key: block.private_key.map(|(k, _)| k),
             interfaces: block.interfaces,
             health_check: block.health_check,
-            install_image: block.install_image,
+            install_image: block.install_image.map(|(s, _)| s),
+            install_root_hash: block.install_root_hash,
             sha256: sha256_hex(text),
             original: text.to_string(),
         }),
@@ -323,16 +329,26 @@ fn host_block(node: &KdlNode, diags: &mut Vec<Diagnostic>) -> HostBlock {
             }
             "install-image" => {
                 if let Some((s, span)) = only_string(field, diags) {
-                    if s.starts_with('/') {
-                        b.install_image = Some(s);
+                    if s.starts_with('/') || s.starts_with("http://") {
+                        b.install_image = Some((s, span));
                     } else {
                         diags.push(
-                            Diagnostic::new(
-                                span,
-                                format!("install-image {s:?} is not an absolute path"),
-                            )
-                            .label("not a path")
-                            .help("name a block device or image file, e.g. \"/dev/vdb\""),
+                            Diagnostic::new(span, format!("install-image {s:?} is neither an absolute path nor an http:// URL"))
+                                .label("not a path or URL")
+                                .help("name a block device or image file (\"/dev/vdb\"), or the raw image's URL (\"http://10.0.0.5/appliance.raw.gz\")"),
+                        );
+                    }
+                }
+            }
+            "install-root-hash" => {
+                if let Some((s, span)) = only_string(field, diags) {
+                    if s.len() == 64 && s.bytes().all(|c| c.is_ascii_hexdigit()) {
+                        b.install_root_hash = Some(s.to_ascii_lowercase());
+                    } else {
+                        diags.push(
+                            Diagnostic::new(span, "install-root-hash is not a 64-digit hex sha256")
+                                .label("not a root hash")
+                                .help("copy it from the image's root-hash-A file (images/build.sh prints it)"),
                         );
                     }
                 }
@@ -376,6 +392,15 @@ fn host_block(node: &KdlNode, diags: &mut Vec<Diagnostic>) -> HostBlock {
                 });
                 diags.push(d);
             }
+        }
+    }
+    if let Some((url, span)) = &b.install_image {
+        if url.starts_with("http://") && b.install_root_hash.is_none() {
+            diags.push(
+                Diagnostic::new(*span, "an install-image URL needs install-root-hash")
+                    .label("unauthenticated download")
+                    .help("plain HTTP proves nothing about the image: pin its root hash with `install-root-hash \"…\"` (root-hash-A of the build)"),
+            );
         }
     }
     b
@@ -837,6 +862,28 @@ node "c1" {
             .unwrap_err()
             .render()
             .contains("not an IPv4 address"));
+    }
+
+    #[test]
+    fn an_install_url_must_pin_the_root_hash() {
+        let url = format!(
+            "appliance {{ host \"c1\"; install-image \"http://10.0.0.5/a.raw.gz\" }}\n{SITE}"
+        );
+        assert!(validate("u", &url, None)
+            .unwrap_err()
+            .render()
+            .contains("needs install-root-hash"));
+        let pinned = url.replace(
+            "a.raw.gz\"",
+            &format!("a.raw.gz\"; install-root-hash \"{}\"", "AB".repeat(32)),
+        );
+        let a = validate("u", &pinned, None).unwrap();
+        assert_eq!(a.install_root_hash, Some("ab".repeat(32)));
+        let relative = format!("appliance {{ host \"c1\"; install-image \"vdb\" }}\n{SITE}");
+        assert!(validate("u", &relative, None)
+            .unwrap_err()
+            .render()
+            .contains("neither an absolute path"));
     }
 
     #[test]

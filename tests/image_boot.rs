@@ -944,12 +944,14 @@ fn a_broken_image_installed_in_slot_b_falls_back_to_slot_a() {
 }
 
 #[test]
-fn a_good_update_boots_once_on_uefi_and_becomes_the_default_when_healthy() {
+fn a_good_update_fetched_over_http_boots_once_on_uefi_and_becomes_the_default_when_healthy() {
     if !ready("A/B update") {
         return;
     }
     let dir = Scratch::new("ab-uefi");
     let disk = copy_disk(&dir);
+    // Room on state for the download (state grows to the disk at first boot).
+    run("truncate", &["-s", "+512M", disk.to_str().unwrap()]);
     let next = dir.join("next");
     build_with(&next, TEST_WAIT, Some("0.1.0-next"));
     let next_hash = std::fs::read_to_string(next.join("root-hash-A"))
@@ -959,7 +961,7 @@ fn a_good_update_boots_once_on_uefi_and_becomes_the_default_when_healthy() {
     let (private, public) = keypair();
     let user_data = site_with_key("c1", &public, Some(&private)).replace(
         "    host \"c1\"\n",
-        "    host \"c1\"\n    install-image \"/dev/vdb\"\n",
+        &format!("    host \"c1\"\n    install-image \"http://169.254.169.254/appliance.raw.gz\"\n    install-root-hash \"{next_hash}\"\n"),
     );
     let seed = seed(&dir, "seed", user_data.as_bytes(), false);
     let ro = |p: &Path| {
@@ -968,14 +970,24 @@ fn a_good_update_boots_once_on_uefi_and_becomes_the_default_when_healthy() {
             format!("file={},format=raw,if=virtio,readonly=on", p.display()),
         ]
     };
+    // The update comes over HTTP (gzip), pinned by its root hash, from a guestfwd server.
+    let empty = dir.join("no-user-data");
+    std::fs::write(&empty, "").unwrap();
+    let netdev = format!(
+        "user,id=n0,net=169.254.169.0/24,host=169.254.169.2,dhcpstart=169.254.169.15,restrict=on,guestfwd=tcp:169.254.169.254:80-cmd:python3 {} {} appliance /appliance.raw.gz={}",
+        root().join("tests/image/metadata-server.py").display(),
+        empty.display(),
+        next.join("appliance.raw.gz").display()
+    );
     let extra = [
-        ro(&next.join("appliance.raw")),
         ro(&seed),
         vec![
             "-action".into(),
             "reboot=reset".into(),
-            "-nic".into(),
-            "none".into(),
+            "-netdev".into(),
+            netdev,
+            "-device".into(),
+            "virtio-net-pci,netdev=n0".into(),
         ],
     ]
     .concat();
@@ -987,6 +999,8 @@ fn a_good_update_boots_once_on_uefi_and_becomes_the_default_when_healthy() {
         &extra,
         true,
     );
+    vm.wait_for("downloading http://169.254.169.254/appliance.raw.gz");
+    vm.wait_for("(gunzipped)");
     let t_installed = vm.wait_for(&format!(
         "slot B installed and verified (root hash {next_hash})"
     ));

@@ -300,17 +300,93 @@ fn efi_oneshot(entry: &str) -> Result<(), String> {
     std::fs::write(&path, &data).map_err(|e| format!("{path}: {e}"))
 }
 
+const DOWNLOAD: &str = "/state/appliance/update.raw";
+
+/// Fetch a raw image over HTTP into the state partition (gunzipped when it starts with the gzip
+/// magic; runs of zeros are skipped, so the file stays sparse).
+fn download(url: &str) -> Result<String, String> {
+    use std::io::{BufRead as _, Seek as _, SeekFrom};
+    say(&format!("downloading {url}"));
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(Duration::from_secs(10)))
+        .timeout_recv_response(Some(Duration::from_secs(30)))
+        .timeout_per_read(Some(Duration::from_secs(60)))
+        .build()
+        .into();
+    let mut resp = agent.get(url).call().map_err(|e| format!("{url}: {e}"))?;
+    let mut body = std::io::BufReader::new(resp.body_mut().as_reader());
+    let gzip = body
+        .fill_buf()
+        .map_err(|e| format!("{url}: {e}"))?
+        .starts_with(&[0x1f, 0x8b]);
+    let mut reader: Box<dyn std::io::Read> = if gzip {
+        Box::new(flate2::read::GzDecoder::new(body))
+    } else {
+        Box::new(body)
+    };
+    let mut out = std::fs::File::create(DOWNLOAD).map_err(|e| format!("{DOWNLOAD}: {e}"))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total: u64 = 0;
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            match reader.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) => return Err(format!("{url}: {e}")),
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().all(|&b| b == 0) {
+            out.seek(SeekFrom::Current(n as i64))
+                .map_err(|e| e.to_string())?;
+        } else {
+            out.write_all(&buf[..n])
+                .map_err(|e| format!("{DOWNLOAD}: {e}"))?;
+        }
+        total += n as u64;
+    }
+    out.set_len(total)
+        .and_then(|_| out.sync_all())
+        .map_err(|e| format!("{DOWNLOAD}: {e}"))?;
+    say(&format!(
+        "downloaded {} MiB{}",
+        total >> 20,
+        if gzip { " (gunzipped)" } else { "" }
+    ));
+    Ok(DOWNLOAD.to_string())
+}
+
 fn is_efi() -> bool {
     std::path::Path::new("/sys/firmware/efi").exists()
 }
 
-/// Install `image` (a disk image file or block device built by images/build.sh) into the
-/// inactive slot and arm a one-shot boot of it. Returns (slot, root hash), or None when the
+/// Install `image` (a disk image file, block device or http:// URL of one built by
+/// images/build.sh) into the inactive slot and arm a one-shot boot of it. `pin`: the root hash
+/// the image must have. Returns (slot, root hash), or None when the
 /// image is the one running.
-pub fn install(image: &str) -> Result<Option<(String, String)>, String> {
+pub fn install(image: &str, pin: Option<&str>) -> Result<Option<(String, String)>, String> {
     let current = super::cmdline()
         .slot
         .ok_or("no appliance.slot= on the kernel command line: not booted from the image")?;
+    if let Some(p) = pin {
+        // Known before any download: the running image, or one that failed its trial.
+        if super::cmdline().verity.as_deref() == Some(p) {
+            return Ok(None);
+        }
+        if load_record().is_some_and(|r| r.failed.iter().any(|f| f == p)) {
+            return Err(format!(
+                "root hash {p} failed a trial boot before: not installing it again"
+            ));
+        }
+    }
+    if image.starts_with("http://") {
+        let r = download(image).and_then(|file| install(&file, pin));
+        let _ = std::fs::remove_file(DOWNLOAD);
+        return r;
+    }
     let target = other(&current).to_string();
     let rec = load_record().unwrap_or(Record {
         good: current.clone(),
@@ -353,6 +429,13 @@ pub fn install(image: &str) -> Result<Option<(String, String)>, String> {
             "{image}: its slot-{target} boot entry names no root hash"
         ))?;
         dm::check_root_hash(&hash)?;
+        if let Some(p) = pin {
+            if p != hash {
+                return Err(format!(
+                    "{image} has root hash {hash}, not the pinned {p}: not installed"
+                ));
+            }
+        }
         if super::cmdline().verity.as_deref() == Some(hash.as_str()) {
             return Ok(None);
         }

@@ -667,7 +667,7 @@ fn supervise(a: &Accepted, slot: &str) -> ! {
             say("healthy: the daemon is up and the health check (if any) answers");
             ab::on_healthy(slot);
             if let Some(image) = &a.install_image {
-                match ab::install(image) {
+                match ab::install(image, a.install_root_hash.as_deref()) {
                     Ok(Some((target, hash))) => {
                         say(&format!(
                             "slot {target} installed and verified (root hash {hash}); rebooting to try it once"

@@ -2,9 +2,10 @@
 """An Exoscale-like metadata service for one guest connection on stdin/stdout.
 
 qemu runs it per connection through user networking's guestfwd (`-cmd:`), so no host socket
-is ever opened. Usage: metadata-server.py USER_DATA_FILE [HOSTNAME]. Serves
+is ever opened. Usage: metadata-server.py USER_DATA_FILE [HOSTNAME [URL_PATH=FILE ...]]. Serves
 /1.0/user-data (and /latest/user-data) with the file's bytes as they are (gzip or not),
-/1.0/meta-data/local-hostname, 404 for anything else. qemu connects stdin, stdout and stderr
+/1.0/meta-data/local-hostname, each URL_PATH with its FILE (an update image, say), 404 for
+anything else. qemu connects stdin, stdout and stderr
 all to the guest's socket: requests are logged to the file named by $METADATA_LOG, if any.
 """
 import os
@@ -13,6 +14,7 @@ import sys
 def main():
     user_data = open(sys.argv[1], "rb").read()
     hostname = (sys.argv[2] if len(sys.argv) > 2 else "appliance").encode()
+    files = dict(a.split("=", 1) for a in sys.argv[3:])
     rd, wr = sys.stdin.buffer, sys.stdout.buffer
     request = rd.readline().decode("latin-1").strip()
     while rd.readline().strip():
@@ -24,6 +26,8 @@ def main():
         "/latest/user-data": user_data,
         "/1.0/meta-data/local-hostname": hostname,
     }
+    if path in files:
+        routes[path] = open(files[path], "rb").read()
     body = routes.get(path)
     status = "200 OK" if body is not None else "404 Not Found"
     body = body if body is not None else b"not found\n"
