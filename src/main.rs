@@ -391,29 +391,6 @@ fn render_status(s: &serde_json::Value) -> String {
     out
 }
 
-fn image_install(image: &str, root_hash: Option<&str>) -> ExitCode {
-    if image.starts_with("http://") && root_hash.is_none() {
-        eprintln!("error: an http:// image needs --root-hash (plain HTTP authenticates nothing)");
-        return ExitCode::from(EXIT_USAGE);
-    }
-    match appliance::init::ab::install(image, root_hash) {
-        Ok(Some((slot, hash))) => {
-            println!(
-                "slot {slot} installed and verified (root hash {hash}); reboot to try it once"
-            );
-            ExitCode::SUCCESS
-        }
-        Ok(None) => {
-            println!("{image} is the running image: nothing to install");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(EXIT_ERROR)
-        }
-    }
-}
-
 fn pubkey() -> ExitCode {
     let mut text = String::new();
     if let Err(e) = std::io::stdin().read_line(&mut text) {
@@ -613,4 +590,27 @@ fn reconcile_cmd(args: &ConfigArgs, node: Option<String>, dry_run: bool) -> Exit
             ExitCode::SUCCESS
         }
     })
+}
+
+fn image_install(image: &str, root_hash: Option<&str>) -> ExitCode {
+    if image.starts_with("http://") && root_hash.is_none() {
+        eprintln!("error: an http:// image needs --root-hash (plain HTTP authenticates nothing)");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    match appliance::init::ab::install(image, root_hash) {
+        Ok(Some((slot, hash))) => {
+            println!(
+                "slot {slot} installed and verified (root hash {hash}); reboot to try it once"
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            println!("{image} is the running image: nothing to install");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
 }
