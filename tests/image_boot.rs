@@ -1026,3 +1026,99 @@ fn a_good_update_fetched_over_http_boots_once_on_uefi_and_becomes_the_default_wh
     );
     eprintln!("A/B on UEFI: slot B installed {t_installed:.1} s, default after its healthy trial {t_default:.1} s after qemu start");
 }
+
+#[test]
+fn the_kernel_command_line_comes_first_and_a_config_drive_is_read_too() {
+    if !ready("cmdline and config-2") {
+        return;
+    }
+    let dir = Scratch::new("cmdline");
+    // A site-specific image: the user-data (gzip, base64) baked into the kernel command line.
+    let on_cmdline = site("c1");
+    let gz = {
+        let mut c = Command::new("gzip")
+            .args(["-9n", "-c"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(on_cmdline.as_bytes())
+            .unwrap();
+        c.wait_with_output().unwrap().stdout
+    };
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&gz);
+    let baked = dir.join("baked");
+    build_with(
+        &baked,
+        &format!("{TEST_WAIT} appliance.config=base64:{b64}"),
+        None,
+    );
+    // An OpenStack-style config drive holding a different (valid) user-data.
+    let on_drive = site("gw1");
+    let src = dir.join("config-2.d/openstack/latest");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("user_data"), &on_drive).unwrap();
+    let iso = dir.join("config-2.iso");
+    run(
+        "xorriso",
+        &[
+            "-as",
+            "mkisofs",
+            "-quiet",
+            "-V",
+            "config-2",
+            "-J",
+            "-r",
+            "-o",
+            iso.to_str().unwrap(),
+            dir.join("config-2.d").to_str().unwrap(),
+        ],
+    );
+    let drive = vec![
+        "-drive".to_string(),
+        format!("file={},format=raw,if=virtio,readonly=on", iso.display()),
+        "-nic".into(),
+        "none".into(),
+    ];
+
+    // 1. Both present: the command line wins.
+    let disk = dir.join("baked.raw");
+    run(
+        "cp",
+        &[
+            "--sparse=always",
+            baked.join("appliance.raw").to_str().unwrap(),
+            disk.to_str().unwrap(),
+        ],
+    );
+    let mut vm = start_vm(&dir, "cmdline", Firmware::Bios, &disk, &drive, true);
+    let t = vm.wait_for(&format!(
+        "config applied from cmdline, hash {}",
+        sha256(&on_cmdline)
+    ));
+    assert!(
+        vm.text().contains("(host c1, role node)"),
+        "{}",
+        tail(&vm.text())
+    );
+    eprintln!("BIOS, config on the kernel command line: applied {t:.1} s after qemu start");
+    drop(vm);
+
+    // 2. The shipped image and the config drive alone: read from the drive.
+    let disk = copy_disk(&dir);
+    let mut vm = start_vm(&dir, "config-2", Firmware::Bios, &disk, &drive, true);
+    let t = vm.wait_for(&format!(
+        "config applied from cidata, hash {}",
+        sha256(&on_drive)
+    ));
+    assert!(
+        vm.text().contains("(host gw1, role gateway)"),
+        "{}",
+        tail(&vm.text())
+    );
+    eprintln!("BIOS, config-2 drive: applied {t:.1} s after qemu start");
+}
