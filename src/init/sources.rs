@@ -248,6 +248,79 @@ mod tests {
         assert_eq!(seed_path("config-2"), Some("openstack/latest/user_data"));
     }
 
+    /// A one-shot HTTP server on loopback: answers each path from `routes` (status, body),
+    /// 404 otherwise, for `n` connections.
+    fn serve(routes: Vec<(&'static str, u16, Vec<u8>)>, n: usize) -> String {
+        use std::io::{BufRead as _, Write as _};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for conn in l.incoming().take(n) {
+                let mut c = conn.unwrap();
+                let mut r = std::io::BufReader::new(c.try_clone().unwrap());
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap() == 0 || h.trim().is_empty() {
+                        break;
+                    }
+                }
+                let (status, body) = routes
+                    .iter()
+                    .find(|(p, _, _)| *p == path)
+                    .map(|(_, s, b)| (*s, b.clone()))
+                    .unwrap_or((404, b"no".to_vec()));
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = c.write_all(&body);
+            }
+        });
+        base
+    }
+
+    const SITE: &str = "site \"s\" {\n asn 65010\n cloud-block \"10.200.0.0/16\"\n site-prefix \"10.10.0.0/16\"\n links 1\n}\ngateway \"gw1\" {\n endpoint \"192.0.2.1\"\n site-address \"10.10.0.2\"\n public-key \"1nE7Va0QzFM6HwnWNX6LFyqkPZDBqPd1ib73nKyCE2Y=\"\n}\n";
+
+    #[test]
+    fn the_metadata_service_falls_back_to_latest_when_1_0_has_nothing() {
+        let base = serve(
+            vec![("/latest/user-data", 200, SITE.as_bytes().to_vec())],
+            2,
+        );
+        match metadata(&base, true, Some("gw1")) {
+            Found::Valid(a) => assert_eq!(a.host, "gw1"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn metadata_over_the_limit_is_refused_as_too_large() {
+        let big = vec![b'#'; USER_DATA_LIMIT + 100];
+        let base = serve(vec![("/1.0/user-data", 200, big)], 1);
+        match metadata(&base, true, Some("gw1")) {
+            Found::Refused { reason, .. } => assert!(reason.contains("limit"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_unreachable_or_empty_service_is_unavailable_not_refused() {
+        let base = serve(vec![("/1.0/user-data", 200, Vec::new())], 2);
+        assert!(matches!(metadata(&base, true, None), Found::Unavailable(_)));
+        assert!(matches!(
+            metadata("http://127.0.0.1:9", true, None),
+            Found::Unavailable(_)
+        ));
+        assert!(matches!(
+            metadata(&base, false, None),
+            Found::Unavailable(_)
+        ));
+    }
+
     #[test]
     fn a_bad_cmdline_config_is_refused_not_ignored() {
         assert!(matches!(
