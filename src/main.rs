@@ -117,9 +117,37 @@ enum Command {
         #[arg(long)]
         desired: bool,
     },
+    /// The image's PID 1: find the config (kernel command line, cidata drive, metadata
+    /// service, cache), apply it and supervise `appliance run`. As the initramfs `/init` it is
+    /// stage 1 (verity root, switch_root).
+    Init,
+    /// The bootable image's A/B slots (run on a machine booted from the image).
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Write IMAGE (a disk image built by images/build.sh, as a file or a block device) into
+    /// the inactive slot, verify it against its root hash, and make the next boot (only the
+    /// next one) try it; it becomes the default once it comes up healthy.
+    Install {
+        /// The image: appliance.raw, a disk holding it (e.g. /dev/vdb), or the raw image's
+        /// http:// URL (gzip or not; needs --root-hash).
+        image: String,
+        /// The root hash the image must have (root-hash-A of its build).
+        #[arg(long)]
+        root_hash: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
+    // The kernel runs the initramfs `/init` with no arguments: that is stage 1 of the image.
+    if appliance::init::is_stage1() {
+        appliance::init::stage1();
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -137,6 +165,10 @@ fn main() -> ExitCode {
         _ => appliance::logging::init(),
     }
     match cli.command {
+        Command::Init => appliance::init::stage2(),
+        Command::Image {
+            command: ImageCommand::Install { image, root_hash },
+        } => image_install(&image, root_hash.as_deref()),
         Command::Genkey => {
             println!("{}", appliance::key::PrivateKey::generate().to_base64());
             ExitCode::SUCCESS
@@ -577,4 +609,27 @@ fn reconcile_cmd(args: &ConfigArgs, node: Option<String>, dry_run: bool) -> Exit
             ExitCode::SUCCESS
         }
     })
+}
+
+fn image_install(image: &str, root_hash: Option<&str>) -> ExitCode {
+    if image.starts_with("http://") && root_hash.is_none() {
+        eprintln!("error: an http:// image needs --root-hash (plain HTTP authenticates nothing)");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    match appliance::init::ab::install(image, root_hash) {
+        Ok(Some((slot, hash))) => {
+            println!(
+                "slot {slot} installed and verified (root hash {hash}); reboot to try it once"
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            println!("{image} is the running image: nothing to install");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
 }

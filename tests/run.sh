@@ -6,7 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need=(iproute2 iputils-ping util-linux file bc nftables python3 wireguard-go wireguard-tools iperf3 bird2 gobgpd)
+need=(iproute2 iputils-ping util-linux file bc nftables python3 wireguard-go wireguard-tools iperf3 bird2 gobgpd
+      linux-image-amd64 erofs-utils cryptsetup-bin syslinux syslinux-common systemd-boot-efi mtools dosfstools
+      e2fsprogs fdisk zstd cpio kmod qemu-utils qemu-system-x86 ovmf xorriso binutils gzip nix-bin)
 missing=()
 for p in "${need[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -19,6 +21,9 @@ echo "== cargo fmt --check"
 cargo fmt --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
+echo "== nix/ (parse every file; evaluate the NixOS module against a stub lib)"
+for f in nix/*.nix; do nix-instantiate --parse "$f" >/dev/null; done
+nix-instantiate --eval --strict nix/check.nix | grep -q "bin/appliance run -c"
 echo "== static binary"
 cargo build --quiet
 bin=target/x86_64-unknown-linux-gnu/debug/appliance

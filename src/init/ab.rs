@@ -1,0 +1,675 @@
+//! A/B updates: `appliance image install IMAGE` writes a new image's root into the inactive
+//! slot, checks it against the image's root hash through dm-verity, installs the slot's boot
+//! files, and arranges for the next boot, and only the next one, to try it: a one-shot entry
+//! (systemd-boot's `LoaderEntryOneShot` EFI variable on UEFI, syslinux's ADV "boot once" record
+//! on BIOS). The slot becomes the default only when init finds it healthy; a trial that panics,
+//! stops in stage 1 or stays unhealthy reboots, and the one-shot being spent, the firmware
+//! boots the old default again.
+//!
+//! The record of what is good and what is on trial lives on the state partition
+//! (`/state/appliance/ab.json`). Pure helpers (syslinux config and ADV, loader.conf, the
+//! record) are tested here; the I/O is thin.
+
+use super::{dm, say, sys};
+use serde::{Deserialize, Serialize};
+use std::io::{Read as _, Write as _};
+use std::os::fd::AsRawFd as _;
+use std::time::Duration;
+
+pub const RECORD: &str = "/state/appliance/ab.json";
+const ESP_MOUNT: &str = "/run/appliance/esp";
+const NEW_ESP_MOUNT: &str = "/run/appliance/new-esp";
+/// How long a trial slot has to become healthy before init reboots into the old one.
+pub const TRIAL_TIMEOUT: Duration = Duration::from_secs(180);
+const LOADER_GUID: &str = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
+
+/// What is good and what is on trial.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// The slot that boots by default.
+    pub good: String,
+    /// A slot installed and booted once, not yet found healthy.
+    pub trial: Option<String>,
+    pub trial_hash: Option<String>,
+    /// Root hashes that were tried and failed: not installed again.
+    #[serde(default)]
+    pub failed: Vec<String>,
+}
+
+pub fn other(slot: &str) -> &'static str {
+    if slot == "A" {
+        "B"
+    } else {
+        "A"
+    }
+}
+
+pub fn load_record() -> Option<Record> {
+    serde_json::from_slice(&std::fs::read(RECORD).ok()?).ok()
+}
+
+pub fn save_record(r: &Record) -> Result<(), String> {
+    super::write_atomic(
+        RECORD,
+        serde_json::to_string_pretty(r)
+            .expect("serialises")
+            .as_bytes(),
+        0o600,
+    )
+    .map_err(|e| format!("{RECORD}: {e}"))
+}
+
+// ------------------------------------------------------------------------ syslinux, loader
+
+/// The `LABEL name` stanza of a syslinux config (up to the next LABEL), if any.
+pub fn stanza(cfg: &str, label: &str) -> Option<String> {
+    let mut out = String::new();
+    let mut inside = false;
+    for line in cfg.lines() {
+        let word = line.split_whitespace().next().unwrap_or("");
+        if word.eq_ignore_ascii_case("LABEL") {
+            inside = line.split_whitespace().nth(1) == Some(label);
+        }
+        if inside {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// `cfg` with the stanza for `label` replaced by (or extended with) `new`.
+pub fn set_stanza(cfg: &str, label: &str, new: &str) -> String {
+    let mut out = String::new();
+    let mut inside = false;
+    let mut placed = false;
+    for line in cfg.lines() {
+        let word = line.split_whitespace().next().unwrap_or("");
+        if word.eq_ignore_ascii_case("LABEL") {
+            inside = line.split_whitespace().nth(1) == Some(label);
+            if inside && !placed {
+                out.push_str(new);
+                placed = true;
+            }
+        }
+        if !inside {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    if !placed {
+        out.push_str(new);
+    }
+    out
+}
+
+/// `cfg` with `DEFAULT label`.
+pub fn set_default(cfg: &str, label: &str) -> String {
+    cfg.lines()
+        .map(|l| {
+            if l.split_whitespace()
+                .next()
+                .is_some_and(|w| w.eq_ignore_ascii_case("DEFAULT"))
+            {
+                format!("DEFAULT {label}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+/// systemd-boot's loader.conf with `default ENTRY`.
+pub fn loader_default(conf: &str, entry: &str) -> String {
+    let mut lines: Vec<String> = conf
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("default"))
+        .map(str::to_string)
+        .collect();
+    lines.push(format!("default {entry}"));
+    lines.join("\n") + "\n"
+}
+
+/// The root hash a boot stanza or command line names (`appliance.verity=`).
+pub fn verity_of(text: &str) -> Option<String> {
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix("appliance.verity="))
+        .map(str::to_string)
+}
+
+const ADV_MAGIC1: u32 = 0x5a2d_2fa5;
+const ADV_MAGIC2: u32 = 0xa304_1767;
+const ADV_MAGIC3: u32 = 0xdd28_bf64;
+const ADV_BOOTONCE: u8 = 1;
+
+/// syslinux's auxiliary data vector (the last 1024 bytes of ldlinux.sys: two identical
+/// 512-byte copies) holding one "boot once" command.
+pub fn adv_boot_once(command: &str) -> [u8; 1024] {
+    let mut a = [0u8; 512];
+    a[0..4].copy_from_slice(&ADV_MAGIC1.to_le_bytes());
+    a[8] = ADV_BOOTONCE;
+    a[9] = command.len() as u8;
+    a[10..10 + command.len()].copy_from_slice(command.as_bytes());
+    a[508..512].copy_from_slice(&ADV_MAGIC3.to_le_bytes());
+    let sum = a[8..508].chunks(4).fold(0u32, |s, w| {
+        s.wrapping_add(u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+    });
+    a[4..8].copy_from_slice(&ADV_MAGIC2.wrapping_sub(sum).to_le_bytes());
+    let mut both = [0u8; 1024];
+    both[..512].copy_from_slice(&a);
+    both[512..].copy_from_slice(&a);
+    both
+}
+
+// ------------------------------------------------------------------------ block devices
+
+/// Partitions of one disk by GPT name: name → (device node, "major:minor", size in bytes).
+pub fn disk_partitions(disk: &str) -> std::collections::HashMap<String, (String, String, u64)> {
+    let name = disk.rsplit('/').next().unwrap_or(disk);
+    let mut out = std::collections::HashMap::new();
+    let dir = format!("/sys/class/block/{name}");
+    for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let Ok(u) = std::fs::read_to_string(e.path().join("uevent")) else {
+            continue;
+        };
+        let field = |k: &str| {
+            u.lines()
+                .find_map(|l| l.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
+                .map(str::to_string)
+        };
+        let size: u64 = std::fs::read_to_string(e.path().join("size"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        if let (Some(p), Some(dev), Some(maj), Some(min)) = (
+            field("PARTNAME"),
+            field("DEVNAME"),
+            field("MAJOR"),
+            field("MINOR"),
+        ) {
+            out.insert(
+                p,
+                (format!("/dev/{dev}"), format!("{maj}:{min}"), size * 512),
+            );
+        }
+    }
+    out
+}
+
+/// The disk whose partition is mounted at `/state`: the boot disk.
+pub fn boot_disk() -> Result<String, String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+    let mm = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(super::STATE))
+        .and_then(|l| l.split(' ').nth(2))
+        .ok_or("the state partition is not mounted")?;
+    let link = std::fs::read_link(format!("/sys/dev/block/{mm}")).map_err(|e| e.to_string())?;
+    let disk = link
+        .parent()
+        .and_then(|p| p.file_name())
+        .ok_or("cannot find the disk of the state partition")?;
+    Ok(format!("/dev/{}", disk.to_string_lossy()))
+}
+
+// linux/loop.h
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LO_FLAGS_READ_ONLY: u32 = 1;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+const LO_FLAGS_PARTSCAN: u32 = 8;
+
+/// Attach an image file to a read-only loop device with partition scanning; the device goes
+/// away when its last user closes it (autoclear). Returns the device and its open handle.
+fn attach_loop(path: &str) -> Result<(String, std::fs::File), String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
+    let ctl =
+        std::fs::File::open("/dev/loop-control").map_err(|e| format!("/dev/loop-control: {e}"))?;
+    // SAFETY: no argument.
+    let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
+    if n < 0 {
+        return Err(format!(
+            "no free loop device: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let dev = format!("/dev/loop{n}");
+    let lo = std::fs::OpenOptions::new()
+        .read(true)
+        .open(&dev)
+        .map_err(|e| format!("{dev}: {e}"))?;
+    // struct loop_config { __u32 fd; __u32 block_size; struct loop_info64 info; __u64 reserved[8]; }
+    // loop_info64 is 232 bytes; lo_flags sits at offset 52 inside it.
+    let mut cfg = [0u8; 4 + 4 + 232 + 64];
+    cfg[0..4].copy_from_slice(&(file.as_raw_fd() as u32).to_ne_bytes());
+    let flags = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR | LO_FLAGS_PARTSCAN;
+    cfg[8 + 52..8 + 56].copy_from_slice(&flags.to_ne_bytes());
+    // SAFETY: cfg is a loop_config for the call's duration.
+    if unsafe { libc::ioctl(lo.as_raw_fd(), LOOP_CONFIGURE, cfg.as_ptr()) } < 0 {
+        return Err(format!(
+            "{dev}: LOOP_CONFIGURE: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok((dev, lo))
+}
+
+fn copy_partition(from: &str, to: &str) -> Result<(), String> {
+    let mut src = std::fs::File::open(from).map_err(|e| format!("{from}: {e}"))?;
+    let mut dst = std::fs::OpenOptions::new()
+        .write(true)
+        .open(to)
+        .map_err(|e| format!("{to}: {e}"))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = src
+            .read(&mut buf)
+            .map_err(|e| format!("reading {from}: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        dst.write_all(&buf[..n])
+            .map_err(|e| format!("writing {to}: {e}"))?;
+    }
+    dst.sync_all().map_err(|e| format!("{to}: {e}"))
+}
+
+fn read_file(path: &str) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))
+}
+
+fn copy_file(from: &str, to: &str) -> Result<(), String> {
+    if let Some(dir) = std::path::Path::new(to).parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    std::fs::copy(from, to).map_err(|e| format!("copying {from} to {to}: {e}"))?;
+    Ok(())
+}
+
+/// Write `LoaderEntryOneShot` (UTF-16LE, NUL-terminated; attributes NV|BS|RT).
+fn efi_oneshot(entry: &str) -> Result<(), String> {
+    let vars = "/sys/firmware/efi/efivars";
+    let _ = sys::mount("efivarfs", vars, "efivarfs", 0, "");
+    let mut data = 7u32.to_le_bytes().to_vec();
+    for u in entry.encode_utf16().chain([0]) {
+        data.extend_from_slice(&u.to_le_bytes());
+    }
+    let path = format!("{vars}/LoaderEntryOneShot-{LOADER_GUID}");
+    std::fs::write(&path, &data).map_err(|e| format!("{path}: {e}"))
+}
+
+const DOWNLOAD: &str = "/state/appliance/update.raw";
+
+/// Fetch a raw image over HTTP into the state partition (gunzipped when it starts with the gzip
+/// magic; runs of zeros are skipped, so the file stays sparse).
+fn download(url: &str) -> Result<String, String> {
+    use std::io::{BufRead as _, Seek as _, SeekFrom};
+    say(&format!("downloading {url}"));
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(Duration::from_secs(10)))
+        .timeout_recv_response(Some(Duration::from_secs(30)))
+        .timeout_per_read(Some(Duration::from_secs(60)))
+        .build()
+        .into();
+    let mut resp = agent.get(url).call().map_err(|e| format!("{url}: {e}"))?;
+    let mut body = std::io::BufReader::new(resp.body_mut().as_reader());
+    let gzip = body
+        .fill_buf()
+        .map_err(|e| format!("{url}: {e}"))?
+        .starts_with(&[0x1f, 0x8b]);
+    let mut reader: Box<dyn std::io::Read> = if gzip {
+        Box::new(flate2::read::GzDecoder::new(body))
+    } else {
+        Box::new(body)
+    };
+    let mut out = std::fs::File::create(DOWNLOAD).map_err(|e| format!("{DOWNLOAD}: {e}"))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total: u64 = 0;
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            match reader.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) => return Err(format!("{url}: {e}")),
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().all(|&b| b == 0) {
+            out.seek(SeekFrom::Current(n as i64))
+                .map_err(|e| e.to_string())?;
+        } else {
+            out.write_all(&buf[..n])
+                .map_err(|e| format!("{DOWNLOAD}: {e}"))?;
+        }
+        total += n as u64;
+    }
+    out.set_len(total)
+        .and_then(|_| out.sync_all())
+        .map_err(|e| format!("{DOWNLOAD}: {e}"))?;
+    say(&format!(
+        "downloaded {} MiB{}",
+        total >> 20,
+        if gzip { " (gunzipped)" } else { "" }
+    ));
+    Ok(DOWNLOAD.to_string())
+}
+
+fn is_efi() -> bool {
+    std::path::Path::new("/sys/firmware/efi").exists()
+}
+
+/// Install `image` (a disk image file, block device or http:// URL of one built by
+/// images/build.sh) into the inactive slot and arm a one-shot boot of it. `pin`: the root hash
+/// the image must have. Returns (slot, root hash), or None when the
+/// image is the one running.
+pub fn install(image: &str, pin: Option<&str>) -> Result<Option<(String, String)>, String> {
+    let current = super::cmdline()
+        .slot
+        .ok_or("no appliance.slot= on the kernel command line: not booted from the image")?;
+    if let Some(p) = pin {
+        // Known before any download: the running image, or one that failed its trial.
+        if super::cmdline().verity.as_deref() == Some(p) {
+            return Ok(None);
+        }
+        if load_record().is_some_and(|r| r.failed.iter().any(|f| f == p)) {
+            return Err(format!(
+                "root hash {p} failed a trial boot before: not installing it again"
+            ));
+        }
+    }
+    if image.starts_with("http://") {
+        let r = download(image).and_then(|file| install(&file, pin));
+        let _ = std::fs::remove_file(DOWNLOAD);
+        return r;
+    }
+    let target = other(&current).to_string();
+    let rec = load_record().unwrap_or(Record {
+        good: current.clone(),
+        ..Record::default()
+    });
+    // A file goes through a loop device so its partitions appear like a disk's.
+    let is_block = std::fs::metadata(image)
+        .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+        .map_err(|e| format!("{image}: {e}"))?;
+    let (disk, _hold) = if is_block {
+        (image.to_string(), None)
+    } else {
+        let (d, f) = attach_loop(image)?;
+        std::thread::sleep(Duration::from_millis(500));
+        (d, Some(f))
+    };
+    let new = disk_partitions(&disk);
+    let ours = disk_partitions(&boot_disk()?);
+    let part =
+        |m: &std::collections::HashMap<String, (String, String, u64)>, n: &str, whose: &str| {
+            m.get(n)
+                .cloned()
+                .ok_or(format!("{whose} has no partition named {n}"))
+        };
+    let (new_esp, _, _) = part(&new, "esp", image)?;
+    let (new_root, _, new_root_size) = part(&new, "rootA", image)?;
+    let (new_verity, _, new_verity_size) = part(&new, "verityA", image)?;
+    let (esp, _, _) = part(&ours, "esp", "the boot disk")?;
+    let (root, root_mm, root_size) = part(&ours, &format!("root{target}"), "the boot disk")?;
+    let (verity, verity_mm, verity_size) =
+        part(&ours, &format!("verity{target}"), "the boot disk")?;
+    if new_root_size > root_size || new_verity_size > verity_size {
+        return Err(format!("{image}: its root ({new_root_size} bytes) or verity ({new_verity_size}) does not fit slot {target} ({root_size}, {verity_size})"));
+    }
+    std::fs::create_dir_all(NEW_ESP_MOUNT).map_err(|e| e.to_string())?;
+    sys::mount(&new_esp, NEW_ESP_MOUNT, "vfat", libc::MS_RDONLY, "")?;
+    let result = (|| {
+        let stanza_text = read_file(&format!("{NEW_ESP_MOUNT}/slots/syslinux-{target}.cfg"))?;
+        let hash = verity_of(&stanza_text).ok_or(format!(
+            "{image}: its slot-{target} boot entry names no root hash"
+        ))?;
+        dm::check_root_hash(&hash)?;
+        if let Some(p) = pin {
+            if p != hash {
+                return Err(format!(
+                    "{image} has root hash {hash}, not the pinned {p}: not installed"
+                ));
+            }
+        }
+        if super::cmdline().verity.as_deref() == Some(hash.as_str()) {
+            return Ok(None);
+        }
+        if rec.failed.contains(&hash) {
+            return Err(format!(
+                "root hash {hash} failed a trial boot before: not installing it again"
+            ));
+        }
+        say(&format!(
+            "installing {image} into slot {target} (root hash {hash})"
+        ));
+        copy_partition(&new_root, &root)?;
+        copy_partition(&new_verity, &verity)?;
+        // The written slot must verify against the hash its boot entry will pass.
+        let sb = sys::read_head(&verity, 512).map_err(|e| format!("{verity}: {e}"))?;
+        let sb = dm::parse_superblock(&sb).map_err(|e| format!("{verity}: {e}"))?;
+        let (sectors, table) = dm::verity_table(&sb, &root_mm, &verity_mm, &hash);
+        let name = format!("verify-{target}");
+        let dev = dm::create_verity(&name, sectors, &table)?;
+        let verified = super::verify_all(&dev);
+        dm::remove(&name)?;
+        verified.map_err(|e| {
+            format!("slot {target} does not verify against root hash {hash}: {e}; not installed")
+        })?;
+        // Boot files, then the one-shot.
+        std::fs::create_dir_all(ESP_MOUNT).map_err(|e| e.to_string())?;
+        sys::mount(&esp, ESP_MOUNT, "vfat", 0, "")?;
+        let boot = (|| {
+            copy_file(
+                &format!("{NEW_ESP_MOUNT}/A/vmlinuz"),
+                &format!("{ESP_MOUNT}/{target}/vmlinuz"),
+            )?;
+            copy_file(
+                &format!("{NEW_ESP_MOUNT}/A/initrd"),
+                &format!("{ESP_MOUNT}/{target}/initrd"),
+            )?;
+            // The image keeps slot A's UKI where systemd-boot finds it, slot B's in slots/.
+            let uki = if target == "A" {
+                format!("{NEW_ESP_MOUNT}/EFI/Linux/appliance-A.efi")
+            } else {
+                format!("{NEW_ESP_MOUNT}/slots/appliance-B.efi")
+            };
+            copy_file(
+                &uki,
+                &format!("{ESP_MOUNT}/EFI/Linux/appliance-{target}.efi"),
+            )?;
+            let cfg_path = format!("{ESP_MOUNT}/syslinux/syslinux.cfg");
+            let cfg = read_file(&cfg_path)?;
+            std::fs::write(&cfg_path, set_stanza(&cfg, &target, &stanza_text))
+                .map_err(|e| format!("{cfg_path}: {e}"))?;
+            let adv = adv_boot_once(&target);
+            let ld = format!("{ESP_MOUNT}/syslinux/ldlinux.sys");
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&ld)
+                .map_err(|e| format!("{ld}: {e}"))?;
+            let len = f.metadata().map_err(|e| e.to_string())?.len();
+            std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(len - 1024))
+                .map_err(|e| e.to_string())?;
+            f.write_all(&adv)
+                .and_then(|_| f.sync_all())
+                .map_err(|e| format!("{ld}: {e}"))?;
+            if is_efi() {
+                efi_oneshot(&format!("appliance-{target}.efi"))?;
+            }
+            Ok::<(), String>(())
+        })();
+        sys::umount(ESP_MOUNT);
+        boot?;
+        save_record(&Record {
+            good: rec.good.clone(),
+            trial: Some(target.clone()),
+            trial_hash: Some(hash.clone()),
+            failed: rec.failed.clone(),
+        })?;
+        Ok(Some((target.clone(), hash)))
+    })();
+    sys::umount(NEW_ESP_MOUNT);
+    result
+}
+
+/// Make `slot` the default boot entry on BIOS and UEFI.
+fn make_default(slot: &str) -> Result<(), String> {
+    let esp = disk_partitions(&boot_disk()?)
+        .get("esp")
+        .map(|p| p.0.clone())
+        .ok_or("the boot disk has no esp")?;
+    std::fs::create_dir_all(ESP_MOUNT).map_err(|e| e.to_string())?;
+    sys::mount(&esp, ESP_MOUNT, "vfat", 0, "")?;
+    let r = (|| {
+        let cfg_path = format!("{ESP_MOUNT}/syslinux/syslinux.cfg");
+        let cfg = read_file(&cfg_path)?;
+        std::fs::write(&cfg_path, set_default(&cfg, slot))
+            .map_err(|e| format!("{cfg_path}: {e}"))?;
+        let loader = format!("{ESP_MOUNT}/loader/loader.conf");
+        let conf = read_file(&loader)?;
+        std::fs::write(
+            &loader,
+            loader_default(&conf, &format!("appliance-{slot}.efi")),
+        )
+        .map_err(|e| format!("{loader}: {e}"))
+    })();
+    sys::umount(ESP_MOUNT);
+    r
+}
+
+/// Called once a boot is healthy: a trial slot becomes the default.
+pub fn on_healthy(slot: &str) {
+    let Some(mut rec) = load_record() else {
+        return;
+    };
+    if rec.trial.as_deref() == Some(slot) {
+        match make_default(slot) {
+            Ok(()) => {
+                say(&format!(
+                    "slot {slot} is healthy: it is now the default (slot {} is the fallback)",
+                    rec.good
+                ));
+                rec.good = slot.to_string();
+                rec.trial = None;
+                rec.trial_hash = None;
+                if let Err(e) = save_record(&rec) {
+                    say(&e);
+                }
+            }
+            Err(e) => say(&format!(
+                "slot {slot} is healthy but could not be made the default: {e}"
+            )),
+        }
+    }
+}
+
+/// At boot: a trial that came back to the old slot failed; say so and remember its hash.
+pub fn on_boot(slot: &str) {
+    let Some(mut rec) = load_record() else {
+        return;
+    };
+    if let Some(trial) = rec.trial.clone() {
+        if trial != slot {
+            say(&format!(
+                "slot {trial} did not come up healthy: back on slot {slot}; it will not be tried again"
+            ));
+            if let Some(h) = rec.trial_hash.take() {
+                rec.failed.push(h);
+            }
+            rec.trial = None;
+            if let Err(e) = save_record(&rec) {
+                say(&e);
+            }
+        }
+    }
+}
+
+/// Is this boot a trial of `slot`?
+pub fn is_trial(slot: &str) -> bool {
+    load_record().is_some_and(|r| r.trial.as_deref() == Some(slot))
+}
+
+/// Reboot now (after syncing): PID 1 only.
+pub fn reboot() -> ! {
+    // SAFETY: sync and reboot take no pointers.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_AUTOBOOT);
+    }
+    sys::halt_forever()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CFG: &str = "SERIAL 0 115200\nPROMPT 0\nTIMEOUT 1\nDEFAULT A\nLABEL A\n  LINUX /A/vmlinuz\n  INITRD /A/initrd\n  APPEND console=ttyS0 appliance.slot=A appliance.verity=aa\n";
+
+    #[test]
+    fn a_stanza_is_added_replaced_and_read_back() {
+        let b = "LABEL B\n  LINUX /B/vmlinuz\n  APPEND appliance.slot=B appliance.verity=bb\n";
+        let two = set_stanza(CFG, "B", b);
+        assert_eq!(stanza(&two, "B").unwrap(), b);
+        assert_eq!(stanza(&two, "A"), stanza(CFG, "A"));
+        let b2 = b.replace("bb", "cc");
+        let replaced = set_stanza(&two, "B", &b2);
+        assert_eq!(stanza(&replaced, "B").unwrap(), b2);
+        assert_eq!(replaced.matches("LABEL B").count(), 1);
+        assert_eq!(
+            verity_of(&stanza(&replaced, "B").unwrap()).as_deref(),
+            Some("cc")
+        );
+    }
+
+    #[test]
+    fn the_default_changes_and_nothing_else() {
+        let d = set_default(CFG, "B");
+        assert!(d.contains("\nDEFAULT B\n"));
+        assert_eq!(d.replace("DEFAULT B", "DEFAULT A"), CFG);
+        let l = loader_default(
+            "timeout 0\ndefault appliance-A.efi\nconsole-mode keep\n",
+            "appliance-B.efi",
+        );
+        assert_eq!(l, "timeout 0\nconsole-mode keep\ndefault appliance-B.efi\n");
+    }
+
+    #[test]
+    fn the_adv_checksum_matches_syslinux_for_an_empty_vector() {
+        // An empty ADV as syslinux --install writes it: checksum word == ADV_MAGIC2.
+        let mut empty = [0u8; 512];
+        empty[0..4].copy_from_slice(&ADV_MAGIC1.to_le_bytes());
+        empty[4..8].copy_from_slice(&ADV_MAGIC2.to_le_bytes());
+        empty[508..512].copy_from_slice(&ADV_MAGIC3.to_le_bytes());
+        let a = adv_boot_once("B");
+        assert_eq!(&a[..512], &a[512..]);
+        assert_eq!(&a[10..11], b"B");
+        assert_eq!(a[8..10], [ADV_BOOTONCE, 1]);
+        // Words after the header sum to MAGIC2 (checksum word included), as for the empty one.
+        let sum = |b: &[u8]| {
+            b[4..508].chunks(4).fold(0u32, |s, w| {
+                s.wrapping_add(u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+            })
+        };
+        assert_eq!(sum(&a[..512]), ADV_MAGIC2);
+        assert_eq!(sum(&empty), ADV_MAGIC2);
+    }
+
+    #[test]
+    fn the_record_round_trips() {
+        let r = Record {
+            good: "A".into(),
+            trial: Some("B".into()),
+            trial_hash: Some("ab".into()),
+            failed: vec![],
+        };
+        let back: Record = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(other("A"), "B");
+        assert_eq!(other("B"), "A");
+    }
+}
