@@ -734,6 +734,46 @@ fn uefi_boot_applies_gzip_user_data_from_the_emulated_metadata_service() {
     );
 }
 
+/// No kernel command line config, no seed drive, no network, no cache: the image waits,
+/// says what it looked for, and starts nothing; it neither exits nor restarts.
+#[test]
+fn with_no_config_anywhere_the_image_waits_and_says_so_instead_of_crash_looping() {
+    if !ready("no-config boot") {
+        return;
+    }
+    let dir = Scratch::new("noconfig");
+    let disk = copy_disk(&dir);
+    let mut vm = start_vm(
+        &dir,
+        "noconfig",
+        Firmware::Bios,
+        &disk,
+        &["-nic".to_string(), "none".to_string()],
+        true,
+    );
+    let t = vm.wait_for("no config yet (kernel command line, cidata/config-2 drive, metadata service, cache): waiting");
+    // Still polling a few seconds later: PID 1 is alive and nothing was started.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        vm.child.try_wait().unwrap().is_none(),
+        "the VM stopped: {}",
+        tail(&vm.text())
+    );
+    let text = vm.text();
+    for bad in [
+        "started appliance run",
+        "Kernel panic",
+        "config applied from",
+    ] {
+        assert!(
+            !text.contains(bad),
+            "{bad:?} on the console:\n{}",
+            tail(&text)
+        );
+    }
+    eprintln!("no config anywhere: waiting line {t:.1} s after qemu start");
+}
+
 #[test]
 fn a_corrupted_root_block_stops_the_boot() {
     if !ready("verity tamper") {
