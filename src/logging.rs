@@ -1,5 +1,6 @@
 //! Logging: journald when its socket exists, else stderr. Level from $APPLIANCE_LOG
-//! (tracing-subscriber filter syntax), default `warn` for one-shot commands.
+//! (tracing-subscriber filter syntax), default `warn` for one-shot commands. Colours only on a
+//! terminal, and never with $NO_COLOR set (the image's init sets it: its console is a log).
 
 use std::io::IsTerminal;
 use tracing_subscriber::prelude::*;
@@ -34,7 +35,9 @@ pub fn init_with_defaults(journald_default: &str, stderr_default: &str) {
                 tracing_subscriber::fmt::layer()
                     .with_writer(std::io::stderr)
                     .with_target(false)
-                    .with_ansi(std::io::stderr().is_terminal()),
+                    .with_ansi(
+                        std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+                    ),
             )
             .try_init(),
     };

@@ -711,6 +711,17 @@ fn uefi_boot_applies_gzip_user_data_from_the_emulated_metadata_service() {
         tail(&text)
     );
     assert!(!text.contains(&private), "the private key was printed");
+    // The daemon's log lines reach the console as plain text (the firmware's own screen
+    // control sequences at the top are not ours).
+    let daemon_lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(" INFO ") || l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(!daemon_lines.is_empty(), "{}", tail(&text));
+    assert!(
+        daemon_lines.iter().all(|l| !l.contains('\x1b')),
+        "colour escapes in the daemon's console lines: {daemon_lines:?}"
+    );
     assert!(
         text.contains("eth0: DHCP lease 169.254.169.15/24"),
         "{}",

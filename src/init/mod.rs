@@ -613,6 +613,8 @@ fn supervise(a: &Accepted, slot: &str) -> ! {
         if child.is_none() && Instant::now() >= restart_at {
             match std::process::Command::new(BIN)
                 .args(["run", "-c", RUN_CONFIG, "--node", host, "--key-file", KEY])
+                // The serial console is a terminal, but its log is read as plain text.
+                .env("NO_COLOR", "1")
                 .spawn()
             {
                 Ok(c) => {
