@@ -19,38 +19,7 @@ fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
     if !root_or_skip("bird_interop") {
         return;
     }
-    let (site, gw1, gw2, inet, c1) = (
-        Netns::new(),
-        Netns::new(),
-        Netns::new(),
-        Netns::new(),
-        Netns::new(),
-    );
-    let dir = std::env::temp_dir().join(format!("{}-bgp", site.name));
-    std::fs::create_dir_all(&dir).unwrap();
-    bridge(
-        &site,
-        Some("10.10.0.1/24"),
-        &[(&gw1, "lan", "10.10.0.2/24"), (&gw2, "lan", "10.10.0.3/24")],
-    );
-    bridge(
-        &inet,
-        None,
-        &[
-            (&gw1, "wan", "192.0.2.1/24"),
-            (&gw2, "wan", "192.0.2.3/24"),
-            (&c1, "wan", "192.0.2.11/24"),
-        ],
-    );
-    bgp_site(
-        &dir,
-        &[
-            ("gw1", "192.0.2.1", "10.10.0.2"),
-            ("gw2", "192.0.2.3", "10.10.0.3"),
-        ],
-        &[("site-router", "10.10.0.1")],
-        "",
-    );
+    let (site, gw1, gw2, _inet, c1, dir) = two_gateways("bgp");
     let (bird_proc, sock) = bird(
         &site,
         &dir,
@@ -68,13 +37,6 @@ fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
     for (ns, host) in [(&gw1, "gw1"), (&gw2, "gw2"), (&c1, "c1")] {
         procs.push(daemon(ns, &dir, host));
     }
-    let logs = |procs: &[Proc]| {
-        procs
-            .iter()
-            .map(Proc::log)
-            .collect::<Vec<_>>()
-            .join("\n----\n")
-    };
     let t0 = Instant::now();
     while kernel_nexthops(&site, "10.200.0.11/32") != ["10.10.0.2", "10.10.0.3"] {
         assert!(
@@ -261,20 +223,7 @@ fn a_dual_stack_site_learns_the_node_ipv6_prefix_once_per_gateway_and_reaches_it
     if !root_or_skip("bird_ipv6") {
         return;
     }
-    let (site, gw1, gw2, inet, c1) = (
-        Netns::new(),
-        Netns::new(),
-        Netns::new(),
-        Netns::new(),
-        Netns::new(),
-    );
-    let dir = std::env::temp_dir().join(format!("{}-bgp6", site.name));
-    std::fs::create_dir_all(&dir).unwrap();
-    bridge(
-        &site,
-        Some("10.10.0.1/24"),
-        &[(&gw1, "lan", "10.10.0.2/24"), (&gw2, "lan", "10.10.0.3/24")],
-    );
+    let (site, gw1, gw2, _inet, c1, dir) = two_gateways("bgp6");
     // IPv6 on the LAN, without duplicate address detection delaying the first packets.
     for (ns, dev, a) in [
         (&site, "br0", "2001:db8:10::1/64"),
@@ -283,15 +232,6 @@ fn a_dual_stack_site_learns_the_node_ipv6_prefix_once_per_gateway_and_reaches_it
     ] {
         ns.ip(&["addr", "add", a, "dev", dev, "nodad"]);
     }
-    bridge(
-        &inet,
-        None,
-        &[
-            (&gw1, "wan", "192.0.2.1/24"),
-            (&gw2, "wan", "192.0.2.3/24"),
-            (&c1, "wan", "192.0.2.11/24"),
-        ],
-    );
     let (k1, k2, kc) = (genkey(&dir, "gw1"), genkey(&dir, "gw2"), genkey(&dir, "c1"));
     std::fs::write(
         dir.join("site.kdl"),
@@ -327,13 +267,6 @@ fn a_dual_stack_site_learns_the_node_ipv6_prefix_once_per_gateway_and_reaches_it
     for (ns, host) in [(&gw1, "gw1"), (&gw2, "gw2"), (&c1, "c1")] {
         procs.push(daemon(ns, &dir, host));
     }
-    let logs = |procs: &[Proc]| {
-        procs
-            .iter()
-            .map(Proc::log)
-            .collect::<Vec<_>>()
-            .join("\n----\n")
-    };
     let t0 = Instant::now();
     while kernel_nexthops(&site, "2001:db8:200:11::/64") != ["2001:db8:10::2", "2001:db8:10::3"] {
         assert!(
@@ -355,23 +288,13 @@ fn a_dual_stack_site_learns_the_node_ipv6_prefix_once_per_gateway_and_reaches_it
         ["10.10.0.2", "10.10.0.3"]
     );
     // bird's IPv6 prefix reaches the node as a multipath route over both gateways' links.
-    let learned = || -> Vec<String> {
-        c1.our_routes()
-            .into_iter()
-            .find(|(d, m, _)| d == "2001:db8:12::/48" && *m == 20)
-            .map(|r| r.2)
-            .unwrap_or_default()
-    };
-    let t1 = Instant::now();
-    while learned() != ["ap-gw1-0", "ap-gw1-1", "ap-gw2-0", "ap-gw2-1"] {
-        assert!(
-            t1.elapsed() < Duration::from_secs(20),
-            "c1 never routed 2001:db8:12::/48 over both gateways: {:?}\n{}",
-            learned(),
-            logs(&procs)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_route_devs(
+        &c1,
+        "2001:db8:12::/48",
+        &["ap-gw1-0", "ap-gw1-1", "ap-gw2-0", "ap-gw2-1"],
+        Duration::from_secs(20),
+        &procs,
+    );
     // IPv6 bytes from the site to an address inside the node's prefix, through the tunnels.
     c1.ip(&["addr", "add", "2001:db8:200:11::1/128", "dev", "lo"]);
     let ping = site.exec(&[

@@ -134,13 +134,6 @@ fn gobgp_receives_a_reflected_client_route_with_originator_id_and_cluster_list()
     for (ns, host) in [(&gw1, "gw1"), (&c1, "c1")] {
         procs.push(daemon(ns, &dir, host));
     }
-    let logs = |procs: &[Proc]| {
-        procs
-            .iter()
-            .map(Proc::log)
-            .collect::<Vec<_>>()
-            .join("\n----\n")
-    };
     let t0 = Instant::now();
     let path = loop {
         let (best, shown) = gobgp_best(&site, "10.200.0.11/32");
@@ -296,13 +289,6 @@ fn gobgp_as_a_reflector_client_gets_originator_id_and_cluster_list_and_its_annou
         ],
         dir.join("gobgpd.log"),
     ));
-    let logs = |procs: &[Proc]| {
-        procs
-            .iter()
-            .map(Proc::log)
-            .collect::<Vec<_>>()
-            .join("\n----\n")
-    };
     // What the client receives: both site paths (ADD-PATH, RFC 7911: gobgpd asked for several
     // paths, told apart by the path identifiers gw1 gave them), each reflected from a
     // non-client with ORIGINATOR_ID = that site router's ID and CLUSTER_LIST = [gw1].

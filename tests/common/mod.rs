@@ -381,3 +381,83 @@ pub fn kernel_nexthops(ns: &Netns, prefix: &str) -> Vec<String> {
     hops.sort();
     hops
 }
+
+/// The two-gateway iBGP lab: a site bridge 10.10.0.1/24 (in `site`) with gw1 at .2 and gw2 at
+/// .3 on their `lan`; an internet bridge (in `inet`) with gw1 192.0.2.1, gw2 192.0.2.3 and c1
+/// 192.0.2.11 on their `wan`; a scratch directory holding keys and the site file of
+/// [`bgp_site`] (site router 10.10.0.1). Returns (site, gw1, gw2, inet, c1, dir).
+pub fn two_gateways(tag: &str) -> (Netns, Netns, Netns, Netns, Netns, std::path::PathBuf) {
+    let (site, gw1, gw2, inet, c1) = (
+        Netns::new(),
+        Netns::new(),
+        Netns::new(),
+        Netns::new(),
+        Netns::new(),
+    );
+    let dir = std::env::temp_dir().join(format!("{}-{tag}", site.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    bridge(
+        &site,
+        Some("10.10.0.1/24"),
+        &[(&gw1, "lan", "10.10.0.2/24"), (&gw2, "lan", "10.10.0.3/24")],
+    );
+    bridge(
+        &inet,
+        None,
+        &[
+            (&gw1, "wan", "192.0.2.1/24"),
+            (&gw2, "wan", "192.0.2.3/24"),
+            (&c1, "wan", "192.0.2.11/24"),
+        ],
+    );
+    bgp_site(
+        &dir,
+        &[
+            ("gw1", "192.0.2.1", "10.10.0.2"),
+            ("gw2", "192.0.2.3", "10.10.0.3"),
+        ],
+        &[("site-router", "10.10.0.1")],
+        "",
+    );
+    (site, gw1, gw2, inet, c1, dir)
+}
+
+/// Every process's log, for a failure message.
+pub fn logs(procs: &[Proc]) -> String {
+    procs
+        .iter()
+        .map(Proc::log)
+        .collect::<Vec<_>>()
+        .join("\n----\n")
+}
+
+/// The devices of our (metric 20) route to `prefix` in `ns`; empty if there is none.
+pub fn route_devs(ns: &Netns, prefix: &str) -> Vec<String> {
+    ns.our_routes()
+        .into_iter()
+        .find(|(d, m, _)| d == prefix && *m == 20)
+        .map(|r| r.2)
+        .unwrap_or_default()
+}
+
+/// Wait until our route to `prefix` in `ns` goes over exactly `devs`; panic with every
+/// process's log after `timeout`.
+pub fn wait_route_devs(
+    ns: &Netns,
+    prefix: &str,
+    devs: &[&str],
+    timeout: std::time::Duration,
+    procs: &[Proc],
+) {
+    let t = std::time::Instant::now();
+    while route_devs(ns, prefix) != devs {
+        assert!(
+            t.elapsed() < timeout,
+            "{} never routed {prefix} over {devs:?}: {:?}\n{}",
+            ns.name,
+            route_devs(ns, prefix),
+            logs(procs)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
