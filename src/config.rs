@@ -154,6 +154,20 @@ impl Config {
         }
     }
 
+    /// The WireGuard public key the site file lists for `host` (relays have none).
+    pub fn public_key_of(&self, host: &str) -> Option<PublicKey> {
+        self.gateways
+            .iter()
+            .find(|g| g.name == host)
+            .map(|g| g.public_key)
+            .or_else(|| {
+                self.nodes
+                    .iter()
+                    .find(|n| n.name == host)
+                    .map(|n| n.public_key)
+            })
+    }
+
     /// Every host name, for "did you mean" and listing.
     pub fn host_names(&self) -> Vec<&str> {
         self.gateways

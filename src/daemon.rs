@@ -59,18 +59,7 @@ fn load(path: &std::path::Path) -> Result<Config, String> {
 
 /// The key this host must hold, and a check that the key file matches it.
 fn check_key(cfg: &Config, host: &str, key: &PrivateKey) -> Result<(), String> {
-    let listed = cfg
-        .gateways
-        .iter()
-        .find(|g| g.name == host)
-        .map(|g| g.public_key)
-        .or_else(|| {
-            cfg.nodes
-                .iter()
-                .find(|n| n.name == host)
-                .map(|n| n.public_key)
-        });
-    match listed {
+    match cfg.public_key_of(host) {
         Some(k) if k != key.public() => Err(format!(
             "the private key's public key is {}, but the config lists {k} for {host}: wrong key file or stale config",
             key.public()

@@ -499,18 +499,7 @@ fn check_host(
         return None;
     };
     if let Some((key, span)) = &block.private_key {
-        let listed = cfg
-            .gateways
-            .iter()
-            .find(|g| g.name == host)
-            .map(|g| g.public_key)
-            .or_else(|| {
-                cfg.nodes
-                    .iter()
-                    .find(|n| n.name == host)
-                    .map(|n| n.public_key)
-            });
-        if let Some(listed) = listed {
+        if let Some(listed) = cfg.public_key_of(host) {
             if listed != key.public() {
                 diags.push(
                     Diagnostic::new(*span, format!("this private key does not belong to {host}"))
