@@ -4,7 +4,7 @@
 //! where our attribute order is theirs, re-encode to the same bytes. For each malformed
 //! message sent to bird, our decision is compared with bird's reply.
 
-use appliance::bgp::wire::{decode, encode, Context, Families, Message};
+use appliance::bgp::wire::{decode, encode, Context, Message};
 use std::path::Path;
 
 const CTX: Context = Context {
@@ -23,19 +23,6 @@ fn hex(name: &str) -> Vec<u8> {
         .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap())
         .collect()
 }
-
-/// The session bird ran with `add paths on` (ADD-PATH both ways, both families).
-const ADD_PATH: Context = Context {
-    four_octet_as: true,
-    add_path_rx: Families {
-        ipv4: true,
-        ipv6: true,
-    },
-    add_path_tx: Families {
-        ipv4: true,
-        ipv6: true,
-    },
-};
 
 /// Messages from bird/gobgp that we decode on a plain session. The ADD-PATH UPDATEs (14–17)
 /// have their own test below.
@@ -134,7 +121,7 @@ fn add_path_updates_from_bird_decode_with_their_path_identifiers_and_re_encode_e
     ] {
         let bytes = hex(name);
         let Message::Update(u) =
-            decode(&bytes, ADD_PATH).unwrap_or_else(|e| panic!("{name}: {e:?}"))
+            decode(&bytes, Context::ALL).unwrap_or_else(|e| panic!("{name}: {e:?}"))
         else {
             panic!("{name}: not an UPDATE")
         };
@@ -147,9 +134,9 @@ fn add_path_updates_from_bird_decode_with_their_path_identifiers_and_re_encode_e
         assert_eq!(nlri.len(), 1, "{name}: {u:?}");
         assert_eq!(nlri[0].prefix.to_string(), prefix, "{name}");
         assert_eq!(nlri[0].path_id, path_id, "{name}");
-        let again = encode(&Message::Update(u.clone()), ADD_PATH);
+        let again = encode(&Message::Update(u.clone()), Context::ALL);
         assert_eq!(
-            decode(&again, ADD_PATH).unwrap(),
+            decode(&again, Context::ALL).unwrap(),
             Message::Update(u),
             "{name}: semantic round trip"
         );

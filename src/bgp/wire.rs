@@ -297,6 +297,14 @@ impl Context {
         add_path_rx: Families::NONE,
         add_path_tx: Families::NONE,
     };
+
+    /// A session whose peer agreed to all we offer: 4-octet AS, ADD-PATH both ways, both
+    /// families.
+    pub const ALL: Context = Context {
+        four_octet_as: true,
+        add_path_rx: Families::BOTH,
+        add_path_tx: Families::BOTH,
+    };
 }
 
 /// A flag per address family (IPv4 unicast, IPv6 unicast).
@@ -310,6 +318,11 @@ impl Families {
     pub const NONE: Families = Families {
         ipv4: false,
         ipv6: false,
+    };
+
+    pub const BOTH: Families = Families {
+        ipv4: true,
+        ipv6: true,
     };
 
     pub fn has(&self, v6: bool) -> bool {
@@ -1124,19 +1137,6 @@ mod tests {
         ..Context::PLAIN
     };
 
-    /// A session that negotiated ADD-PATH both ways for both families.
-    const ADD_PATH: Context = Context {
-        four_octet_as: true,
-        add_path_rx: Families {
-            ipv4: true,
-            ipv6: true,
-        },
-        add_path_tx: Families {
-            ipv4: true,
-            ipv6: true,
-        },
-    };
-
     #[test]
     fn add_path_nlri_carry_a_path_identifier_before_each_prefix() {
         let u = Update {
@@ -1153,13 +1153,13 @@ mod tests {
             attributes: Some(ibgp_attrs("10.10.0.1")),
             ..Default::default()
         };
-        let m = encode(&Message::Update(u.clone()), ADD_PATH);
+        let m = encode(&Message::Update(u.clone()), Context::ALL);
         // The NLRI field ends the message: id 7, /16, 10.12; id 9, /16, 10.12.
         assert_eq!(
             &m[m.len() - 14..],
             &[0, 0, 0, 7, 16, 10, 12, 0, 0, 0, 9, 16, 10, 12]
         );
-        assert_eq!(decode(&m, ADD_PATH).unwrap(), Message::Update(u));
+        assert_eq!(decode(&m, Context::ALL).unwrap(), Message::Update(u));
     }
 
     #[test]
@@ -1183,8 +1183,8 @@ mod tests {
             attributes: Some(ibgp_attrs("2001:db8::1")),
             ..Default::default()
         };
-        let m = encode(&Message::Update(u.clone()), ADD_PATH);
-        assert_eq!(decode(&m, ADD_PATH).unwrap(), Message::Update(u));
+        let m = encode(&Message::Update(u.clone()), Context::ALL);
+        assert_eq!(decode(&m, Context::ALL).unwrap(), Message::Update(u));
     }
 
     #[test]
@@ -1197,7 +1197,7 @@ mod tests {
             attributes: Some(ibgp_attrs("10.10.0.1")),
             ..Default::default()
         };
-        let m = encode(&Message::Update(u), ADD_PATH);
+        let m = encode(&Message::Update(u), Context::ALL);
         // Read as plain NLRI the identifier's first octet is a prefix length of 0: the bytes
         // make no valid list of prefixes, which RFC 4271 calls an invalid network field.
         match decode(&m, CTX) {
@@ -1222,7 +1222,7 @@ mod tests {
         m.extend_from_slice(&[0, 0, 0, 1]);
         let len = m.len() as u16;
         m[16..18].copy_from_slice(&len.to_be_bytes());
-        let e = decode(&m, ADD_PATH).unwrap_err();
+        let e = decode(&m, Context::ALL).unwrap_err();
         assert_eq!((e.notification.code, e.notification.subcode), (3, 10));
         assert!(e.reason.contains("path identifier"), "{}", e.reason);
     }
