@@ -73,20 +73,20 @@ fn attr(path: &Value, code: u64) -> Option<&Value> {
         .find(|a| a.get("type").and_then(Value::as_u64) == Some(code))
 }
 
-#[test]
-fn gobgp_receives_a_reflected_client_route_with_originator_id_and_cluster_list() {
-    if !root_or_skip("gobgp_interop") {
-        return;
-    }
+/// One gateway's lab: a site bridge (in `site`, addressed `site_addr`) with gw1 at 10.10.0.2
+/// on its `lan`; an internet bridge (in `inet`) with gw1 192.0.2.1 and c1 192.0.2.11 on their
+/// `wan`; the site file of [`bgp_site`] with `neighbors` and `node_extra`, in a scratch
+/// directory. Returns (site, gw1, inet, c1, dir).
+fn one_gateway(
+    tag: &str,
+    site_addr: &str,
+    neighbors: &[(&str, &str)],
+    node_extra: &str,
+) -> (Netns, Netns, Netns, Netns, std::path::PathBuf) {
     let (site, gw1, inet, c1) = (Netns::new(), Netns::new(), Netns::new(), Netns::new());
-    let dir = std::env::temp_dir().join(format!("{}-gobgp", site.name));
+    let dir = std::env::temp_dir().join(format!("{}-{tag}", site.name));
     std::fs::create_dir_all(&dir).unwrap();
-    // Site LAN: gobgpd on the bridge itself.
-    bridge(
-        &site,
-        Some("10.10.0.9/24"),
-        &[(&gw1, "lan", "10.10.0.2/24")],
-    );
+    bridge(&site, Some(site_addr), &[(&gw1, "lan", "10.10.0.2/24")]);
     bridge(
         &inet,
         None,
@@ -95,13 +95,46 @@ fn gobgp_receives_a_reflected_client_route_with_originator_id_and_cluster_list()
     bgp_site(
         &dir,
         &[("gw1", "192.0.2.1", "10.10.0.2")],
-        &[("gobgp", "10.10.0.9")],
-        "",
+        neighbors,
+        node_extra,
     );
+    (site, gw1, inet, c1, dir)
+}
+
+/// gobgpd in `ns` with the TOML config `conf` (written to `dir/gobgpd.toml`), its API on
+/// [`API_PORT`] of the namespace's loopback.
+fn gobgpd(ns: &Netns, dir: &std::path::Path, conf: &str) -> Proc {
+    let path = dir.join("gobgpd.toml");
+    std::fs::write(&path, conf).unwrap();
+    let api = format!("127.0.0.1:{API_PORT}");
+    Proc::spawn(
+        ns,
+        &[
+            "gobgpd",
+            "-f",
+            path.to_str().unwrap(),
+            "-t",
+            "toml",
+            "--api-hosts",
+            &api,
+            "--pprof-disable",
+        ],
+        dir.join("gobgpd.log"),
+    )
+}
+
+#[test]
+fn gobgp_receives_a_reflected_client_route_with_originator_id_and_cluster_list() {
+    if !root_or_skip("gobgp_interop") {
+        return;
+    }
+    // Site LAN: gobgpd on the bridge itself.
+    let (site, gw1, _inet, c1, dir) =
+        one_gateway("gobgp", "10.10.0.9/24", &[("gobgp", "10.10.0.9")], "");
     // Both sides connect actively and accept on port 179; either session wins.
-    let gobgp_conf = dir.join("gobgpd.toml");
-    std::fs::write(
-        &gobgp_conf,
+    let mut procs = vec![gobgpd(
+        &site,
+        &dir,
         "[global.config]\n\
          \x20 as = 65010\n\
          \x20 router-id = \"10.10.0.9\"\n\
@@ -114,22 +147,6 @@ fn gobgp_receives_a_reflected_client_route_with_originator_id_and_cluster_list()
          \x20 [[neighbors.afi-safis]]\n\
          \x20   [neighbors.afi-safis.config]\n\
          \x20     afi-safi-name = \"ipv4-unicast\"\n",
-    )
-    .unwrap();
-    let api = format!("127.0.0.1:{API_PORT}");
-    let mut procs = vec![Proc::spawn(
-        &site,
-        &[
-            "gobgpd",
-            "-f",
-            gobgp_conf.to_str().unwrap(),
-            "-t",
-            "toml",
-            "--api-hosts",
-            &api,
-            "--pprof-disable",
-        ],
-        dir.join("gobgpd.log"),
     )];
     for (ns, host) in [(&gw1, "gw1"), (&c1, "c1")] {
         procs.push(daemon(ns, &dir, host));
@@ -198,22 +215,9 @@ fn gobgp_as_a_reflector_client_gets_originator_id_and_cluster_list_and_its_annou
     if !root_or_skip("gobgp_client_interop") {
         return;
     }
-    let (site, gw1, inet, c1) = (Netns::new(), Netns::new(), Netns::new(), Netns::new());
-    let dir = std::env::temp_dir().join(format!("{}-gobgp-client", site.name));
-    std::fs::create_dir_all(&dir).unwrap();
-    bridge(
-        &site,
-        Some("10.10.0.1/24"),
-        &[(&gw1, "lan", "10.10.0.2/24")],
-    );
-    bridge(
-        &inet,
-        None,
-        &[(&gw1, "wan", "192.0.2.1/24"), (&c1, "wan", "192.0.2.11/24")],
-    );
-    bgp_site(
-        &dir,
-        &[("gw1", "192.0.2.1", "10.10.0.2")],
+    let (site, gw1, _inet, c1, dir) = one_gateway(
+        "gobgp-client",
+        "10.10.0.1/24",
         &[("site-router", "10.10.0.1"), ("site-router-b", "10.10.0.5")],
         " prefix \"10.200.0.11/32\"\n prefix \"10.200.5.0/24\"\n bgp-speaker \"external\"",
     );
@@ -240,10 +244,22 @@ fn gobgp_as_a_reflector_client_gets_originator_id_and_cluster_list_and_its_annou
     let kernel = "protocol kernel { ipv4 { import none; export filter { if dest = RTD_UNICAST then accept; reject; }; }; }";
     let (bird_a, _) = bird(&site, &dir, "bird-a", &site_router("10.10.0.1", kernel));
     let (bird_b, _) = bird(&site, &dir, "bird-b", &site_router("10.10.0.5", ""));
+    let mut procs = vec![
+        bird_a,
+        bird_b,
+        daemon(&gw1, &dir, "gw1"),
+        daemon(&c1, &dir, "c1"),
+    ];
+    // appliance puts the node address on ap-lo; gobgpd can bind it once that is done.
+    let t = Instant::now();
+    while !c1.ip(&["-4", "addr", "show"]).contains("10.200.0.11") {
+        assert!(t.elapsed() < Duration::from_secs(20), "{}", procs[3].log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // gobgpd on the node: no listener (port -1), it dials gw1 from the node address.
-    let conf = dir.join("gobgpd.toml");
-    std::fs::write(
-        &conf,
+    procs.push(gobgpd(
+        &c1,
+        &dir,
         "[global.config]\n\
          \x20 as = 65010\n\
          \x20 router-id = \"10.200.0.11\"\n\
@@ -260,34 +276,6 @@ fn gobgp_as_a_reflector_client_gets_originator_id_and_cluster_list_and_its_annou
          \x20   [neighbors.afi-safis.add-paths.config]\n\
          \x20     receive = true\n\
          \x20     send-max = 8\n",
-    )
-    .unwrap();
-    let mut procs = vec![
-        bird_a,
-        bird_b,
-        daemon(&gw1, &dir, "gw1"),
-        daemon(&c1, &dir, "c1"),
-    ];
-    // appliance puts the node address on ap-lo; gobgpd can bind it once that is done.
-    let t = Instant::now();
-    while !c1.ip(&["-4", "addr", "show"]).contains("10.200.0.11") {
-        assert!(t.elapsed() < Duration::from_secs(20), "{}", procs[3].log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let api = format!("127.0.0.1:{API_PORT}");
-    procs.push(Proc::spawn(
-        &c1,
-        &[
-            "gobgpd",
-            "-f",
-            conf.to_str().unwrap(),
-            "-t",
-            "toml",
-            "--api-hosts",
-            &api,
-            "--pprof-disable",
-        ],
-        dir.join("gobgpd.log"),
     ));
     // What the client receives: both site paths (ADD-PATH, RFC 7911: gobgpd asked for several
     // paths, told apart by the path identifiers gw1 gave them), each reflected from a
