@@ -200,6 +200,19 @@ fn seed(dir: &Path, name: &str, user_data: &[u8], iso: bool) -> PathBuf {
     img
 }
 
+/// qemu arguments for a read-only virtio disk (seeds, update images).
+fn ro_drive(p: &Path) -> Vec<String> {
+    vec![
+        "-drive".to_string(),
+        format!("file={},format=raw,if=virtio,readonly=on", p.display()),
+    ]
+}
+
+/// qemu arguments for a VM without a network card.
+fn no_nic() -> Vec<String> {
+    vec!["-nic".to_string(), "none".to_string()]
+}
+
 /// A running VM and everything its serial console printed.
 struct Vm {
     child: Child,
@@ -521,12 +534,6 @@ fn bios_boot_applies_a_nocloud_seed_then_the_cache_and_keeps_it_against_a_bad_se
     let user_data = site("c1");
     let hash = sha256(&user_data);
     let good = seed(&dir, "seed", user_data.as_bytes(), false);
-    let drive = |p: &Path| {
-        vec![
-            "-drive".to_string(),
-            format!("file={},format=raw,if=virtio,readonly=on", p.display()),
-        ]
-    };
 
     // 1. First boot, NoCloud seed (vfat CIDATA): applied from cidata; a key is generated.
     let mut vm = start_vm(
@@ -534,7 +541,7 @@ fn bios_boot_applies_a_nocloud_seed_then_the_cache_and_keeps_it_against_a_bad_se
         "boot1",
         Firmware::Bios,
         &disk,
-        &[drive(&good), vec!["-nic".into(), "none".into()]].concat(),
+        &[ro_drive(&good), no_nic()].concat(),
         true,
     );
     let t = vm.wait_for(&format!("config applied from cidata, hash {hash}"));
@@ -571,14 +578,7 @@ fn bios_boot_applies_a_nocloud_seed_then_the_cache_and_keeps_it_against_a_bad_se
     );
 
     // 2. No source at all: the cached config, and the same key (state persisted).
-    let mut vm = start_vm(
-        &dir,
-        "boot2",
-        Firmware::Bios,
-        &disk,
-        &["-nic".into(), "none".into()],
-        true,
-    );
+    let mut vm = start_vm(&dir, "boot2", Firmware::Bios, &disk, &no_nic(), true);
     let t = vm.wait_for(&format!("config applied from cache, hash {hash}"));
     let text = vm.text();
     assert!(
@@ -608,7 +608,7 @@ fn bios_boot_applies_a_nocloud_seed_then_the_cache_and_keeps_it_against_a_bad_se
         "boot3",
         Firmware::Bios,
         &disk,
-        &[drive(&bad), vec!["-nic".into(), "none".into()]].concat(),
+        &[ro_drive(&bad), no_nic()].concat(),
         true,
     );
     vm.wait_for(&format!(
@@ -760,14 +760,7 @@ fn with_no_config_anywhere_the_image_waits_and_says_so_instead_of_crash_looping(
     }
     let dir = Scratch::new("noconfig");
     let disk = copy_disk(&dir);
-    let mut vm = start_vm(
-        &dir,
-        "noconfig",
-        Firmware::Bios,
-        &disk,
-        &["-nic".to_string(), "none".to_string()],
-        true,
-    );
+    let mut vm = start_vm(&dir, "noconfig", Firmware::Bios, &disk, &no_nic(), true);
     let t = vm.wait_for("no config yet (kernel command line, cidata/config-2 drive, metadata service, cache): waiting");
     // Still polling a few seconds later: PID 1 is alive and nothing was started.
     std::thread::sleep(Duration::from_secs(3));
@@ -809,12 +802,7 @@ fn uefi_on_i440fx_finds_a_virtio_nocloud_seed() {
         "i440fx",
         Firmware::UefiI440fx(dir.join("vars.fd")),
         &disk,
-        &[
-            "-drive".to_string(),
-            format!("file={},format=raw,if=virtio,readonly=on", seed.display()),
-            "-nic".to_string(),
-            "none".to_string(),
-        ],
+        &[ro_drive(&seed), no_nic()].concat(),
         true,
     );
     let t = vm.wait_for(&format!("config applied from cidata, hash {hash}"));
@@ -848,14 +836,7 @@ fn a_corrupted_root_block_stops_the_boot() {
         f.seek(SeekFrom::Start(offset)).unwrap();
         f.write_all(&[b[0] ^ 0xff]).unwrap();
     }
-    let mut vm = start_vm(
-        &dir,
-        "tamper",
-        Firmware::Bios,
-        &disk,
-        &["-nic".into(), "none".into()],
-        true,
-    );
+    let mut vm = start_vm(&dir, "tamper", Firmware::Bios, &disk, &no_nic(), true);
     let t = vm.wait_for("boot stopped: root slot A");
     let text = vm.text();
     assert!(text.contains("fails dm-verity"), "{}", tail(&text));
@@ -924,12 +905,9 @@ node "c1" {{
     // One virtual wire: a qemu stream netdev over a Unix socket in this test's directory.
     let wire = dir.join("wire.sock");
     let nic = |server: &str, mac: &str| {
-        vec![
-            "-drive".to_string(),
-            format!(
-                "file={},format=raw,if=virtio,readonly=on",
-                if server == "on" { &gw_seed } else { &c1_seed }.display()
-            ),
+        let seed = if server == "on" { &gw_seed } else { &c1_seed };
+        let mut args = ro_drive(seed);
+        args.extend([
             "-netdev".into(),
             format!(
                 "stream,id=w0,server={server},addr.type=unix,addr.path={}",
@@ -937,7 +915,8 @@ node "c1" {{
             ),
             "-device".into(),
             format!("virtio-net-pci,netdev=w0,mac={mac}"),
-        ]
+        ]);
+        args
     };
     let mut gw = start_vm(
         &dir,
@@ -998,22 +977,12 @@ fn a_broken_image_installed_in_slot_b_falls_back_to_slot_a() {
     );
     assert!(user_data.contains("install-image"));
     let seed = seed(&dir, "seed", user_data.as_bytes(), false);
-    let ro = |p: &Path| {
-        vec![
-            "-drive".to_string(),
-            format!("file={},format=raw,if=virtio,readonly=on", p.display()),
-        ]
-    };
     let extra = [
-        ro(&broken.join("appliance.raw")),
-        ro(&seed),
+        ro_drive(&broken.join("appliance.raw")),
+        ro_drive(&seed),
         // Let the guest reboot: the fallback is a reboot.
-        vec![
-            "-action".into(),
-            "reboot=reset".into(),
-            "-nic".into(),
-            "none".into(),
-        ],
+        vec!["-action".into(), "reboot=reset".into()],
+        no_nic(),
     ]
     .concat();
     let mut vm = start_vm(&dir, "ab", Firmware::Bios, &disk, &extra, true);
@@ -1051,12 +1020,6 @@ fn a_good_update_fetched_over_http_boots_once_on_uefi_and_becomes_the_default_wh
         &format!("    host \"c1\"\n    install-image \"http://169.254.169.254/appliance.raw.gz\"\n    install-root-hash \"{next_hash}\"\n"),
     );
     let seed = seed(&dir, "seed", user_data.as_bytes(), false);
-    let ro = |p: &Path| {
-        vec![
-            "-drive".to_string(),
-            format!("file={},format=raw,if=virtio,readonly=on", p.display()),
-        ]
-    };
     // The update comes over HTTP (gzip), pinned by its root hash, from a guestfwd server.
     let empty = dir.join("no-user-data");
     std::fs::write(&empty, "").unwrap();
@@ -1067,7 +1030,7 @@ fn a_good_update_fetched_over_http_boots_once_on_uefi_and_becomes_the_default_wh
         next.join("appliance.raw.gz").display()
     );
     let extra = [
-        ro(&seed),
+        ro_drive(&seed),
         vec![
             "-action".into(),
             "reboot=reset".into(),
@@ -1165,12 +1128,7 @@ fn the_kernel_command_line_comes_first_and_a_config_drive_is_read_too() {
             dir.join("config-2.d").to_str().unwrap(),
         ],
     );
-    let drive = vec![
-        "-drive".to_string(),
-        format!("file={},format=raw,if=virtio,readonly=on", iso.display()),
-        "-nic".into(),
-        "none".into(),
-    ];
+    let drive = [ro_drive(&iso), no_nic()].concat();
 
     // 1. Both present: the command line wins.
     let disk = dir.join("baked.raw");
