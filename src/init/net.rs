@@ -135,25 +135,23 @@ fn dhcp_loop(name: String, state: Arc<NetState>) {
         say(&format!("{name}: cannot bring up: {e}"));
         return;
     }
-    let mut quiet = Duration::from_secs(5);
-    let mut announced = false;
-    loop {
-        if state
+    // Static addressing for this interface, from the config, ends DHCP on it.
+    let now_static = || {
+        state
             .static_ifaces
             .lock()
             .expect("not poisoned")
             .contains(&name)
-        {
+    };
+    let mut quiet = Duration::from_secs(5);
+    let mut announced = false;
+    loop {
+        if now_static() {
             return;
         }
         match dhcp::lease(&name, mac, Duration::from_secs(10)) {
             Ok(Some(l)) => {
-                if state
-                    .static_ifaces
-                    .lock()
-                    .expect("not poisoned")
-                    .contains(&name)
-                {
+                if now_static() {
                     return;
                 }
                 match apply_lease(&name, &l) {
