@@ -806,20 +806,28 @@ impl Loader<'_> {
             .unwrap_or_default();
         for (i, field) in extra.into_iter().enumerate() {
             let Some(a) = self.ip(field) else { continue };
-            match first {
-                Some(IpAddr::V4(_)) if a.is_ipv6() && i == 0 => site_address_v6 = Some(a),
-                _ => self.err(
-                    Diagnostic::new(
-                        field_span(node, "site-address", i + 1),
-                        format!(
-                            "`site-address` {a}: this gateway already has an {} site address",
-                            if a.is_ipv4() { "IPv4" } else { "IPv6" }
-                        ),
-                    )
-                    .label("extra site address")
-                    .help("give the IPv4 site address first, then at most one IPv6 one for a dual-stack site"),
+            let why = match (first, a) {
+                (None, _) => continue, // the first one is already reported
+                (Some(IpAddr::V4(_)), IpAddr::V6(_)) if i == 0 => {
+                    site_address_v6 = Some(a);
+                    continue;
+                }
+                (Some(IpAddr::V6(_)), IpAddr::V4(_)) => {
+                    "the IPv4 site address must come first (it is the router ID)".to_string()
+                }
+                (_, a) => format!(
+                    "this gateway already has an {} site address",
+                    if a.is_ipv4() { "IPv4" } else { "IPv6" }
                 ),
-            }
+            };
+            self.err(
+                Diagnostic::new(
+                    field_span(node, "site-address", i + 1),
+                    format!("`site-address` {a}: {why}"),
+                )
+                .label("extra site address")
+                .help("give the IPv4 site address first, then at most one IPv6 one for a dual-stack site"),
+            );
         }
         let public_key = self
             .required(&f, "public-key")
@@ -1698,6 +1706,25 @@ node "c1" {{
         let slot = cfg.nodes.iter().find(|n| n.name == "burst-3").unwrap();
         assert_eq!(slot.address.to_string(), "10.200.1.3");
         assert_eq!(slot.pool.as_deref(), Some("burst"));
+    }
+
+    #[test]
+    fn a_gateway_takes_an_ipv6_site_address_only_after_its_ipv4_one() {
+        let dual = minimal("").replace(
+            "site-address \"10.10.0.2\"",
+            "site-address \"10.10.0.2\"\n    site-address \"2001:db8:10::2\"",
+        );
+        let cfg = parse("t.kdl", &dual).unwrap_or_else(|r| panic!("{}", r.render()));
+        assert_eq!(
+            cfg.gateways[0].site_address_v6,
+            Some("2001:db8:10::2".parse().unwrap())
+        );
+        let swapped = minimal("").replace(
+            "site-address \"10.10.0.2\"",
+            "site-address \"2001:db8:10::2\"\n    site-address \"10.10.0.2\"",
+        );
+        let e = parse("t.kdl", &swapped).unwrap_err().render();
+        assert!(e.contains("the IPv4 site address must come first"), "{e}");
     }
 
     #[test]
