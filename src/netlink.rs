@@ -332,7 +332,7 @@ impl Netlink {
 }
 
 /// The gateway of every IPv6 nexthop over a tunnel (see `route_message`).
-pub const V6_TUNNEL_GATEWAY: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0xad);
+const V6_TUNNEL_GATEWAY: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0xad);
 
 /// The message naming a route of ours: destination, metric, main table, our protocol.
 fn route_key_message(r: &Route) -> RouteMessage {
