@@ -39,8 +39,10 @@ type LinkKey = (String, u32);
 struct Daemon {
     opts: Options,
     bgp: Option<crate::bgp::speaker::Speaker>,
-    /// What this node learned over iBGP (prefix → advertising gateways), as last installed.
+    /// What this host learned over iBGP (see [`Daemon::learned_now`]), as last installed, and
+    /// the speaker's `routes_version` it was read at.
     learned: Learned,
+    learned_version: u64,
     cfg: Config,
     role: Role,
     key: Option<PrivateKey>,
@@ -117,12 +119,15 @@ impl Daemon {
             }
         }
         let changes = self.tracker.update(seen);
-        let learned = self.learned_now();
-        let learned_changed = learned != self.learned;
-        if learned_changed {
-            tracing::info!(prefixes = learned.len(), "routes learned over iBGP changed");
-            self.learned = learned;
-            self.update_link_routes();
+        let mut learned_changed = false;
+        if let Some((version, learned)) = self.learned_now() {
+            self.learned_version = version;
+            if learned != self.learned {
+                tracing::info!(prefixes = learned.len(), "routes learned over iBGP changed");
+                self.learned = learned;
+                self.update_link_routes();
+                learned_changed = true;
+            }
         }
         if changes.is_empty() && !learned_changed {
             return;
@@ -155,22 +160,24 @@ impl Daemon {
         }
     }
 
-    /// What iBGP taught this host: on a node, the prefixes its gateways advertise, each with
-    /// the advertising gateways; on a gateway, the prefixes each node announces (accepted by
-    /// the node's import policy), each with that node.
-    fn learned_now(&self) -> Learned {
-        let Some(b) = &self.bgp else {
-            return Learned::new();
-        };
+    /// What iBGP taught this host, if the speaker's routes changed since the last look: on a
+    /// node, the prefixes its gateways advertise, each with the advertising gateways; on a
+    /// gateway, the prefixes each node announces (accepted by the node's import policy), each
+    /// with that node.
+    fn learned_now(&self) -> Option<(u64, Learned)> {
+        let b = self.bgp.as_ref()?;
         let status = b.status.lock().expect("not poisoned");
+        if status.routes_version == self.learned_version {
+            return None;
+        }
         let from_nodes = self.role == Role::Gateway;
-        status
+        let learned = status
             .routes
             .iter()
             .filter_map(|(p, paths)| {
                 let mut by: Vec<String> = paths
                     .iter()
-                    .filter(|x| !from_nodes || self.cfg.nodes.iter().any(|n| n.name == x.peer))
+                    .filter(|x| !from_nodes || x.from_client)
                     .map(|x| x.peer.clone())
                     .collect();
                 // With ADD-PATH one peer may advertise several paths: one entry per peer.
@@ -178,7 +185,8 @@ impl Daemon {
                 by.dedup();
                 (!by.is_empty()).then_some((*p, by))
             })
-            .collect()
+            .collect();
+        Some((status.routes_version, learned))
     }
 
     /// A gateway sends each node only the prefixes it announces: give the running links the
@@ -333,6 +341,7 @@ pub async fn run(opts: Options) -> Result<(), String> {
     let mut d = Daemon {
         bgp: None,
         learned: Learned::new(),
+        learned_version: 0,
         opts,
         cfg,
         role,

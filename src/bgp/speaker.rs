@@ -9,7 +9,7 @@
 //! A connection from an address that is not a configured peer is closed at once and counted.
 
 use super::fsm::{Action, Config as FsmConfig, Event as FsmEvent, Negotiated, Session};
-use super::rib::{Applied, Counters, Peer, PeerId, Rib};
+use super::rib::{Applied, Counters, Peer, PeerId, PeerKind, Rib};
 use super::wire::{self, Attributes, Context, Families, Message, Nlri, Notification, Update};
 use ipnet::IpNet;
 use serde::Serialize;
@@ -73,11 +73,15 @@ pub struct Status {
     pub refused_connections: u64,
     /// Learned prefixes with their equal-cost paths: which peer, which next hop.
     pub routes: BTreeMap<IpNet, Vec<LearnedPath>>,
+    /// Counts the changes to `routes`, so a reader can tell cheaply whether to look again.
+    pub routes_version: u64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct LearnedPath {
     pub peer: String,
+    /// The peer is a route-reflector client (a node, seen from a gateway).
+    pub from_client: bool,
     pub next_hop: Option<IpAddr>,
 }
 
@@ -520,25 +524,19 @@ async fn rib_task(
 }
 
 fn export_one(rib: &Rib, to: PeerId, e: &mut Established, prefix: &IpNet) {
-    let want: Vec<(Nlri, Attributes)> = if e.ctx.add_path_tx.has(matches!(prefix, IpNet::V6(_))) {
+    // (our path identifier, attributes); 0 for the one path of a session without ADD-PATH.
+    let paths = if e.ctx.add_path_tx.has(matches!(prefix, IpNet::V6(_))) {
         rib.export_paths(to, prefix)
-            .into_iter()
-            .map(|(path_id, a)| {
-                (
-                    Nlri {
-                        prefix: *prefix,
-                        path_id,
-                    },
-                    a,
-                )
-            })
-            .collect()
     } else {
-        rib.export(to, prefix)
-            .map(|a| (Nlri::from(*prefix), a))
-            .into_iter()
-            .collect()
+        rib.export(to, prefix).map(|a| (0, a)).into_iter().collect()
     };
+    let want: Vec<(Nlri, Attributes)> = paths
+        .into_iter()
+        .map(|(path_id, a)| {
+            let prefix = *prefix;
+            (Nlri { prefix, path_id }, a)
+        })
+        .collect();
     let had: Vec<Nlri> = e
         .sent
         .range(
@@ -583,6 +581,9 @@ fn publish(rib: &Rib, status: &SharedStatus, changed: &[IpNet]) {
         s.sessions[i].prefixes = c.clone();
         s.sessions[i].accepted_now = rib.accepted_count(i);
     }
+    if !changed.is_empty() {
+        s.routes_version += 1;
+    }
     for p in changed {
         let paths: Vec<LearnedPath> = rib
             .multipath(p)
@@ -590,6 +591,7 @@ fn publish(rib: &Rib, status: &SharedStatus, changed: &[IpNet]) {
             .filter_map(|x| {
                 x.from.map(|i| LearnedPath {
                     peer: rib.peers[i].name.clone(),
+                    from_client: rib.peers[i].kind == PeerKind::Client,
                     next_hop: x.attributes.next_hop,
                 })
             })
