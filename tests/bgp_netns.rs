@@ -118,7 +118,18 @@ fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
     assert_eq!(site_session["prefixes"]["accepted"], 1, "{st1}");
     let show = site.exec(&["birdc", "-s", s, "show", "protocols", "all", "gw1"]);
     let show = String::from_utf8_lossy(&show.stdout).to_string();
-    assert!(show.contains("ADD-PATH"), "{show}");
+    // bird decoded our ADD-PATH capability: both directions, both families.
+    let theirs = show
+        .split("Neighbor capabilities")
+        .nth(1)
+        .and_then(|t| t.split("Session:").next())
+        .unwrap_or("");
+    assert!(
+        theirs.contains("ADD-PATH")
+            && theirs.contains("RX: ipv4 ipv6")
+            && theirs.contains("TX: ipv4 ipv6"),
+        "{show}"
+    );
     let text_status = gw2.appliance(&["status"]);
     assert!(
         String::from_utf8_lossy(&text_status.stdout).contains("site-router"),
