@@ -107,10 +107,12 @@ pub fn decode(raw: &[u8]) -> Result<String, DecodeError> {
 /// Lower-case hex sha256 of the decoded user-data text: the config's identity in logs and the
 /// cache (the same config gzipped or not has one hash).
 pub fn sha256_hex(text: &str) -> String {
-    Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&Sha256::digest(text.as_bytes()))
+}
+
+/// Lower-case hex of `bytes` (hashes, verity salts).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Static IPv4/IPv6 settings for one interface, from the `appliance` block. Interfaces not

@@ -66,10 +66,6 @@ pub fn parse_superblock(b: &[u8]) -> Result<Superblock, String> {
     })
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// A root hash as the kernel command line carries it: lower-case hex, 32 bytes for sha256.
 pub fn check_root_hash(h: &str) -> Result<(), String> {
     if h.len() != 64 || !h.bytes().all(|c| c.is_ascii_hexdigit()) {
@@ -92,7 +88,7 @@ pub fn verity_table(
     let salt = if sb.salt.is_empty() {
         "-".to_string()
     } else {
-        hex(&sb.salt)
+        crate::userdata::hex(&sb.salt)
     };
     let params = format!(
         "{} {data_dev} {hash_dev} {} {} {} 1 {} {root_hash} {salt}",
