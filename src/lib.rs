@@ -1,28 +1,26 @@
 //! `appliance`: extends a research site's network into a public cloud.
 //!
-//! Pure core (no I/O): [`config`] (site model and validation), [`desired`] (what one host
-//! should look like), [`plan`] (diff, printable plan, revert), [`state`], [`diag`], [`key`],
-//! [`userdata`] (how a booted image reads its config). The image's PID 1 is [`init`].
-//! Thin edges: [`netlink`], [`sysctl`], [`tundev`] (kernel I/O), [`reconcile`] (sequencing:
-//! observe → diff → apply → verify → revert), [`logging`].
+//! The tree follows the data flow (ARCHITECTURE.md has the diagrams):
+//!
+//! - [`model`] — the site file as values: parsing and validation with positioned
+//!   diagnostics, keys. Pure.
+//! - [`intent`] — what one host must be, derived once from (config, host, live links, learned
+//!   routes): kernel state, per-device datapath tables, BGP sessions; and the plan that takes
+//!   the kernel there. Pure.
+//! - [`host`] — the kernel edge: netlink, tun devices, sysctls, the reconcile sequence
+//!   (observe → diff → apply → verify → revert), key files, logging.
+//! - [`datapath`] — per-link WireGuard engine (pure, time is an input), liveness, probes,
+//!   and the packet threads that move bytes.
+//! - [`bgp`] — the iBGP speaker: codec, FSM, RIB, Adj-RIB-Out and graceful restart (pure),
+//!   and the tokio driver.
+//! - [`daemon`] — `appliance run`: the loop that applies intent changes, the control socket,
+//!   the typed status.
+//! - [`image`] — the bootable image's PID 1 and how it reads its user-data.
 
 pub mod bgp;
-pub mod config;
-pub mod control;
 pub mod daemon;
 pub mod datapath;
-pub mod desired;
-pub mod diag;
-pub mod init;
-pub mod key;
-pub mod liveness;
-pub mod logging;
-pub mod netlink;
-pub mod plan;
-pub mod reconcile;
-pub mod state;
-pub mod sysctl;
-pub mod topology;
-pub mod tundev;
-pub mod userdata;
-pub mod wg;
+pub mod host;
+pub mod image;
+pub mod intent;
+pub mod model;

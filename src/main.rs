@@ -1,9 +1,9 @@
 //! The `appliance` command line. Thin: parse arguments, call the library, map results to
 //! output and exit codes.
 
-use appliance::config::{self, Config};
-use appliance::netlink::Netlink;
-use appliance::reconcile;
+use appliance::host::netlink::Netlink;
+use appliance::host::reconcile;
+use appliance::model::config::{self, Config};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -145,8 +145,8 @@ enum ImageCommand {
 
 fn main() -> ExitCode {
     // The kernel runs the initramfs `/init` with no arguments: that is stage 1 of the image.
-    if appliance::init::is_stage1() {
-        appliance::init::stage1();
+    if appliance::image::is_stage1() {
+        appliance::image::stage1();
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -161,16 +161,19 @@ fn main() -> ExitCode {
         }
     };
     match &cli.command {
-        Command::Run { .. } => appliance::logging::init_with_defaults("info", "info"),
-        _ => appliance::logging::init(),
+        Command::Run { .. } => appliance::host::logging::init_with_defaults("info", "info"),
+        _ => appliance::host::logging::init(),
     }
     match cli.command {
-        Command::Init => appliance::init::stage2(),
+        Command::Init => appliance::image::stage2(),
         Command::Image {
             command: ImageCommand::Install { image, root_hash },
         } => image_install(&image, root_hash.as_deref()),
         Command::Genkey => {
-            println!("{}", appliance::key::PrivateKey::generate().to_base64());
+            println!(
+                "{}",
+                appliance::model::key::PrivateKey::generate().to_base64()
+            );
             ExitCode::SUCCESS
         }
         Command::Pubkey => pubkey(),
@@ -304,8 +307,8 @@ fn status_cmd(output: Output) -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    let reply = rt.block_on(appliance::control::request(
-        &appliance::control::Request::Status,
+    let reply = rt.block_on(appliance::daemon::control::request(
+        &appliance::daemon::control::Request::Status,
     ));
     let status = match reply {
         Ok(v) => v,
@@ -416,7 +419,7 @@ fn pubkey() -> ExitCode {
         eprintln!("error: cannot read stdin: {e}");
         return ExitCode::from(EXIT_ERROR);
     }
-    match text.trim().parse::<appliance::key::PrivateKey>() {
+    match text.trim().parse::<appliance::model::key::PrivateKey>() {
         Ok(k) => {
             println!("{}", k.public());
             ExitCode::SUCCESS
@@ -488,8 +491,8 @@ fn state_cmd(args: &ConfigArgs, node: Option<String>, want_desired: bool) -> Exi
         Ok(x) => x,
         Err(code) => return code,
     };
-    let (_, want) = match appliance::desired::desired(&cfg, &host) {
-        Ok(d) => d,
+    let want = match appliance::intent::one_shot(&cfg, &host, &[]) {
+        Ok(i) => i.kernel,
         Err(e) => {
             fail(args.output, &e.to_string());
             return ExitCode::from(EXIT_ERROR);
@@ -548,10 +551,10 @@ fn reconcile_cmd(args: &ConfigArgs, node: Option<String>, dry_run: bool) -> Exit
             // A running daemon owns the links: hand it the config instead of racing it.
             let config =
                 std::fs::canonicalize(&args.file.config).unwrap_or(args.file.config.clone());
-            let req = appliance::control::Request::Reload {
+            let req = appliance::daemon::control::Request::Reload {
                 config: Some(config.display().to_string()),
             };
-            match appliance::control::request(&req).await {
+            match appliance::daemon::control::request(&req).await {
                 Ok(reply) => {
                     let ok = reply["ok"] == true;
                     match args.output {
@@ -616,7 +619,7 @@ fn image_install(image: &str, root_hash: Option<&str>) -> ExitCode {
         eprintln!("error: an http:// image needs --root-hash (plain HTTP authenticates nothing)");
         return ExitCode::from(EXIT_USAGE);
     }
-    match appliance::init::ab::install(image, root_hash) {
+    match appliance::image::ab::install(image, root_hash) {
         Ok(Some((slot, hash))) => {
             println!(
                 "slot {slot} installed and verified (root hash {hash}); reboot to try it once"

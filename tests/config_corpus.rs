@@ -3,7 +3,7 @@
 //! Every file in tests/configs/valid/, config.kdl.example and every ```kdl block of the README
 //! must validate. `UPDATE_GOLDEN=1 cargo test` rewrites the `.err` files.
 
-use appliance::config;
+use appliance::model::config;
 use std::path::{Path, PathBuf};
 
 fn files(dir: &str, ext: &str) -> Vec<PathBuf> {
@@ -112,7 +112,7 @@ fn every_kdl_block_in_the_readme_validates() {
         // A user-data example (site file plus the `appliance` host block) goes through the
         // image's user-data validation, which parses its site part with the same parser.
         let result = if text.lines().any(|l| l.starts_with("appliance {")) {
-            appliance::userdata::validate(&file, &text, None).map(|_| ())
+            appliance::image::userdata::validate(&file, &text, None).map(|_| ())
         } else {
             config::parse(&file, &text).map(|_| ())
         };

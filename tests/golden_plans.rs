@@ -2,7 +2,8 @@
 //! the plan text and JSON must be exactly as committed (`plan.txt`, `plan.json`), or the
 //! planner's refusal exactly as in `error.txt`. `UPDATE_GOLDEN=1 cargo test` rewrites them.
 
-use appliance::{config, desired::desired, plan::diff, state::HostState};
+use appliance::intent::{one_shot, plan::diff, state::HostState};
+use appliance::model::config;
 use std::path::Path;
 
 fn read(p: &Path) -> String {
@@ -31,13 +32,14 @@ fn plans_match_the_committed_golden_files() {
             .unwrap_or_else(|r| panic!("{}", r.render()));
         let host = read(&case.join("host")).trim().to_string();
         let observed: HostState = serde_json::from_str(&read(&case.join("observed.json"))).unwrap();
-        let (role, want) = desired(&cfg, &host).unwrap();
+        let i = one_shot(&cfg, &host, &[]).unwrap();
+        let (role, want) = (i.role, i.kernel);
         let outputs: Vec<(&str, String)> = match diff(&host, role, &want, &observed) {
             Ok(plan) => {
                 // Applying the plan to the observed state must give the desired state: the
                 // plan is complete, whatever its text says.
                 let after = plan.simulate(&observed);
-                assert_eq!(after.links, want.links, "{}", case.display());
+                assert_eq!(after.devices, want.devices, "{}", case.display());
                 assert_eq!(after.addresses, want.addresses, "{}", case.display());
                 assert_eq!(after.routes, want.routes, "{}", case.display());
                 for (k, v) in &want.sysctls {
@@ -49,12 +51,12 @@ fn plans_match_the_committed_golden_files() {
                     );
                 }
                 // and its revert must lead back to the observed state.
-                let undo = appliance::plan::Plan {
+                let undo = appliance::intent::plan::Plan {
                     changes: plan.revert(plan.changes.len()),
                     ..plan.clone()
                 };
                 let back = undo.simulate(&after);
-                assert_eq!(back.links, observed.links, "{}", case.display());
+                assert_eq!(back.devices, observed.devices, "{}", case.display());
                 assert_eq!(back.routes, observed.routes, "{}", case.display());
                 assert_eq!(back.addresses, observed.addresses, "{}", case.display());
                 vec![

@@ -130,7 +130,7 @@ fn image() -> &'static PathBuf {
 }
 
 fn sha256(s: &str) -> String {
-    appliance::userdata::sha256_hex(s)
+    appliance::image::userdata::sha256_hex(s)
 }
 
 fn copy_disk(dir: &Path) -> PathBuf {

@@ -4,7 +4,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        if let Err(report) = appliance::config::parse("fuzz.kdl", text) {
+        if let Err(report) = appliance::model::config::parse("fuzz.kdl", text) {
             let _ = report.render();
         }
     }

@@ -10,46 +10,21 @@
 
 use super::fsm::{Action, Config as FsmConfig, Event as FsmEvent, Negotiated, Session};
 use super::rib::{Applied, Counters, Peer, PeerId, PeerKind, Rib};
+use super::setup::{PeerConfig, SpeakerConfig, PORT};
 use super::wire::{self, Attributes, Context, Families, Message, Nlri, Notification, Update};
 use ipnet::IpNet;
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 
-pub const PORT: u16 = 179;
 const CONNECT_RETRY: Duration = Duration::from_secs(2);
 /// Backlog for the listener: a thousand clients may connect at once after a gateway restart.
 const BACKLOG: u32 = 4096;
-
-#[derive(Debug, Clone)]
-pub struct PeerConfig {
-    pub peer: Peer,
-    pub address: IpAddr,
-    /// We open the connection (nodes towards gateways, gateways towards the site router).
-    pub active: bool,
-}
-
-#[derive(Debug, Clone)]
-pub struct SpeakerConfig {
-    pub local_as: u32,
-    pub router_id: Ipv4Addr,
-    /// Source address for outgoing sessions.
-    pub local_address: IpAddr,
-    /// Where to accept sessions (None: active only).
-    pub listen: Option<SocketAddr>,
-    pub hold_time: u16,
-    pub restart_time: u16,
-    pub peers: Vec<PeerConfig>,
-    /// Routes this speaker originates (a node's own prefixes).
-    pub originate: Vec<(IpNet, Attributes)>,
-    /// Reflect client routes to other clients (see `Rib::client_to_client`).
-    pub client_to_client: bool,
-}
 
 /// What `appliance status` shows per session, like `birdc show protocols`.
 #[derive(Debug, Clone, Serialize, Default)]

@@ -7,7 +7,7 @@
 //! read-only (erofs) and the `state` partition read-write; switch_root; exec stage 2.
 //!
 //! **Stage 2** (PID 1 of the real root): bring up the network (DHCP), find the config
-//! ([`crate::userdata`] decides; [`sources`] fetches), apply it (cache, key, host name, static
+//! ([`crate::image::userdata`] decides; [`sources`] fetches), apply it (cache, key, host name, static
 //! addresses), then supervise `appliance run`: restart it with backoff when it dies, reap every
 //! zombie, never exit. With no config anywhere it waits and retries; it never crash-loops.
 //!
@@ -22,12 +22,13 @@ pub mod net;
 pub mod power;
 pub mod sources;
 pub mod sys;
+pub mod userdata;
 
-use crate::key::PrivateKey;
-use crate::userdata::{self, Accepted, CacheRecord, Cmdline, Decision, Found, Source};
+use crate::model::key::PrivateKey;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use userdata::{Accepted, CacheRecord, Cmdline, Decision, Found, Source};
 
 pub const BIN: &str = "/usr/bin/appliance";
 pub const STATE: &str = "/state";
@@ -498,7 +499,7 @@ fn install_key(a: &Accepted) {
             }
             k.clone()
         }
-        None => match crate::key::load_private_key(std::path::Path::new(KEY)) {
+        None => match crate::host::keyfile::load_private_key(std::path::Path::new(KEY)) {
             Ok(k) => k,
             Err(_) if !std::path::Path::new(KEY).exists() => {
                 let k = PrivateKey::generate();

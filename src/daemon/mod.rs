@@ -9,17 +9,20 @@
 //! leaves every multipath route at once (re-plan with [`desired_live`] and apply); it comes back
 //! when packets do. Each transition is logged once.
 
-use crate::config::{self, Config, Gateway, Role};
-use crate::control::{self, Request};
-use crate::datapath::LinkRuntime;
-use crate::desired::{desired_with, Learned};
-use crate::key::{load_private_key, PrivateKey};
-use crate::liveness::{Liveness, Tracker};
-use crate::netlink::Netlink;
-use crate::plan::Plan;
-use crate::reconcile;
-use crate::topology::{self, LinkSpec};
-use crate::wg::Link;
+pub mod control;
+
+use crate::datapath::engine::Link;
+use crate::datapath::liveness::{Liveness, Tracker};
+use crate::datapath::runtime::LinkRuntime;
+use crate::host::keyfile::load_private_key;
+use crate::host::netlink::Netlink;
+use crate::host::reconcile;
+use crate::intent::links::LinkSpec;
+use crate::intent::plan::Plan;
+use crate::intent::{self, Inputs, Learned};
+use crate::model::config::{self, Config, Role};
+use crate::model::key::PrivateKey;
+use control::Request;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -27,6 +30,8 @@ use std::time::{Duration, Instant};
 const TICK: Duration = Duration::from_millis(25);
 const RATE_LIMIT_RESET: Duration = Duration::from_secs(1);
 const DRIFT_CHECK: Duration = Duration::from_secs(10);
+/// Withdrawn prefixes whose blackholes a node keeps (bounded: a flapping peer cannot grow it).
+const MAX_WITHDRAWN: usize = 4096;
 
 pub struct Options {
     pub config: PathBuf,
@@ -78,12 +83,26 @@ impl Daemon {
         }
     }
 
+    /// The host intent from the config, the live links and what iBGP taught.
+    fn intent_with(&self, live: intent::Live<'_>) -> Result<intent::HostIntent, String> {
+        intent::derive(
+            &self.cfg,
+            &self.opts.host,
+            Inputs {
+                live,
+                learned: &self.learned,
+                underlay: &[],
+            },
+        )
+        .map_err(|e| e.to_string())
+    }
+
     /// Bring routes (and devices, sysctls) in line with the config and the live links.
     async fn sync(&mut self) -> Result<Plan, String> {
         let tracker = &self.tracker;
         let live = |peer: &str, link: u32| tracker.is_alive(&(peer.to_string(), link));
-        let (role, want) = desired_with(&self.cfg, &self.opts.host, &live, &self.learned)
-            .map_err(|e| e.to_string())?;
+        let intent = self.intent_with(&live)?;
+        let (role, want) = (intent.role, intent.kernel);
         let plan = reconcile::plan_state(&self.nl, &self.opts.host, role, &want)
             .await
             .map_err(|e| e.to_string())?;
@@ -171,33 +190,37 @@ impl Daemon {
             return None;
         }
         let from_nodes = self.role == Role::Gateway;
-        let learned = status
+        let mut learned: Learned = status
             .routes
             .iter()
             .filter_map(|(p, paths)| {
-                let mut by: Vec<String> = paths
+                // With ADD-PATH one peer may advertise several paths: a set of peers.
+                let by: std::collections::BTreeSet<String> = paths
                     .iter()
                     .filter(|x| !from_nodes || x.from_client)
                     .map(|x| x.peer.clone())
                     .collect();
-                // With ADD-PATH one peer may advertise several paths: one entry per peer.
-                by.sort();
-                by.dedup();
                 (!by.is_empty()).then_some((*p, by))
             })
             .collect();
+        // A prefix learned before and withdrawn since keeps its fail-closed blackhole (an
+        // empty set); at most MAX_WITHDRAWN are remembered.
+        let mut kept = 0;
+        for p in self.learned.keys() {
+            if kept < MAX_WITHDRAWN && !learned.contains_key(p) {
+                learned.insert(*p, Default::default());
+                kept += 1;
+            }
+        }
         Some((status.routes_version, learned))
     }
 
-    /// A gateway sends each node only the prefixes it announces: give the running links the
-    /// new prefix → peer tables (sessions and endpoints are kept).
+    /// Give the running links the new prefix → peer tables from the intent (sessions and
+    /// endpoints are kept).
     fn update_link_routes(&self) {
-        if self.role != Role::Gateway {
-            return;
-        }
-        match topology::links_with(&self.cfg, &self.opts.host, &self.learned) {
-            Ok((_, specs)) => {
-                for spec in &specs {
+        match self.intent_with(&|_, _| true) {
+            Ok(i) => {
+                for spec in &i.links {
                     if let Some(rt) = self.links.get(&spec.dev) {
                         rt.replace(rt.current().rebuild(spec));
                     }
@@ -217,8 +240,17 @@ impl Daemon {
     async fn reload(&mut self, path: Option<PathBuf>) -> Result<String, String> {
         let path = path.unwrap_or_else(|| self.opts.config.clone());
         let cfg = load(&path)?;
-        let (role, specs) = topology::links_with(&cfg, &self.opts.host, &self.learned)
-            .map_err(|e| e.to_string())?;
+        let i = intent::derive(
+            &cfg,
+            &self.opts.host,
+            Inputs {
+                live: &|_, _| true,
+                learned: &self.learned,
+                underlay: &[],
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        let (role, specs) = (i.role, i.links);
         if role != self.role {
             return Err(format!(
                 "{} changes role from {} to {role}: restart the daemon for that",
@@ -327,8 +359,17 @@ pub async fn run(opts: Options) -> Result<(), String> {
     use tokio::signal::unix::{signal, SignalKind};
     let cfg = load(&opts.config)?;
     // Nothing is learned yet: a gateway starts routing only the node addresses.
-    let (role, specs) =
-        topology::links_with(&cfg, &opts.host, &Learned::new()).map_err(|e| e.to_string())?;
+    let first = intent::derive(
+        &cfg,
+        &opts.host,
+        Inputs {
+            live: &|_, _| true,
+            learned: &Learned::new(),
+            underlay: &[],
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let (role, specs, bgp) = (first.role, first.links, first.bgp);
     let key = if specs.is_empty() {
         None
     } else {
@@ -356,18 +397,14 @@ pub async fn run(opts: Options) -> Result<(), String> {
     for spec in &specs {
         d.start_link(spec)?;
     }
-    match bgp_config(&d.cfg, &d.opts.host) {
-        Ok(Some(sc)) => {
-            let peers = sc.peers.len();
-            d.bgp = Some(
-                crate::bgp::speaker::start(sc)
-                    .await
-                    .map_err(|e| format!("BGP: {e}"))?,
-            );
-            tracing::info!(peers, "BGP speaker started");
-        }
-        Ok(None) => {}
-        Err(e) => return Err(e),
+    if let Some(sc) = bgp {
+        let peers = sc.peers.len();
+        d.bgp = Some(
+            crate::bgp::speaker::start(sc)
+                .await
+                .map_err(|e| format!("BGP: {e}"))?,
+        );
+        tracing::info!(peers, "BGP speaker started");
     }
     let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
@@ -405,133 +442,4 @@ pub async fn run(opts: Options) -> Result<(), String> {
         rt.stop();
     }
     Ok(())
-}
-
-/// The iBGP sessions of this host, from the config: gateways reflect for the nodes and peer
-/// with the site routers (next-hop-self, never accepting the cloud block) and with each other;
-/// nodes peer with every gateway over the tunnels and announce their own prefixes.
-fn bgp_config(
-    cfg: &Config,
-    host: &str,
-) -> Result<Option<crate::bgp::speaker::SpeakerConfig>, String> {
-    use crate::bgp::rib::{Peer, PeerKind, Policy};
-    use crate::bgp::speaker::{PeerConfig, SpeakerConfig, PORT};
-    use crate::bgp::wire::Attributes;
-    let v4 = |a: std::net::IpAddr, what: &str| match a {
-        std::net::IpAddr::V4(v) => Ok(v),
-        _ => Err(format!("{what} {a} must be IPv4 to serve as BGP router ID")),
-    };
-    let policy =
-        |allow: Vec<ipnet::IpNet>, deny: Vec<ipnet::IpNet>, nhs: Option<&Gateway>| Policy {
-            allow,
-            deny,
-            max_prefix: cfg.bgp.max_prefix,
-            next_hop_self: nhs.map(|g| g.site_address),
-            next_hop_self_v6: nhs.and_then(|g| g.site_address_v6),
-        };
-    let peer = |name: &str, kind, policy, address, active| PeerConfig {
-        peer: Peer {
-            name: name.to_string(),
-            kind,
-            policy,
-            router_id: None,
-        },
-        address,
-        active,
-    };
-    if let Some(g) = cfg.gateways.iter().find(|g| g.name == host) {
-        let id = v4(g.site_address, "gateway site address")?;
-        let mut peers = Vec::new();
-        for n in &cfg.bgp.neighbors {
-            peers.push(peer(
-                &n.name,
-                PeerKind::NonClient,
-                policy(vec![], cfg.site.cloud_blocks.clone(), Some(g)),
-                n.address,
-                true,
-            ));
-        }
-        for o in cfg.gateways.iter().filter(|o| o.name != g.name) {
-            let active = u32::from(id) < u32::from(v4(o.site_address, "gateway site address")?);
-            peers.push(peer(
-                &o.name,
-                PeerKind::NonClient,
-                policy(vec![], vec![], None),
-                o.site_address,
-                active,
-            ));
-        }
-        for n in &cfg.nodes {
-            peers.push(peer(
-                &n.name,
-                PeerKind::Client,
-                policy(n.prefixes.clone(), vec![], None),
-                n.address,
-                false,
-            ));
-        }
-        return Ok(Some(SpeakerConfig {
-            local_as: cfg.site.asn,
-            router_id: id,
-            local_address: g.site_address,
-            listen: Some(std::net::SocketAddr::new(
-                std::net::Ipv4Addr::UNSPECIFIED.into(),
-                PORT,
-            )),
-            hold_time: cfg.bgp.hold_time,
-            restart_time: 120,
-            peers,
-            originate: Vec::new(),
-            client_to_client: false,
-        }));
-    }
-    if let Some(n) = cfg.nodes.iter().find(|n| n.name == host) {
-        if n.bgp_speaker == crate::config::BgpSpeaker::External {
-            tracing::info!(
-                "bgp-speaker \"external\": this node's own routing daemon peers with the gateways"
-            );
-            return Ok(None);
-        }
-        let id = v4(n.address, "node address")?;
-        let peers = cfg
-            .gateways
-            .iter()
-            .map(|g| {
-                peer(
-                    &g.name,
-                    PeerKind::NonClient,
-                    // Never a route that covers a gateway endpoint: the tunnels' own UDP
-                    // would be routed into the tunnels.
-                    policy(
-                        vec![],
-                        n.prefixes
-                            .iter()
-                            .copied()
-                            .chain(cfg.gateways.iter().map(|g| ipnet::IpNet::from(g.endpoint)))
-                            .collect(),
-                        None,
-                    ),
-                    g.site_address,
-                    true,
-                )
-            })
-            .collect();
-        let own = Attributes {
-            next_hop: Some(n.address),
-            local_pref: Some(100),
-            ..Default::default()
-        };
-        return Ok(Some(SpeakerConfig {
-            local_as: cfg.site.asn,
-            router_id: id,
-            local_address: n.address,
-            listen: None,
-            hold_time: cfg.bgp.hold_time,
-            restart_time: 120,
-            peers,
-            originate: n.prefixes.iter().map(|p| (*p, own.clone())).collect(),
-            client_to_client: false,
-        }));
-    }
-    Ok(None)
 }

@@ -1,5 +1,5 @@
 //! User-data: how a booted image learns the site config and which host it is. Pure (no I/O):
-//! the init driver ([`crate::init`]) fetches bytes from each source and hands them here.
+//! the init driver ([`crate::image`]) fetches bytes from each source and hands them here.
 //!
 //! Data flow: raw bytes from a source → [`decode`] (32 KiB limit, gzip detected by its
 //! `1f 8b` magic, UTF-8) → [`validate`] (split off the optional top-level `appliance { }` block
@@ -12,9 +12,9 @@
 //! user-data. The block is blanked out (spaces, newlines kept) before the site part is parsed,
 //! so every diagnostic still points at the right line and column of the user-data.
 
-use crate::config::{self, Config, Role};
-use crate::diag::{suggest, Diagnostic, Report};
-use crate::key::PrivateKey;
+use crate::model::config::{self, Config, Role};
+use crate::model::diag::{suggest, Diagnostic, Report};
+use crate::model::key::PrivateKey;
 use ipnet::IpNet;
 use kdl::{KdlDocument, KdlNode, KdlValue};
 use serde::{Deserialize, Serialize};
@@ -192,7 +192,7 @@ pub fn validate(file: &str, text: &str, fallback_host: Option<&str>) -> Result<A
     let mut seen: Option<&KdlNode> = None;
     for node in doc.nodes().iter().filter(|n| n.name().value() == BLOCK) {
         if let Some(first) = seen {
-            let (line, _) = crate::diag::line_col(text, first.span().offset());
+            let (line, _) = crate::model::diag::line_col(text, first.span().offset());
             diags.push(
                 Diagnostic::new(name_span(node), "duplicate `appliance` block")
                     .label("second block")

@@ -10,9 +10,9 @@
 //! spoofed source is dropped and counted). One `RateLimiter` per link is shared by its peers
 //! and reset every second by the caller ([`Link::reset_rate_limiter`]).
 
-use crate::key::{PrivateKey, PublicKey};
-use crate::liveness::Liveness;
-use crate::topology::{LinkSpec, PeerSpec};
+use crate::datapath::liveness::Liveness;
+use crate::intent::links::{LinkSpec, PeerSpec};
+use crate::model::key::{PrivateKey, PublicKey};
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
@@ -359,9 +359,9 @@ impl Link {
                     result.to_net.push((from, b.to_vec()));
                 }
             }
-            TunnResult::WriteToTunnelV4(p, _) if probe::parse(p).is_some() => {
+            TunnResult::WriteToTunnelV4(p, _) if crate::datapath::probe::parse(p).is_some() => {
                 authenticated = true;
-                let hears_us = probe::parse(p) == Some(true);
+                let hears_us = crate::datapath::probe::parse(p) == Some(true);
                 peer.stats()
                     .peer_hears_us
                     .store(hears_us, Ordering::Relaxed);
@@ -438,7 +438,7 @@ impl Link {
                     tunn.format_handshake_initiation(&mut buf, false)
                 } else {
                     let hears = policy.is_alive(self.last_rx(peer), now_i);
-                    tunn.encapsulate(&probe::packet(hears), &mut buf)
+                    tunn.encapsulate(&crate::datapath::probe::packet(hears), &mut buf)
                 };
                 if let TunnResult::WriteToNetwork(b) = res {
                     out.push((ep, b.to_vec()));
@@ -492,6 +492,8 @@ pub struct PeerStatus {
     pub handshakes: u64,
     pub spoofed: u64,
     pub alive: bool,
+    /// The prefixes this link sends to the peer (its datapath table).
+    pub routes: Vec<String>,
 }
 
 impl Link {
@@ -516,59 +518,16 @@ impl Link {
                 handshakes: p.stats().handshakes.load(Ordering::Relaxed),
                 spoofed: p.stats().spoofed.load(Ordering::Relaxed),
                 alive: alive(&p.spec.name, self.index),
+                routes: p.spec.routes.iter().map(|r| r.to_string()).collect(),
             })
             .collect()
-    }
-}
-
-/// The in-band liveness probe: a tiny IPv4 packet inside the tunnel that a receiving appliance
-/// consumes before its tun device. Plain WireGuard keepalives cannot say "I hear you", and
-/// without that a link that fails in one direction looks alive from the side that still
-/// receives. Protocol 253 (RFC 3692, experiments), source and destination 0.0.0.0, so a
-/// non-appliance peer that receives one drops it as a martian.
-pub mod probe {
-    const MAGIC: &[u8; 4] = b"APLV";
-    const LEN: usize = 20 + 8;
-
-    pub fn packet(hears_you: bool) -> [u8; LEN] {
-        let mut p = [0u8; LEN];
-        p[0] = 0x45;
-        p[3] = LEN as u8;
-        p[8] = 1;
-        p[9] = 253;
-        let sum = checksum(&p[..20]);
-        p[10..12].copy_from_slice(&sum.to_be_bytes());
-        p[20..24].copy_from_slice(MAGIC);
-        p[24] = u8::from(hears_you);
-        p
-    }
-
-    /// `Some(hears_you)` if `p` is a probe.
-    pub fn parse(p: &[u8]) -> Option<bool> {
-        (p.len() == LEN
-            && p[0] == 0x45
-            && p[9] == 253
-            && p[12..20] == [0; 8]
-            && &p[20..24] == MAGIC)
-            .then(|| p[24] & 1 == 1)
-    }
-
-    fn checksum(h: &[u8]) -> u16 {
-        let mut sum: u32 = h
-            .chunks(2)
-            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-            .sum();
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topology::{LinkSpec, PeerSpec};
+    use crate::intent::links::{LinkSpec, PeerSpec};
 
     const P: Liveness = Liveness {
         interval: Duration::from_millis(300),

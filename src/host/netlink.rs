@@ -1,12 +1,12 @@
 //! rtnetlink edge: read what appliance owns into a [`HostState`] and apply single plan changes.
 //! Nothing here decides anything; it translates between plan values and kernel messages.
 
-use crate::plan::{Change, Item, Op};
-use crate::state::{
-    Address, HostState, Link, LinkKind, Route, ADDRESS_DEVICE, LINK_PREFIX, OWNER_ALIAS,
+use crate::host::{sysctl, tundev};
+use crate::intent::plan::{Change, Item, Op};
+use crate::intent::state::{
+    Address, Device, DeviceKind, HostState, Route, ADDRESS_DEVICE, LINK_PREFIX, OWNER_ALIAS,
     ROUTE_PROTOCOL,
 };
-use crate::{sysctl, tundev};
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
@@ -121,16 +121,16 @@ impl Netlink {
                 .iter()
                 .find_map(|a| match a {
                     LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
-                        LinkInfo::Kind(InfoKind::Tun) => Some(LinkKind::Tun),
-                        LinkInfo::Kind(_) => Some(LinkKind::Other),
+                        LinkInfo::Kind(InfoKind::Tun) => Some(DeviceKind::Tun),
+                        LinkInfo::Kind(_) => Some(DeviceKind::Other),
                         _ => None,
                     }),
                     _ => None,
                 })
-                .unwrap_or(LinkKind::Other);
-            s.links.insert(
+                .unwrap_or(DeviceKind::Other);
+            s.devices.insert(
                 name.to_string(),
-                Link {
+                Device {
                     name: name.to_string(),
                     kind,
                     mtu,
@@ -148,7 +148,7 @@ impl Netlink {
             let Some(dev) = names.get(&m.header.index) else {
                 continue;
             };
-            if dev != ADDRESS_DEVICE || !s.links.contains_key(dev) {
+            if dev != ADDRESS_DEVICE || !s.devices.contains_key(dev) {
                 continue;
             }
             let ip = m
@@ -205,9 +205,9 @@ impl Netlink {
     /// Perform one change of a plan.
     pub async fn apply(&self, change: &Change) -> Result<(), NetlinkError> {
         match (change.op, &change.before, &change.after) {
-            (Op::Add, _, Some(Item::Link(l))) => self.add_link(l).await,
-            (Op::Change, _, Some(Item::Link(l))) => self.set_link(l).await,
-            (Op::Remove, Some(Item::Link(l)), _) => {
+            (Op::Add, _, Some(Item::Device(l))) => self.add_link(l).await,
+            (Op::Change, _, Some(Item::Device(l))) => self.set_link(l).await,
+            (Op::Remove, Some(Item::Device(l)), _) => {
                 let ix = self.index_of(&l.name).await?;
                 self.forget_indexes();
                 Ok(self.handle.link().del(ix).execute().await?)
@@ -268,13 +268,13 @@ impl Netlink {
         }
     }
 
-    async fn add_link(&self, l: &Link) -> Result<(), NetlinkError> {
+    async fn add_link(&self, l: &Device) -> Result<(), NetlinkError> {
         match l.kind {
-            LinkKind::Tun => {
+            DeviceKind::Tun => {
                 self.forget_indexes();
                 tundev::create_persistent(&l.name)?
             }
-            LinkKind::Other => unreachable!("appliance never creates other devices"),
+            DeviceKind::Other => unreachable!("appliance never creates other devices"),
         }
         // Mark ownership before anything else can fail, so a revert or a later run finds it.
         self.handle
@@ -289,7 +289,7 @@ impl Netlink {
         self.set_link(l).await
     }
 
-    async fn set_link(&self, l: &Link) -> Result<(), NetlinkError> {
+    async fn set_link(&self, l: &Device) -> Result<(), NetlinkError> {
         let b = LinkUnspec::new_with_name(&l.name).mtu(l.mtu);
         let b = if l.up { b.up() } else { b.down() };
         Ok(self.handle.link().set(b.build()).execute().await?)

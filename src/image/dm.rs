@@ -88,7 +88,7 @@ pub fn verity_table(
     let salt = if sb.salt.is_empty() {
         "-".to_string()
     } else {
-        crate::userdata::hex(&sb.salt)
+        crate::image::userdata::hex(&sb.salt)
     };
     let params = format!(
         "{} {data_dev} {hash_dev} {} {} {} 1 {} {root_hash} {salt}",

@@ -3,7 +3,7 @@
 //! thread so config discovery can poll the other sources meanwhile.
 
 use super::{dhcp, say};
-use crate::userdata::Interface;
+use crate::image::userdata::Interface;
 use futures::TryStreamExt as _;
 use ipnet::IpNet;
 use rtnetlink::{LinkUnspec, RouteMessageBuilder};

@@ -9,8 +9,8 @@
 //! silently ignores unknown nodes and mishandles repeated or missing children, and it loses the
 //! spans we need for errors.
 
-use crate::diag::{suggest, Diagnostic, Report};
-use crate::key::PublicKey;
+use crate::model::diag::{suggest, Diagnostic, Report};
+use crate::model::key::PublicKey;
 use ipnet::IpNet;
 use kdl::{KdlDocument, KdlNode, KdlValue};
 use serde::Serialize;
@@ -364,7 +364,7 @@ impl Loader<'_> {
 
     fn duplicate(&mut self, node: &KdlNode, first: &KdlNode) {
         let name = node.name().value();
-        let (line, col) = crate::diag::line_col(self.source, first.span().offset());
+        let (line, col) = crate::model::diag::line_col(self.source, first.span().offset());
         self.err(
             Diagnostic::new(span_of(node), format!("duplicate `{name}`"))
                 .label("second definition")
@@ -1187,7 +1187,7 @@ impl Semantics<'_> {
     }
 
     fn line(&self, span: Span) -> usize {
-        crate::diag::line_col(self.source, span.0).0
+        crate::model::diag::line_col(self.source, span.0).0
     }
 
     fn push(&mut self, d: Diagnostic) {

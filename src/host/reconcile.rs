@@ -5,11 +5,11 @@
 //! so far are undone from the plan's own before/after values, and every undo error is
 //! collected (not just the first). One reconcile at a time per network namespace (flock).
 
-use crate::config::{Config, Role};
-use crate::desired::{desired, HostError};
-use crate::netlink::{Netlink, NetlinkError};
-use crate::plan::{diff, Change, Conflict, Item, Op, Plan};
-use crate::state::HostState;
+use crate::host::netlink::{Netlink, NetlinkError};
+use crate::intent::plan::{diff, Change, Conflict, Item, Op, Plan};
+use crate::intent::state::HostState;
+use crate::intent::{one_shot, HostError};
+use crate::model::config::{Config, Role};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -71,9 +71,9 @@ pub async fn plan(
     cfg: &Config,
     host: &str,
 ) -> Result<(Plan, HostState), ReconcileError> {
-    let (role, want) = desired(cfg, host)?;
-    let plan = plan_state(nl, host, role, &want).await?;
-    Ok((plan, want))
+    let i = one_shot(cfg, host, &[])?;
+    let plan = plan_state(nl, host, i.role, &i.kernel).await?;
+    Ok((plan, i.kernel))
 }
 
 /// The plan that takes the host from its current state to `want`.
@@ -187,7 +187,7 @@ fn hint(change: &Change, error: &NetlinkError) -> String {
         (_, Some(libc::EPERM)) | (_, Some(libc::EACCES)) => {
             " (changing the host needs root or CAP_NET_ADMIN; `--dry-run` works without)".to_string()
         }
-        (Some(Item::Link(_)), Some(libc::ENOENT)) => " (is /dev/net/tun present? load the tun module)".to_string(),
+        (Some(Item::Device(_)), Some(libc::ENOENT)) => " (is /dev/net/tun present? load the tun module)".to_string(),
         _ => String::new(),
     }
 }

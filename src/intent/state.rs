@@ -1,5 +1,5 @@
 //! The host state appliance owns, as plain values: the same type describes what the config
-//! wants ([`crate::desired`]) and what the kernel has ([`crate::netlink::observe`]), so the
+//! wants ([`crate::intent`]) and what the kernel has ([`crate::host::netlink::observe`]), so the
 //! planner compares like with like. Pure.
 //!
 //! Ownership: links whose name starts with [`LINK_PREFIX`] *and* whose ifalias is
@@ -29,16 +29,16 @@ pub const ADDRESS_DEVICE: &str = "ap-lo";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum LinkKind {
+pub enum DeviceKind {
     Tun,
     /// Something else with our name and alias (only ever observed).
     Other,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Link {
+pub struct Device {
     pub name: String,
-    pub kind: LinkKind,
+    pub kind: DeviceKind,
     pub mtu: u32,
     pub up: bool,
 }
@@ -87,7 +87,8 @@ pub struct Sysctl {
 /// Everything appliance owns on one host.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostState {
-    pub links: BTreeMap<String, Link>,
+    #[serde(rename = "links")]
+    pub devices: BTreeMap<String, Device>,
     pub addresses: BTreeSet<Address>,
     #[serde(with = "routes_as_list")]
     pub routes: BTreeMap<RouteKey, Route>,
@@ -101,10 +102,10 @@ pub struct HostState {
 }
 
 impl HostState {
-    pub fn add_link(&mut self, name: &str, kind: LinkKind, mtu: u32) {
-        self.links.insert(
+    pub fn add_device(&mut self, name: &str, kind: DeviceKind, mtu: u32) {
+        self.devices.insert(
             name.to_string(),
-            Link {
+            Device {
                 name: name.to_string(),
                 kind,
                 mtu,

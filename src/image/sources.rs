@@ -3,7 +3,7 @@
 //! full reason for the console. Label probing is pure and tested; the rest is thin I/O.
 
 use super::sys;
-use crate::userdata::{self, cmdline_config, CmdlineConfig, Found, USER_DATA_LIMIT};
+use crate::image::userdata::{self, cmdline_config, CmdlineConfig, Found, USER_DATA_LIMIT};
 use std::time::Duration;
 
 /// Filesystems a seed may use.

@@ -5,15 +5,16 @@
 //! an apply that fails half-way. Each change carries the state before and after, so the revert
 //! needs nothing but the plan.
 
-use crate::config::Role;
-use crate::state::{Address, HostState, Link, Route, Sysctl};
+use crate::intent::state::{Address, Device, HostState, Route, Sysctl};
+use crate::model::config::Role;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Item {
-    Link(Link),
+    #[serde(rename = "link")]
+    Device(Device),
     Address(Address),
     Route(Route),
     Sysctl(Sysctl),
@@ -56,8 +57,8 @@ pub enum Conflict {
     #[error("device {name} is a {found:?} device but the config needs a {want:?} device; delete it (`ip link del {name}`) and reconcile again")]
     WrongKind {
         name: String,
-        found: crate::state::LinkKind,
-        want: crate::state::LinkKind,
+        found: crate::intent::state::DeviceKind,
+        want: crate::intent::state::DeviceKind,
     },
 }
 
@@ -66,19 +67,19 @@ impl Item {
     /// them, re-point routes before removing devices they used.
     fn phase(&self, op: Op) -> u8 {
         match (self, op) {
-            (Item::Link(_), Op::Add | Op::Change) => 0,
+            (Item::Device(_), Op::Add | Op::Change) => 0,
             (Item::Sysctl(_), _) => 1,
             (Item::Address(_), Op::Add | Op::Change) => 2,
             (Item::Route(_), Op::Add | Op::Change) => 3,
             (Item::Route(_), Op::Remove) => 4,
             (Item::Address(_), Op::Remove) => 5,
-            (Item::Link(_), Op::Remove) => 6,
+            (Item::Device(_), Op::Remove) => 6,
         }
     }
 
     fn describe(&self) -> String {
         match self {
-            Item::Link(l) => format!("link {} ({}, mtu {})", l.name, kind_name(l), l.mtu),
+            Item::Device(l) => format!("link {} ({}, mtu {})", l.name, kind_name(l), l.mtu),
             Item::Address(a) => format!("address {} on {}", a.addr, a.dev),
             Item::Route(r) => format!("route {} {}", r.dst, route_target(r)),
             Item::Sysctl(s) => format!("sysctl {} = {}", s.key, s.value),
@@ -86,17 +87,17 @@ impl Item {
     }
 }
 
-fn kind_name(l: &Link) -> &'static str {
+fn kind_name(l: &Device) -> &'static str {
     match l.kind {
-        crate::state::LinkKind::Tun => "tun",
-        crate::state::LinkKind::Other => "other",
+        crate::intent::state::DeviceKind::Tun => "tun",
+        crate::intent::state::DeviceKind::Other => "other",
     }
 }
 
 fn route_target(r: &Route) -> String {
     let mut s = if r.blackhole {
         format!("blackhole metric {}", r.metric)
-    } else if r.metric == crate::state::TUNNEL_METRIC {
+    } else if r.metric == crate::intent::state::TUNNEL_METRIC {
         format!("via {}", r.via.join(","))
     } else {
         format!("via {} metric {}", r.via.join(","), r.metric)
@@ -120,7 +121,7 @@ impl Change {
         match (self.op, &self.before, &self.after) {
             (Op::Add, _, Some(a)) => format!("+ {}", a.describe()),
             (Op::Remove, Some(b), _) => format!("- {}", b.describe()),
-            (Op::Change, Some(Item::Link(b)), Some(Item::Link(a))) => {
+            (Op::Change, Some(Item::Device(b)), Some(Item::Device(a))) => {
                 let mut what = Vec::new();
                 if b.mtu != a.mtu {
                     what.push(format!("mtu {} -> {}", b.mtu, a.mtu));
@@ -183,12 +184,12 @@ pub fn diff(
     let mut push =
         |op, before: Option<Item>, after: Option<Item>| changes.push(Change { op, before, after });
 
-    for (name, want) in &desired.links {
+    for (name, want) in &desired.devices {
         if observed.foreign_links.contains(name) {
             return Err(Conflict::ForeignLink { name: name.clone() });
         }
-        match observed.links.get(name) {
-            None => push(Op::Add, None, Some(Item::Link(want.clone()))),
+        match observed.devices.get(name) {
+            None => push(Op::Add, None, Some(Item::Device(want.clone()))),
             Some(have) if have.kind != want.kind => {
                 return Err(Conflict::WrongKind {
                     name: name.clone(),
@@ -198,15 +199,15 @@ pub fn diff(
             }
             Some(have) if have != want => push(
                 Op::Change,
-                Some(Item::Link(have.clone())),
-                Some(Item::Link(want.clone())),
+                Some(Item::Device(have.clone())),
+                Some(Item::Device(want.clone())),
             ),
             Some(_) => {}
         }
     }
-    for (name, have) in &observed.links {
-        if !desired.links.contains_key(name) {
-            push(Op::Remove, Some(Item::Link(have.clone())), None);
+    for (name, have) in &observed.devices {
+        if !desired.devices.contains_key(name) {
+            push(Op::Remove, Some(Item::Device(have.clone())), None);
         }
     }
 
@@ -291,11 +292,11 @@ impl Plan {
         let mut s = state.clone();
         for c in &self.changes {
             match (&c.before, &c.after) {
-                (_, Some(Item::Link(l))) => {
-                    s.links.insert(l.name.clone(), l.clone());
+                (_, Some(Item::Device(l))) => {
+                    s.devices.insert(l.name.clone(), l.clone());
                 }
-                (Some(Item::Link(l)), None) => {
-                    s.links.remove(&l.name);
+                (Some(Item::Device(l)), None) => {
+                    s.devices.remove(&l.name);
                     s.addresses.retain(|a| a.dev != l.name);
                     s.sysctls
                         .retain(|k, _| !k.contains(&format!(".{}.", l.name)));
@@ -383,16 +384,16 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::LinkKind;
+    use crate::intent::state::DeviceKind;
 
     fn state_with_route(via: &[&str]) -> HostState {
         let mut s = HostState::default();
         for d in via {
-            s.add_link(d, LinkKind::Tun, 1420);
+            s.add_device(d, DeviceKind::Tun, 1420);
         }
         s.add_route(
             "10.200.0.11/32".parse().unwrap(),
-            crate::state::TUNNEL_METRIC,
+            crate::intent::state::TUNNEL_METRIC,
             via.iter().map(|s| s.to_string()).collect(),
             false,
         );

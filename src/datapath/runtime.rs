@@ -1,10 +1,10 @@
 //! Datapath I/O: one tun queue and one UDP socket per link, two threads each (tun → UDP and
-//! UDP → tun). The threads only move bytes; every decision is [`crate::wg::Link`]'s.
+//! UDP → tun). The threads only move bytes; every decision is [`crate::datapath::engine::Link`]'s.
 //!
 //! The link value is swapped atomically on reload (`replace`): the threads pick up the new peer
 //! table on their next packet, and peers that were kept keep their sessions.
 
-use crate::wg::{Inbound, Link, Outbound, MAX_PACKET};
+use crate::datapath::engine::{Inbound, Link, Outbound, MAX_PACKET};
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};

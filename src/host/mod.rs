@@ -1,0 +1,11 @@
+//! The kernel edge, kept thin: [`netlink`] (devices, addresses, routes), [`tundev`]
+//! (persistent tun devices), [`sysctl`], [`reconcile`] (the only place that sequences kernel
+//! changes: observe → diff → apply → verify → revert), [`keyfile`] (the private key on disk),
+//! [`logging`]. Every decision comes from [`crate::intent`].
+
+pub mod keyfile;
+pub mod logging;
+pub mod netlink;
+pub mod reconcile;
+pub mod sysctl;
+pub mod tundev;

@@ -1,0 +1,43 @@
+//! The datapath's view of a host's tunnels: one [`LinkSpec`] per tun device, built by
+//! [`crate::intent::derive`] from the same per-peer prefixes as the kernel routes. Pure data.
+//!
+//! A link is one UDP 5-tuple and one tun device:
+//! - gateway: link i is device `ap-l{i}` listening on `base-port + i`, shared by every node;
+//!   its peers are all nodes, their endpoints learned from handshakes (nodes may sit behind
+//!   NAT), and each node's prefixes route to it inside the device.
+//! - node: link (g, i) is device `ap-{g}-{i}` on an ephemeral local port, with one peer: gateway
+//!   g at `endpoint:base-port + i`. The node initiates.
+//!
+//! `allowed` is what a peer may send from (cryptokey routing: a packet whose inner source is
+//! outside it is dropped and counted); `routes` is what is sent to it inside the device.
+
+use crate::model::key::PublicKey;
+use ipnet::IpNet;
+use serde::Serialize;
+use std::net::SocketAddr;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LinkSpec {
+    /// tun device name.
+    pub dev: String,
+    /// Link index (0..links).
+    pub index: u32,
+    /// UDP port to bind; None for an ephemeral port.
+    pub listen_port: Option<u16>,
+    /// The underlay is IPv6 (the gateway's endpoint is an IPv6 address).
+    pub v6_underlay: bool,
+    pub peers: Vec<PeerSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerSpec {
+    /// Host name of the peer (node on a gateway, gateway on a node).
+    pub name: String,
+    pub public_key: PublicKey,
+    /// Where to send; None until the peer's first handshake tells us (gateways).
+    pub endpoint: Option<SocketAddr>,
+    /// Inner source prefixes accepted from this peer.
+    pub allowed: Vec<IpNet>,
+    /// Inner destination prefixes sent to this peer on this device.
+    pub routes: Vec<IpNet>,
+}

@@ -1,0 +1,429 @@
+//! What one host must be: the single derivation from (config, host, live links, learned routes,
+//! underlay networks) to everything the host runs. Pure.
+//!
+//! ```text
+//!  Config ─┐                               ┌─▶ kernel: HostState (devices, addresses, routes, sysctls)
+//!  host ───┤                               │
+//!  live ───┼─▶ per-peer prefixes ──────────┼─▶ datapath: LinkSpec per device (sends / accepts per peer)
+//!  learned ┤   (PeerPrefixes: the one list │
+//!  underlay┘    both are built from)       └─▶ bgp: SpeakerConfig (sessions and their policies)
+//! ```
+//!
+//! Kernel routes and datapath tables come from the same [`PeerPrefixes`] list, so they cannot
+//! disagree: a prefix routed into a tunnel device is a prefix the datapath sends to a peer on
+//! that device, and the reverse holds for every live link (a property test checks both).
+//!
+//! - gateway: tun `ap-l{i}` per link index (shared by all nodes). Node n is sent its address
+//!   (its iBGP session runs from it) and each assigned prefix it announces ([`node_routes`]);
+//!   it may send from any assigned prefix. Forwarding on.
+//! - node: tun `ap-{gw}-{i}` per (gateway, link); its address on `ap-lo` (see
+//!   [`state::ADDRESS_DEVICE`]). Gateway g is sent its own site address (so its BGP session
+//!   uses its own links), the site prefixes, the cloud block, and each learned prefix g
+//!   advertises that the import policy ([`import`]) accepts. Any gateway may send from any of
+//!   those (the site router may return a flow through the other gateway).
+//! - relay: forwarding on (it NATs the nodes' WireGuard UDP; it never sees plaintext).
+//!
+//! Every routed prefix family gets a fail-closed blackhole behind it, and every tunnel device
+//! gets `ignore_routes_with_linkdown`: a tun with no datapath attached has no carrier, so a
+//! crashed daemon makes lookups fall to the blackhole instead of the default route.
+
+pub mod bgp;
+pub mod import;
+pub mod links;
+pub mod plan;
+pub mod state;
+
+use crate::bgp::setup::SpeakerConfig;
+use crate::model::config::{gateway_link_name, node_link_name, Config, Node, Role};
+use crate::model::diag::suggest;
+use ipnet::IpNet;
+use links::{LinkSpec, PeerSpec};
+use state::{DeviceKind, HostState, ADDRESS_DEVICE, BLACKHOLE_METRIC, TUNNEL_METRIC};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    #[error("host {name:?} is not in the config{}", hint.as_ref().map(|h| format!(" (did you mean {h:?}?)")).unwrap_or_default())]
+    Unknown { name: String, hint: Option<String> },
+    #[error("{0}")]
+    Bgp(String),
+}
+
+/// Which (peer, link index) tunnels are alive, as the datapath sees them. `peer` is the node
+/// name on a gateway and the gateway name on a node.
+pub type Live<'a> = &'a dyn Fn(&str, u32) -> bool;
+
+/// Prefixes learned over iBGP, each with the peers (host names of the config) that advertise
+/// it: on a node, gateways; on a gateway, nodes (other advertisers are ignored). An empty set
+/// is a prefix that was learned and withdrawn since: it keeps its fail-closed blackhole on a
+/// node, so its traffic never falls to the underlay's default route.
+pub type Learned = BTreeMap<IpNet, BTreeSet<String>>;
+
+/// Everything the derivation reads besides the config.
+#[derive(Clone, Copy)]
+pub struct Inputs<'a> {
+    pub live: Live<'a>,
+    pub learned: &'a Learned,
+    /// The networks of the host's own (non-appliance) interfaces: a node never routes a
+    /// learned prefix inside one of them into the tunnels.
+    pub underlay: &'a [IpNet],
+}
+
+/// One peer's prefixes: what is sent to it inside the tunnels, and the inner sources it may
+/// send from. The one list kernel routes and datapath tables are both built from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerPrefixes {
+    pub peer: String,
+    pub sends: Vec<IpNet>,
+    pub accepts: Vec<IpNet>,
+}
+
+/// Everything host `host` must be.
+#[derive(Debug, Clone)]
+pub struct HostIntent {
+    pub host: String,
+    pub role: Role,
+    /// Devices, addresses, routes and sysctls appliance owns on the host.
+    pub kernel: HostState,
+    /// One spec per tunnel device, in device-name order: its port and its peers' tables.
+    pub links: Vec<LinkSpec>,
+    /// The iBGP speaker's sessions and policies; None when this host runs none.
+    pub bgp: Option<SpeakerConfig>,
+    /// Learned prefixes the node's import policy refused, with the reason.
+    pub refused: BTreeMap<IpNet, String>,
+}
+
+/// What iBGP would teach this host if every peer announced everything the config allows it:
+/// on a gateway, each node's assigned prefixes from that node; nothing on a node (the site
+/// prefixes it needs are in the config). One-shot `reconcile` and `--dry-run` plan with this.
+pub fn config_view(cfg: &Config, name: &str) -> Learned {
+    let mut l = Learned::new();
+    if cfg.role_of(name) == Some(Role::Gateway) {
+        for n in &cfg.nodes {
+            for p in &n.prefixes {
+                l.entry(*p).or_default().insert(n.name.clone());
+            }
+        }
+    }
+    l
+}
+
+/// The intent of a one-shot reconcile: every tunnel counted alive, every assignment as if
+/// announced ([`config_view`]).
+pub fn one_shot(cfg: &Config, name: &str, underlay: &[IpNet]) -> Result<HostIntent, HostError> {
+    let learned = config_view(cfg, name);
+    derive(
+        cfg,
+        name,
+        Inputs {
+            live: &|_, _| true,
+            learned: &learned,
+            underlay,
+        },
+    )
+}
+
+/// The prefixes a gateway routes to node `n`: its address (the iBGP session runs from it, so
+/// it is routed before any route is learned), then each assigned prefix the node announces.
+pub fn node_routes(n: &Node, learned: &Learned) -> Vec<IpNet> {
+    let own = IpNet::from(n.address);
+    let mut v = vec![own];
+    v.extend(
+        n.prefixes
+            .iter()
+            .copied()
+            .filter(|p| *p != own && learned.get(p).is_some_and(|by| by.contains(&n.name))),
+    );
+    v
+}
+
+/// Derive everything host `name` must be from the config and the inputs.
+pub fn derive(cfg: &Config, name: &str, inputs: Inputs<'_>) -> Result<HostIntent, HostError> {
+    let role = cfg.role_of(name).ok_or_else(|| HostError::Unknown {
+        name: name.to_string(),
+        hint: suggest(name, &cfg.host_names()).map(str::to_string),
+    })?;
+    let bgp = bgp::sessions(cfg, name).map_err(HostError::Bgp)?;
+    let (kernel, links, refused) = match role {
+        Role::Gateway => {
+            let (k, l) = gateway(cfg, name, inputs);
+            (k, l, BTreeMap::new())
+        }
+        Role::Node => node(cfg, name, inputs),
+        Role::Relay => (relay(), Vec::new(), BTreeMap::new()),
+    };
+    Ok(HostIntent {
+        host: name.to_string(),
+        role,
+        kernel,
+        links,
+        bgp,
+        refused,
+    })
+}
+
+/// A tunnel device and the peers it carries, as the routes see it.
+struct Tunnel<'a> {
+    dev: String,
+    index: u32,
+    peers: Vec<&'a PeerPrefixes>,
+}
+
+/// Kernel routes from the tunnels: each prefix a peer is sent goes over every device whose
+/// link to that peer is alive. A prefix with no live device gets no tunnel route (its
+/// blackhole, if any, takes over).
+fn tunnel_routes(
+    s: &mut HostState,
+    tunnels: &[Tunnel<'_>],
+    live: Live<'_>,
+    src: Option<std::net::IpAddr>,
+) {
+    let mut via: BTreeMap<IpNet, Vec<String>> = BTreeMap::new();
+    for t in tunnels {
+        for p in &t.peers {
+            if !live(&p.peer, t.index) {
+                continue;
+            }
+            for prefix in &p.sends {
+                via.entry(*prefix).or_default().push(t.dev.clone());
+            }
+        }
+    }
+    for (prefix, devs) in via {
+        match src {
+            Some(src) => s.add_route_from(prefix, devs, src),
+            None => s.add_route(prefix, TUNNEL_METRIC, devs, false),
+        }
+    }
+}
+
+fn gateway(cfg: &Config, name: &str, inputs: Inputs<'_>) -> (HostState, Vec<LinkSpec>) {
+    let me = cfg
+        .gateways
+        .iter()
+        .find(|g| g.name == name)
+        .expect("role_of found it");
+    let peers: Vec<PeerPrefixes> = cfg
+        .nodes
+        .iter()
+        .map(|n| PeerPrefixes {
+            peer: n.name.clone(),
+            sends: node_routes(n, inputs.learned),
+            accepts: n.prefixes.clone(),
+        })
+        .collect();
+    let tunnels: Vec<Tunnel<'_>> = (0..cfg.site.links)
+        .map(|i| Tunnel {
+            dev: gateway_link_name(i),
+            index: i,
+            peers: peers.iter().collect(),
+        })
+        .collect();
+    let mut s = HostState::default();
+    for t in &tunnels {
+        s.add_device(&t.dev, DeviceKind::Tun, cfg.site.mtu);
+    }
+    tunnel_routes(&mut s, &tunnels, inputs.live, None);
+    let mut routed: Vec<IpNet> = cfg.nodes.iter().flat_map(|n| n.prefixes.clone()).collect();
+    for cb in &cfg.site.cloud_blocks {
+        s.add_route(*cb, BLACKHOLE_METRIC, vec![], true);
+        routed.push(*cb);
+    }
+    forwarding(&mut s, &routed);
+    let devs: Vec<String> = tunnels.iter().map(|t| t.dev.clone()).collect();
+    tunnel_sysctls(&mut s, &devs, &routed);
+    let links = tunnels
+        .iter()
+        .map(|t| LinkSpec {
+            dev: t.dev.clone(),
+            index: t.index,
+            listen_port: Some(cfg.site.base_port + t.index as u16),
+            v6_underlay: me.endpoint.is_ipv6(),
+            peers: cfg
+                .nodes
+                .iter()
+                .zip(&t.peers)
+                .map(|(n, p)| PeerSpec {
+                    name: n.name.clone(),
+                    public_key: n.public_key,
+                    // Learned from the node's handshakes: nodes may sit behind NAT.
+                    endpoint: None,
+                    allowed: p.accepts.clone(),
+                    routes: p.sends.clone(),
+                })
+                .collect(),
+        })
+        .collect();
+    (s, links)
+}
+
+fn node(
+    cfg: &Config,
+    name: &str,
+    inputs: Inputs<'_>,
+) -> (HostState, Vec<LinkSpec>, BTreeMap<IpNet, String>) {
+    let me = cfg
+        .nodes
+        .iter()
+        .find(|n| n.name == name)
+        .expect("role_of found it");
+    // What the config routes: each gateway's site address (over that gateway only), the site
+    // prefixes and the cloud block (over every gateway).
+    let statically: BTreeSet<IpNet> = cfg
+        .gateways
+        .iter()
+        .map(|g| IpNet::from(g.site_address))
+        .chain(cfg.site.site_prefixes.iter().copied())
+        .chain(cfg.site.cloud_blocks.iter().copied())
+        .collect();
+    // What iBGP taught, through the import policy. A prefix the config routes keeps its static
+    // route.
+    let mut refused = BTreeMap::new();
+    let mut learned: Vec<(IpNet, &BTreeSet<String>)> = Vec::new();
+    for (prefix, by) in inputs.learned {
+        if statically.contains(prefix) {
+            continue;
+        }
+        match import::refusal(cfg, me, inputs.underlay, prefix) {
+            Some(why) => {
+                refused.insert(*prefix, why);
+            }
+            None => learned.push((*prefix, by)),
+        }
+    }
+    let accepts: Vec<IpNet> = statically
+        .iter()
+        .copied()
+        .chain(learned.iter().map(|(p, _)| *p))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let peers: Vec<PeerPrefixes> = cfg
+        .gateways
+        .iter()
+        .map(|g| {
+            let mut sends = vec![IpNet::from(g.site_address)];
+            sends.extend(cfg.site.site_prefixes.iter().copied());
+            sends.extend(cfg.site.cloud_blocks.iter().copied());
+            sends.extend(
+                learned
+                    .iter()
+                    .filter(|(_, by)| by.contains(&g.name))
+                    .map(|(p, _)| *p),
+            );
+            PeerPrefixes {
+                peer: g.name.clone(),
+                sends,
+                accepts: accepts.clone(),
+            }
+        })
+        .collect();
+    let tunnels: Vec<Tunnel<'_>> = cfg
+        .gateways
+        .iter()
+        .zip(&peers)
+        .flat_map(|(g, p)| {
+            (0..cfg.site.links).map(move |i| Tunnel {
+                dev: node_link_name(&g.name, i),
+                index: i,
+                peers: vec![p],
+            })
+        })
+        .collect();
+    let mut s = HostState::default();
+    for t in &tunnels {
+        s.add_device(&t.dev, DeviceKind::Tun, cfg.site.mtu);
+    }
+    tunnel_routes(&mut s, &tunnels, inputs.live, Some(me.address));
+    let mut routed: Vec<IpNet> = cfg.gateways.iter().map(|g| g.site_address.into()).collect();
+    for p in cfg
+        .site
+        .site_prefixes
+        .iter()
+        .chain(&cfg.site.cloud_blocks)
+        .chain(learned.iter().map(|(p, _)| p))
+    {
+        s.add_route(*p, BLACKHOLE_METRIC, vec![], true);
+        routed.push(*p);
+    }
+    s.add_device(ADDRESS_DEVICE, DeviceKind::Tun, cfg.site.mtu);
+    s.addresses.insert(state::Address {
+        dev: ADDRESS_DEVICE.to_string(),
+        addr: IpNet::from(me.address),
+    });
+    // A node that holds more than its own address (containers, VMs behind it) forwards.
+    if me.prefixes.iter().any(|p| *p != IpNet::from(me.address)) {
+        forwarding(&mut s, &me.prefixes);
+    }
+    s.set_sysctl("net.ipv4.fib_multipath_hash_policy", "1");
+    if routed.iter().any(|p| matches!(p, IpNet::V6(_))) {
+        s.set_sysctl("net.ipv6.fib_multipath_hash_policy", "1");
+    }
+    let devs: Vec<String> = tunnels.iter().map(|t| t.dev.clone()).collect();
+    tunnel_sysctls(&mut s, &devs, &routed);
+    let links = tunnels
+        .iter()
+        .map(|t| {
+            let g = cfg
+                .gateways
+                .iter()
+                .find(|g| g.name == t.peers[0].peer)
+                .expect("tunnels come from the gateways");
+            LinkSpec {
+                dev: t.dev.clone(),
+                index: t.index,
+                listen_port: None,
+                v6_underlay: g.endpoint.is_ipv6(),
+                peers: vec![PeerSpec {
+                    name: g.name.clone(),
+                    public_key: g.public_key,
+                    endpoint: Some(SocketAddr::new(
+                        g.endpoint,
+                        cfg.site.base_port + t.index as u16,
+                    )),
+                    allowed: t.peers[0].accepts.clone(),
+                    routes: t.peers[0].sends.clone(),
+                }],
+            }
+        })
+        .collect();
+    (s, links, refused)
+}
+
+fn relay() -> HostState {
+    let mut s = HostState::default();
+    s.set_sysctl("net.ipv4.ip_forward", "1");
+    s
+}
+
+/// Forwarding and L4 multipath hashing for the families of `routed`.
+fn forwarding(s: &mut HostState, routed: &[IpNet]) {
+    s.set_sysctl("net.ipv4.ip_forward", "1");
+    s.set_sysctl("net.ipv4.fib_multipath_hash_policy", "1");
+    if routed.iter().any(|p| matches!(p, IpNet::V6(_))) {
+        s.set_sysctl("net.ipv6.conf.all.forwarding", "1");
+        s.set_sysctl("net.ipv6.fib_multipath_hash_policy", "1");
+    }
+}
+
+/// Loose reverse-path filtering (ECMP returns may arrive on any link) and fail-closed linkdown.
+fn tunnel_sysctls(s: &mut HostState, devs: &[String], routed: &[IpNet]) {
+    let v6 = routed.iter().any(|p| matches!(p, IpNet::V6(_)));
+    for d in devs {
+        s.set_sysctl(&format!("net.ipv4.conf.{d}.rp_filter"), "2");
+        s.set_sysctl(
+            &format!("net.ipv4.conf.{d}.ignore_routes_with_linkdown"),
+            "1",
+        );
+        if v6 {
+            s.set_sysctl(
+                &format!("net.ipv6.conf.{d}.ignore_routes_with_linkdown"),
+                "1",
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
