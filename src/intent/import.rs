@@ -34,17 +34,18 @@ const RESERVED: &[(&str, &str)] = &[
 
 /// Rules 1–3: what the node's BGP sessions with its gateways must reject, with the reason.
 pub fn denied(cfg: &Config, node: &Node) -> Vec<(IpNet, String)> {
-    let mut v: Vec<(IpNet, String)> = node
-        .prefixes
-        .iter()
-        .map(|p| (*p, format!("overlaps {p}, a prefix of this node")))
-        .collect();
+    let mut v: Vec<(IpNet, String)> = Vec::new();
     for g in &cfg.gateways {
         v.push((
             IpNet::from(g.endpoint),
             format!("covers {}, the endpoint of gateway {}", g.endpoint, g.name),
         ));
     }
+    v.extend(
+        node.prefixes
+            .iter()
+            .map(|p| (*p, format!("overlaps {p}, a prefix of this node"))),
+    );
     for r in &cfg.relays {
         for a in std::iter::once(r.public_address).chain(r.private_address) {
             v.push((
