@@ -14,7 +14,11 @@ for p in "${need[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then echo "missing packages: ${missing[*]} (run as root to install them)" >&2; exit 1; fi
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; then
+    # A qemu-utils newer than Debian's qemu-system-x86 (a backport) blocks it: take the matching one.
+    v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --allow-downgrades "${missing[@]}" "qemu-utils=$v" >/dev/null
+  fi
 fi
 
 echo "== cargo fmt --check"
