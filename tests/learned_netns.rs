@@ -51,13 +51,7 @@ fn a_node_reaches_a_prefix_only_bird_announces_and_fails_closed_when_it_is_withd
         return;
     }
     let (site, gw1, gw2, inet, c1, dir) = two_gateways("learned");
-    for (ns, dev, a) in [
-        (&site, "br0", "2001:db8:10::1/64"),
-        (&gw1, "lan", "2001:db8:10::2/64"),
-        (&gw2, "lan", "2001:db8:10::3/64"),
-    ] {
-        ns.ip(&["addr", "add", a, "dev", dev, "nodad"]);
-    }
+    dual_stack(&site, &gw1, &gw2, &dir);
     // The host inside the announced prefixes, on the site side.
     site.ip(&["addr", "add", "10.12.0.1/32", "dev", "lo"]);
     site.ip(&["addr", "add", "2001:db8:12::1/128", "dev", "lo"]);
@@ -89,19 +83,6 @@ fn a_node_reaches_a_prefix_only_bird_announces_and_fails_closed_when_it_is_withd
         let r = inet.exec(&args);
         assert!(r.status.success(), "{cmd}: {}", text(&r));
     }
-    let (k1, k2, kc) = (genkey(&dir, "gw1"), genkey(&dir, "gw2"), genkey(&dir, "c1"));
-    std::fs::write(
-        dir.join("site.kdl"),
-        format!(
-            "site \"lab\" {{\n asn 65010\n cloud-block \"10.200.0.0/16\"\n cloud-block \"2001:db8:200::/48\"\n \
-             site-prefix \"10.10.0.0/16\"\n site-prefix \"2001:db8:10::/48\"\n links 2\n keepalive-ms 200\n dead-after 3\n}}\n\
-             gateway \"gw1\" {{\n endpoint \"192.0.2.1\"\n site-address \"10.10.0.2\"\n site-address \"2001:db8:10::2\"\n public-key \"{k1}\"\n}}\n\
-             gateway \"gw2\" {{\n endpoint \"192.0.2.3\"\n site-address \"10.10.0.3\"\n site-address \"2001:db8:10::3\"\n public-key \"{k2}\"\n}}\n\
-             node \"c1\" {{\n address \"10.200.0.11\"\n prefix \"10.200.0.11/32\"\n prefix \"2001:db8:200:11::/64\"\n public-key \"{kc}\"\n}}\n\
-             bgp {{\n hold-time 30\n neighbor \"site-router\" {{\n address \"10.10.0.1\"\n }}\n}}\n"
-        ),
-    )
-    .unwrap();
     c1.ip(&["addr", "add", "2001:db8:200:11::1/128", "dev", "lo"]);
     let export = "export filter { if dest = RTD_UNICAST then accept; reject; }";
     let (bird_proc, sock) = bird(

@@ -64,6 +64,21 @@ fn load(path: &std::path::Path) -> Result<Config, String> {
     config::parse(&path.display().to_string(), &text).map_err(|r| r.render())
 }
 
+/// The host intent with every link counted alive: the datapath tables, which do not depend on
+/// liveness, and the BGP sessions.
+fn all_live(cfg: &Config, host: &str, learned: &Learned) -> Result<intent::HostIntent, String> {
+    intent::derive(
+        cfg,
+        host,
+        Inputs {
+            live: &|_, _| true,
+            learned,
+            underlay: &[],
+        },
+    )
+    .map_err(|e| e.to_string())
+}
+
 /// The key this host must hold, and a check that the key file matches it.
 fn check_key(cfg: &Config, host: &str, key: &PrivateKey) -> Result<(), String> {
     match cfg.public_key_of(host) {
@@ -218,7 +233,7 @@ impl Daemon {
     /// Give the running links the new prefix → peer tables from the intent (sessions and
     /// endpoints are kept).
     fn update_link_routes(&self) {
-        match self.intent_with(&|_, _| true) {
+        match all_live(&self.cfg, &self.opts.host, &self.learned) {
             Ok(i) => {
                 for spec in &i.links {
                     if let Some(rt) = self.links.get(&spec.dev) {
@@ -240,16 +255,7 @@ impl Daemon {
     async fn reload(&mut self, path: Option<PathBuf>) -> Result<String, String> {
         let path = path.unwrap_or_else(|| self.opts.config.clone());
         let cfg = load(&path)?;
-        let i = intent::derive(
-            &cfg,
-            &self.opts.host,
-            Inputs {
-                live: &|_, _| true,
-                learned: &self.learned,
-                underlay: &[],
-            },
-        )
-        .map_err(|e| e.to_string())?;
+        let i = all_live(&cfg, &self.opts.host, &self.learned)?;
         let (role, specs) = (i.role, i.links);
         if role != self.role {
             return Err(format!(
@@ -359,16 +365,7 @@ pub async fn run(opts: Options) -> Result<(), String> {
     use tokio::signal::unix::{signal, SignalKind};
     let cfg = load(&opts.config)?;
     // Nothing is learned yet: a gateway starts routing only the node addresses.
-    let first = intent::derive(
-        &cfg,
-        &opts.host,
-        Inputs {
-            live: &|_, _| true,
-            learned: &Learned::new(),
-            underlay: &[],
-        },
-    )
-    .map_err(|e| e.to_string())?;
+    let first = all_live(&cfg, &opts.host, &Learned::new())?;
     let (role, specs, bgp) = (first.role, first.links, first.bgp);
     let key = if specs.is_empty() {
         None

@@ -422,6 +422,32 @@ pub fn two_gateways(tag: &str) -> (Netns, Netns, Netns, Netns, Netns, std::path:
     (site, gw1, gw2, inet, c1, dir)
 }
 
+/// Turns the two-gateway lab dual-stack: IPv6 on the site LAN (2001:db8:10::/64, no DAD), and
+/// DIR/site.kdl rewritten with an IPv6 cloud block and site prefix, IPv6 site addresses on the
+/// gateways and 2001:db8:200:11::/64 on c1 (new keys made in DIR).
+pub fn dual_stack(site: &Netns, gw1: &Netns, gw2: &Netns, dir: &std::path::Path) {
+    for (ns, dev, a) in [
+        (site, "br0", "2001:db8:10::1/64"),
+        (gw1, "lan", "2001:db8:10::2/64"),
+        (gw2, "lan", "2001:db8:10::3/64"),
+    ] {
+        ns.ip(&["addr", "add", a, "dev", dev, "nodad"]);
+    }
+    let (k1, k2, kc) = (genkey(dir, "gw1"), genkey(dir, "gw2"), genkey(dir, "c1"));
+    std::fs::write(
+        dir.join("site.kdl"),
+        format!(
+            "site \"lab\" {{\n asn 65010\n cloud-block \"10.200.0.0/16\"\n cloud-block \"2001:db8:200::/48\"\n \
+             site-prefix \"10.10.0.0/16\"\n site-prefix \"2001:db8:10::/48\"\n links 2\n keepalive-ms 200\n dead-after 3\n}}\n\
+             gateway \"gw1\" {{\n endpoint \"192.0.2.1\"\n site-address \"10.10.0.2\"\n site-address \"2001:db8:10::2\"\n public-key \"{k1}\"\n}}\n\
+             gateway \"gw2\" {{\n endpoint \"192.0.2.3\"\n site-address \"10.10.0.3\"\n site-address \"2001:db8:10::3\"\n public-key \"{k2}\"\n}}\n\
+             node \"c1\" {{\n address \"10.200.0.11\"\n prefix \"10.200.0.11/32\"\n prefix \"2001:db8:200:11::/64\"\n public-key \"{kc}\"\n}}\n\
+             bgp {{\n hold-time 30\n neighbor \"site-router\" {{\n address \"10.10.0.1\"\n }}\n}}\n"
+        ),
+    )
+    .unwrap();
+}
+
 /// Every process's log, for a failure message.
 pub fn logs(procs: &[Proc]) -> String {
     procs
