@@ -3,6 +3,7 @@
 
 use appliance::host::netlink::Netlink;
 use appliance::host::reconcile;
+use appliance::daemon::status::Reply;
 use appliance::model::config::{self, Config};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -311,7 +312,13 @@ fn status_cmd(output: Output) -> ExitCode {
         &appliance::daemon::control::Request::Status,
     ));
     let status = match reply {
-        Ok(v) => v,
+        Ok(Reply {
+            status: Some(s), ..
+        }) => s,
+        Ok(r) => {
+            fail(output, r.error.as_deref().unwrap_or("the daemon sent no status"));
+            return ExitCode::from(EXIT_ERROR);
+        }
         Err(e) => {
             fail(output, &e.to_string());
             return ExitCode::from(EXIT_ERROR);
@@ -319,98 +326,9 @@ fn status_cmd(output: Output) -> ExitCode {
     };
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&status).expect("json")),
-        Output::Text => print!("{}", render_status(&status)),
+        Output::Text => print!("{}", status.render()),
     }
     ExitCode::SUCCESS
-}
-
-fn age(ms: &serde_json::Value) -> String {
-    match ms.as_u64() {
-        None => "never".into(),
-        Some(ms) if ms < 10_000 => format!("{:.1}s", ms as f64 / 1000.0),
-        Some(ms) => format!("{}s", ms / 1000),
-    }
-}
-
-fn bytes(b: &serde_json::Value) -> String {
-    let b = b.as_u64().unwrap_or(0) as f64;
-    match b {
-        b if b >= 1024.0 * 1024.0 * 1024.0 => format!("{:.2} GiB", b / 1024.0 / 1024.0 / 1024.0),
-        b if b >= 1024.0 * 1024.0 => format!("{:.1} MiB", b / 1024.0 / 1024.0),
-        b if b >= 1024.0 => format!("{:.1} KiB", b / 1024.0),
-        b => format!("{b} B"),
-    }
-}
-
-fn render_status(s: &serde_json::Value) -> String {
-    let mut out = format!(
-        "{} {} (up {}s, keepalive {} ms, dead after {})\n",
-        s["role"].as_str().unwrap_or("?"),
-        s["host"].as_str().unwrap_or("?"),
-        s["uptime_s"],
-        s["keepalive_ms"],
-        s["dead_after"]
-    );
-    out.push_str(&format!(
-        "{:<10} {:<12} {:<22} {:>9} {:>8} {:>11} {:>11} {:>10} {}\n",
-        "LINK", "PEER", "ENDPOINT", "HANDSHAKE", "LAST RX", "RX", "TX", "HANDSHAKES", "STATE"
-    ));
-    for l in s["links"].as_array().into_iter().flatten() {
-        out.push_str(&format!(
-            "{:<10} {:<12} {:<22} {:>9} {:>8} {:>11} {:>11} {:>10} {}\n",
-            l["link"].as_str().unwrap_or(""),
-            l["peer"].as_str().unwrap_or(""),
-            l["endpoint"].as_str().unwrap_or("-"),
-            age(&l["handshake_age_ms"]),
-            age(&l["last_rx_age_ms"]),
-            bytes(&l["rx_bytes"]),
-            bytes(&l["tx_bytes"]),
-            l["handshakes"].to_string(),
-            if l["alive"] == true { "live" } else { "dead" }
-        ));
-    }
-    if let Some(b) = s["bgp"].as_object() {
-        out.push_str(&format!(
-            "\n{:<14} {:<18} {:<12} {:>8} {:>8} {:>8} {:<9} {}\n",
-            "BGP PEER",
-            "ADDRESS",
-            "STATE",
-            "RECEIVED",
-            "ACCEPTED",
-            "REJECTED",
-            "ADD-PATH",
-            "LAST ERROR"
-        ));
-        for p in b["sessions"].as_array().into_iter().flatten() {
-            out.push_str(&format!(
-                "{:<14} {:<18} {:<12} {:>8} {:>8} {:>8} {:<9} {}\n",
-                p["name"].as_str().unwrap_or(""),
-                p["address"].as_str().unwrap_or(""),
-                p["state"].as_str().unwrap_or(""),
-                p["prefixes"]["received"].to_string(),
-                p["prefixes"]["accepted"].to_string(),
-                p["prefixes"]["rejected"].to_string(),
-                add_path_column(p),
-                p["last_error"].as_str().unwrap_or("-")
-            ));
-        }
-        out.push_str(&format!(
-            "connections refused from unknown addresses: {}\n",
-            b["refused_connections"]
-        ));
-    }
-    out
-}
-
-/// "rx", "tx", "rx+tx" or "-": the directions ADD-PATH was negotiated in, any family.
-fn add_path_column(session: &serde_json::Value) -> &'static str {
-    let on = |k: &str| session[k]["ipv4"] == true || session[k]["ipv6"] == true;
-    match (on("add_path_rx"), on("add_path_tx")) {
-        (true, true) => "rx+tx",
-        (true, false) => "rx",
-        (false, true) => "tx",
-        (false, false) => "-",
-    }
 }
 
 fn pubkey() -> ExitCode {
@@ -556,15 +474,18 @@ fn reconcile_cmd(args: &ConfigArgs, node: Option<String>, dry_run: bool) -> Exit
             };
             match appliance::daemon::control::request(&req).await {
                 Ok(reply) => {
-                    let ok = reply["ok"] == true;
+                    let ok = reply.ok;
                     match args.output {
-                        Output::Json => println!("{reply}"),
+                        Output::Json => println!(
+                            "{}",
+                            serde_json::to_string(&reply).expect("a reply serialises")
+                        ),
                         Output::Text if ok => {
-                            println!("daemon: {}", reply["message"].as_str().unwrap_or(""))
+                            println!("daemon: {}", reply.message.as_deref().unwrap_or(""))
                         }
                         Output::Text => eprintln!(
                             "daemon refused the config:\n{}",
-                            reply["error"].as_str().unwrap_or("")
+                            reply.error.as_deref().unwrap_or("")
                         ),
                     }
                     return if ok {

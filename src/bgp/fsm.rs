@@ -21,7 +21,7 @@ pub enum State {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Config {
+pub struct SessionConfig {
     pub local_as: u32,
     pub local_id: Ipv4Addr,
     /// The AS the peer must announce (iBGP: our own).
@@ -133,13 +133,13 @@ const OPEN_HOLD: Duration = Duration::from_secs(240);
 
 #[derive(Debug)]
 pub struct Session {
-    pub config: Config,
+    pub config: SessionConfig,
     pub state: State,
     pub negotiated: Option<Negotiated>,
 }
 
 impl Session {
-    pub fn new(config: Config) -> Session {
+    pub fn new(config: SessionConfig) -> Session {
         Session {
             config,
             state: State::Idle,
@@ -429,8 +429,8 @@ pub fn keep_existing_on_collision(
 mod tests {
     use super::*;
 
-    fn cfg() -> Config {
-        Config {
+    fn cfg() -> SessionConfig {
+        SessionConfig {
             local_as: 65010,
             local_id: "10.10.0.2".parse().unwrap(),
             peer_as: 65010,
@@ -544,7 +544,7 @@ mod tests {
     }
 
     /// The actions after the peer's OPEN (hold 90) reaches a session with `config`.
-    fn after_open(config: Config) -> (Session, Vec<Action>) {
+    fn after_open(config: SessionConfig) -> (Session, Vec<Action>) {
         let mut s = Session::new(config);
         s.start();
         s.handle(Event::Connected);
@@ -562,7 +562,7 @@ mod tests {
 
     #[test]
     fn a_wrong_peer_as_is_refused_with_bad_peer_as() {
-        let (s, out) = after_open(Config {
+        let (s, out) = after_open(SessionConfig {
             peer_as: 65020,
             ..cfg()
         });
@@ -572,7 +572,7 @@ mod tests {
 
     #[test]
     fn our_own_bgp_identifier_from_the_peer_is_refused() {
-        let (_, out) = after_open(Config {
+        let (_, out) = after_open(SessionConfig {
             local_id: "10.10.0.1".parse().unwrap(),
             ..cfg()
         });

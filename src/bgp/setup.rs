@@ -1,7 +1,8 @@
 //! Which sessions a speaker runs and under which policy: plain data, derived from the site
 //! file by [`crate::intent::bgp`] and run by [`super::speaker`].
 
-use super::rib::Peer;
+use super::rib::Neighbor;
+use super::router::Learn;
 use super::wire::Attributes;
 use ipnet::IpNet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -11,7 +12,7 @@ pub const PORT: u16 = 179;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PeerConfig {
-    pub peer: Peer,
+    pub peer: Neighbor,
     pub address: IpAddr,
     /// We open the connection (nodes towards gateways, gateways towards the site router).
     pub active: bool,
@@ -32,4 +33,6 @@ pub struct SpeakerConfig {
     pub originate: Vec<(IpNet, Attributes)>,
     /// Reflect client routes to other clients (see `Rib::client_to_client`).
     pub client_to_client: bool,
+    /// Whose paths the host routes by.
+    pub learn: Learn,
 }

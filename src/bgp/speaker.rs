@@ -4,14 +4,19 @@
 //!
 //! ```text
 //!  listener ──(accepted stream, by peer address)──▶ session task per peer ◀── connect loop
-//!  session task ──Event::{Up, Update, Refresh, Down}──▶ RIB task ──Vec<Message>──▶ session task
+//!  session task ──Event::{Up, Update, Refresh, Down}──▶ RIB task ──Message──▶ session task
+//!                                                         │ (router::Router decides)
+//!                                                         └──watch<Learned>──▶ daemon
 //! ```
+//! The learned routes travel on a `watch` channel: the daemon wakes when they change and reads
+//! the latest value, so a burst of UPDATEs costs it one wake-up and the channel cannot grow.
 //! A connection from an address that is not a configured peer is closed at once and counted.
 
-use super::fsm::{Action, Config as FsmConfig, Event as FsmEvent, Negotiated, Session};
-use super::rib::{Applied, Counters, Peer, PeerId, PeerKind, Rib};
+use super::fsm::{Action, Event as FsmEvent, Negotiated, Session, SessionConfig};
+use super::rib::{Counters, Neighbor, PeerId, PeerKind, Rib};
+use super::router::{Input, Learn, Learned, Output, Router};
 use super::setup::{PeerConfig, SpeakerConfig, PORT};
-use super::wire::{self, Attributes, Context, Families, Message, Nlri, Notification, Update};
+use super::wire::{self, Context, Families, Message, Notification, Update};
 use ipnet::IpNet;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -20,14 +25,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 const CONNECT_RETRY: Duration = Duration::from_secs(2);
 /// Backlog for the listener: a thousand clients may connect at once after a gateway restart.
 const BACKLOG: u32 = 4096;
 
 /// What `appliance status` shows per session, like `birdc show protocols`.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, Default, PartialEq)]
 pub struct SessionStatus {
     pub name: String,
     pub address: String,
@@ -46,13 +51,11 @@ pub struct SessionStatus {
 pub struct Status {
     pub sessions: Vec<SessionStatus>,
     pub refused_connections: u64,
-    /// Learned prefixes with their equal-cost paths: which peer, which next hop.
+    /// Learned prefixes with their equal-cost paths: which peer, which next hop (display).
     pub routes: BTreeMap<IpNet, Vec<LearnedPath>>,
-    /// Counts the changes to `routes`, so a reader can tell cheaply whether to look again.
-    pub routes_version: u64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct LearnedPath {
     pub peer: String,
     /// The peer is a route-reflector client (a node, seen from a gateway).
@@ -67,9 +70,15 @@ pub struct Speaker {
     pub status: SharedStatus,
     tx: mpsc::UnboundedSender<ToRib>,
     names: Vec<String>,
+    learned: watch::Receiver<Learned>,
 }
 
 impl Speaker {
+    /// What the host routes by, as it changes (see [`Router::learned`]).
+    pub fn learned(&self) -> watch::Receiver<Learned> {
+        self.learned.clone()
+    }
+
     /// Tell every established peer we are going away on purpose (Cease, administrative
     /// shutdown): they withdraw our routes at once. A crash or SIGKILL sends nothing, so peers
     /// keep our routes for the graceful-restart time instead (RFC 4724).
@@ -126,7 +135,7 @@ pub async fn start(cfg: SpeakerConfig) -> std::io::Result<Speaker> {
     for (id, p) in cfg.peers.iter().enumerate() {
         let (tx, rx) = mpsc::unbounded_channel::<TcpStream>();
         accept_txs.insert(p.address, tx);
-        let fsm = FsmConfig {
+        let fsm = SessionConfig {
             local_as: cfg.local_as,
             local_id: cfg.router_id,
             peer_as: cfg.local_as,
@@ -163,11 +172,19 @@ pub async fn start(cfg: SpeakerConfig) -> std::io::Result<Speaker> {
         rib.originate(*prefix, a.clone());
     }
     let names = cfg.peers.iter().map(|p| p.peer.name.clone()).collect();
-    tokio::spawn(rib_task(rib, rib_rx, rib_tx.clone(), status.clone()));
+    let (learned_tx, learned) = watch::channel(Learned::new());
+    tokio::spawn(rib_task(
+        Router::new(rib, cfg.learn),
+        rib_rx,
+        rib_tx.clone(),
+        status.clone(),
+        learned_tx,
+    ));
     Ok(Speaker {
         status,
         tx: rib_tx,
         names,
+        learned,
     })
 }
 
@@ -234,7 +251,7 @@ async fn peer_task(
     id: PeerId,
     p: PeerConfig,
     local: IpAddr,
-    fsm: FsmConfig,
+    fsm: SessionConfig,
     mut accepted: mpsc::UnboundedReceiver<TcpStream>,
     rib: mpsc::UnboundedSender<ToRib>,
     status: SharedStatus,
@@ -277,7 +294,7 @@ async fn run_session(
     id: PeerId,
     p: &PeerConfig,
     stream: TcpStream,
-    fsm: FsmConfig,
+    fsm: SessionConfig,
     rib: &mpsc::UnboundedSender<ToRib>,
     status: &SharedStatus,
     accepted: &mut mpsc::UnboundedReceiver<TcpStream>,
@@ -390,174 +407,83 @@ async fn run_session(
     }
 }
 
-struct Established {
-    tx: mpsc::UnboundedSender<Message>,
-    ctx: Context,
-    /// What we told this peer (Adj-RIB-Out), to send only differences. Path identifiers are
-    /// ours (ADD-PATH) or 0.
-    sent: BTreeMap<Nlri, Attributes>,
-}
-
+/// The RIB task: feeds [`Router`] and performs what it decides (send, start timers), then
+/// publishes the changed prefixes: to the status (display) and to the learned-routes channel
+/// the daemon waits on.
 async fn rib_task(
-    mut rib: Rib,
+    mut router: Router,
     mut rx: mpsc::UnboundedReceiver<ToRib>,
     me: mpsc::UnboundedSender<ToRib>,
     status: SharedStatus,
+    learned: watch::Sender<Learned>,
 ) {
-    let mut up: BTreeMap<PeerId, Established> = BTreeMap::new();
-    // Counts each peer's sessions, so a restart timer from an earlier one is ignored.
-    let mut generation: Vec<u64> = vec![0; rib.peers.len()];
+    let mut sessions: BTreeMap<PeerId, mpsc::UnboundedSender<Message>> = BTreeMap::new();
     while let Some(ev) = rx.recv().await {
-        let changed: Vec<IpNet> = match ev {
+        let input = match ev {
             ToRib::Shutdown(done) => {
-                for e in up.values() {
-                    let _ = e.tx.send(Message::Notification(Notification::cease(2)));
-                }
+                let mut out = router_handle(&mut router, Input::Shutdown);
+                perform(&router, &sessions, &me, &mut out);
                 let _ = done.send(());
-                Vec::new()
+                continue;
             }
             ToRib::Up(id, n, tx) => {
-                generation[id] += 1;
-                rib.peers[id].router_id = Some(n.peer_id);
-                up.insert(
-                    id,
-                    Established {
-                        tx,
-                        ctx: n.context(),
-                        sent: BTreeMap::new(),
-                    },
-                );
-                export_all(&rib, id, up.get_mut(&id).expect("inserted"));
-                Vec::new()
+                sessions.insert(id, tx);
+                Input::Up(id, n)
             }
-            ToRib::Refresh(id) => {
-                if let Some(e) = up.get_mut(&id) {
-                    e.sent.clear();
-                    export_all(&rib, id, e);
-                }
-                Vec::new()
+            ToRib::Update(id, u) => Input::Update(id, u),
+            ToRib::Refresh(id) => Input::Refresh(id),
+            ToRib::Down(id, restart) => {
+                sessions.remove(&id);
+                Input::Down(id, restart)
             }
-            ToRib::Down(id, Some(restart)) => {
-                up.remove(&id);
-                rib.mark_stale(id);
-                tracing::info!(peer = %rib.peers[id].name, stale = rib.stale_count(id), ?restart, "peer restarting gracefully: routes kept stale");
-                let (me, g) = (me.clone(), generation[id]);
-                tokio::spawn(async move {
-                    tokio::time::sleep(restart).await;
-                    let _ = me.send(ToRib::StaleExpired(id, g));
-                });
-                Vec::new()
-            }
-            ToRib::Down(id, None) => {
-                up.remove(&id);
-                rib.peer_down(id)
-            }
-            ToRib::StaleExpired(id, g) if g == generation[id] && !up.contains_key(&id) => {
-                tracing::warn!(peer = %rib.peers[id].name, "restart time over: stale routes removed");
-                rib.sweep_stale(id)
-            }
-            ToRib::StaleExpired(..) => Vec::new(),
-            ToRib::Reachable(id, false) => {
-                if let Some(e) = up.remove(&id) {
-                    tracing::warn!(peer = %rib.peers[id].name, "no live tunnel to this peer: session reset, routes withdrawn");
-                    // Cease 6/8 ("out of resources" is the closest) ends the session task.
-                    let _ = e.tx.send(Message::Notification(Notification::cease(8)));
-                }
-                rib.sweep_stale(id);
-                rib.peer_down(id)
-            }
-            ToRib::Reachable(_, true) => Vec::new(),
-            ToRib::Update(id, u) => {
-                let Applied {
-                    mut changed,
-                    rejected,
-                    max_prefix_exceeded,
-                } = rib.apply(id, &u);
-                if u.is_end_of_rib() {
-                    // RFC 4724: after End-of-RIB, what the peer did not re-announce is gone.
-                    changed.extend(rib.sweep_stale(id));
-                }
-                for (prefix, why) in &rejected {
-                    tracing::warn!(peer = %rib.peers[id].name, %prefix, %why, "prefix rejected");
-                }
-                if max_prefix_exceeded {
-                    tracing::error!(peer = %rib.peers[id].name, max = rib.peers[id].policy.max_prefix, "max-prefix exceeded: stopping the session");
-                    if let Some(e) = up.get(&id) {
-                        let _ = e.tx.send(Message::Notification(Notification::cease(1)));
-                    }
-                }
-                changed
-            }
+            ToRib::StaleExpired(id, g) => Input::StaleExpired(id, g),
+            ToRib::Reachable(id, r) => Input::Reachable(id, r),
         };
-        for prefix in &changed {
-            for (id, e) in up.iter_mut() {
-                export_one(&rib, *id, e, prefix);
-            }
-        }
-        publish(&rib, &status, &changed);
+        let mut out = router_handle(&mut router, input);
+        perform(&router, &sessions, &me, &mut out);
+        publish(&router, &status, &learned, &out.changed);
     }
 }
 
-fn export_one(rib: &Rib, to: PeerId, e: &mut Established, prefix: &IpNet) {
-    // (our path identifier, attributes); 0 for the one path of a session without ADD-PATH.
-    let paths = if e.ctx.add_path_tx.has(matches!(prefix, IpNet::V6(_))) {
-        rib.export_paths(to, prefix)
-    } else {
-        rib.export(to, prefix).map(|a| (0, a)).into_iter().collect()
-    };
-    let want: Vec<(Nlri, Attributes)> = paths
-        .into_iter()
-        .map(|(path_id, a)| {
-            let prefix = *prefix;
-            (Nlri { prefix, path_id }, a)
-        })
-        .collect();
-    let had: Vec<Nlri> = e
-        .sent
-        .range(
-            Nlri::from(*prefix)..=Nlri {
-                prefix: *prefix,
-                path_id: u32::MAX,
-            },
-        )
-        .map(|(n, _)| *n)
-        .collect();
-    let gone: Vec<Nlri> = had
-        .into_iter()
-        .filter(|n| !want.iter().any(|(w, _)| w == n))
-        .collect();
-    let mut msgs = wire::updates(&gone, &[], None);
-    for n in &gone {
-        e.sent.remove(n);
+fn router_handle(router: &mut Router, input: Input) -> Output {
+    let out = router.handle(input);
+    for (id, what) in &out.events {
+        tracing::info!(peer = %router.rib.peers[*id].name, "{what}");
     }
-    for (n, a) in want {
-        if e.sent.get(&n) != Some(&a) {
-            msgs.extend(wire::updates(&[], &[n], Some(&a)));
-            e.sent.insert(n, a);
+    out
+}
+
+/// Send what the router decided and start its timers.
+fn perform(
+    router: &Router,
+    sessions: &BTreeMap<PeerId, mpsc::UnboundedSender<Message>>,
+    me: &mpsc::UnboundedSender<ToRib>,
+    out: &mut Output,
+) {
+    for (id, m) in out.send.drain(..) {
+        if let Some(tx) = sessions.get(&id) {
+            let _ = tx.send(m);
+        } else {
+            tracing::debug!(peer = %router.rib.peers[id].name, "message for a session that is gone");
         }
     }
-    for u in msgs {
-        let _ = e.tx.send(Message::Update(u));
+    for t in out.timers.drain(..) {
+        let me = me.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(t.after).await;
+            let _ = me.send(ToRib::StaleExpired(t.peer, t.generation));
+        });
     }
 }
 
-fn export_all(rib: &Rib, to: PeerId, e: &mut Established) {
-    for prefix in rib.prefixes() {
-        export_one(rib, to, e, &prefix);
-    }
-    // End-of-RIB (RFC 4724): an empty UPDATE.
-    let _ = e.tx.send(Message::Update(Update::default()));
-}
-
-/// Refresh the shared status: every peer's counters, and the learned routes that changed.
-fn publish(rib: &Rib, status: &SharedStatus, changed: &[IpNet]) {
+/// Refresh the shared status (every peer's counters, the changed routes' paths) and the
+/// learned routes the host routes by.
+fn publish(router: &Router, status: &SharedStatus, learned: &watch::Sender<Learned>, changed: &[IpNet]) {
+    let rib = &router.rib;
     let mut s = status.lock().expect("not poisoned");
     for (i, c) in rib.counters.iter().enumerate() {
         s.sessions[i].prefixes = c.clone();
         s.sessions[i].accepted_now = rib.accepted_count(i);
-    }
-    if !changed.is_empty() {
-        s.routes_version += 1;
     }
     for p in changed {
         let paths: Vec<LearnedPath> = rib
@@ -577,6 +503,20 @@ fn publish(rib: &Rib, status: &SharedStatus, changed: &[IpNet]) {
             s.routes.insert(*p, paths);
         }
     }
+    drop(s);
+    learned.send_if_modified(|l| {
+        let mut modified = false;
+        for p in changed {
+            let by = router.learned(p);
+            let before = if by.is_empty() {
+                l.remove(p)
+            } else {
+                l.insert(*p, by.clone())
+            };
+            modified |= before.as_ref() != (!by.is_empty()).then_some(&by);
+        }
+        modified
+    });
 }
 
 /// A stand-alone reflector for `bench/bgp` (the shared rr-bench harness's `custom` mode):
@@ -608,7 +548,7 @@ pub async fn bench_reflector(
         .iter()
         .enumerate()
         .map(|(i, (ip, block))| PeerConfig {
-            peer: Peer {
+            peer: Neighbor {
                 name: format!("c{i}"),
                 kind: PeerKind::Client,
                 policy: policy(vec![*block]),
@@ -619,7 +559,7 @@ pub async fn bench_reflector(
         })
         .collect();
     peers.push(PeerConfig {
-        peer: Peer {
+        peer: Neighbor {
             name: "listener".into(),
             kind: PeerKind::NonClient,
             policy: policy(vec![]),
@@ -638,6 +578,7 @@ pub async fn bench_reflector(
         peers,
         originate: vec![],
         client_to_client: false,
+        learn: Learn::FromClients,
     })
     .await?;
     loop {

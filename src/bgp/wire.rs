@@ -308,7 +308,7 @@ impl Context {
 }
 
 /// A flag per address family (IPv4 unicast, IPv6 unicast).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Families {
     pub ipv4: bool,
     pub ipv6: bool,

@@ -5,6 +5,7 @@
 //! nothing is left on disk by a crash. Abstract sockets have no file permissions, so requests
 //! that change anything are accepted only from root (checked with SO_PEERCRED).
 
+use super::status::Reply;
 use serde::{Deserialize, Serialize};
 use std::io;
 use std::os::linux::net::SocketAddrExt;
@@ -41,7 +42,7 @@ pub fn bind() -> io::Result<tokio::net::UnixListener> {
 }
 
 /// Send one request to the daemon of this network namespace. `NotFound` when none runs.
-pub async fn request(req: &Request) -> io::Result<serde_json::Value> {
+pub async fn request(req: &Request) -> io::Result<Reply> {
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(NAME)?;
     let std_stream = std::os::unix::net::UnixStream::connect_addr(&addr).map_err(|e| {
         if e.kind() == io::ErrorKind::ConnectionRefused {
@@ -82,11 +83,8 @@ pub async fn read_request(
     ))
 }
 
-pub async fn reply(
-    stream: &mut tokio::net::UnixStream,
-    value: &serde_json::Value,
-) -> io::Result<()> {
-    let mut line = value.to_string();
+pub async fn reply(stream: &mut tokio::net::UnixStream, value: &Reply) -> io::Result<()> {
+    let mut line = serde_json::to_string(value).expect("a reply serialises");
     line.push('\n');
     stream.write_all(line.as_bytes()).await
 }

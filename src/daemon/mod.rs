@@ -1,37 +1,49 @@
 //! `appliance run`: reconcile the host, run the datapath of every link, and keep both in step.
 //!
-//! One tokio task (current-thread runtime) owns everything that changes state: the config, the
-//! link runtimes, the liveness tracker and the netlink handle. It wakes on a short tick
-//! (keepalives, timers, liveness), on SIGHUP and control-socket reloads, and every few seconds
-//! for a full reconcile that repairs drift. Packet threads never block it.
+//! ```text
+//!  tick (25 ms) ── engine.tick(now), verdicts(now) ─┐
+//!  speaker ──watch<Learned>─────────────────────────┼─▶ Core (pure) ─▶ Reaction ─▶ edges:
+//!  drift (10 s) ── observe: underlay networks ──────┘     routes: one netlink request per change
+//!  SIGHUP / control socket ── reload                      tables: rt.replace(link.rebuild(spec))
+//!                                                         reachable: speaker.set_reachable
+//! ```
 //!
-//! Liveness drives routes: a link whose peer fell silent for `dead-after` keepalive intervals
-//! leaves every multipath route at once (re-plan with [`desired_live`] and apply); it comes back
-//! when packets do. Each transition is logged once.
+//! One tokio task (current-thread runtime) owns everything that changes state: the [`Core`]
+//! (config, liveness, learned routes, installed kernel state), the link runtimes and the
+//! netlink handle. It holds the namespace's reconcile lock for its whole life. Packet threads
+//! never block it.
+//!
+//! A liveness or learned-route change applies exactly the kernel changes between the installed
+//! state and the new intent (a link flip: one route replace per prefix over that link), with
+//! no dump and no verify; if one fails, a full reconcile follows. The full reconcile (observe,
+//! plan, apply, verify) runs at start, on reload and every 10 s to repair drift, and observes
+//! the underlay networks the node import policy reads. Each transition is logged once.
 
 pub mod control;
+pub mod core;
+pub mod status;
 
+use crate::bgp::router::Learned;
 use crate::datapath::engine::Link;
-use crate::datapath::liveness::{Liveness, Tracker};
 use crate::datapath::runtime::LinkRuntime;
 use crate::host::keyfile::load_private_key;
 use crate::host::netlink::Netlink;
-use crate::host::reconcile;
+use crate::host::reconcile::{self, Lock};
 use crate::intent::links::LinkSpec;
-use crate::intent::plan::Plan;
-use crate::intent::{self, Inputs, Learned};
-use crate::model::config::{self, Config, Role};
+use crate::intent::plan::{diff, Plan};
+use crate::model::config::{self, Config};
 use crate::model::key::PrivateKey;
 use control::Request;
+use core::{verdicts, Core, Reaction};
+use status::{BgpStatus, KernelStatus, LearnedRoute, Reply, Status};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 const TICK: Duration = Duration::from_millis(25);
 const RATE_LIMIT_RESET: Duration = Duration::from_secs(1);
 const DRIFT_CHECK: Duration = Duration::from_secs(10);
-/// Withdrawn prefixes whose blackholes a node keeps (bounded: a flapping peer cannot grow it).
-const MAX_WITHDRAWN: usize = 4096;
 
 pub struct Options {
     pub config: PathBuf,
@@ -39,22 +51,16 @@ pub struct Options {
     pub key_file: PathBuf,
 }
 
-type LinkKey = (String, u32);
-
 struct Daemon {
     opts: Options,
+    core: Core,
     bgp: Option<crate::bgp::speaker::Speaker>,
-    /// What this host learned over iBGP (see [`Daemon::learned_now`]), as last installed, and
-    /// the speaker's `routes_version` it was read at.
-    learned: Learned,
-    learned_version: u64,
-    cfg: Config,
-    role: Role,
     key: Option<PrivateKey>,
     nl: Netlink,
+    lock: Lock,
     links: BTreeMap<String, LinkRuntime>,
-    tracker: Tracker<LinkKey>,
     started: Instant,
+    kernel: KernelStatus,
 }
 
 /// Read and validate a config file; the error is the rendered diagnostics.
@@ -62,21 +68,6 @@ fn load(path: &std::path::Path) -> Result<Config, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
     config::parse(&path.display().to_string(), &text).map_err(|r| r.render())
-}
-
-/// The host intent with every link counted alive: the datapath tables, which do not depend on
-/// liveness, and the BGP sessions.
-fn all_live(cfg: &Config, host: &str, learned: &Learned) -> Result<intent::HostIntent, String> {
-    intent::derive(
-        cfg,
-        host,
-        Inputs {
-            live: &|_, _| true,
-            learned,
-            underlay: &[],
-        },
-    )
-    .map_err(|e| e.to_string())
 }
 
 /// The key this host must hold, and a check that the key file matches it.
@@ -90,158 +81,137 @@ fn check_key(cfg: &Config, host: &str, key: &PrivateKey) -> Result<(), String> {
     }
 }
 
-impl Daemon {
-    fn liveness(&self) -> Liveness {
-        Liveness {
-            interval: Duration::from_millis(self.cfg.site.keepalive_ms as u64),
-            dead_after: self.cfg.site.dead_after,
+/// The next value of the learned routes; never returns when there is no speaker (or it ended).
+async fn next_learned(rx: &mut Option<watch::Receiver<Learned>>) -> Learned {
+    if let Some(rx) = rx {
+        if rx.changed().await.is_ok() {
+            return rx.borrow_and_update().clone();
         }
     }
+    std::future::pending().await
+}
 
-    /// The host intent from the config, the live links and what iBGP taught.
-    fn intent_with(&self, live: intent::Live<'_>) -> Result<intent::HostIntent, String> {
-        intent::derive(
-            &self.cfg,
-            &self.opts.host,
-            Inputs {
-                live,
-                learned: &self.learned,
-                underlay: &[],
-            },
-        )
-        .map_err(|e| e.to_string())
-    }
-
-    /// Bring routes (and devices, sysctls) in line with the config and the live links.
+impl Daemon {
+    /// Observe the host, plan against the current intent and apply (with verify); records the
+    /// installed state. Also observes the underlay networks: when they changed, the intent is
+    /// derived again before planning.
     async fn sync(&mut self) -> Result<Plan, String> {
-        let tracker = &self.tracker;
-        let live = |peer: &str, link: u32| tracker.is_alive(&(peer.to_string(), link));
-        let intent = self.intent_with(&live)?;
-        let (role, want) = (intent.role, intent.kernel);
-        let plan = reconcile::plan_state(&self.nl, &self.opts.host, role, &want)
+        self.kernel.full_reconciles += 1;
+        let mut intent = self.core.intent()?;
+        let have = self
+            .nl
+            .observe(intent.kernel.sysctls.keys())
             .await
             .map_err(|e| e.to_string())?;
+        if self.core.set_underlay(have.underlay.iter().copied()) {
+            let r = self.core.underlay_changed()?;
+            self.replace_tables(&r.tables);
+            intent = self.core.intent()?;
+        }
+        let want = intent.kernel;
+        let plan = diff(&self.opts.host, self.core.role(), &want, &have).map_err(|e| e.to_string())?;
         if !plan.is_empty() {
-            reconcile::apply(&self.nl, &want, &plan)
+            reconcile::apply_held(&self.nl, &self.lock, &want, &plan)
                 .await
                 .map_err(|e| e.to_string())?;
         }
+        self.core.installed(want);
         Ok(plan)
     }
 
     fn start_link(&mut self, spec: &LinkSpec) -> Result<(), String> {
         let key = self.key.as_ref().ok_or("no private key")?;
-        let rt = LinkRuntime::start(Link::new(spec, key), spec.v6_underlay)
+        let rt = LinkRuntime::start(Link::new(spec, key, Instant::now()), spec.v6_underlay)
             .map_err(|e| format!("{}: {e}", spec.dev))?;
         tracing::info!(dev = %spec.dev, port = rt.local_port(), peers = spec.peers.len(), "link started");
         self.links.insert(spec.dev.clone(), rt);
         Ok(())
     }
 
+    /// Give the running links new prefix → peer tables (sessions and endpoints are kept).
+    fn replace_tables(&self, specs: &[LinkSpec]) {
+        for spec in specs {
+            if let Some(rt) = self.links.get(&spec.dev) {
+                rt.replace(rt.current().rebuild(spec));
+            }
+        }
+    }
+
     async fn tick(&mut self) {
-        let policy = self.liveness();
+        let policy = self.core.policy();
         let now = Instant::now();
-        let mut seen = Vec::new();
-        for rt in self.links.values() {
-            let link = rt.current();
-            rt.send_all(&link.tick(policy));
-            for p in link.peers() {
-                seen.push((
-                    (p.spec.name.clone(), link.index),
-                    link.alive(p, policy, now),
-                ));
+        let current: Vec<_> = self.links.values().map(|rt| rt.current()).collect();
+        for (rt, link) in self.links.values().zip(&current) {
+            rt.send_all(&link.tick(policy, now));
+        }
+        let seen = verdicts(current.iter().map(|l| &**l), policy, now);
+        let r = self.core.verdicts(seen);
+        self.react(r, "routes follow link liveness").await;
+    }
+
+    async fn learned(&mut self, learned: Learned) {
+        let r = self.core.learned_changed(&learned);
+        if let Ok(r) = &r {
+            if !r.is_empty() {
+                tracing::info!(prefixes = self.core.learned().len(), "routes learned over iBGP changed");
             }
         }
-        let changes = self.tracker.update(seen);
-        let mut learned_changed = false;
-        if let Some((version, learned)) = self.learned_now() {
-            self.learned_version = version;
-            if learned != self.learned {
-                tracing::info!(prefixes = learned.len(), "routes learned over iBGP changed");
-                self.learned = learned;
-                self.update_link_routes();
-                learned_changed = true;
+        self.react(r, "routes follow iBGP").await;
+    }
+
+    /// Perform a reaction: log transitions, tell BGP, replace tables, apply the kernel plan
+    /// (a full reconcile when it fails or the installed state is unknown).
+    async fn react(&mut self, r: Result<Reaction, String>, why: &str) {
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot derive the host intent");
+                return;
             }
-        }
-        if changes.is_empty() && !learned_changed {
-            return;
-        }
-        if let (Some(b), Role::Gateway) = (&self.bgp, self.role) {
-            // A node with no live link at all is unreachable: tell BGP at once.
-            let mut touched: Vec<&str> = changes.iter().map(|((p, _), _)| p.as_str()).collect();
-            touched.dedup();
-            for peer in touched {
-                let any =
-                    (0..self.cfg.site.links).any(|i| self.tracker.is_alive(&(peer.to_string(), i)));
-                b.set_reachable(peer, any);
-            }
-        }
-        for ((peer, link), alive) in &changes {
+        };
+        for ((peer, link), alive) in &r.transitions {
             if *alive {
                 tracing::info!(%peer, link, "link up");
             } else {
-                tracing::warn!(%peer, link, "link down: no packet for {:?}", self.liveness().deadline());
+                tracing::warn!(%peer, link, "link down: no packet for {:?}", self.core.policy().deadline());
             }
         }
+        if let Some(b) = &self.bgp {
+            for (peer, reachable) in &r.reachable {
+                b.set_reachable(peer, *reachable);
+            }
+        }
+        self.replace_tables(&r.tables);
         let t = Instant::now();
+        if let Some((plan, want)) = r.kernel {
+            match reconcile::apply_steps_only(&self.nl, &self.lock, &plan).await {
+                Ok(()) => {
+                    self.core.installed(want);
+                    self.kernel.updates += 1;
+                    self.kernel.last_update_changes = plan.changes.len();
+                    self.kernel.last_update_us = Some(t.elapsed().as_micros() as u64);
+                    tracing::info!(
+                        changes = plan.changes.len(),
+                        took_us = t.elapsed().as_micros() as u64,
+                        "{why}"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "route update failed; reconciling in full");
+                    self.core.forget_installed();
+                }
+            }
+        } else if !r.full {
+            return;
+        }
         match self.sync().await {
             Ok(plan) => tracing::info!(
                 changes = plan.changes.len(),
                 took_ms = t.elapsed().as_millis() as u64,
-                "routes follow link liveness"
+                "{why} (full reconcile)"
             ),
             Err(e) => tracing::error!(error = %e, "route update failed"),
-        }
-    }
-
-    /// What iBGP taught this host, if the speaker's routes changed since the last look: on a
-    /// node, the prefixes its gateways advertise, each with the advertising gateways; on a
-    /// gateway, the prefixes each node announces (accepted by the node's import policy), each
-    /// with that node.
-    fn learned_now(&self) -> Option<(u64, Learned)> {
-        let b = self.bgp.as_ref()?;
-        let status = b.status.lock().expect("not poisoned");
-        if status.routes_version == self.learned_version {
-            return None;
-        }
-        let from_nodes = self.role == Role::Gateway;
-        let mut learned: Learned = status
-            .routes
-            .iter()
-            .filter_map(|(p, paths)| {
-                // With ADD-PATH one peer may advertise several paths: a set of peers.
-                let by: std::collections::BTreeSet<String> = paths
-                    .iter()
-                    .filter(|x| !from_nodes || x.from_client)
-                    .map(|x| x.peer.clone())
-                    .collect();
-                (!by.is_empty()).then_some((*p, by))
-            })
-            .collect();
-        // A prefix learned before and withdrawn since keeps its fail-closed blackhole (an
-        // empty set); at most MAX_WITHDRAWN are remembered.
-        let mut kept = 0;
-        for p in self.learned.keys() {
-            if kept < MAX_WITHDRAWN && !learned.contains_key(p) {
-                learned.insert(*p, Default::default());
-                kept += 1;
-            }
-        }
-        Some((status.routes_version, learned))
-    }
-
-    /// Give the running links the new prefix → peer tables from the intent (sessions and
-    /// endpoints are kept).
-    fn update_link_routes(&self) {
-        match all_live(&self.cfg, &self.opts.host, &self.learned) {
-            Ok(i) => {
-                for spec in &i.links {
-                    if let Some(rt) = self.links.get(&spec.dev) {
-                        rt.replace(rt.current().rebuild(spec));
-                    }
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "cannot rebuild the link tables"),
         }
     }
 
@@ -255,17 +225,10 @@ impl Daemon {
     async fn reload(&mut self, path: Option<PathBuf>) -> Result<String, String> {
         let path = path.unwrap_or_else(|| self.opts.config.clone());
         let cfg = load(&path)?;
-        let i = all_live(&cfg, &self.opts.host, &self.learned)?;
-        let (role, specs) = (i.role, i.links);
-        if role != self.role {
-            return Err(format!(
-                "{} changes role from {} to {role}: restart the daemon for that",
-                self.opts.host, self.role
-            ));
-        }
         if let Some(key) = &self.key {
             check_key(&cfg, &self.opts.host, key)?;
         }
+        let specs = self.core.reload(cfg)?.links;
         let wanted: BTreeMap<&str, &LinkSpec> = specs.iter().map(|s| (s.dev.as_str(), s)).collect();
         let gone: Vec<String> = self
             .links
@@ -278,7 +241,6 @@ impl Daemon {
                 rt.stop();
             }
         }
-        self.cfg = cfg;
         self.opts.config = path;
         let plan = self.sync().await?;
         let mut started = 0;
@@ -304,31 +266,43 @@ impl Daemon {
         Ok(msg)
     }
 
-    fn status(&self) -> serde_json::Value {
-        let tracker = &self.tracker;
-        let alive = |peer: &str, link: u32| tracker.is_alive(&(peer.to_string(), link));
-        let peers: Vec<_> = self
-            .links
-            .values()
-            .flat_map(|rt| rt.current().status(&alive))
-            .collect();
-        serde_json::json!({
-            "host": self.opts.host,
-            "role": self.role,
-            "config": self.opts.config.display().to_string(),
-            "uptime_s": self.started.elapsed().as_secs(),
-            "keepalive_ms": self.cfg.site.keepalive_ms,
-            "dead_after": self.cfg.site.dead_after,
-            "links": peers,
-            "bgp": self.bgp.as_ref().map(|b| {
-                let b = b.status.lock().expect("not poisoned");
-                serde_json::json!({
-                    "sessions": b.sessions,
-                    "refused_connections": b.refused_connections,
-                    "routes": b.routes.iter().map(|(p, h)| serde_json::json!({"prefix": p.to_string(), "paths": h})).collect::<Vec<_>>(),
-                })
+    fn status(&self) -> Status {
+        let now = Instant::now();
+        let core = &self.core;
+        let alive = |peer: &str, link: u32| core.is_alive(peer, link);
+        let cfg = core.cfg();
+        Status {
+            host: self.opts.host.clone(),
+            role: core.role(),
+            config: self.opts.config.display().to_string(),
+            uptime_s: self.started.elapsed().as_secs(),
+            keepalive_ms: cfg.site.keepalive_ms,
+            dead_after: cfg.site.dead_after,
+            links: self
+                .links
+                .values()
+                .flat_map(|rt| rt.current().status(&alive, now))
+                .collect(),
+            bgp: self.bgp.as_ref().map(|b| {
+                let s = b.status.lock().expect("not poisoned");
+                BgpStatus {
+                    sessions: s.sessions.clone(),
+                    refused_connections: s.refused_connections,
+                    routes: s
+                        .routes
+                        .iter()
+                        .map(|(p, paths)| LearnedRoute {
+                            prefix: *p,
+                            paths: paths.clone(),
+                        })
+                        .collect(),
+                }
             }),
-        })
+            kernel: KernelStatus {
+                netlink: self.nl.counters(),
+                ..self.kernel.clone()
+            },
+        }
     }
 
     async fn control(&mut self, mut stream: tokio::net::UnixStream) {
@@ -337,21 +311,15 @@ impl Daemon {
                 tracing::debug!(error = %e, "control connection");
                 return;
             }
-            Ok((Err(e), _)) => serde_json::json!({ "ok": false, "error": e }),
-            Ok((Ok(Request::Status), _)) => {
-                let mut s = self.status();
-                s["ok"] = true.into();
-                s
-            }
-            Ok((Ok(Request::Reload { .. }), false)) => {
-                serde_json::json!({ "ok": false, "error": "reload needs root" })
-            }
+            Ok((Err(e), _)) => Reply::error(e),
+            Ok((Ok(Request::Status), _)) => Reply::status(self.status()),
+            Ok((Ok(Request::Reload { .. }), false)) => Reply::error("reload needs root"),
             Ok((Ok(Request::Reload { config }), true)) => {
                 match self.reload(config.map(PathBuf::from)).await {
-                    Ok(msg) => serde_json::json!({ "ok": true, "message": msg }),
+                    Ok(msg) => Reply::message(msg),
                     Err(e) => {
                         tracing::error!("reload refused, keeping the running config:\n{e}");
-                        serde_json::json!({ "ok": false, "error": e })
+                        Reply::error(e)
                     }
                 }
             }
@@ -365,42 +333,44 @@ pub async fn run(opts: Options) -> Result<(), String> {
     use tokio::signal::unix::{signal, SignalKind};
     let cfg = load(&opts.config)?;
     // Nothing is learned yet: a gateway starts routing only the node addresses.
-    let first = all_live(&cfg, &opts.host, &Learned::new())?;
-    let (role, specs, bgp) = (first.role, first.links, first.bgp);
+    let core = Core::new(cfg, &opts.host)?;
+    let first = core.all_live()?;
+    let (specs, bgp) = (first.links, first.bgp);
     let key = if specs.is_empty() {
         None
     } else {
         let key = load_private_key(&opts.key_file).map_err(|e| e.to_string())?;
-        check_key(&cfg, &opts.host, &key)?;
+        check_key(core.cfg(), &opts.host, &key)?;
         Some(key)
     };
     let listener = control::bind().map_err(|e| format!("control socket: {e}"))?;
     let nl = Netlink::connect().map_err(|e| format!("netlink: {e}"))?;
+    let lock = reconcile::lock().map_err(|e| e.to_string())?;
+    let role = core.role();
     let mut d = Daemon {
         bgp: None,
-        learned: Learned::new(),
-        learned_version: 0,
         opts,
-        cfg,
-        role,
+        core,
         key,
         nl,
+        lock,
         links: BTreeMap::new(),
-        tracker: Tracker::default(),
         started: Instant::now(),
+        kernel: KernelStatus::default(),
     };
     let plan = d.sync().await?;
     tracing::info!(host = %d.opts.host, %role, changes = plan.changes.len(), "host reconciled");
     for spec in &specs {
         d.start_link(spec)?;
     }
+    let mut learned = None;
     if let Some(sc) = bgp {
         let peers = sc.peers.len();
-        d.bgp = Some(
-            crate::bgp::speaker::start(sc)
-                .await
-                .map_err(|e| format!("BGP: {e}"))?,
-        );
+        let speaker = crate::bgp::speaker::start(sc)
+            .await
+            .map_err(|e| format!("BGP: {e}"))?;
+        learned = Some(speaker.learned());
+        d.bgp = Some(speaker);
         tracing::info!(peers, "BGP speaker started");
     }
     let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
@@ -415,6 +385,7 @@ pub async fn run(opts: Options) -> Result<(), String> {
     loop {
         tokio::select! {
             _ = tick.tick() => d.tick().await,
+            l = next_learned(&mut learned) => d.learned(l).await,
             _ = limiter.tick() => d.reset_rate_limiters(),
             _ = drift.tick() => match d.sync().await {
                 Ok(p) if !p.is_empty() => tracing::warn!(changes = p.changes.len(), "repaired drift:\n{}", p.render_text()),
@@ -440,3 +411,4 @@ pub async fn run(opts: Options) -> Result<(), String> {
     }
     Ok(())
 }
+

@@ -1,9 +1,11 @@
 //! The WireGuard side of one link: peers, cryptokey routing, and the per-packet decisions.
 //!
-//! No I/O: [`Link::outbound`] turns a packet read from the tun device into a datagram to send,
-//! [`Link::inbound`] turns a received datagram into a packet for the tun device (and any
-//! datagrams to send back), [`Link::tick`] runs timers and keepalives. The I/O threads in
-//! `datapath.rs` only move bytes; tests wire two links back to back in memory.
+//! No I/O and no clock: [`Link::outbound`] turns a packet read from the tun device into a
+//! datagram to send, [`Link::inbound`] turns a received datagram into a packet for the tun
+//! device (and any datagrams to send back), [`Link::tick`] runs timers and probes. Every one
+//! takes `now`; the I/O threads in `runtime.rs` read the clock once per batch and only move
+//! bytes; tests wire two links back to back in memory and move time by hand. (boringtun's
+//! `Tunn` keeps its own session timers — rekey, handshake retry — on its own clock.)
 //!
 //! boringtun's `Tunn` does the Noise state machine; it does not check allowed IPs, so the inner
 //! source of every decrypted packet is checked here against the sending peer's prefixes (a
@@ -133,7 +135,7 @@ pub struct Inbound {
 
 impl Link {
     /// A link from its spec, with a fresh session state for every peer.
-    pub fn new(spec: &LinkSpec, private: &PrivateKey) -> Link {
+    pub fn new(spec: &LinkSpec, private: &PrivateKey, now: Instant) -> Link {
         let secret = x25519::StaticSecret::from(private.0);
         let public = x25519::PublicKey::from(&secret);
         let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
@@ -150,7 +152,7 @@ impl Link {
             next_index: 1,
             lpm4: PrefixMap::new(),
             lpm6: PrefixMap::new(),
-            epoch: Instant::now(),
+            epoch: now,
             stats: Arc::default(),
         };
         for p in &spec.peers {
@@ -231,9 +233,9 @@ impl Link {
         PublicKey(self.public.to_bytes())
     }
 
-    /// Nanoseconds since this link's epoch; never 0.
-    fn now_ns(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64 + 1
+    /// Nanoseconds from this link's epoch to `now`; never 0.
+    fn ns(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_nanos() as u64 + 1
     }
 
     /// When `peer` last sent us an authenticated packet.
@@ -261,7 +263,7 @@ impl Link {
 
     /// A packet from the tun device. `out` must hold `packet.len() + 32` and at least 148
     /// bytes.
-    pub fn outbound(&self, packet: &[u8], out: &mut [u8]) -> Outbound {
+    pub fn outbound(&self, packet: &[u8], out: &mut [u8], now: Instant) -> Outbound {
         let Some(dst) = Tunn::dst_address(packet) else {
             return Outbound::Drop(DropReason::NotIp);
         };
@@ -286,7 +288,7 @@ impl Link {
                     .tx_bytes
                     .fetch_add(packet.len() as u64, Ordering::Relaxed);
                 peer.stats().tx_packets.fetch_add(1, Ordering::Relaxed);
-                peer.stats().last_tx.store(self.now_ns(), Ordering::Relaxed);
+                peer.stats().last_tx.store(self.ns(now), Ordering::Relaxed);
                 Outbound::Send(endpoint, n)
             }
             TunnResult::Done => Outbound::Queued,
@@ -330,7 +332,13 @@ impl Link {
     }
 
     /// A datagram from the network. `out` must hold `MAX_PACKET` bytes.
-    pub fn inbound(&self, from: SocketAddr, datagram: &[u8], out: &mut [u8]) -> Inbound {
+    pub fn inbound(
+        &self,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+        now: Instant,
+    ) -> Inbound {
         let mut result = Inbound::default();
         let idx = match self.classify(from, datagram) {
             Ok(i) => i,
@@ -367,7 +375,7 @@ impl Link {
                     .store(hears_us, Ordering::Relaxed);
                 peer.stats()
                     .last_probe
-                    .store(self.now_ns(), Ordering::Relaxed);
+                    .store(self.ns(now), Ordering::Relaxed);
             }
             TunnResult::WriteToTunnelV4(p, src) => {
                 authenticated = true;
@@ -389,8 +397,7 @@ impl Link {
         }
         drop(tunn);
         if authenticated {
-            let now = self.now_ns();
-            peer.stats().last_rx.store(now, Ordering::Relaxed);
+            peer.stats().last_rx.store(self.ns(now), Ordering::Relaxed);
             // Roaming: the peer is wherever its last authenticated packet came from (a node
             // behind NAT is known only by its translated address).
             let mut ep = peer.state.endpoint.write().expect("not poisoned");
@@ -417,11 +424,10 @@ impl Link {
     /// `policy.interval` each peer with a known endpoint gets a probe (an authenticated
     /// keepalive that says whether we hear it on this link); the first one also starts the
     /// handshake when there is no session yet.
-    pub fn tick(&self, policy: Liveness) -> Vec<(SocketAddr, Vec<u8>)> {
+    pub fn tick(&self, policy: Liveness, now: Instant) -> Vec<(SocketAddr, Vec<u8>)> {
         let mut out = Vec::new();
         let mut buf = vec![0u8; 256];
-        let now = self.now_ns();
-        let now_i = Instant::now();
+        let now_ns = self.ns(now);
         for peer in &self.peers {
             let Some(ep) = self.endpoint(peer) else {
                 continue;
@@ -431,19 +437,19 @@ impl Link {
                 out.push((ep, b.to_vec()));
             }
             let last = peer.stats().last_probe_tx.load(Ordering::Relaxed);
-            if last == 0 || Duration::from_nanos(now.saturating_sub(last)) >= policy.interval {
+            if last == 0 || Duration::from_nanos(now_ns.saturating_sub(last)) >= policy.interval {
                 let res = if tunn.stats().0.is_none() {
                     // No session yet: start the handshake rather than queue a probe whose
                     // "hears you" would be stale by the time it is sent.
                     tunn.format_handshake_initiation(&mut buf, false)
                 } else {
-                    let hears = policy.is_alive(self.last_rx(peer), now_i);
+                    let hears = policy.is_alive(self.last_rx(peer), now);
                     tunn.encapsulate(&crate::datapath::probe::packet(hears), &mut buf)
                 };
                 if let TunnResult::WriteToNetwork(b) = res {
                     out.push((ep, b.to_vec()));
                 }
-                peer.stats().last_probe_tx.store(now, Ordering::Relaxed);
+                peer.stats().last_probe_tx.store(now_ns, Ordering::Relaxed);
             }
         }
         out
@@ -476,7 +482,7 @@ fn allowed(prefixes: &[IpNet], src: IpAddr) -> bool {
 }
 
 /// Status of one peer on one link, for `appliance status`.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct PeerStatus {
     pub link: String,
     pub link_index: u32,
@@ -497,8 +503,7 @@ pub struct PeerStatus {
 }
 
 impl Link {
-    pub fn status(&self, alive: &dyn Fn(&str, u32) -> bool) -> Vec<PeerStatus> {
-        let now = Instant::now();
+    pub fn status(&self, alive: &dyn Fn(&str, u32) -> bool, now: Instant) -> Vec<PeerStatus> {
         self.peers
             .iter()
             .map(|p| PeerStatus {
@@ -536,6 +541,12 @@ mod tests {
     const GW: &str = "192.0.2.1:51820";
     const NODE: &str = "203.0.113.7:40000";
 
+    /// The tests' clock: one fixed instant, moved forward by hand.
+    fn t0() -> Instant {
+        static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *T0.get_or_init(Instant::now)
+    }
+
     /// A gateway link and a node link, back to back, node 10.200.0.11/32.
     fn pair() -> (Link, Link) {
         let (gk, nk) = (PrivateKey::generate(), PrivateKey::generate());
@@ -554,6 +565,7 @@ mod tests {
                 }],
             },
             &gk,
+            t0(),
         );
         let node = Link::new(
             &LinkSpec {
@@ -570,6 +582,7 @@ mod tests {
                 }],
             },
             &nk,
+            t0(),
         );
         (gw, node)
     }
@@ -582,14 +595,14 @@ mod tests {
         let mut out = vec![0u8; MAX_PACKET];
         for _ in 0..10 {
             for d in std::mem::take(&mut to_gw) {
-                let r = gw.inbound(NODE.parse().unwrap(), &d, &mut out);
+                let r = gw.inbound(NODE.parse().unwrap(), &d, &mut out, t0());
                 if let Some(n) = r.to_tun {
                     at_gw.push(out[..n].to_vec());
                 }
                 to_node.extend(r.to_net.into_iter().map(|(_, d)| d));
             }
             for d in std::mem::take(&mut to_node) {
-                let r = node.inbound(GW.parse().unwrap(), &d, &mut out);
+                let r = node.inbound(GW.parse().unwrap(), &d, &mut out, t0());
                 if let Some(n) = r.to_tun {
                     at_node.push(out[..n].to_vec());
                 }
@@ -624,14 +637,14 @@ mod tests {
     /// `packet` encrypted by `from` for its peer, as the datagram on the wire.
     fn seal(from: &Link, packet: &[u8]) -> Vec<u8> {
         let mut out = vec![0u8; MAX_PACKET];
-        let Outbound::Send(_, n) = from.outbound(packet, &mut out) else {
+        let Outbound::Send(_, n) = from.outbound(packet, &mut out, t0()) else {
             panic!("no session to send on")
         };
         out[..n].to_vec()
     }
 
     fn connect(gw: &Link, node: &Link) {
-        let hello = node.tick(P);
+        let hello = node.tick(P, t0());
         assert_eq!(hello.len(), 1, "the node initiates");
         pump(gw, node, hello.into_iter().map(|(_, d)| d).collect());
         assert_eq!(gw.peers()[0].stats().handshakes.load(Ordering::Relaxed), 1);
@@ -652,18 +665,18 @@ mod tests {
         connect(&gw, &node);
         let mut out = vec![0u8; MAX_PACKET];
         let p = ipv4_packet([10, 200, 0, 11], [10, 10, 0, 5], b"hello site");
-        let Outbound::Send(_, n) = node.outbound(&p, &mut out) else {
+        let Outbound::Send(_, n) = node.outbound(&p, &mut out, t0()) else {
             panic!()
         };
         let (at_gw, _) = pump(&gw, &node, vec![out[..n].to_vec()]);
         assert_eq!(at_gw, vec![p]);
         let back = ipv4_packet([10, 10, 0, 5], [10, 200, 0, 11], b"hello node");
-        let Outbound::Send(ep, n) = gw.outbound(&back, &mut out) else {
+        let Outbound::Send(ep, n) = gw.outbound(&back, &mut out, t0()) else {
             panic!()
         };
         assert_eq!(ep, NODE.parse().unwrap());
         let d = out[..n].to_vec();
-        let r = node.inbound(GW.parse().unwrap(), &d, &mut out);
+        let r = node.inbound(GW.parse().unwrap(), &d, &mut out, t0());
         assert_eq!(r.to_tun, Some(back.len()));
     }
 
@@ -675,7 +688,7 @@ mod tests {
         // c1 owns 10.200.0.11 only; it claims to be another node.
         let p = ipv4_packet([10, 200, 0, 12], [10, 10, 0, 5], b"spoof");
         let d = seal(&node, &p);
-        let r = gw.inbound(NODE.parse().unwrap(), &d, &mut out);
+        let r = gw.inbound(NODE.parse().unwrap(), &d, &mut out, t0());
         assert_eq!(r.to_tun, None);
         assert_eq!(r.dropped, Some(DropReason::Spoofed));
         assert_eq!(gw.peers()[0].stats().spoofed.load(Ordering::Relaxed), 1);
@@ -689,10 +702,10 @@ mod tests {
         let p = ipv4_packet([10, 200, 0, 11], [10, 10, 0, 5], b"once");
         let d = seal(&node, &p);
         assert!(gw
-            .inbound(NODE.parse().unwrap(), &d, &mut out)
+            .inbound(NODE.parse().unwrap(), &d, &mut out, t0())
             .to_tun
             .is_some());
-        let replay = gw.inbound(NODE.parse().unwrap(), &d, &mut out);
+        let replay = gw.inbound(NODE.parse().unwrap(), &d, &mut out, t0());
         assert_eq!(
             (replay.to_tun, replay.dropped),
             (None, Some(DropReason::Invalid))
@@ -705,14 +718,14 @@ mod tests {
             &[9u8; 1000][..],
             &[][..],
         ] {
-            let r = gw.inbound(NODE.parse().unwrap(), bad, &mut out);
+            let r = gw.inbound(NODE.parse().unwrap(), bad, &mut out, t0());
             assert!(r.to_tun.is_none() && r.to_net.is_empty(), "{bad:?}");
         }
         assert!(gw.stats.invalid.load(Ordering::Relaxed) >= 6);
         // and the session still works
         let d = seal(&node, &p);
         assert!(gw
-            .inbound(NODE.parse().unwrap(), &d, &mut out)
+            .inbound(NODE.parse().unwrap(), &d, &mut out, t0())
             .to_tun
             .is_some());
     }
@@ -727,42 +740,53 @@ mod tests {
         connect(&gw, &node);
         let mut out = vec![0u8; MAX_PACKET];
         let (g, n) = (&gw.peers()[0], &node.peers()[0]);
-        let exchange = |node_to_gw: bool, out: &mut Vec<u8>| {
-            for (_, d) in node.tick(fast) {
+        // Every exchange happens 6 ms (of the tests' clock) after the one before.
+        let mut now = t0();
+        let mut exchange = |node_to_gw: bool, out: &mut Vec<u8>| {
+            now += Duration::from_millis(6);
+            for (_, d) in node.tick(fast, now) {
                 if node_to_gw {
-                    gw.inbound(NODE.parse().unwrap(), &d, out);
+                    gw.inbound(NODE.parse().unwrap(), &d, out, now);
                 }
             }
-            for (_, d) in gw.tick(fast) {
-                node.inbound(GW.parse().unwrap(), &d, out);
+            for (_, d) in gw.tick(fast, now) {
+                node.inbound(GW.parse().unwrap(), &d, out, now);
             }
+            now
         };
+        let mut at = t0();
         for _ in 0..3 {
-            exchange(true, &mut out);
-            std::thread::sleep(Duration::from_millis(6));
+            at = exchange(true, &mut out);
         }
-        assert!(gw.alive(g, fast, Instant::now()) && node.alive(n, fast, Instant::now()));
+        assert!(gw.alive(g, fast, at) && node.alive(n, fast, at));
         // The node's packets stop reaching the gateway; the gateway's still reach the node.
         for _ in 0..8 {
-            exchange(false, &mut out);
-            std::thread::sleep(Duration::from_millis(6));
+            at = exchange(false, &mut out);
         }
+        assert!(!gw.alive(g, fast, at), "the gateway hears nothing");
         assert!(
-            !gw.alive(g, fast, Instant::now()),
-            "the gateway hears nothing"
-        );
-        assert!(
-            !node.alive(n, fast, Instant::now()),
+            !node.alive(n, fast, at),
             "the node hears that the gateway does not hear it"
         );
         for _ in 0..3 {
-            exchange(true, &mut out);
-            std::thread::sleep(Duration::from_millis(1));
+            at = exchange(true, &mut out);
         }
         assert!(
-            gw.alive(g, fast, Instant::now()) && node.alive(n, fast, Instant::now()),
+            gw.alive(g, fast, at) && node.alive(n, fast, at),
             "back when packets return"
         );
+    }
+
+    #[test]
+    fn liveness_is_judged_on_the_callers_clock() {
+        let (gw, node) = pair();
+        connect(&gw, &node);
+        let g = &gw.peers()[0];
+        // The handshake arrived at t0: alive until the deadline, dead from it on.
+        assert!(gw.alive(g, P, t0() + P.deadline() - Duration::from_millis(1)));
+        assert!(!gw.alive(g, P, t0() + P.deadline()));
+        let s = gw.status(&|_, _| true, t0() + Duration::from_millis(250));
+        assert_eq!(s[0].last_rx_age_ms, Some(250));
     }
 
     #[test]
@@ -770,12 +794,12 @@ mod tests {
         let (gw, _node) = pair();
         let mut out = vec![0u8; MAX_PACKET];
         let p = ipv4_packet([10, 10, 0, 5], [10, 200, 0, 11], b"x");
-        assert_eq!(gw.outbound(&p, &mut out), Outbound::Queued);
+        assert_eq!(gw.outbound(&p, &mut out, t0()), Outbound::Queued);
         let p = ipv4_packet([10, 10, 0, 5], [10, 200, 0, 99], b"x");
         assert_eq!(
-            gw.outbound(&p, &mut out),
+            gw.outbound(&p, &mut out, t0()),
             Outbound::Drop(DropReason::NoRoute)
         );
-        assert!(gw.tick(P).is_empty());
+        assert!(gw.tick(P, t0()).is_empty());
     }
 }

@@ -12,7 +12,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tun_rs::{DeviceBuilder, GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// How often blocked threads wake up to notice a stop request.
@@ -262,8 +262,10 @@ fn tun_to_udp(
         };
         let link = link.read().expect("not poisoned").clone();
         let max_segments = state.max_gso_segments().max(1);
+        // One clock read per batch: the engine takes time as an input.
+        let now = Instant::now();
         for (seg, size) in segments.iter().zip(&sizes).take(n) {
-            let Outbound::Send(to, len) = link.outbound(&seg[..*size], &mut out) else {
+            let Outbound::Send(to, len) = link.outbound(&seg[..*size], &mut out, now) else {
                 continue;
             };
             let fits = batch.to == Some(to) && len <= batch.segment && batch.count < max_segments;
@@ -326,6 +328,7 @@ fn udp_to_tun(
                     break;
                 }
             };
+            let now = Instant::now();
             for (slot, m) in slots.iter().zip(&meta).take(msgs) {
                 for datagram in slot[..m.len].chunks(m.stride.max(1)) {
                     let mut buf = pool
@@ -334,7 +337,7 @@ fn udp_to_tun(
                     buf.clear();
                     buf.resize(VIRTIO_NET_HDR_LEN + datagram.len().max(148), 0);
                     let Inbound { to_tun, to_net, .. } =
-                        link.inbound(m.addr, datagram, &mut buf[VIRTIO_NET_HDR_LEN..]);
+                        link.inbound(m.addr, datagram, &mut buf[VIRTIO_NET_HDR_LEN..], now);
                     for (to, d) in to_net {
                         let _ = udp.send_to(&d, to);
                     }

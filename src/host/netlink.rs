@@ -15,7 +15,9 @@ use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder, RouteNextHopBuilder};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +45,23 @@ pub struct Netlink {
     handle: Handle,
     /// name → ifindex, filled on first use and dropped whenever we add or remove a device.
     index_cache: std::sync::Mutex<Option<HashMap<String, u32>>>,
+    counters: Counters,
+}
+
+/// What this handle cost the kernel: requests sent, and messages read back from dumps.
+#[derive(Debug, Default)]
+pub struct Counters {
+    requests: AtomicU64,
+    dumped: AtomicU64,
+}
+
+/// A snapshot of [`Counters`], shown by `appliance status`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetlinkCounters {
+    /// Requests sent (a dump is one request).
+    pub requests: u64,
+    /// Messages received from dumps (links, addresses, routes).
+    pub dump_messages: u64,
 }
 
 impl Netlink {
@@ -54,11 +73,32 @@ impl Netlink {
         Ok(Netlink {
             handle,
             index_cache: Default::default(),
+            counters: Counters::default(),
         })
     }
 
+    pub fn counters(&self) -> NetlinkCounters {
+        NetlinkCounters {
+            requests: self.counters.requests.load(Ordering::Relaxed),
+            dump_messages: self.counters.dumped.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Count one request about to be sent.
+    fn request(&self) {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Count `n` messages a dump returned.
+    fn dumped(&self, n: usize) {
+        self.counters.dumped.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
     async fn links(&self) -> Result<Vec<LinkMessage>, NetlinkError> {
-        Ok(self.handle.link().get().execute().try_collect().await?)
+        self.request();
+        let v: Vec<LinkMessage> = self.handle.link().get().execute().try_collect().await?;
+        self.dumped(v.len());
+        Ok(v)
     }
 
     async fn index_of(&self, name: &str) -> Result<u32, NetlinkError> {
@@ -139,7 +179,9 @@ impl Netlink {
             );
         }
 
+        self.request();
         let addrs: Vec<_> = self.handle.address().get().execute().try_collect().await?;
+        self.dumped(addrs.len());
         for m in addrs {
             // Only the address device's addresses are ours. An address someone else puts on a
             // tunnel device (a transfer net, a benchmark's inner address) is not: removing it
@@ -148,9 +190,6 @@ impl Netlink {
             let Some(dev) = names.get(&m.header.index) else {
                 continue;
             };
-            if dev != ADDRESS_DEVICE || !s.devices.contains_key(dev) {
-                continue;
-            }
             let ip = m
                 .attributes
                 .iter()
@@ -166,7 +205,15 @@ impl Netlink {
                 });
             let Some(ip) = ip else { continue };
             if matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80) {
-                continue; // kernel-made link-local, not ours
+                continue; // kernel-made link-local, not ours and not an underlay network
+            }
+            if dev != ADDRESS_DEVICE || !s.devices.contains_key(dev) {
+                if !dev.starts_with(LINK_PREFIX) && dev != "lo" {
+                    if let Ok(net) = IpNet::new(ip, m.header.prefix_len) {
+                        s.underlay.insert(net.trunc());
+                    }
+                }
+                continue;
             }
             if let Ok(addr) = IpNet::new(ip, m.header.prefix_len) {
                 s.addresses.insert(Address {
@@ -180,6 +227,7 @@ impl Netlink {
             RouteMessageBuilder::<Ipv4Addr>::new().build(),
             RouteMessageBuilder::<Ipv6Addr>::new().build(),
         ] {
+            self.request();
             let routes: Vec<_> = self
                 .handle
                 .route()
@@ -187,6 +235,7 @@ impl Netlink {
                 .execute()
                 .try_collect()
                 .await?;
+            self.dumped(routes.len());
             for m in routes {
                 if let Some(r) = owned_route(&m, &names) {
                     s.routes.insert(r.key(), r);
@@ -210,6 +259,7 @@ impl Netlink {
             (Op::Remove, Some(Item::Device(l)), _) => {
                 let ix = self.index_of(&l.name).await?;
                 self.forget_indexes();
+                self.request();
                 Ok(self.handle.link().del(ix).execute().await?)
             }
             (Op::Add, _, Some(Item::Address(a))) => {
@@ -225,11 +275,13 @@ impl Netlink {
                         .attributes
                         .push(AddressAttribute::Flags(AddressFlags::Nodad));
                 }
+                self.request();
                 req.execute().await?;
                 Ok(())
             }
             (Op::Remove, Some(Item::Address(a)), _) => {
                 let ix = self.index_of(&a.dev).await?;
+                self.request();
                 let all: Vec<_> = self
                     .handle
                     .address()
@@ -239,7 +291,9 @@ impl Netlink {
                     .execute()
                     .try_collect()
                     .await?;
+                self.dumped(all.len());
                 for m in all {
+                    self.request();
                     self.handle.address().del(m).execute().await?;
                 }
                 Ok(())
@@ -252,6 +306,7 @@ impl Netlink {
                 } else {
                     req
                 };
+                self.request();
                 Ok(req.execute().await?)
             }
             (Op::Remove, Some(Item::Route(r)), _) => {
@@ -259,6 +314,7 @@ impl Netlink {
                 // Any scope: a route of ours someone added by hand (`ip route add … dev X`
                 // makes it scope link) must still go; like `ip route del`.
                 msg.header.scope = RouteScope::NoWhere;
+                self.request();
                 Ok(self.handle.route().del(msg).execute().await?)
             }
             (Op::Add | Op::Change, _, Some(Item::Sysctl(s))) => {
@@ -277,6 +333,7 @@ impl Netlink {
             DeviceKind::Other => unreachable!("appliance never creates other devices"),
         }
         // Mark ownership before anything else can fail, so a revert or a later run finds it.
+        self.request();
         self.handle
             .link()
             .set(
@@ -292,6 +349,7 @@ impl Netlink {
     async fn set_link(&self, l: &Device) -> Result<(), NetlinkError> {
         let b = LinkUnspec::new_with_name(&l.name).mtu(l.mtu);
         let b = if l.up { b.up() } else { b.down() };
+        self.request();
         Ok(self.handle.link().set(b.build()).execute().await?)
     }
 

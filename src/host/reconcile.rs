@@ -3,7 +3,13 @@
 //! The only place that sequences kernel changes. A plan is applied change by change; if one
 //! fails, if the result does not verify, or if SIGINT/SIGTERM arrives mid-way, the changes made
 //! so far are undone from the plan's own before/after values, and every undo error is
-//! collected (not just the first). One reconcile at a time per network namespace (flock).
+//! collected (not just the first). One reconcile at a time per network namespace (flock): a
+//! one-shot `reconcile` takes the lock for its apply, the daemon holds it for its whole life
+//! ([`Lock`]).
+//!
+//! The daemon also applies small plans between two intents ([`apply_steps_only`]): a link
+//! flip or a learned route re-points a few routes with one netlink request each, without the
+//! two full dumps of observe-and-verify; its periodic full reconcile repairs any drift.
 
 use crate::host::netlink::{Netlink, NetlinkError};
 use crate::intent::plan::{diff, Change, Conflict, Item, Op, Plan};
@@ -90,9 +96,10 @@ pub async fn plan_state(
     Ok(diff(host, role, want, &have)?)
 }
 
-/// Apply `plan`, verify that the host is now `want`, and revert on any failure.
+/// Apply `plan`, verify that the host is now `want`, and revert on any failure (one-shot
+/// reconcile: takes the lock, and SIGINT/SIGTERM mid-way reverts).
 pub async fn apply(nl: &Netlink, want: &HostState, plan: &Plan) -> Result<(), ReconcileError> {
-    let _lock = lock().map_err(|e| *e)?;
+    let _lock = lock()?;
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = {
         let stop = stop.clone();
@@ -113,12 +120,39 @@ pub async fn apply(nl: &Netlink, want: &HostState, plan: &Plan) -> Result<(), Re
     result
 }
 
+/// [`apply`] under a lock the caller holds (the daemon): no signal watcher, the daemon's own
+/// loop handles signals between plans.
+pub async fn apply_held(
+    nl: &Netlink,
+    _lock: &Lock,
+    want: &HostState,
+    plan: &Plan,
+) -> Result<(), ReconcileError> {
+    apply_steps(nl, want, plan, &AtomicBool::new(false)).await
+}
+
+/// Apply a plan computed between two intents, change by change, without observing or
+/// verifying; on a failure revert what was applied. The caller falls back to a full reconcile
+/// on any error.
+pub async fn apply_steps_only(
+    nl: &Netlink,
+    _lock: &Lock,
+    plan: &Plan,
+) -> Result<(), ReconcileError> {
+    steps(nl, plan, &AtomicBool::new(false)).await
+}
+
 async fn apply_steps(
     nl: &Netlink,
     want: &HostState,
     plan: &Plan,
     stop: &AtomicBool,
 ) -> Result<(), ReconcileError> {
+    steps(nl, plan, stop).await?;
+    verify(nl, want, plan).await
+}
+
+async fn steps(nl: &Netlink, plan: &Plan, stop: &AtomicBool) -> Result<(), ReconcileError> {
     for (i, change) in plan.changes.iter().enumerate() {
         if stop.load(Ordering::SeqCst) {
             let (reverted, revert_errors) = undo(nl, &plan.revert(i)).await;
@@ -142,6 +176,10 @@ async fn apply_steps(
         }
         tracing::info!(change = %change.line(), "applied");
     }
+    Ok(())
+}
+
+async fn verify(nl: &Netlink, want: &HostState, plan: &Plan) -> Result<(), ReconcileError> {
     let after = plan_state(nl, &plan.host, plan.role, want).await;
     match after {
         Ok(p) if p.is_empty() => Ok(()),
@@ -192,19 +230,23 @@ fn hint(change: &Change, error: &NetlinkError) -> String {
     }
 }
 
+/// 30 s in steps of 100 ms.
+const LOCK_WAIT_STEPS: u32 = 300;
+
+/// The reconcile lock of this network namespace, held while it lives.
+pub type Lock = nix::fcntl::Flock<std::fs::File>;
+
 /// flock on a per-network-namespace lock file, so two reconciles never interleave.
-fn lock() -> Result<nix::fcntl::Flock<std::fs::File>, Box<ReconcileError>> {
+pub fn lock() -> Result<Lock, ReconcileError> {
     use std::os::unix::fs::MetadataExt;
     let ns = std::fs::metadata("/proc/self/ns/net")
         .map(|m| m.ino())
         .unwrap_or(0);
     let dir = std::path::Path::new("/run/appliance");
     let path = dir.join(format!("reconcile-{ns}.lock"));
-    let locked = |error: std::io::Error| {
-        Box::new(ReconcileError::Locked {
-            path: path.display().to_string(),
-            error,
-        })
+    let locked = |error: std::io::Error| ReconcileError::Locked {
+        path: path.display().to_string(),
+        error,
     };
     std::fs::create_dir_all(dir).map_err(locked)?;
     let file = std::fs::OpenOptions::new()
@@ -213,6 +255,21 @@ fn lock() -> Result<nix::fcntl::Flock<std::fs::File>, Box<ReconcileError>> {
         .write(true)
         .open(&path)
         .map_err(locked)?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| locked(std::io::Error::from(e)))
+    // Wait a while for a reconcile in progress, not for ever: the holder may be a running
+    // daemon, which keeps the lock for its life.
+    let mut file = file;
+    for _ in 0..LOCK_WAIT_STEPS {
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => return Ok(l),
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                file = f;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err((_, e)) => return Err(locked(std::io::Error::from(e))),
+        }
+    }
+    Err(locked(std::io::Error::new(
+        std::io::ErrorKind::WouldBlock,
+        "held by another process for 30 s (an appliance daemon holds it while it runs; it reconciles this host itself)",
+    )))
 }

@@ -55,7 +55,7 @@ impl std::fmt::Display for Source {
 
 /// Why user-data bytes were refused before any parsing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DecodeError {
+pub enum UserDataError {
     /// Sources read at most one byte past the limit: the count is a lower bound.
     #[error("user-data is over the {USER_DATA_LIMIT}-byte limit (read {0} bytes); gzip it: `exo ... --cloud-init-compress`")]
     TooLarge(usize),
@@ -72,34 +72,34 @@ pub enum DecodeError {
 }
 
 /// Turn raw user-data into text: size limit, gzip by magic, UTF-8, not a cloud-init document.
-pub fn decode(raw: &[u8]) -> Result<String, DecodeError> {
+pub fn decode(raw: &[u8]) -> Result<String, UserDataError> {
     if raw.len() > USER_DATA_LIMIT {
-        return Err(DecodeError::TooLarge(raw.len()));
+        return Err(UserDataError::TooLarge(raw.len()));
     }
     let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(raw)
             .take(DECOMPRESSED_LIMIT as u64 + 1)
             .read_to_end(&mut out)
-            .map_err(|e| DecodeError::Gzip(e.to_string()))?;
+            .map_err(|e| UserDataError::Gzip(e.to_string()))?;
         if out.len() > DECOMPRESSED_LIMIT {
-            return Err(DecodeError::Bomb);
+            return Err(UserDataError::Bomb);
         }
         out
     } else {
         raw.to_vec()
     };
     let text =
-        String::from_utf8(bytes).map_err(|e| DecodeError::NotUtf8(e.utf8_error().valid_up_to()))?;
+        String::from_utf8(bytes).map_err(|e| UserDataError::NotUtf8(e.utf8_error().valid_up_to()))?;
     let first = text.trim_start().lines().next().unwrap_or("").trim();
     if first.is_empty() {
-        return Err(DecodeError::Empty);
+        return Err(UserDataError::Empty);
     }
     if first.starts_with("#cloud-config")
         || first.starts_with("#!")
         || first.starts_with("Content-Type:")
     {
-        return Err(DecodeError::CloudInit(first.chars().take(40).collect()));
+        return Err(UserDataError::CloudInit(first.chars().take(40).collect()));
     }
     Ok(text)
 }
@@ -735,7 +735,7 @@ node "c1" {
         let big = vec![b' '; USER_DATA_LIMIT + 1];
         assert_eq!(
             decode(&big),
-            Err(DecodeError::TooLarge(USER_DATA_LIMIT + 1))
+            Err(UserDataError::TooLarge(USER_DATA_LIMIT + 1))
         );
         assert!(decode(&vec![b'x'; USER_DATA_LIMIT]).is_ok());
     }
@@ -744,7 +744,7 @@ node "c1" {
     fn a_gzip_bomb_is_refused() {
         let bomb = gzip(&vec![b' '; DECOMPRESSED_LIMIT + 10]);
         assert!(bomb.len() <= USER_DATA_LIMIT);
-        assert_eq!(decode(&bomb), Err(DecodeError::Bomb));
+        assert_eq!(decode(&bomb), Err(UserDataError::Bomb));
     }
 
     #[test]
@@ -752,7 +752,7 @@ node "c1" {
         let g = gzip(SITE.as_bytes());
         assert!(matches!(
             decode(&g[..g.len() / 2]),
-            Err(DecodeError::Gzip(_))
+            Err(UserDataError::Gzip(_))
         ));
     }
 
@@ -760,8 +760,8 @@ node "c1" {
     fn cloud_config_documents_are_refused_with_a_hint() {
         let e = decode(b"#cloud-config\nusers: []\n").unwrap_err();
         assert!(e.to_string().contains("appliance { host"), "{e}");
-        assert_eq!(decode(b"  \n\n"), Err(DecodeError::Empty));
-        assert_eq!(decode(&[b'a', 0xff]), Err(DecodeError::NotUtf8(1)));
+        assert_eq!(decode(b"  \n\n"), Err(UserDataError::Empty));
+        assert_eq!(decode(&[b'a', 0xff]), Err(UserDataError::NotUtf8(1)));
     }
 
     #[test]

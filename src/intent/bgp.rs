@@ -8,7 +8,8 @@
 //!   the tunnels, announcing the node's prefixes; none when `bgp-speaker "external"`.
 //! - relay: none.
 
-use crate::bgp::rib::{Peer, PeerKind, Policy};
+use crate::bgp::rib::{Neighbor, PeerKind, Policy};
+use crate::bgp::router::Learn;
 use crate::bgp::setup::{PeerConfig, SpeakerConfig, PORT};
 use crate::bgp::wire::Attributes;
 use crate::intent::import;
@@ -34,7 +35,7 @@ pub fn sessions(cfg: &Config, host: &str) -> Result<Option<SpeakerConfig>, Strin
             next_hop_self_v6: nhs.and_then(|g| g.site_address_v6),
         };
     let peer = |name: &str, kind, policy, address, active| PeerConfig {
-        peer: Peer {
+        peer: Neighbor {
             name: name.to_string(),
             kind,
             policy,
@@ -87,6 +88,7 @@ pub fn sessions(cfg: &Config, host: &str) -> Result<Option<SpeakerConfig>, Strin
             peers,
             originate: Vec::new(),
             client_to_client: false,
+            learn: Learn::FromClients,
         }));
     }
     if let Some(n) = cfg.nodes.iter().find(|n| n.name == host) {
@@ -123,6 +125,7 @@ pub fn sessions(cfg: &Config, host: &str) -> Result<Option<SpeakerConfig>, Strin
             peers,
             originate: n.prefixes.iter().map(|p| (*p, own.clone())).collect(),
             client_to_client: false,
+            learn: Learn::FromAll,
         }));
     }
     Ok(None)

@@ -99,6 +99,10 @@ pub struct HostState {
     /// desired link with such a name is a conflict the planner reports.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub foreign_links: BTreeSet<String>,
+    /// Observed only: the networks of the host's own interfaces (not appliance's, not
+    /// loopback, no IPv6 link-local): the underlay input of the node import policy.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub underlay: BTreeSet<ipnet::IpNet>,
 }
 
 impl HostState {

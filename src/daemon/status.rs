@@ -1,0 +1,299 @@
+//! What `appliance status` shows: one type, serialised by the daemon on the control socket and
+//! deserialised by the CLI, which prints it as JSON or renders it as text ([`Status::render`]).
+
+use crate::bgp::speaker::{LearnedPath, SessionStatus};
+use crate::datapath::engine::PeerStatus;
+use crate::host::netlink::NetlinkCounters;
+use crate::model::config::Role;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub host: String,
+    pub role: Role,
+    /// The config file the daemon runs on.
+    pub config: String,
+    pub uptime_s: u64,
+    pub keepalive_ms: u32,
+    pub dead_after: u32,
+    /// One entry per (link, peer).
+    pub links: Vec<PeerStatus>,
+    pub bgp: Option<BgpStatus>,
+    pub kernel: KernelStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BgpStatus {
+    pub sessions: Vec<SessionStatus>,
+    /// Connections from addresses that are not configured peers.
+    pub refused_connections: u64,
+    /// Learned prefixes with their equal-cost paths.
+    pub routes: Vec<LearnedRoute>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LearnedRoute {
+    pub prefix: IpNet,
+    pub paths: Vec<LearnedPath>,
+}
+
+/// How the daemon keeps the kernel in step.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KernelStatus {
+    /// What the daemon's netlink handle cost so far.
+    pub netlink: NetlinkCounters,
+    /// Plans applied in reaction to liveness, learned-route or underlay changes.
+    pub updates: u64,
+    /// Full reconciles (start, reloads, drift checks, fallbacks).
+    pub full_reconciles: u64,
+    /// Changes the last update applied, and how long it took.
+    pub last_update_changes: usize,
+    pub last_update_us: Option<u64>,
+}
+
+/// One reply on the control socket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+}
+
+impl Reply {
+    pub fn error(e: impl Into<String>) -> Reply {
+        Reply {
+            ok: false,
+            error: Some(e.into()),
+            message: None,
+            status: None,
+        }
+    }
+
+    pub fn message(m: impl Into<String>) -> Reply {
+        Reply {
+            ok: true,
+            error: None,
+            message: Some(m.into()),
+            status: None,
+        }
+    }
+
+    pub fn status(s: Status) -> Reply {
+        Reply {
+            ok: true,
+            error: None,
+            message: None,
+            status: Some(s),
+        }
+    }
+}
+
+fn age(ms: Option<u64>) -> String {
+    match ms {
+        None => "never".into(),
+        Some(ms) if ms < 10_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        Some(ms) => format!("{}s", ms / 1000),
+    }
+}
+
+fn bytes(b: u64) -> String {
+    let b = b as f64;
+    const K: f64 = 1024.0;
+    match b {
+        b if b >= K * K * K => format!("{:.2} GiB", b / K / K / K),
+        b if b >= K * K => format!("{:.1} MiB", b / K / K),
+        b if b >= K => format!("{:.1} KiB", b / K),
+        b => format!("{b} B"),
+    }
+}
+
+/// "rx", "tx", "rx+tx" or "-": the directions ADD-PATH was negotiated in, any family.
+fn add_path_column(s: &SessionStatus) -> &'static str {
+    let on = |f: crate::bgp::wire::Families| f.ipv4 || f.ipv6;
+    match (on(s.add_path_rx), on(s.add_path_tx)) {
+        (true, true) => "rx+tx",
+        (true, false) => "rx",
+        (false, true) => "tx",
+        (false, false) => "-",
+    }
+}
+
+impl Status {
+    /// The text `appliance status` prints.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{} {} (up {}s, keepalive {} ms, dead after {})",
+            self.role, self.host, self.uptime_s, self.keepalive_ms, self.dead_after
+        );
+        let row = |out: &mut String, c: [&str; 9]| {
+            let _ = writeln!(
+                out,
+                "{:<10} {:<12} {:<22} {:>9} {:>8} {:>11} {:>11} {:>10} {}",
+                c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8]
+            );
+        };
+        row(
+            &mut out,
+            [
+                "LINK", "PEER", "ENDPOINT", "HANDSHAKE", "LAST RX", "RX", "TX", "HANDSHAKES",
+                "STATE",
+            ],
+        );
+        for l in &self.links {
+            row(
+                &mut out,
+                [
+                    &l.link,
+                    &l.peer,
+                    l.endpoint.as_deref().unwrap_or("-"),
+                    &age(l.handshake_age_ms),
+                    &age(l.last_rx_age_ms),
+                    &bytes(l.rx_bytes),
+                    &bytes(l.tx_bytes),
+                    &l.handshakes.to_string(),
+                    if l.alive { "live" } else { "dead" },
+                ],
+            );
+        }
+        if let Some(b) = &self.bgp {
+            let row = |out: &mut String, c: [&str; 8]| {
+                let _ = writeln!(
+                    out,
+                    "{:<14} {:<18} {:<12} {:>8} {:>8} {:>8} {:<9} {}",
+                    c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]
+                );
+            };
+            out.push('\n');
+            row(
+                &mut out,
+                [
+                    "BGP PEER", "ADDRESS", "STATE", "RECEIVED", "ACCEPTED", "REJECTED", "ADD-PATH",
+                    "LAST ERROR",
+                ],
+            );
+            for p in &b.sessions {
+                row(
+                    &mut out,
+                    [
+                        &p.name,
+                        &p.address,
+                        &p.state,
+                        &p.prefixes.received.to_string(),
+                        &p.prefixes.accepted.to_string(),
+                        &p.prefixes.rejected.to_string(),
+                        add_path_column(p),
+                        p.last_error.as_deref().unwrap_or("-"),
+                    ],
+                );
+            }
+            let _ = writeln!(
+                out,
+                "connections refused from unknown addresses: {}",
+                b.refused_connections
+            );
+        }
+        let k = &self.kernel;
+        let _ = writeln!(
+            out,
+            "\nkernel: {} update(s) (last: {} change(s) in {}), {} full reconcile(s), netlink {} request(s) / {} dump message(s)",
+            k.updates,
+            k.last_update_changes,
+            k.last_update_us
+                .map(|us| format!("{:.1} ms", us as f64 / 1000.0))
+                .unwrap_or_else(|| "-".into()),
+            k.full_reconciles,
+            k.netlink.requests,
+            k.netlink.dump_messages
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Status {
+        Status {
+            host: "gw1".into(),
+            role: Role::Gateway,
+            config: "/etc/appliance/site.kdl".into(),
+            uptime_s: 12,
+            keepalive_ms: 200,
+            dead_after: 3,
+            links: vec![PeerStatus {
+                link: "ap-l0".into(),
+                link_index: 0,
+                peer: "c1".into(),
+                public_key: "k".into(),
+                endpoint: Some("192.0.2.2:40000".into()),
+                handshake_age_ms: Some(1500),
+                last_rx_age_ms: None,
+                rx_bytes: 3 * 1024 * 1024,
+                tx_bytes: 10,
+                rx_packets: 1,
+                tx_packets: 1,
+                handshakes: 2,
+                spoofed: 0,
+                alive: true,
+                routes: vec!["10.200.0.11/32".into()],
+            }],
+            bgp: Some(BgpStatus {
+                sessions: vec![SessionStatus {
+                    name: "site".into(),
+                    address: "10.10.0.1".into(),
+                    state: "Established".into(),
+                    add_path_tx: crate::bgp::wire::Families::BOTH,
+                    ..Default::default()
+                }],
+                refused_connections: 3,
+                routes: vec![LearnedRoute {
+                    prefix: "10.200.0.11/32".parse().unwrap(),
+                    paths: vec![LearnedPath {
+                        peer: "c1".into(),
+                        from_client: true,
+                        next_hop: Some("10.200.0.11".parse().unwrap()),
+                    }],
+                }],
+            }),
+            kernel: KernelStatus {
+                updates: 4,
+                last_update_changes: 1,
+                last_update_us: Some(2000),
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn a_status_reply_survives_the_control_socket() {
+        let r = Reply::status(sample());
+        let line = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<Reply>(&line).unwrap(), r);
+        let e = Reply::error("reload needs root");
+        let line = serde_json::to_string(&e).unwrap();
+        assert_eq!(line, r#"{"ok":false,"error":"reload needs root"}"#);
+    }
+
+    #[test]
+    fn the_text_shows_links_sessions_and_the_kernel_counters() {
+        let t = sample().render();
+        assert!(t.starts_with("gateway gw1 (up 12s, keepalive 200 ms, dead after 3)\n"), "{t}");
+        let link = t.lines().find(|l| l.starts_with("ap-l0")).unwrap();
+        for want in ["c1", "192.0.2.2:40000", "1.5s", "never", "3.0 MiB", "10 B", "live"] {
+            assert!(link.contains(want), "{want} missing from {link:?}");
+        }
+        let bgp = t.lines().find(|l| l.starts_with("site")).unwrap();
+        assert!(bgp.contains("Established") && bgp.contains(" tx "), "{bgp:?}");
+        assert!(t.contains("refused from unknown addresses: 3"));
+        assert!(t.contains("kernel: 4 update(s) (last: 1 change(s) in 2.0 ms)"), "{t}");
+    }
+}
