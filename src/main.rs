@@ -1,9 +1,9 @@
 //! The `appliance` command line. Thin: parse arguments, call the library, map results to
 //! output and exit codes.
 
+use appliance::daemon::status::Reply;
 use appliance::host::netlink::Netlink;
 use appliance::host::reconcile;
-use appliance::daemon::status::Reply;
 use appliance::model::config::{self, Config};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -316,7 +316,10 @@ fn status_cmd(output: Output) -> ExitCode {
             status: Some(s), ..
         }) => s,
         Ok(r) => {
-            fail(output, r.error.as_deref().unwrap_or("the daemon sent no status"));
+            fail(
+                output,
+                r.error.as_deref().unwrap_or("the daemon sent no status"),
+            );
             return ExitCode::from(EXIT_ERROR);
         }
         Err(e) => {

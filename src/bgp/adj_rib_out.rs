@@ -119,7 +119,10 @@ mod tests {
         assert_eq!(out.len(), 2);
         let u = out.update(p("10.12.0.0/16"), vec![]);
         assert_eq!(u[0].withdrawn.len(), 1);
-        assert!(out.update(p("10.12.0.0/16"), vec![]).is_empty(), "withdrawn once");
+        assert!(
+            out.update(p("10.12.0.0/16"), vec![]).is_empty(),
+            "withdrawn once"
+        );
         assert_eq!(out.len(), 1);
     }
 

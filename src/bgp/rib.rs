@@ -45,7 +45,7 @@ pub struct Policy {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Neighbor {
+pub struct RibPeer {
     pub name: String,
     pub kind: PeerKind,
     pub policy: Policy,
@@ -97,7 +97,7 @@ const LOCAL_TX_ID: u32 = 1;
 pub struct Rib {
     pub local_id: Ipv4Addr,
     pub cluster_id: Ipv4Addr,
-    pub peers: Vec<Neighbor>,
+    pub peers: Vec<RibPeer>,
     pub counters: Vec<Counters>,
     adj_in: Vec<BTreeMap<Nlri, Stored>>,
     /// Per peer: routes kept after a graceful-restart drop, not yet re-announced (RFC 4724).
@@ -132,7 +132,7 @@ impl Rib {
         }
     }
 
-    pub fn add_peer(&mut self, peer: Neighbor) -> PeerId {
+    pub fn add_peer(&mut self, peer: RibPeer) -> PeerId {
         self.peers.push(peer);
         self.counters.push(Counters::default());
         self.adj_in.push(BTreeMap::new());
@@ -481,7 +481,7 @@ mod tests {
     /// (client, owns 10.200.0.11/32), node c2 (client, owns 10.200.0.12/32).
     fn gateway() -> (Rib, PeerId, PeerId, PeerId) {
         let mut rib = Rib::new("10.10.0.2".parse().unwrap());
-        let site = rib.add_peer(Neighbor {
+        let site = rib.add_peer(RibPeer {
             name: "site".into(),
             kind: PeerKind::NonClient,
             policy: Policy {
@@ -491,7 +491,7 @@ mod tests {
             },
             router_id: Some("10.10.0.1".parse().unwrap()),
         });
-        let c1 = rib.add_peer(Neighbor {
+        let c1 = rib.add_peer(RibPeer {
             name: "c1".into(),
             kind: PeerKind::Client,
             policy: Policy {
@@ -501,7 +501,7 @@ mod tests {
             },
             router_id: Some("10.200.0.11".parse().unwrap()),
         });
-        let c2 = rib.add_peer(Neighbor {
+        let c2 = rib.add_peer(RibPeer {
             name: "c2".into(),
             kind: PeerKind::Client,
             policy: Policy {
@@ -575,7 +575,7 @@ mod tests {
     #[test]
     fn a_client_never_gets_its_own_route_back_through_another_reflector() {
         let (mut rib, _, c1, _) = gateway();
-        let gw2 = rib.add_peer(Neighbor {
+        let gw2 = rib.add_peer(RibPeer {
             name: "gw2".into(),
             kind: PeerKind::NonClient,
             policy: policy(),
@@ -647,19 +647,19 @@ mod tests {
     fn a_non_client_route_is_reflected_to_clients_only() {
         let mut rib = Rib::new("10.10.0.2".parse().unwrap());
         let pol = policy();
-        let site = rib.add_peer(Neighbor {
+        let site = rib.add_peer(RibPeer {
             name: "site".into(),
             kind: PeerKind::NonClient,
             policy: pol.clone(),
             router_id: Some("10.10.0.1".parse().unwrap()),
         });
-        let gw2 = rib.add_peer(Neighbor {
+        let gw2 = rib.add_peer(RibPeer {
             name: "gw2".into(),
             kind: PeerKind::NonClient,
             policy: pol.clone(),
             router_id: Some("10.10.0.3".parse().unwrap()),
         });
-        let c1 = rib.add_peer(Neighbor {
+        let c1 = rib.add_peer(RibPeer {
             name: "c1".into(),
             kind: PeerKind::Client,
             policy: pol,
@@ -752,13 +752,13 @@ mod tests {
     #[test]
     fn equal_paths_from_two_gateways_form_a_multipath_set() {
         let mut rib = Rib::new("10.200.0.11".parse().unwrap());
-        let g1 = rib.add_peer(Neighbor {
+        let g1 = rib.add_peer(RibPeer {
             name: "gw1".into(),
             kind: PeerKind::NonClient,
             policy: policy(),
             router_id: Some("10.10.0.2".parse().unwrap()),
         });
-        let g2 = rib.add_peer(Neighbor {
+        let g2 = rib.add_peer(RibPeer {
             name: "gw2".into(),
             kind: PeerKind::NonClient,
             policy: policy(),

@@ -115,8 +115,10 @@ impl Router {
                     if n.peer_restart_time.is_none() {
                         // RFC 4724 §4.2: back without the capability, its stale routes go.
                         o.changed.extend(self.rib.sweep_stale(id));
-                        o.events
-                            .push((id, "back without graceful restart: stale routes removed".into()));
+                        o.events.push((
+                            id,
+                            "back without graceful restart: stale routes removed".into(),
+                        ));
                     } else {
                         o.timers.push(self.restarts.timer(id, STALE_PATH_TIME));
                     }
@@ -161,10 +163,8 @@ impl Router {
             }
             Input::Reachable(id, false) => {
                 if self.up.remove(&id).is_some() {
-                    o.events.push((
-                        id,
-                        "no live tunnel: session reset, routes withdrawn".into(),
-                    ));
+                    o.events
+                        .push((id, "no live tunnel: session reset, routes withdrawn".into()));
                     // Cease 8 ("out of resources" is the closest) ends the session task.
                     o.send
                         .push((id, Message::Notification(Notification::cease(8))));
@@ -185,7 +185,8 @@ impl Router {
                     changed.extend(self.rib.sweep_stale(id));
                 }
                 for (prefix, why) in rejected {
-                    o.events.push((id, format!("prefix {prefix} rejected: {why}")));
+                    o.events
+                        .push((id, format!("prefix {prefix} rejected: {why}")));
                 }
                 if max_prefix_exceeded && self.up.contains_key(&id) {
                     o.events.push((

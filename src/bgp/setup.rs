@@ -1,7 +1,7 @@
 //! Which sessions a speaker runs and under which policy: plain data, derived from the site
 //! file by [`crate::intent::bgp`] and run by [`super::speaker`].
 
-use super::rib::Neighbor;
+use super::rib::RibPeer;
 use super::router::Learn;
 use super::wire::Attributes;
 use ipnet::IpNet;
@@ -12,7 +12,7 @@ pub const PORT: u16 = 179;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PeerConfig {
-    pub peer: Neighbor,
+    pub peer: RibPeer,
     pub address: IpAddr,
     /// We open the connection (nodes towards gateways, gateways towards the site router).
     pub active: bool,

@@ -13,7 +13,7 @@
 //! A connection from an address that is not a configured peer is closed at once and counted.
 
 use super::fsm::{Action, Event as FsmEvent, Negotiated, Session, SessionConfig};
-use super::rib::{Counters, Neighbor, PeerId, PeerKind, Rib};
+use super::rib::{Counters, PeerId, PeerKind, Rib, RibPeer};
 use super::router::{Input, Learn, Learned, Output, Router};
 use super::setup::{PeerConfig, SpeakerConfig, PORT};
 use super::wire::{self, Context, Families, Message, Notification, Update};
@@ -478,7 +478,12 @@ fn perform(
 
 /// Refresh the shared status (every peer's counters, the changed routes' paths) and the
 /// learned routes the host routes by.
-fn publish(router: &Router, status: &SharedStatus, learned: &watch::Sender<Learned>, changed: &[IpNet]) {
+fn publish(
+    router: &Router,
+    status: &SharedStatus,
+    learned: &watch::Sender<Learned>,
+    changed: &[IpNet],
+) {
     let rib = &router.rib;
     let mut s = status.lock().expect("not poisoned");
     for (i, c) in rib.counters.iter().enumerate() {
@@ -548,7 +553,7 @@ pub async fn bench_reflector(
         .iter()
         .enumerate()
         .map(|(i, (ip, block))| PeerConfig {
-            peer: Neighbor {
+            peer: RibPeer {
                 name: format!("c{i}"),
                 kind: PeerKind::Client,
                 policy: policy(vec![*block]),
@@ -559,7 +564,7 @@ pub async fn bench_reflector(
         })
         .collect();
     peers.push(PeerConfig {
-        peer: Neighbor {
+        peer: RibPeer {
             name: "listener".into(),
             kind: PeerKind::NonClient,
             policy: policy(vec![]),

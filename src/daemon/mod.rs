@@ -109,7 +109,8 @@ impl Daemon {
             intent = self.core.intent()?;
         }
         let want = intent.kernel;
-        let plan = diff(&self.opts.host, self.core.role(), &want, &have).map_err(|e| e.to_string())?;
+        let plan =
+            diff(&self.opts.host, self.core.role(), &want, &have).map_err(|e| e.to_string())?;
         if !plan.is_empty() {
             reconcile::apply_held(&self.nl, &self.lock, &want, &plan)
                 .await
@@ -153,7 +154,10 @@ impl Daemon {
         let r = self.core.learned_changed(&learned);
         if let Ok(r) = &r {
             if !r.is_empty() {
-                tracing::info!(prefixes = self.core.learned().len(), "routes learned over iBGP changed");
+                tracing::info!(
+                    prefixes = self.core.learned().len(),
+                    "routes learned over iBGP changed"
+                );
             }
         }
         self.react(r, "routes follow iBGP").await;
@@ -411,4 +415,3 @@ pub async fn run(opts: Options) -> Result<(), String> {
     }
     Ok(())
 }
-

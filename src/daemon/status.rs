@@ -143,7 +143,14 @@ impl Status {
         row(
             &mut out,
             [
-                "LINK", "PEER", "ENDPOINT", "HANDSHAKE", "LAST RX", "RX", "TX", "HANDSHAKES",
+                "LINK",
+                "PEER",
+                "ENDPOINT",
+                "HANDSHAKE",
+                "LAST RX",
+                "RX",
+                "TX",
+                "HANDSHAKES",
                 "STATE",
             ],
         );
@@ -175,7 +182,13 @@ impl Status {
             row(
                 &mut out,
                 [
-                    "BGP PEER", "ADDRESS", "STATE", "RECEIVED", "ACCEPTED", "REJECTED", "ADD-PATH",
+                    "BGP PEER",
+                    "ADDRESS",
+                    "STATE",
+                    "RECEIVED",
+                    "ACCEPTED",
+                    "REJECTED",
+                    "ADD-PATH",
                     "LAST ERROR",
                 ],
             );
@@ -286,14 +299,31 @@ mod tests {
     #[test]
     fn the_text_shows_links_sessions_and_the_kernel_counters() {
         let t = sample().render();
-        assert!(t.starts_with("gateway gw1 (up 12s, keepalive 200 ms, dead after 3)\n"), "{t}");
+        assert!(
+            t.starts_with("gateway gw1 (up 12s, keepalive 200 ms, dead after 3)\n"),
+            "{t}"
+        );
         let link = t.lines().find(|l| l.starts_with("ap-l0")).unwrap();
-        for want in ["c1", "192.0.2.2:40000", "1.5s", "never", "3.0 MiB", "10 B", "live"] {
+        for want in [
+            "c1",
+            "192.0.2.2:40000",
+            "1.5s",
+            "never",
+            "3.0 MiB",
+            "10 B",
+            "live",
+        ] {
             assert!(link.contains(want), "{want} missing from {link:?}");
         }
         let bgp = t.lines().find(|l| l.starts_with("site")).unwrap();
-        assert!(bgp.contains("Established") && bgp.contains(" tx "), "{bgp:?}");
+        assert!(
+            bgp.contains("Established") && bgp.contains(" tx "),
+            "{bgp:?}"
+        );
         assert!(t.contains("refused from unknown addresses: 3"));
-        assert!(t.contains("kernel: 4 update(s) (last: 1 change(s) in 2.0 ms)"), "{t}");
+        assert!(
+            t.contains("kernel: 4 update(s) (last: 1 change(s) in 2.0 ms)"),
+            "{t}"
+        );
     }
 }

@@ -6,4 +6,5 @@
 pub mod engine;
 pub mod liveness;
 pub mod probe;
+#[allow(unsafe_code)] // system calls without a safe wrapper; SAFETY comments inside
 pub mod runtime;

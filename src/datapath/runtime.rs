@@ -33,9 +33,9 @@ impl LinkRuntime {
     /// socket for an IPv6 underlay.
     pub fn start(link: Link, v6: bool) -> io::Result<LinkRuntime> {
         let dev = link.spec_dev.clone();
-        // SAFETY: if_nametoindex reads a NUL-terminated string.
         let name = std::ffi::CString::new(dev.clone())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: if_nametoindex only reads `name`, a NUL-terminated string that outlives it.
         if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,

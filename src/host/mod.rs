@@ -8,4 +8,5 @@ pub mod logging;
 pub mod netlink;
 pub mod reconcile;
 pub mod sysctl;
+#[allow(unsafe_code)] // system calls without a safe wrapper; SAFETY comments inside
 pub mod tundev;

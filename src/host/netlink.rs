@@ -17,8 +17,8 @@ use rtnetlink::packet_route::route::{
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder, RouteNextHopBuilder};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {

@@ -99,7 +99,7 @@ pub async fn plan_state(
 /// Apply `plan`, verify that the host is now `want`, and revert on any failure (one-shot
 /// reconcile: takes the lock, and SIGINT/SIGTERM mid-way reverts).
 pub async fn apply(nl: &Netlink, want: &HostState, plan: &Plan) -> Result<(), ReconcileError> {
-    let _lock = lock()?;
+    let _lock = lock().map_err(|e| *e)?;
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = {
         let stop = stop.clone();
@@ -237,16 +237,18 @@ const LOCK_WAIT_STEPS: u32 = 300;
 pub type Lock = nix::fcntl::Flock<std::fs::File>;
 
 /// flock on a per-network-namespace lock file, so two reconciles never interleave.
-pub fn lock() -> Result<Lock, ReconcileError> {
+pub fn lock() -> Result<Lock, Box<ReconcileError>> {
     use std::os::unix::fs::MetadataExt;
     let ns = std::fs::metadata("/proc/self/ns/net")
         .map(|m| m.ino())
         .unwrap_or(0);
     let dir = std::path::Path::new("/run/appliance");
     let path = dir.join(format!("reconcile-{ns}.lock"));
-    let locked = |error: std::io::Error| ReconcileError::Locked {
-        path: path.display().to_string(),
-        error,
+    let locked = |error: std::io::Error| {
+        Box::new(ReconcileError::Locked {
+            path: path.display().to_string(),
+            error,
+        })
     };
     std::fs::create_dir_all(dir).map_err(locked)?;
     let file = std::fs::OpenOptions::new()

@@ -13,14 +13,21 @@
 //!
 //! Everything it says goes to the console (ttyS0) prefixed `appliance-init:`.
 
+#[allow(unsafe_code)] // system calls without a safe wrapper; SAFETY comments inside
 pub mod ab;
+#[allow(unsafe_code)] // system calls without a safe wrapper; SAFETY comments inside
 pub mod dhcp;
+#[allow(unsafe_code)] // system calls without a safe wrapper; SAFETY comments inside
 pub mod dm;
+#[allow(unsafe_code)] // system calls without a safe wrapper; SAFETY comments inside
 pub mod gpt;
+#[allow(unsafe_code)] // system calls without a safe wrapper; SAFETY comments inside
 pub mod health;
 pub mod net;
+#[allow(unsafe_code)] // system calls without a safe wrapper; SAFETY comments inside
 pub mod power;
 pub mod sources;
+#[allow(unsafe_code)] // system calls without a safe wrapper; SAFETY comments inside
 pub mod sys;
 pub mod userdata;
 
@@ -633,23 +640,23 @@ fn supervise(a: &Accepted, slot: &str) -> ! {
             }
         }
         loop {
-            let mut status = 0;
-            // SAFETY: waitpid with a valid status pointer.
-            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-            if pid <= 0 {
-                break;
-            }
+            use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+            let (pid, how) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => {
+                    (pid.as_raw(), format!("exited with status {code}"))
+                }
+                Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                    (pid.as_raw(), format!("was killed by signal {}", sig as i32))
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => continue,
+            };
             if let Some((cpid, since)) = child {
                 if pid == cpid {
                     let ran = since.elapsed();
                     if ran > Duration::from_secs(60) {
                         backoff = Duration::from_secs(1);
                     }
-                    let how = if libc::WIFEXITED(status) {
-                        format!("exited with status {}", libc::WEXITSTATUS(status))
-                    } else {
-                        format!("was killed by signal {}", libc::WTERMSIG(status))
-                    };
                     say(&format!(
                         "appliance run (pid {pid}) {how} after {:.1} s; restarting in {} s",
                         ran.as_secs_f64(),

@@ -89,8 +89,8 @@ pub fn decode(raw: &[u8]) -> Result<String, UserDataError> {
     } else {
         raw.to_vec()
     };
-    let text =
-        String::from_utf8(bytes).map_err(|e| UserDataError::NotUtf8(e.utf8_error().valid_up_to()))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| UserDataError::NotUtf8(e.utf8_error().valid_up_to()))?;
     let first = text.trim_start().lines().next().unwrap_or("").trim();
     if first.is_empty() {
         return Err(UserDataError::Empty);

@@ -8,7 +8,7 @@
 //!   the tunnels, announcing the node's prefixes; none when `bgp-speaker "external"`.
 //! - relay: none.
 
-use crate::bgp::rib::{Neighbor, PeerKind, Policy};
+use crate::bgp::rib::{PeerKind, Policy, RibPeer};
 use crate::bgp::router::Learn;
 use crate::bgp::setup::{PeerConfig, SpeakerConfig, PORT};
 use crate::bgp::wire::Attributes;
@@ -35,7 +35,7 @@ pub fn sessions(cfg: &Config, host: &str) -> Result<Option<SpeakerConfig>, Strin
             next_hop_self_v6: nhs.and_then(|g| g.site_address_v6),
         };
     let peer = |name: &str, kind, policy, address, active| PeerConfig {
-        peer: Neighbor {
+        peer: RibPeer {
             name: name.to_string(),
             kind,
             policy,
@@ -129,4 +129,111 @@ pub fn sessions(cfg: &Config, host: &str) -> Result<Option<SpeakerConfig>, Strin
         }));
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::parse;
+    use std::net::IpAddr;
+
+    fn site() -> Config {
+        let mut text = include_str!("../../tests/golden/two-gateways/config.kdl").to_string();
+        text.push_str(
+            "node \"c3\" {\n address \"10.200.2.1\"\n prefix \"10.200.2.0/28\"\n public-key \"Yv/7p9TBowqS327ezLJ0y0qDFu1eWh6tlOG0wxZybZE=\"\n}\n\
+             node \"ext\" {\n address \"10.200.0.14\"\n public-key \"zEVY4Cd9vbK/piYjBJ5iqNP5dyAJR+60TRdtPgsKTSg=\"\n bgp-speaker \"external\"\n}\n\
+             relay \"r1\" {\n public-address \"203.0.113.5\"\n private-address \"172.31.0.1\"\n}\n\
+             bgp {\n hold-time 30\n max-prefix 50\n neighbor \"site-router\" {\n  address \"10.10.0.1\"\n }\n}\n",
+        );
+        parse("site.kdl", &text).unwrap()
+    }
+
+    fn by_name<'a>(s: &'a SpeakerConfig, name: &str) -> &'a PeerConfig {
+        s.peers.iter().find(|p| p.peer.name == name).unwrap()
+    }
+
+    fn net(s: &str) -> ipnet::IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_gateway_reflects_for_every_node_and_peers_with_the_site_router_and_the_other_gateway() {
+        let cfg = site();
+        let s = sessions(&cfg, "gw1").unwrap().unwrap();
+        assert_eq!(s.router_id.to_string(), "10.10.0.2");
+        assert_eq!(s.local_address, "10.10.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!(s.listen.unwrap().port(), PORT);
+        assert_eq!((s.hold_time, s.restart_time), (30, RESTART_TIME));
+        assert_eq!(s.learn, Learn::FromClients);
+        assert!(!s.client_to_client && s.originate.is_empty());
+        let names: Vec<&str> = s.peers.iter().map(|p| p.peer.name.as_str()).collect();
+        assert_eq!(names, ["site-router", "gw2", "c1", "c2", "c3", "ext"]);
+
+        let site = by_name(&s, "site-router");
+        assert_eq!(site.peer.kind, PeerKind::NonClient);
+        assert!(site.active, "gateways dial the site router");
+        assert_eq!(site.peer.policy.deny, vec![net("10.200.0.0/16")]);
+        assert_eq!(
+            site.peer.policy.next_hop_self,
+            Some("10.10.0.2".parse().unwrap())
+        );
+        assert_eq!(site.peer.policy.max_prefix, 50);
+
+        let gw2 = by_name(&s, "gw2");
+        assert_eq!(gw2.address, "10.10.0.3".parse::<IpAddr>().unwrap());
+        assert!(gw2.active, "the lower router ID dials");
+        assert_eq!(gw2.peer.policy.next_hop_self, None);
+        let back = sessions(&cfg, "gw2").unwrap().unwrap();
+        assert!(!by_name(&back, "gw1").active, "and the higher one waits");
+
+        let c3 = by_name(&s, "c3");
+        assert_eq!(c3.peer.kind, PeerKind::Client);
+        assert!(!c3.active, "nodes dial in");
+        assert_eq!(c3.address, "10.200.2.1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            c3.peer.policy.allow,
+            vec![net("10.200.2.0/28")],
+            "a node may announce its assignment only"
+        );
+    }
+
+    #[test]
+    fn a_node_dials_every_gateway_over_the_tunnels_and_announces_its_prefixes() {
+        let cfg = site();
+        let s = sessions(&cfg, "c3").unwrap().unwrap();
+        assert_eq!(s.router_id.to_string(), "10.200.2.1");
+        assert_eq!(s.local_address, "10.200.2.1".parse::<IpAddr>().unwrap());
+        assert_eq!(s.listen, None);
+        assert_eq!(s.learn, Learn::FromAll);
+        let gws: Vec<(&str, String, bool)> = s
+            .peers
+            .iter()
+            .map(|p| (p.peer.name.as_str(), p.address.to_string(), p.active))
+            .collect();
+        assert_eq!(
+            gws,
+            [
+                ("gw1", "10.10.0.2".to_string(), true),
+                ("gw2", "10.10.0.3".to_string(), true)
+            ]
+        );
+        let deny = &s.peers[0].peer.policy.deny;
+        for must in ["10.200.2.0/28", "192.0.2.1/32", "192.0.2.2/32"] {
+            assert!(deny.contains(&net(must)), "{must} not denied: {deny:?}");
+        }
+        let announced: Vec<String> = s.originate.iter().map(|(p, _)| p.to_string()).collect();
+        assert_eq!(announced, ["10.200.2.0/28"]);
+        assert!(s
+            .originate
+            .iter()
+            .all(|(_, a)| a.next_hop == Some("10.200.2.1".parse().unwrap())));
+    }
+
+    #[test]
+    fn an_external_speaker_node_and_a_relay_run_no_speaker() {
+        let cfg = site();
+        assert_eq!(sessions(&cfg, "ext").unwrap(), None);
+        assert_eq!(sessions(&cfg, "r1").unwrap(), None);
+        assert_eq!(sessions(&cfg, "nobody").unwrap(), None);
+    }
 }

@@ -2,7 +2,7 @@
 //! session stops it orders, and what the host routes by.
 
 use super::*;
-use crate::bgp::rib::{Neighbor, Policy};
+use crate::bgp::rib::{Policy, RibPeer};
 use crate::bgp::wire::{Attributes, Families, Nlri};
 use std::net::IpAddr;
 
@@ -51,13 +51,13 @@ const C1: PeerId = 1;
 /// established; c1 announced 10.200.0.1/32 and 10.200.0.2/32.
 fn gateway() -> Router {
     let mut rib = Rib::new("10.10.0.2".parse().unwrap());
-    rib.add_peer(Neighbor {
+    rib.add_peer(RibPeer {
         name: "site".into(),
         kind: PeerKind::NonClient,
         policy: policy(&[], 100),
         router_id: None,
     });
-    rib.add_peer(Neighbor {
+    rib.add_peer(RibPeer {
         name: "c1".into(),
         kind: PeerKind::Client,
         policy: policy(&["10.200.0.0/28"], 4),
@@ -110,10 +110,16 @@ fn a_gracefully_restarting_peer_keeps_its_routes_until_end_of_rib_sweeps_the_res
     assert_eq!(o.timers.len(), 1);
     assert_eq!(o.timers[0].after, RESTART);
     let restart_timer = o.timers[0];
-    assert_eq!(r.learned(&net("10.200.0.2/32")), BTreeSet::from(["c1".to_string()]));
+    assert_eq!(
+        r.learned(&net("10.200.0.2/32")),
+        BTreeSet::from(["c1".to_string()])
+    );
 
     let o = r.handle(Input::Up(C1, negotiated("10.200.0.11", true)));
-    assert_eq!(o.timers[0].after, STALE_PATH_TIME, "waits for End-of-RIB, bounded");
+    assert_eq!(
+        o.timers[0].after, STALE_PATH_TIME,
+        "waits for End-of-RIB, bounded"
+    );
     r.handle(announce(&["10.200.0.1/32"], "10.200.0.11"));
     // The restart timer of the earlier session runs out now: it no longer counts.
     let o = r.handle(Input::StaleExpired(C1, restart_timer.generation));
@@ -138,7 +144,9 @@ fn the_restart_time_running_out_while_the_peer_is_away_withdraws_its_routes() {
 fn a_peer_back_without_end_of_rib_loses_its_stale_routes_at_the_stale_path_time() {
     let mut r = gateway();
     r.handle(Input::Down(C1, Some(RESTART)));
-    let t = r.handle(Input::Up(C1, negotiated("10.200.0.11", true))).timers[0];
+    let t = r
+        .handle(Input::Up(C1, negotiated("10.200.0.11", true)))
+        .timers[0];
     r.handle(announce(&["10.200.0.1/32"], "10.200.0.11"));
     let o = r.handle(Input::StaleExpired(C1, t.generation));
     assert_eq!(o.changed, vec![net("10.200.0.2/32")]);
@@ -166,7 +174,11 @@ fn a_session_down_without_restart_withdraws_everything_it_announced() {
 fn only_differences_are_sent_and_the_sender_is_not_told_its_own_routes() {
     let mut r = gateway();
     let o = r.handle(announce(&["10.200.0.1/32"], "10.200.0.11"));
-    assert!(o.send.is_empty(), "the same route again sends nothing: {:?}", o.send);
+    assert!(
+        o.send.is_empty(),
+        "the same route again sends nothing: {:?}",
+        o.send
+    );
     let o = r.handle(announce(&["10.200.0.1/32"], "10.200.0.12"));
     assert_eq!(told(&o, SITE), (vec![], vec![net("10.200.0.1/32")]));
     assert_eq!(told(&o, C1), (vec![], vec![]));
@@ -221,9 +233,15 @@ fn a_gateway_routes_by_client_paths_only_and_a_node_by_all() {
     };
     r.handle(Input::Update(SITE, site_route.clone()));
     assert!(r.learned(&net("10.12.0.0/16")).is_empty());
-    assert_eq!(r.learned(&net("10.200.0.1/32")), BTreeSet::from(["c1".to_string()]));
+    assert_eq!(
+        r.learned(&net("10.200.0.1/32")),
+        BTreeSet::from(["c1".to_string()])
+    );
     r.learn = Learn::FromAll;
-    assert_eq!(r.learned(&net("10.12.0.0/16")), BTreeSet::from(["site".to_string()]));
+    assert_eq!(
+        r.learned(&net("10.12.0.0/16")),
+        BTreeSet::from(["site".to_string()])
+    );
 }
 
 #[test]

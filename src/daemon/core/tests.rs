@@ -131,7 +131,10 @@ fn a_link_that_goes_silent_leaves_exactly_the_routes_it_carried() {
     let plan = commit(&mut lab.gw, up);
     assert_eq!(plan.changes.len(), 1, "{}", plan.render_text());
     let (op, r) = route(&plan.changes[0]);
-    assert_eq!((op, r.dst.to_string().as_str()), (&Op::Add, "10.200.0.11/32"));
+    assert_eq!(
+        (op, r.dst.to_string().as_str()),
+        (&Op::Add, "10.200.0.11/32")
+    );
     assert_eq!(r.via, devs(&["ap-l0", "ap-l1", "ap-l2", "ap-l3"]));
     let r = lab.node_verdicts(ms(1));
     commit(&mut lab.node, r);
@@ -153,9 +156,16 @@ fn a_link_that_goes_silent_leaves_exactly_the_routes_it_carried() {
         }
     }
     let (tg, g) = gw_r.unwrap();
-    assert!(tg >= 600 && tg <= 800, "the gateway judged link 2 dead at {tg} ms");
+    assert!(
+        (600..=800).contains(&tg),
+        "the gateway judged link 2 dead at {tg} ms"
+    );
     assert_eq!(g.transitions, vec![(("c1".to_string(), 2), false)]);
-    assert!(g.reachable.is_empty(), "c1 is still reachable: {:?}", g.reachable);
+    assert!(
+        g.reachable.is_empty(),
+        "c1 is still reachable: {:?}",
+        g.reachable
+    );
     let plan = commit(&mut lab.gw, g);
     assert_eq!(plan.changes.len(), 1);
     let (op, r) = route(&plan.changes[0]);
@@ -170,7 +180,12 @@ fn a_link_that_goes_silent_leaves_exactly_the_routes_it_carried() {
     for c in &plan.changes {
         let (op, r) = route(c);
         assert_eq!(op, &Op::Change, "{}", c.line());
-        assert_eq!(r.via, devs(&["ap-gw1-0", "ap-gw1-1", "ap-gw1-3"]), "{}", c.line());
+        assert_eq!(
+            r.via,
+            devs(&["ap-gw1-0", "ap-gw1-1", "ap-gw1-3"]),
+            "{}",
+            c.line()
+        );
     }
 
     // The loss ends: link 2 is back on both sides, and only its routes change again.
@@ -213,11 +228,25 @@ fn a_learned_prefix_is_routed_and_sent_then_withdrawn_to_its_blackhole() {
     let r = lab.node.learned_changed(&learned).unwrap();
     assert_eq!(r.tables.len(), 4);
     for spec in &r.tables {
-        assert!(spec.peers[0].routes.contains(&p), "{} does not send {p}", spec.dev);
+        assert!(
+            spec.peers[0].routes.contains(&p),
+            "{} does not send {p}",
+            spec.dev
+        );
     }
     let plan = commit(&mut lab.node, r);
-    let tunnel: Vec<_> = plan.changes.iter().map(route).filter(|(_, r)| r.dst == p).collect();
-    assert_eq!(tunnel.len(), 2, "a route over the links and its blackhole: {}", plan.render_text());
+    let tunnel: Vec<_> = plan
+        .changes
+        .iter()
+        .map(route)
+        .filter(|(_, r)| r.dst == p)
+        .collect();
+    assert_eq!(
+        tunnel.len(),
+        2,
+        "a route over the links and its blackhole: {}",
+        plan.render_text()
+    );
     assert!(tunnel.iter().all(|(op, _)| **op == Op::Add));
     assert!(tunnel.iter().any(|(_, r)| r.via.len() == 4));
 
@@ -231,8 +260,19 @@ fn a_learned_prefix_is_routed_and_sent_then_withdrawn_to_its_blackhole() {
     assert_eq!(plan.changes.len(), 1, "{}", plan.render_text());
     let (op, r) = route(&plan.changes[0]);
     assert_eq!((op, r.dst, r.blackhole), (&Op::Remove, p, false));
-    assert!(lab.node.intent().unwrap().kernel.routes.values().any(|r| r.dst == p && r.blackhole));
-    assert!(lab.node.learned_changed(&Learned::new()).unwrap().is_empty());
+    assert!(lab
+        .node
+        .intent()
+        .unwrap()
+        .kernel
+        .routes
+        .values()
+        .any(|r| r.dst == p && r.blackhole));
+    assert!(lab
+        .node
+        .learned_changed(&Learned::new())
+        .unwrap()
+        .is_empty());
 }
 
 #[test]
@@ -246,11 +286,18 @@ fn a_learned_prefix_inside_the_underlay_is_refused_once_the_underlay_is_observed
     let r = lab.node.learned_changed(&learned).unwrap();
     commit(&mut lab.node, r);
     assert!(lab.node.set_underlay(["172.16.0.0/16".parse().unwrap()]));
-    assert!(!lab.node.set_underlay(["172.16.0.0/16".parse().unwrap()]), "unchanged");
+    assert!(
+        !lab.node.set_underlay(["172.16.0.0/16".parse().unwrap()]),
+        "unchanged"
+    );
     let r = lab.node.underlay_changed().unwrap();
     assert!(r.tables.iter().all(|s| !s.peers[0].routes.contains(&p)));
     let plan = commit(&mut lab.node, r);
-    assert!(plan.changes.iter().map(route).any(|(op, r)| *op == Op::Remove && r.dst == p));
+    assert!(plan
+        .changes
+        .iter()
+        .map(route)
+        .any(|(op, r)| *op == Op::Remove && r.dst == p));
     assert!(lab.node.intent().unwrap().refused.contains_key(&p));
 }
 
@@ -260,7 +307,10 @@ fn withdrawn_prefixes_kept_for_their_blackholes_are_bounded() {
     let many: Learned = (0..MAX_WITHDRAWN as u32 + 100)
         .map(|i| {
             let a = std::net::Ipv4Addr::from(0x0b00_0000 + (i << 8));
-            (IpNet::new(a.into(), 24).unwrap(), BTreeSet::from(["gw1".to_string()]))
+            (
+                IpNet::new(a.into(), 24).unwrap(),
+                BTreeSet::from(["gw1".to_string()]),
+            )
         })
         .collect();
     lab.node.learned_changed(&many).unwrap();
