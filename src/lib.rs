@@ -11,10 +11,12 @@
 //!   (observe → diff → apply → verify → revert), key files, logging.
 //! - [`datapath`] — per-link WireGuard engine (pure, time is an input), liveness, probes,
 //!   and the packet threads that move bytes.
-//! - [`bgp`] — the iBGP speaker: codec, FSM, RIB, Adj-RIB-Out and graceful restart (pure),
-//!   and the tokio driver.
-//! - [`daemon`] — `appliance run`: the loop that applies intent changes, the control socket,
-//!   the typed status.
+//! - [`bgp`] — the iBGP speaker: codec, FSM, RIB, Adj-RIB-Out, graceful-restart timers and
+//!   the RIB task's decisions (`router`), all pure; and the tokio driver, which pushes learned
+//!   routes to the daemon on a watch channel.
+//! - [`daemon`] — `appliance run`: a pure core that turns liveness, learned-route and underlay
+//!   changes into exactly the kernel changes, tables and BGP signals they imply; the loop that
+//!   performs them; the control socket; the typed status.
 //! - [`image`] — the bootable image's PID 1 and how it reads its user-data.
 
 pub mod bgp;

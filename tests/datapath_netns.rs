@@ -334,6 +334,10 @@ fn a_dead_link_leaves_the_routes_and_comes_back() {
     );
     std::thread::sleep(Duration::from_secs(1));
     let drop_rule = "nft add table inet t && nft add chain inet t in '{ type filter hook input priority 0; }' && nft add rule inet t in udp dport 51822 drop";
+    let kernel_before = [
+        status(&lab.gw)["kernel"].clone(),
+        status(&lab.node)["kernel"].clone(),
+    ];
     assert!(lab.gw.exec(&["sh", "-c", drop_rule]).status.success());
     // Watch both sides at once; each time is from the drop.
     let t0 = Instant::now();
@@ -348,6 +352,22 @@ fn a_dead_link_leaves_the_routes_and_comes_back() {
         t_node.is_some() && t_gw.is_some()
     });
     eprintln!("link 2 dropped (node to gateway only): node route at 3 nexthops after {t_node:?}, gateway after {t_gw:?}");
+    // The flip was applied as an update of the routes it affects: a few netlink requests, not
+    // a full reconcile (unless the periodic drift check happened to fall in the window).
+    for (ns, before) in [&lab.gw, &lab.node].iter().zip(&kernel_before) {
+        let after = status(ns)["kernel"].clone();
+        let n = |k: &serde_json::Value, f: &str| k[f].as_u64().unwrap();
+        assert!(
+            n(&after, "updates") > n(before, "updates"),
+            "{before} → {after}"
+        );
+        let requests = n(&after["netlink"], "requests") - n(&before["netlink"], "requests");
+        let full = n(&after, "full_reconciles") - n(before, "full_reconciles");
+        assert!(
+            requests <= 4 + 10 * full,
+            "{requests} netlink requests for one flip ({full} full reconciles): {before} → {after}"
+        );
+    }
     assert!(lab
         .gw
         .exec(&["nft", "delete", "table", "inet", "t"])

@@ -70,7 +70,9 @@ impl Reaction {
     }
 }
 
-/// The verdict on every (peer, link) of `links` at `now`.
+/// The verdict on every (peer, link) of `links` at `now`. Peers never heard from are left
+/// out: they are dead, which is what the tracker assumes of a link it is not fed (a gateway
+/// with a large pool of enrolled nodes pays only for the ones that connected).
 pub fn verdicts<'a>(
     links: impl IntoIterator<Item = &'a Link>,
     policy: Liveness,
@@ -78,7 +80,7 @@ pub fn verdicts<'a>(
 ) -> Vec<(LinkKey, bool)> {
     let mut v = Vec::new();
     for link in links {
-        for p in link.peers() {
+        for p in link.peers().iter().filter(|p| link.last_rx(p).is_some()) {
             v.push((
                 (p.spec.name.clone(), link.index),
                 link.alive(p, policy, now),

@@ -23,32 +23,53 @@ impl Liveness {
     }
 }
 
-/// Remembers the last verdict per link key and reports changes.
-#[derive(Debug, Default)]
+/// Remembers which links are alive and reports changes. Updated in place: a tick with
+/// nothing new allocates nothing.
+#[derive(Debug)]
 pub struct Tracker<K: Ord + Clone> {
-    alive: BTreeMap<K, bool>,
+    /// Alive links, with the round they were last fed in.
+    alive: BTreeMap<K, u64>,
+    round: u64,
+}
+
+impl<K: Ord + Clone> Default for Tracker<K> {
+    fn default() -> Self {
+        Tracker {
+            alive: BTreeMap::new(),
+            round: 0,
+        }
+    }
 }
 
 impl<K: Ord + Clone> Tracker<K> {
     /// Feed the current verdict of every link; returns the links whose verdict changed, with
     /// the new verdict. Links seen for the first time start dead (no transition reported unless
-    /// they are alive). Links not fed are forgotten.
+    /// they are alive); links not fed are dead, and forgotten without a transition (a link
+    /// removed by a reload, or one never heard from, which the caller need not feed).
     pub fn update(&mut self, links: impl IntoIterator<Item = (K, bool)>) -> Vec<(K, bool)> {
+        self.round += 1;
+        let round = self.round;
         let mut changed = Vec::new();
-        let mut seen = BTreeMap::new();
         for (k, alive) in links {
-            let before = self.alive.get(&k).copied().unwrap_or(false);
-            if alive != before {
-                changed.push((k.clone(), alive));
+            match (alive, self.alive.get_mut(&k)) {
+                (true, Some(r)) => *r = round,
+                (true, None) => {
+                    changed.push((k.clone(), true));
+                    self.alive.insert(k, round);
+                }
+                (false, Some(_)) => {
+                    self.alive.remove(&k);
+                    changed.push((k, false));
+                }
+                (false, None) => {}
             }
-            seen.insert(k, alive);
         }
-        self.alive = seen;
+        self.alive.retain(|_, r| *r == round);
         changed
     }
 
     pub fn is_alive(&self, k: &K) -> bool {
-        self.alive.get(k).copied().unwrap_or(false)
+        self.alive.contains_key(k)
     }
 }
 
@@ -90,5 +111,18 @@ mod tests {
             .update([("l0", P.is_alive(None, Instant::now()))])
             .is_empty());
         assert!(!tr.is_alive(&"l0"));
+    }
+
+    #[test]
+    fn a_link_no_longer_fed_is_forgotten_without_a_transition() {
+        let mut tr = Tracker::default();
+        assert_eq!(tr.update([("l0", true), ("l1", true)]).len(), 2);
+        assert!(tr.update([("l0", true)]).is_empty());
+        assert!(tr.is_alive(&"l0") && !tr.is_alive(&"l1"));
+        assert_eq!(
+            tr.update([("l1", true)]),
+            vec![("l1", true)],
+            "back: up again"
+        );
     }
 }
