@@ -13,6 +13,8 @@
 #   idle CPU   : utime+stime of each daemon over IDLE_S seconds with 4 live links, as ms/min
 #   flip time  : from an nft rule dropping the node's packets on link 2 (at the gateway) to the
 #                kernel route change on each side (`ip -ts monitor route`); FLIPS rounds
+#   reaction   : the daemon's own time from the verdict to the applied route change, from its
+#                log (`routes follow link liveness … took_ms=` before, `took_us=` after)
 #   flip cost  : netlink syscalls of each daemon from the drop to its route change + 300 ms
 #                (strace -yy of the daemon's main thread, which runs the netlink connection;
 #                netlink sockets only): requests sent, messages received;
@@ -206,6 +208,20 @@ for i, side in enumerate(("gateway", "node")):
 for i, side in enumerate(("gateway", "node")):
     b, a = idle["before"][i], idle["after"][i]
     print(f"| idle CPU, {side}, 4 live links (ms per minute) | {b} | {a} | {ratio(a, b)} |")
+import re
+def took(label, host):
+    v = []
+    for line in open(f"{work}/{label}/{host}.log"):
+        if "routes follow link liveness" not in line:
+            continue
+        m = re.search(r"took_us=(\d+)", line) or re.search(r"took_ms=(\d+)", line)
+        if m:
+            v.append(int(m.group(1)) / (1000 if "took_us" in m.group(0) else 1))
+    return v
+for host, side in (("gw1", "gateway"), ("c1", "node")):
+    b, a = took("before", host), took("after", host)
+    if b and a:
+        print(f"| daemon's reaction: verdict → routes applied, {side} (ms, median of {len(b)} / {len(a)}; before logs whole ms) | {med(b):.2f} | {med(a):.2f} | {ratio(med(a), med(b))} |")
 for i, (side, what) in enumerate((("gateway", "requests"), ("gateway", "messages received"), ("node", "requests"), ("node", "messages received"))):
     b, a = med([r[i] for r in c["before"]]), med([r[i] for r in c["after"]])
     mx = lambda k: f"{max(r[i] for r in c[k]):.0f}"
