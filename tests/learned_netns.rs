@@ -94,7 +94,7 @@ fn a_node_reaches_a_prefix_only_bird_announces_and_fails_closed_when_it_is_withd
              protocol device {{}}\n\
              protocol kernel {{ ipv4 {{ import none; {export}; }}; merge paths on; }}\n\
              protocol kernel {{ ipv6 {{ import none; {export}; }}; merge paths on; }}\n\
-             protocol static static4 {{ ipv4; route 10.12.0.0/16 blackhole; }}\n\
+             protocol static static4 {{ ipv4; route 10.12.0.0/16 blackhole; route 192.0.2.128/25 blackhole; }}\n\
              protocol static static6 {{ ipv6; route 2001:db8:12::/48 blackhole; }}\n\
              template bgp gateways {{ local 10.10.0.1 as 65010; neighbor as 65010; direct; hold time 30;\n\
                ipv4 {{ import all; export where source = RTS_STATIC; }};\n\
@@ -182,6 +182,53 @@ fn a_node_reaches_a_prefix_only_bird_announces_and_fails_closed_when_it_is_withd
         leaked(&inet),
         0,
         "traffic for the site left by the underlay"
+    );
+    // bird also announces 192.0.2.128/25, inside c1's own underlay network 192.0.2.0/24: the
+    // node learned it, but its import policy (fed the observed underlay) refuses to route it.
+    let st: serde_json::Value =
+        serde_json::from_slice(&c1.appliance(&["status", "--output", "json"]).stdout).unwrap();
+    let learned: Vec<&str> = st["bgp"]["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["prefix"].as_str())
+        .collect();
+    assert!(
+        learned.contains(&"192.0.2.128/25"),
+        "not learned: {learned:?}"
+    );
+    assert!(
+        route_devs(&c1, "192.0.2.128/25").is_empty(),
+        "routed into the tunnels"
+    );
+    assert!(
+        !c1.our_routes()
+            .iter()
+            .any(|(d, _, _)| d == "192.0.2.128/25"),
+        "not even a blackhole: the underlay must keep reaching it"
+    );
+    for dev in all {
+        assert!(!datapath_routes(&c1, dev)
+            .iter()
+            .any(|p| p == "192.0.2.128/25"));
+    }
+    let cfg = dir.join("site.kdl");
+    let state = c1.appliance(&[
+        "state",
+        "-c",
+        cfg.to_str().unwrap(),
+        "--node",
+        "c1",
+        "-o",
+        "json",
+    ]);
+    let state: serde_json::Value = serde_json::from_slice(&state.stdout).unwrap();
+    assert!(
+        state["underlay"]
+            .as_array()
+            .is_some_and(|u| u.iter().any(|n| n == "192.0.2.0/24")),
+        "the observed underlay: {}",
+        state["underlay"]
     );
     // bird withdraws both: the tunnel routes and datapath entries leave, the blackholes stay.
     for p in ["static4", "static6"] {

@@ -39,6 +39,9 @@ pub struct Core {
     learned: Learned,
     underlay: Vec<IpNet>,
     tracker: Tracker<LinkKey>,
+    /// The datapath tables last handed out (one spec per device), so a reaction names only
+    /// the devices whose table changed.
+    tables: Vec<LinkSpec>,
     /// The kernel state last applied (verified by a full reconcile, or reached by applying the
     /// plans of reactions since). None: unknown, the next change needs a full reconcile.
     installed: Option<HostState>,
@@ -51,7 +54,8 @@ pub struct Reaction {
     pub transitions: Vec<(LinkKey, bool)>,
     /// Gateway: nodes that became reachable (some link live) or unreachable (none live).
     pub reachable: Vec<(String, bool)>,
-    /// New datapath tables for the running links (learned routes changed).
+    /// New datapath tables, only for the devices whose table changed (learned routes or
+    /// the underlay changed).
     pub tables: Vec<LinkSpec>,
     /// The kernel changes from the installed state to the new intent, with the state they
     /// lead to; None when the kernel stays as it is.
@@ -99,9 +103,12 @@ impl Core {
             learned: Learned::new(),
             underlay: Vec::new(),
             tracker: Tracker::default(),
+            tables: Vec::new(),
             installed: None,
         };
-        core.role = core.all_live()?.role;
+        let i = core.all_live()?;
+        core.role = i.role;
+        core.tables = i.links;
         Ok(core)
     }
 
@@ -227,7 +234,7 @@ impl Core {
             return Ok(r);
         }
         self.learned = learned;
-        r.tables = self.all_live()?.links;
+        r.tables = self.changed_tables()?;
         self.kernel(&mut r)?;
         Ok(r)
     }
@@ -240,11 +247,23 @@ impl Core {
     /// The underlay changed (observed by a full reconcile): the reaction to it.
     pub fn underlay_changed(&mut self) -> Result<Reaction, String> {
         let mut r = Reaction {
-            tables: self.all_live()?.links,
+            tables: self.changed_tables()?,
             ..Default::default()
         };
         self.kernel(&mut r)?;
         Ok(r)
+    }
+
+    /// The datapath tables that differ from the ones last handed out; remembers the new ones.
+    fn changed_tables(&mut self) -> Result<Vec<LinkSpec>, String> {
+        let new = self.all_live()?.links;
+        let changed = new
+            .iter()
+            .filter(|s| !self.tables.contains(s))
+            .cloned()
+            .collect();
+        self.tables = new;
+        Ok(changed)
     }
 
     /// Take a new config; the role must stay. Returns the intent with every link alive (its
@@ -258,6 +277,7 @@ impl Core {
             ));
         }
         self.cfg = cfg;
+        self.tables = i.links.clone();
         Ok(i)
     }
 }

@@ -342,3 +342,36 @@ fn a_reload_that_changes_the_role_is_refused_and_changes_nothing() {
     assert_eq!(lab.gw.intent().unwrap().kernel, before);
     assert!(lab.gw.reload(other).is_ok(), "same role: accepted");
 }
+
+#[test]
+fn a_reaction_names_only_the_datapath_tables_that_changed() {
+    let text = include_str!("../../../tests/golden/two-gateways/config.kdl");
+    let cfg = crate::model::config::parse("two.kdl", text).unwrap();
+    let mut node = Core::new(cfg, "c1").unwrap();
+    let p: IpNet = "10.12.0.0/16".parse().unwrap();
+    let r = node
+        .learned_changed(&Learned::from([(p, BTreeSet::from(["gw1".to_string()]))]))
+        .unwrap();
+    // gw1's links send it; gw2's only accept it (a reply may come back through gw2).
+    assert_eq!(r.tables.len(), 8);
+    for spec in &r.tables {
+        let (sends, accepts) = (&spec.peers[0].routes, &spec.peers[0].allowed);
+        assert_eq!(
+            sends.contains(&p),
+            spec.dev.starts_with("ap-gw1-"),
+            "{}",
+            spec.dev
+        );
+        assert!(accepts.iter().any(|a| a.contains(&p)), "{}", spec.dev);
+    }
+    assert!(r.full, "no kernel state installed yet: a full reconcile");
+    // gw2 advertises it too: only gw2's tables change now.
+    let both = BTreeSet::from(["gw1".to_string(), "gw2".to_string()]);
+    let r = node.learned_changed(&Learned::from([(p, both)])).unwrap();
+    assert!(
+        r.tables.iter().all(|s| s.dev.starts_with("ap-gw2-")),
+        "{:?}",
+        r.tables
+    );
+    assert_eq!(r.tables.len(), 4);
+}
