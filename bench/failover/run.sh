@@ -13,8 +13,6 @@
 #   idle CPU   : utime+stime of each daemon over IDLE_S seconds with 4 live links, as ms/min
 #   flip time  : from an nft rule dropping the node's packets on link 2 (at the gateway) to the
 #                kernel route change on each side (`ip -ts monitor route`); FLIPS rounds
-#   reaction   : the daemon's own time from the verdict to the applied route change, from its
-#                log (`routes follow link liveness … took_ms=` before, `took_us=` after)
 #   flip cost  : netlink syscalls of each daemon from the drop to its route change + 300 ms
 #                (strace -yy of the daemon's main thread, which runs the netlink connection;
 #                netlink sockets only): requests sent, messages received;
@@ -140,10 +138,10 @@ PY
 }
 
 # A flip's netlink cost, from strace of both daemons.
-flip_cost() { # LABEL -> appends "gw_req gw_msgs node_req node_msgs" to WORK/LABEL.cost
+flip_cost() { # LABEL -> appends "gw_req gw_msgs node_req node_msgs gw_span_ms node_span_ms" to WORK/LABEL.cost
   local d=$WORK/$1
-  strace -yy -v -s 65536 -e trace=sendto,sendmsg,recvfrom,recvmsg -p "$GW_PID" -o "$d/st-gw" 2>/dev/null & local s1=$!
-  strace -yy -v -s 65536 -e trace=sendto,sendmsg,recvfrom,recvmsg -p "$NODE_PID" -o "$d/st-node" 2>/dev/null & local s2=$!
+  strace -ttt -yy -v -s 65536 -e trace=sendto,sendmsg,recvfrom,recvmsg -p "$GW_PID" -o "$d/st-gw" 2>/dev/null & local s1=$!
+  strace -ttt -yy -v -s 65536 -e trace=sendto,sendmsg,recvfrom,recvmsg -p "$NODE_PID" -o "$d/st-node" 2>/dev/null & local s2=$!
   sleep 1
   drop_link2
   wait_hops 3 || { echo "link 2 did not leave the routes" >&2; exit 1; }
@@ -152,18 +150,21 @@ flip_cost() { # LABEL -> appends "gw_req gw_msgs node_req node_msgs" to WORK/LAB
   undrop; wait_hops 4 || { echo "link 2 did not come back" >&2; exit 1; }
   python3 - "$d/st-gw" "$d/st-node" >> "$d.cost" <<'PY'
 import re, sys
-out = []
+out, spans = [], []
 for path in sys.argv[1:]:
     req = msgs = 0
+    times = []
     for line in open(path):
         if "<NETLINK:" not in line:
             continue
+        times.append(float(line.split()[0]))
         if re.search(r"\b(sendto|sendmsg)\(", line):
             req += 1
         elif re.search(r"\b(recvfrom|recvmsg)\(", line) and "EAGAIN" not in line:
             msgs += line.count("nlmsg_type=")
     out += [req, msgs]
-print(*out)
+    spans.append((times[-1] - times[0]) * 1000 if times else 0.0)
+print(*out, *(f"{x:.3f}" for x in spans))
 PY
   sleep 1
 }
@@ -208,20 +209,9 @@ for i, side in enumerate(("gateway", "node")):
 for i, side in enumerate(("gateway", "node")):
     b, a = idle["before"][i], idle["after"][i]
     print(f"| idle CPU, {side}, 4 live links (ms per minute) | {b} | {a} | {ratio(a, b)} |")
-import re
-def took(label, host):
-    v = []
-    for line in open(f"{work}/{label}/{host}.log"):
-        if "routes follow link liveness" not in line:
-            continue
-        m = re.search(r"took_us=(\d+)", line) or re.search(r"took_ms=(\d+)", line)
-        if m:
-            v.append(int(m.group(1)) / (1000 if "took_us" in m.group(0) else 1))
-    return v
-for host, side in (("gw1", "gateway"), ("c1", "node")):
-    b, a = took("before", host), took("after", host)
-    if b and a:
-        print(f"| daemon's reaction: verdict → routes applied, {side} (ms, median of {len(b)} / {len(a)}; before logs whole ms) | {med(b):.2f} | {med(a):.2f} | {ratio(med(a), med(b))} |")
+for i, side in ((4, "gateway"), (5, "node")):
+    b, a = med([r[i] for r in c["before"]]), med([r[i] for r in c["after"]])
+    print(f"| reaction's kernel work per flip, {side}: first to last netlink syscall (ms under strace, median) | {b:.2f} | {a:.2f} | {ratio(a, b)} |")
 for i, (side, what) in enumerate((("gateway", "requests"), ("gateway", "messages received"), ("node", "requests"), ("node", "messages received"))):
     b, a = med([r[i] for r in c["before"]]), med([r[i] for r in c["after"]])
     mx = lambda k: f"{max(r[i] for r in c[k]):.0f}"
