@@ -780,3 +780,152 @@ print(n)
         "daemon still answers"
     );
 }
+
+/// Bytes iperf3 moved in `json` (receiver side).
+fn received_bytes(json: &serde_json::Value) -> u64 {
+    json["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn syns_are_clamped_so_transfers_survive_a_site_that_filters_icmp() {
+    if !root_or_skip("mss") {
+        return;
+    }
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    // A site host on a 1500-byte LAN behind the gateway and a pod on a 1500-byte bridge
+    // behind the node, both dropping ICMP "fragmentation needed": only the MSS they announce
+    // keeps their segments inside the 1420-byte tunnels.
+    let mut lab = lab();
+    let (host, pod) = (Netns::new(), Netns::new());
+    veth(&lab.gw, "site0", &host, "eth0");
+    lab.gw.ip(&["addr", "add", "10.10.1.1/24", "dev", "site0"]);
+    host.ip(&["addr", "add", "10.10.1.5/24", "dev", "eth0"]);
+    host.ip(&["route", "add", "default", "via", "10.10.1.1"]);
+    veth(&lab.node, "pod0", &pod, "eth0");
+    lab.node
+        .ip(&["addr", "add", "10.200.0.9/29", "dev", "pod0"]);
+    pod.ip(&["addr", "add", "10.200.0.12/29", "dev", "eth0"]);
+    pod.ip(&["route", "add", "default", "via", "10.200.0.9"]);
+    for ns in [&host, &pod] {
+        let o = ns.exec(&[
+            "sh",
+            "-c",
+            "nft add table inet f && nft add chain inet f in '{ type filter hook input priority 0; }' && nft add rule inet f in icmp type destination-unreachable icmp code frag-needed counter drop",
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let gw_pub = genkey(&lab.dir, "gw1");
+    let c1_pub = genkey(&lab.dir, "c1");
+    let cfg = lab.dir.join("site.kdl");
+    let write = |clamp: bool| {
+        let s = site(2, 200, 3, &gw_pub, &[])
+            .replace(" dead-after 3\n", &format!(" dead-after 3\n clamp-mss #{clamp}\n"))
+            + &format!(
+                "node \"c1\" {{\n address \"10.200.0.11\"\n prefix \"10.200.0.8/29\"\n public-key \"{c1_pub}\"\n}}\n"
+            );
+        std::fs::write(&cfg, s).unwrap();
+    };
+    write(true);
+    lab.procs.push(daemon(&lab.gw, &lab.dir, "gw1"));
+    lab.procs.push(daemon(&lab.node, &lab.dir, "c1"));
+    // The gateway routes the pod's prefix once c1 announces it over iBGP.
+    let t0 = Instant::now();
+    while nexthops_of(&lab.gw, "10.200.0.8/29") < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the gateway never routed c1's prefix:\n{}",
+            lab.procs
+                .iter()
+                .map(Proc::log)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let transfer = |lab: &Lab, reverse: bool| {
+        let mut args = vec!["-t", "2", "--connect-timeout", "3000"];
+        if reverse {
+            args.push("-R");
+        }
+        // iperf3 exits non-zero when a stalled test times out: take the bytes either way.
+        let srv = Proc::spawn(
+            &pod,
+            &["iperf3", "-s", "-1", "-B", "10.200.0.12"],
+            lab.dir.join("iperf-mss.log"),
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let mut cmd = vec!["timeout", "15", "iperf3", "-c", "10.200.0.12", "-J"];
+        cmd.extend_from_slice(&args);
+        let out = host.exec(&cmd);
+        drop(srv);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .map(|j| received_bytes(&j))
+            .unwrap_or(0)
+    };
+    let (to_pod, to_host) = (transfer(&lab, false), transfer(&lab, true));
+    let clamped: u64 = status(&lab.gw)["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(status(&lab.node)["links"].as_array().unwrap())
+        .map(|l| l["mss_clamped"].as_u64().unwrap())
+        .sum();
+    eprintln!(
+        "clamping on: site→pod {to_pod} B, pod→site {to_host} B in 2 s; {clamped} SYNs clamped"
+    );
+    assert!(
+        to_pod > 20_000_000 && to_host > 20_000_000,
+        "{to_pod} / {to_host} bytes"
+    );
+    assert!(
+        clamped >= 4,
+        "both SYNs of both connections, on both sides: {clamped}"
+    );
+
+    // Clamping off (reloaded): the same transfers stall on the missing ICMP.
+    write(false);
+    for (ns, host) in [(&lab.gw, "gw1"), (&lab.node, "c1")] {
+        let o = ns.appliance(&["reconcile", "-c", cfg.to_str().unwrap(), "--node", host]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let (to_pod, to_host) = (transfer(&lab, false), transfer(&lab, true));
+    let dropped = host.exec(&["nft", "list", "table", "inet", "f"]);
+    eprintln!(
+        "clamping off: site→pod {to_pod} B, pod→site {to_host} B; {}",
+        text(&dropped)
+            .lines()
+            .find(|l| l.contains("counter"))
+            .unwrap_or("")
+            .trim()
+    );
+    assert!(
+        to_pod < 2_000_000 && to_host < 2_000_000,
+        "{to_pod} / {to_host} bytes"
+    );
+    // The path itself is up (small packets cross); only full-sized segments are lost, and the
+    // ICMP that would have told the senders was generated and filtered.
+    let ping = host.exec(&["ping", "-c", "2", "-i", "0.2", "-W", "2", "10.200.0.12"]);
+    assert!(ping.status.success(), "{}", text(&ping));
+    let filtered: u64 = [&host, &pod]
+        .iter()
+        .map(|ns| {
+            let t = text(&ns.exec(&["nft", "list", "table", "inet", "f"]));
+            t.split("counter packets ")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        })
+        .sum();
+    assert!(filtered > 0, "no \"fragmentation needed\" was filtered");
+    drop(pod);
+    drop(host);
+}
+
+fn nexthops_of(ns: &Netns, dst: &str) -> usize {
+    ns.our_routes()
+        .into_iter()
+        .find(|(d, m, _)| d == dst && *m == 20)
+        .map(|(_, _, v)| v.len())
+        .unwrap_or(0)
+}

@@ -258,6 +258,7 @@ mod tests {
                 spoofed: 0,
                 alive: true,
                 routes: vec!["10.200.0.11/32".into()],
+                mss_clamped: 1,
             }],
             bgp: Some(BgpStatus {
                 sessions: vec![SessionStatus {

@@ -13,6 +13,7 @@
 //! and reset every second by the caller ([`Link::reset_rate_limiter`]).
 
 use crate::datapath::liveness::Liveness;
+use crate::datapath::mss;
 use crate::intent::links::{LinkSpec, PeerSpec};
 use crate::model::key::{PrivateKey, PublicKey};
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -52,6 +53,8 @@ pub struct PeerStats {
     pub last_probe: AtomicU64,
     /// What that probe said: whether the peer hears us on this link.
     pub peer_hears_us: AtomicBool,
+    /// TCP SYNs to or from this peer whose MSS was lowered to fit the tunnel.
+    pub mss_clamped: AtomicU64,
 }
 
 /// A peer on a link. Its session state lives behind an `Arc` so a reload that keeps the peer
@@ -89,6 +92,7 @@ pub struct LinkStats {
 pub struct Link {
     pub spec_dev: String,
     pub index: u32,
+    clamp_mtu: Option<u32>,
     pub listen_port: Option<u16>,
     private: x25519::StaticSecret,
     public: x25519::PublicKey,
@@ -142,6 +146,7 @@ impl Link {
         let mut link = Link {
             spec_dev: spec.dev.clone(),
             index: spec.index,
+            clamp_mtu: spec.clamp_mtu,
             listen_port: spec.listen_port,
             private: secret,
             public,
@@ -167,6 +172,7 @@ impl Link {
         let mut link = Link {
             spec_dev: spec.dev.clone(),
             index: spec.index,
+            clamp_mtu: spec.clamp_mtu,
             listen_port: spec.listen_port,
             private: self.private.clone(),
             public: self.public,
@@ -274,6 +280,19 @@ impl Link {
         let peer = &self.peers[idx];
         let Some(endpoint) = self.endpoint(peer) else {
             return Outbound::Queued;
+        };
+        // A SYN leaving into the tunnel announces an MSS that fits it (SYNs are rare: copy).
+        let clamped;
+        let packet = match self.clamp_mtu {
+            Some(mtu) if mss::is_syn(packet) => {
+                let mut p = packet.to_vec();
+                if mss::clamp(&mut p, mtu) {
+                    peer.stats().mss_clamped.fetch_add(1, Ordering::Relaxed);
+                }
+                clamped = p;
+                &clamped[..]
+            }
+            _ => packet,
         };
         let res = peer
             .state
@@ -411,6 +430,12 @@ impl Link {
             if let Some(n) = result.to_tun {
                 peer.stats().rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
                 peer.stats().rx_packets.fetch_add(1, Ordering::Relaxed);
+                // A SYN arriving from the tunnel too (the peer may not clamp).
+                if let Some(mtu) = self.clamp_mtu {
+                    if mss::clamp(&mut out[..n], mtu) {
+                        peer.stats().mss_clamped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
             if spoofed {
                 peer.stats().spoofed.fetch_add(1, Ordering::Relaxed);
@@ -500,6 +525,9 @@ pub struct PeerStatus {
     pub alive: bool,
     /// The prefixes this link sends to the peer (its datapath table).
     pub routes: Vec<String>,
+    /// TCP SYNs whose MSS was clamped to fit the tunnel (both directions).
+    #[serde(default)]
+    pub mss_clamped: u64,
 }
 
 impl Link {
@@ -524,6 +552,7 @@ impl Link {
                 spoofed: p.stats().spoofed.load(Ordering::Relaxed),
                 alive: alive(&p.spec.name, self.index),
                 routes: p.spec.routes.iter().map(|r| r.to_string()).collect(),
+                mss_clamped: p.stats().mss_clamped.load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -547,8 +576,12 @@ mod tests {
         *T0.get_or_init(Instant::now)
     }
 
-    /// A gateway link and a node link, back to back, node 10.200.0.11/32.
+    /// A gateway link and a node link, back to back, node 10.200.0.11/32, both clamping.
     fn pair() -> (Link, Link) {
+        pair_with(Some(1420), Some(1420))
+    }
+
+    fn pair_with(gw_clamp: Option<u32>, node_clamp: Option<u32>) -> (Link, Link) {
         let (gk, nk) = (PrivateKey::generate(), PrivateKey::generate());
         let gw = Link::new(
             &LinkSpec {
@@ -556,6 +589,7 @@ mod tests {
                 index: 0,
                 listen_port: Some(51820),
                 v6_underlay: false,
+                clamp_mtu: gw_clamp,
                 peers: vec![PeerSpec {
                     name: "c1".into(),
                     public_key: nk.public(),
@@ -573,6 +607,7 @@ mod tests {
                 index: 0,
                 listen_port: None,
                 v6_underlay: false,
+                clamp_mtu: node_clamp,
                 peers: vec![PeerSpec {
                     name: "gw1".into(),
                     public_key: gk.public(),
@@ -678,6 +713,52 @@ mod tests {
         let d = out[..n].to_vec();
         let r = node.inbound(GW.parse().unwrap(), &d, &mut out, t0());
         assert_eq!(r.to_tun, Some(back.len()));
+    }
+
+    /// A TCP SYN from `src` to `dst` announcing MSS 1460.
+    fn syn(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+        let mut p = ipv4_packet(src, dst, &[0u8; 24]);
+        p[9] = 6;
+        let tcp = &mut p[20..];
+        tcp[12] = 6 << 4; // 24-byte header
+        tcp[13] = 0x02; // SYN
+        tcp[20..24].copy_from_slice(&[2, 4, 0x05, 0xb4]);
+        p
+    }
+
+    fn mss(p: &[u8]) -> u16 {
+        u16::from_be_bytes([p[42], p[43]])
+    }
+
+    #[test]
+    fn syns_are_clamped_to_the_tunnel_mtu_in_both_directions_and_counted() {
+        let (gw, node) = pair();
+        connect(&gw, &node);
+        let d = seal(&node, &syn([10, 200, 0, 11], [10, 10, 0, 5]));
+        let (at_gw, _) = pump(&gw, &node, vec![d]);
+        assert_eq!(mss(&at_gw[0]), 1380, "clamped as it left the node");
+        assert_eq!(
+            node.peers()[0].stats().mss_clamped.load(Ordering::Relaxed),
+            1
+        );
+        // A sender that does not clamp (wireguard-go, or clamping off): the receiver does.
+        let (gw, node) = pair_with(None, Some(1420));
+        connect(&gw, &node);
+        let d = seal(&gw, &syn([10, 10, 0, 5], [10, 200, 0, 11]));
+        let mut out = vec![0u8; MAX_PACKET];
+        let r = node.inbound(GW.parse().unwrap(), &d, &mut out, t0());
+        assert_eq!(mss(&out[..r.to_tun.unwrap()]), 1380);
+        assert_eq!(gw.peers()[0].stats().mss_clamped.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            node.peers()[0].stats().mss_clamped.load(Ordering::Relaxed),
+            1
+        );
+        // Off on both sides: the SYN crosses as it was.
+        let (gw, node) = pair_with(None, None);
+        connect(&gw, &node);
+        let d = seal(&gw, &syn([10, 10, 0, 5], [10, 200, 0, 11]));
+        let r = node.inbound(GW.parse().unwrap(), &d, &mut out, t0());
+        assert_eq!(mss(&out[..r.to_tun.unwrap()]), 1460);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod engine;
 pub mod liveness;
+pub mod mss;
 pub mod probe;
 #[allow(unsafe_code)] // system calls without a safe wrapper; SAFETY comments inside
 pub mod runtime;

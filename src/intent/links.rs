@@ -26,6 +26,9 @@ pub struct LinkSpec {
     pub listen_port: Option<u16>,
     /// The underlay is IPv6 (the gateway's endpoint is an IPv6 address).
     pub v6_underlay: bool,
+    /// Clamp the MSS of TCP SYNs in both directions to what this tunnel MTU carries; None:
+    /// clamping is off (`clamp-mss #false`).
+    pub clamp_mtu: Option<u32>,
     pub peers: Vec<PeerSpec>,
 }
 

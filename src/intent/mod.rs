@@ -240,6 +240,7 @@ fn gateway(cfg: &Config, name: &str, inputs: Inputs<'_>) -> (HostState, Vec<Link
             index: t.index,
             listen_port: Some(cfg.site.base_port + t.index as u16),
             v6_underlay: me.endpoint.is_ipv6(),
+            clamp_mtu: cfg.site.clamp_mss.then_some(cfg.site.mtu),
             peers: cfg
                 .nodes
                 .iter()
@@ -375,6 +376,7 @@ fn node(
                 index: t.index,
                 listen_port: None,
                 v6_underlay: g.endpoint.is_ipv6(),
+                clamp_mtu: cfg.site.clamp_mss.then_some(cfg.site.mtu),
                 peers: vec![PeerSpec {
                     name: g.name.clone(),
                     public_key: g.public_key,

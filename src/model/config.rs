@@ -54,6 +54,8 @@ pub struct Site {
     pub keepalive_ms: u32,
     /// A link silent for this many keepalive intervals is dead.
     pub dead_after: u32,
+    /// Clamp the MSS of TCP SYNs crossing a tunnel to what its MTU carries (both directions).
+    pub clamp_mss: bool,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -259,6 +261,7 @@ const SITE: &[&str] = &[
     "mtu",
     "keepalive-ms",
     "dead-after",
+    "clamp-mss",
 ];
 const GATEWAY: &[&str] = &["endpoint", "site-address", "public-key"];
 const NODE: &[&str] = &["address", "prefix", "public-key", "bgp-speaker"];
@@ -579,6 +582,24 @@ impl Loader<'_> {
         }
     }
 
+    fn boolean(&mut self, field: &KdlNode) -> Option<bool> {
+        let (v, span) = self.arg(field)?;
+        match v {
+            KdlValue::Bool(b) => Some(*b),
+            other => {
+                self.err(
+                    Diagnostic::new(
+                        span,
+                        format!("`{}` must be #true or #false", field.name().value()),
+                    )
+                    .label(format!("found {}", type_name(other)))
+                    .help("KDL 2 writes booleans as #true and #false"),
+                );
+                None
+            }
+        }
+    }
+
     fn string<'a>(&mut self, field: &'a KdlNode) -> Option<(&'a str, (usize, usize))> {
         let (v, span) = self.arg(field)?;
         match v {
@@ -778,6 +799,10 @@ impl Loader<'_> {
             (2, 100),
             "a link silent for dead-after keepalive intervals leaves the routes: 2..=100",
         );
+        let clamp_mss = match f.by_name.get("clamp-mss").and_then(|v| v.first()) {
+            Some(n) => self.boolean(n),
+            None => Some(true),
+        };
         // A bad field is reported above; keep a placeholder so the checks across blocks still
         // run and report everything at once. The config is never returned with a diagnostic.
         Some(Site {
@@ -790,6 +815,7 @@ impl Loader<'_> {
             mtu: mtu.unwrap_or(DEFAULT_MTU as i128) as u32,
             keepalive_ms: keepalive.unwrap_or(DEFAULT_KEEPALIVE_MS as i128) as u32,
             dead_after: dead_after.unwrap_or(DEFAULT_DEAD_AFTER as i128) as u32,
+            clamp_mss: clamp_mss.unwrap_or(true),
         })
     }
 
