@@ -424,7 +424,7 @@ fn state_cmd(args: &ConfigArgs, node: Option<String>, want_desired: bool) -> Exi
     } else {
         let observed = rt.block_on(async {
             let nl = Netlink::connect()?;
-            nl.observe(want.sysctls.keys()).await
+            nl.observe(&want).await
         });
         match observed {
             Ok(s) => s,

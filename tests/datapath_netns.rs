@@ -4,8 +4,8 @@
 //!  gw ns: site address 10.10.0.2 (lo), underlay 192.0.2.1 ── veth ── 192.0.2.2 relay ns (NAT)
 //!                                                                    172.31.0.1 ── veth ── 172.31.0.11 node ns
 //! ```
-//! The node's only way out is the relay, which masquerades: the gateway sees the translated
-//! endpoint. Heavy tests (iperf3) hold a lock so they do not share the 2 cores.
+//! The node's only way out is the relay, which masquerades (its own `appliance reconcile`
+//! owns the NAT): the gateway sees the translated endpoint. Heavy tests (iperf3) hold a lock so they do not share the 2 cores.
 
 mod common;
 use common::*;
@@ -79,15 +79,24 @@ fn lab() -> Lab {
     node.ip(&["addr", "add", "172.31.0.11/24", "dev", "p1"]);
     node.ip(&["link", "set", "p1", "up"]);
     node.ip(&["route", "add", "default", "via", "172.31.0.1"]);
-    let sh = |ns: &Netns, cmd: &str| {
-        let o = ns.exec(&["sh", "-c", cmd]);
-        assert!(o.status.success(), "{cmd}: {}", text(&o));
-    };
-    sh(&relay, "sysctl -qw net.ipv4.ip_forward=1");
-    sh(
-        &relay,
-        "nft add table ip nat && nft add chain ip nat post '{ type nat hook postrouting priority 100; }' && nft add rule ip nat post oifname u1 masquerade",
-    );
+    // The relay reconciles its own forwarding and source NAT (nf_tables over netlink) from a
+    // site file with the lab's gateway and relay; 4 links cover every test's link ports.
+    let relay_cfg = dir.join("relay.kdl");
+    std::fs::write(
+        &relay_cfg,
+        "site \"lab\" {\n asn 65010\n cloud-block \"10.200.0.0/16\"\n site-prefix \"10.10.0.0/16\"\n links 4\n}\n\
+         gateway \"gw1\" {\n endpoint \"192.0.2.1\"\n site-address \"10.10.0.2\"\n public-key \"W9kCAm5zEojpFYsCHUPGlGxhpRVd9mM7hPik2A5dEQo=\"\n}\n\
+         relay \"relay1\" {\n public-address \"192.0.2.2\"\n private-address \"172.31.0.1\"\n}\n",
+    )
+    .unwrap();
+    let o = relay.appliance(&[
+        "reconcile",
+        "-c",
+        relay_cfg.to_str().unwrap(),
+        "--node",
+        "relay1",
+    ]);
+    assert!(o.status.success(), "relay reconcile: {}", text(&o));
     Lab {
         gw,
         relay,

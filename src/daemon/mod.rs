@@ -100,7 +100,7 @@ impl Daemon {
         let mut intent = self.core.intent()?;
         let have = self
             .nl
-            .observe(intent.kernel.sysctls.keys())
+            .observe(&intent.kernel)
             .await
             .map_err(|e| e.to_string())?;
         if self.core.set_underlay(have.underlay.iter().copied()) {

@@ -6,6 +6,7 @@
 pub mod keyfile;
 pub mod logging;
 pub mod netlink;
+pub mod nft;
 pub mod reconcile;
 pub mod sysctl;
 #[allow(unsafe_code)] // system calls without a safe wrapper; SAFETY comments inside

@@ -1,7 +1,7 @@
 //! rtnetlink edge: read what appliance owns into a [`HostState`] and apply single plan changes.
 //! Nothing here decides anything; it translates between plan values and kernel messages.
 
-use crate::host::{sysctl, tundev};
+use crate::host::{nft, sysctl, tundev};
 use crate::intent::plan::{Change, Item, Op};
 use crate::intent::state::{
     Address, Device, DeviceKind, HostState, Route, ADDRESS_DEVICE, LINK_PREFIX, OWNER_ALIAS,
@@ -127,11 +127,10 @@ impl Netlink {
         *self.index_cache.lock().expect("not poisoned") = None;
     }
 
-    /// Read everything appliance owns, plus the current values of `sysctl_keys`.
-    pub async fn observe<'a>(
-        &self,
-        sysctl_keys: impl IntoIterator<Item = &'a String>,
-    ) -> Result<HostState, NetlinkError> {
+    /// Read everything appliance owns, plus the current values of the sysctls `want` names,
+    /// and the NAT table when `want` has one (reading nf_tables needs CAP_NET_ADMIN: without
+    /// it the table is reported absent, so an unprivileged `--dry-run` still plans).
+    pub async fn observe(&self, want: &HostState) -> Result<HostState, NetlinkError> {
         let mut s = HostState::default();
         let mut names: HashMap<u32, String> = HashMap::new();
         for m in self.links().await? {
@@ -243,7 +242,19 @@ impl Netlink {
             }
         }
 
-        for key in sysctl_keys {
+        if want.nat.is_some() {
+            match nft::observe() {
+                Ok(o) => {
+                    s.nat = o.ours;
+                    s.foreign_nat = o.foreign;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                    tracing::warn!("cannot read nf_tables without CAP_NET_ADMIN: planning as if the NAT table were absent");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        for key in want.sysctls.keys() {
             if let Some(v) = sysctl::read(key)? {
                 s.sysctls.insert(key.clone(), v);
             }
@@ -319,6 +330,14 @@ impl Netlink {
             }
             (Op::Add | Op::Change, _, Some(Item::Sysctl(s))) => {
                 Ok(sysctl::write(&s.key, &s.value)?)
+            }
+            (Op::Add | Op::Change, _, Some(Item::Nat(t))) => {
+                self.request();
+                Ok(nft::replace(Some(t))?)
+            }
+            (Op::Remove, Some(Item::Nat(_)), _) => {
+                self.request();
+                Ok(nft::replace(None)?)
             }
             _ => unreachable!("a plan never holds {change:?}"),
         }

@@ -78,7 +78,15 @@ pub async fn plan(
     host: &str,
 ) -> Result<(Plan, HostState), ReconcileError> {
     let i = one_shot(cfg, host, &[])?;
-    let plan = plan_state(nl, host, i.role, &i.kernel).await?;
+    let have = nl
+        .observe(&i.kernel)
+        .await
+        .map_err(ReconcileError::Observe)?;
+    // The underlay networks are an input (a node's import policy, a relay's private
+    // network): derive again with the observed ones.
+    let underlay: Vec<ipnet::IpNet> = have.underlay.iter().copied().collect();
+    let i = one_shot(cfg, host, &underlay)?;
+    let plan = diff(host, i.role, &i.kernel, &have)?;
     Ok((plan, i.kernel))
 }
 
@@ -89,10 +97,7 @@ pub async fn plan_state(
     role: Role,
     want: &HostState,
 ) -> Result<Plan, ReconcileError> {
-    let have = nl
-        .observe(want.sysctls.keys())
-        .await
-        .map_err(ReconcileError::Observe)?;
+    let have = nl.observe(want).await.map_err(ReconcileError::Observe)?;
     Ok(diff(host, role, want, &have)?)
 }
 

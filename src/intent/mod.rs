@@ -38,7 +38,9 @@ use crate::model::config::{gateway_link_name, node_link_name, Config, Node, Role
 use crate::model::diag::suggest;
 use ipnet::IpNet;
 use links::{LinkSpec, PeerSpec};
-use state::{DeviceKind, HostState, ADDRESS_DEVICE, BLACKHOLE_METRIC, TUNNEL_METRIC};
+use state::{
+    DeviceKind, HostState, NatRule, NatTable, ADDRESS_DEVICE, BLACKHOLE_METRIC, TUNNEL_METRIC,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
@@ -151,7 +153,11 @@ pub fn derive(cfg: &Config, name: &str, inputs: Inputs<'_>) -> Result<HostIntent
             (k, l, BTreeMap::new())
         }
         Role::Node => node(cfg, name, inputs),
-        Role::Relay => (relay(), Vec::new(), BTreeMap::new()),
+        Role::Relay => (
+            relay(cfg, name, inputs.underlay),
+            Vec::new(),
+            BTreeMap::new(),
+        ),
     };
     Ok(HostIntent {
         host: name.to_string(),
@@ -393,9 +399,41 @@ fn node(
     (s, links, refused)
 }
 
-fn relay() -> HostState {
+/// A relay forwards its private network's WireGuard UDP to the gateways and translates its
+/// source: one masquerade rule per IPv4 gateway endpoint, for that endpoint's link ports
+/// only. The private network is the underlay network holding the relay's `private-address`
+/// (any source when it is not given or not on an interface: only hosts that route through
+/// the relay reach the rule).
+fn relay(cfg: &Config, name: &str, underlay: &[IpNet]) -> HostState {
     let mut s = HostState::default();
     s.set_sysctl("net.ipv4.ip_forward", "1");
+    let me = cfg
+        .relays
+        .iter()
+        .find(|r| r.name == name)
+        .expect("role is relay");
+    let from = me.private_address.and_then(|a| {
+        underlay.iter().find_map(|n| match n {
+            IpNet::V4(n) if IpNet::V4(*n).contains(&a) => Some(*n),
+            _ => None,
+        })
+    });
+    let last = cfg.site.base_port + (cfg.site.links - 1) as u16;
+    let mut rules: Vec<NatRule> = cfg
+        .gateways
+        .iter()
+        .filter_map(|g| match g.endpoint {
+            std::net::IpAddr::V4(to) => Some(NatRule {
+                from,
+                to,
+                ports: (cfg.site.base_port, last),
+            }),
+            std::net::IpAddr::V6(_) => None,
+        })
+        .collect();
+    rules.sort();
+    rules.dedup();
+    s.nat = Some(NatTable { rules });
     s
 }
 

@@ -5,7 +5,7 @@
 //! an apply that fails half-way. Each change carries the state before and after, so the revert
 //! needs nothing but the plan.
 
-use crate::intent::state::{Address, Device, HostState, Route, Sysctl};
+use crate::intent::state::{Address, Device, HostState, NatTable, Route, Sysctl};
 use crate::model::config::Role;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
@@ -18,6 +18,7 @@ pub enum Item {
     Address(Address),
     Route(Route),
     Sysctl(Sysctl),
+    Nat(NatTable),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +55,8 @@ pub struct Plan {
 pub enum Conflict {
     #[error("device {name} exists but was not created by appliance (its ifalias is not \"appliance\"); rename or delete it, appliance will not touch it")]
     ForeignLink { name: String },
+    #[error("the nf_tables table `ip {}` exists but was not created by appliance (no appliance comment); rename or delete it, appliance will not touch it", crate::intent::state::NAT_TABLE)]
+    ForeignNat,
     #[error("device {name} is a {found:?} device but the config needs a {want:?} device; delete it (`ip link del {name}`) and reconcile again")]
     WrongKind {
         name: String,
@@ -72,6 +75,7 @@ impl Item {
             (Item::Address(_), Op::Add | Op::Change) => 2,
             (Item::Route(_), Op::Add | Op::Change) => 3,
             (Item::Route(_), Op::Remove) => 4,
+            (Item::Nat(_), _) => 3,
             (Item::Address(_), Op::Remove) => 5,
             (Item::Device(_), Op::Remove) => 6,
         }
@@ -83,6 +87,11 @@ impl Item {
             Item::Address(a) => format!("address {} on {}", a.addr, a.dev),
             Item::Route(r) => format!("route {} {}", r.dst, route_target(r)),
             Item::Sysctl(s) => format!("sysctl {} = {}", s.key, s.value),
+            Item::Nat(t) => format!(
+                "nat table ip {} ({})",
+                crate::intent::state::NAT_TABLE,
+                nat_rules(t)
+            ),
         }
     }
 }
@@ -142,6 +151,12 @@ impl Change {
             (Op::Change, Some(Item::Sysctl(b)), Some(Item::Sysctl(a))) => {
                 format!("~ sysctl {} {} -> {}", a.key, b.value, a.value)
             }
+            (Op::Change, Some(Item::Nat(b)), Some(Item::Nat(a))) => format!(
+                "~ nat table ip {}: ({}) -> ({})",
+                crate::intent::state::NAT_TABLE,
+                nat_rules(b),
+                nat_rules(a)
+            ),
             _ => format!("? {:?}", self),
         }
     }
@@ -163,6 +178,17 @@ impl Change {
             after: self.before.clone(),
         })
     }
+}
+
+fn nat_rules(t: &NatTable) -> String {
+    if t.rules.is_empty() {
+        return "no rules".into();
+    }
+    t.rules
+        .iter()
+        .map(|r| r.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn updown(up: bool) -> &'static str {
@@ -255,6 +281,20 @@ pub fn diff(
         }
     }
 
+    if observed.foreign_nat && desired.nat.is_some() {
+        return Err(Conflict::ForeignNat);
+    }
+    match (&desired.nat, &observed.nat) {
+        (Some(want), None) => push(Op::Add, None, Some(Item::Nat(want.clone()))),
+        (Some(want), Some(have)) if want != have => push(
+            Op::Change,
+            Some(Item::Nat(have.clone())),
+            Some(Item::Nat(want.clone())),
+        ),
+        (None, Some(have)) => push(Op::Remove, Some(Item::Nat(have.clone())), None),
+        _ => {}
+    }
+
     changes.sort_by_key(|c| c.item().phase(c.op));
     Ok(Plan {
         host: host.to_string(),
@@ -316,6 +356,8 @@ impl Plan {
                 (_, Some(Item::Sysctl(x))) => {
                     s.sysctls.insert(x.key.clone(), x.value.clone());
                 }
+                (_, Some(Item::Nat(t))) => s.nat = Some(t.clone()),
+                (Some(Item::Nat(_)), None) => s.nat = None,
                 (Some(Item::Sysctl(_)), None) | (None, None) => {}
             }
         }

@@ -26,6 +26,9 @@ pub const BLACKHOLE_METRIC: u32 = 4000;
 /// datapath ever attaches to it): some kernels have no dummy driver, and the address must not
 /// sit on a tunnel device, or every packet sourced from it leaves by that one tunnel.
 pub const ADDRESS_DEVICE: &str = "ap-lo";
+/// The nf_tables table (family ip) a relay owns, and the comment that marks it ours.
+pub const NAT_TABLE: &str = "appliance";
+pub const NAT_COMMENT: &str = "owned by appliance";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -53,6 +56,39 @@ pub struct Address {
 pub struct RouteKey {
     pub dst: IpNet,
     pub metric: u32,
+}
+
+/// The source NAT a relay owns: nf_tables table `ip appliance`, chain `postrouting` (nat hook,
+/// priority srcnat), one masquerade rule per gateway endpoint. Replaced as a whole, in one
+/// atomic batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatTable {
+    pub rules: Vec<NatRule>,
+}
+
+/// `ip saddr FROM ip daddr TO udp dport PORTS masquerade`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NatRule {
+    /// The private network whose UDP is translated; None: any source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<ipnet::Ipv4Net>,
+    /// A gateway endpoint.
+    pub to: std::net::Ipv4Addr,
+    /// Its link ports, first and last.
+    pub ports: (u16, u16),
+}
+
+impl std::fmt::Display for NatRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(from) = self.from {
+            write!(f, "ip saddr {from} ")?;
+        }
+        write!(
+            f,
+            "ip daddr {} udp dport {}-{} masquerade",
+            self.to, self.ports.0, self.ports.1
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -103,6 +139,12 @@ pub struct HostState {
     /// loopback, no IPv6 link-local): the underlay input of the node import policy.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub underlay: BTreeSet<ipnet::IpNet>,
+    /// A relay's source NAT (None: appliance owns no NAT table on this host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<NatTable>,
+    /// Observed only: an nf_tables table named like ours that appliance did not create.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub foreign_nat: bool,
 }
 
 impl HostState {
