@@ -373,3 +373,139 @@ fn removing_a_gateway_from_the_config_removes_its_tunnels_and_routes() {
         .status
         .success());
 }
+
+/// A relay namespace: public 192.0.2.2/24 on `pub0`, private 172.31.0.1/24 on `priv0`; the
+/// site file has two gateways (endpoints 192.0.2.1 and 192.0.2.3, links 4) and the relay.
+fn relay_lab() -> (Netns, std::path::PathBuf) {
+    let ns = Netns::new();
+    ns.ip(&[
+        "link", "add", "pub0", "type", "veth", "peer", "name", "priv0",
+    ]);
+    ns.ip(&["addr", "add", "192.0.2.2/24", "dev", "pub0"]);
+    ns.ip(&["addr", "add", "172.31.0.1/24", "dev", "priv0"]);
+    ns.ip(&["link", "set", "pub0", "up"]);
+    ns.ip(&["link", "set", "priv0", "up"]);
+    let cfg = std::env::temp_dir().join(format!("{}-relay.kdl", ns.name));
+    std::fs::write(
+        &cfg,
+        "site \"lab\" {\n asn 65010\n cloud-block \"10.200.0.0/16\"\n site-prefix \"10.10.0.0/16\"\n links 4\n}\n\
+         gateway \"gw1\" {\n endpoint \"192.0.2.1\"\n site-address \"10.10.0.2\"\n public-key \"W9kCAm5zEojpFYsCHUPGlGxhpRVd9mM7hPik2A5dEQo=\"\n}\n\
+         gateway \"gw2\" {\n endpoint \"192.0.2.3\"\n site-address \"10.10.0.3\"\n public-key \"VXjXpm4yEwct9y5PRhxRoLrEPD0Rbeurik7z1uu4VHk=\"\n}\n\
+         relay \"relay1\" {\n public-address \"192.0.2.2\"\n private-address \"172.31.0.1\"\n}\n",
+    )
+    .unwrap();
+    (ns, cfg)
+}
+
+fn nft(ns: &Netns, args: &str) -> String {
+    let o = ns.exec(&["sh", "-c", &format!("nft {args}")]);
+    assert!(o.status.success(), "nft {args}: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+#[test]
+fn a_relay_plans_applies_and_repairs_its_nat_and_never_touches_other_tables() {
+    if !root_or_skip("relay_nat") {
+        return;
+    }
+    let (ns, cfg) = relay_lab();
+    let cfg = cfg.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["reconcile", "-c", cfg, "--node", "relay1"];
+        args.extend_from_slice(extra);
+        ns.appliance(&args)
+    };
+    // Someone else's tables, one of them a NAT table with its own masquerade.
+    nft(&ns, "add table inet filter");
+    nft(
+        &ns,
+        "add chain inet filter input '{ type filter hook input priority 0; }'",
+    );
+    nft(&ns, "add rule inet filter input tcp dport 22 accept");
+    nft(&ns, "add table ip nat");
+    nft(
+        &ns,
+        "add chain ip nat post '{ type nat hook postrouting priority 100; }'",
+    );
+    nft(
+        &ns,
+        "add rule ip nat post oifname pub0 ip saddr 10.99.0.0/16 masquerade",
+    );
+    let foreign = || {
+        (
+            nft(&ns, "list table inet filter"),
+            nft(&ns, "list table ip nat"),
+        )
+    };
+    let before = foreign();
+    let want = "ip saddr 172.31.0.0/24 ip daddr 192.0.2.1 udp dport 51820-51823 masquerade; \
+                ip saddr 172.31.0.0/24 ip daddr 192.0.2.3 udp dport 51820-51823 masquerade";
+
+    // Dry run: the table is planned, nothing is created.
+    let plan = run(&["--dry-run"]);
+    assert_eq!(plan.status.code(), Some(2), "{}", text(&plan));
+    let out = String::from_utf8_lossy(&plan.stdout);
+    assert!(
+        out.contains(&format!("+ nat table ip appliance ({want})")),
+        "{out}"
+    );
+    assert!(!nft(&ns, "list tables").contains("appliance"));
+
+    // Apply: the rules are in the kernel as planned, and a second plan is empty.
+    let applied = run(&[]);
+    assert_eq!(applied.status.code(), Some(0), "{}", text(&applied));
+    let table = nft(&ns, "list table ip appliance");
+    assert!(
+        table.contains("type nat hook postrouting priority srcnat"),
+        "{table}"
+    );
+    for gw in ["192.0.2.1", "192.0.2.3"] {
+        assert!(
+            table.contains(&format!(
+                "ip saddr 172.31.0.0/24 ip daddr {gw} udp dport 51820-51823 masquerade"
+            )),
+            "{table}"
+        );
+    }
+    assert!(table.contains("comment \"owned by appliance\""), "{table}");
+    assert_eq!(ns.sysctl("net.ipv4.ip_forward"), "1");
+    let again = run(&["--dry-run"]);
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+    assert_eq!(foreign(), before, "other tables are never touched");
+
+    // Drift: a rule slipped into our chain, then the whole table deleted; each is planned
+    // and repaired.
+    nft(
+        &ns,
+        "add rule ip appliance postrouting udp dport 53 masquerade",
+    );
+    let plan = run(&["--dry-run"]);
+    let out = String::from_utf8_lossy(&plan.stdout);
+    assert!(out.contains("~ nat table ip appliance"), "{out}");
+    assert_eq!(run(&[]).status.code(), Some(0));
+    assert!(!nft(&ns, "list table ip appliance").contains("dport 53"));
+    nft(&ns, "delete table ip appliance");
+    let plan = run(&["--dry-run"]);
+    assert!(String::from_utf8_lossy(&plan.stdout).contains("+ nat table ip appliance"));
+    assert_eq!(run(&[]).status.code(), Some(0));
+    assert!(nft(&ns, "list table ip appliance").contains("192.0.2.3"));
+    assert_eq!(foreign(), before);
+
+    // A table with our name that is not ours stops the plan and stays as it is.
+    nft(&ns, "delete table ip appliance");
+    nft(&ns, "add table ip appliance");
+    nft(
+        &ns,
+        "add chain ip appliance mine '{ type filter hook forward priority 0; }'",
+    );
+    let theirs = nft(&ns, "list table ip appliance");
+    let refused = run(&[]);
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("was not created by appliance"),
+        "{}",
+        text(&refused)
+    );
+    assert_eq!(nft(&ns, "list table ip appliance"), theirs);
+    let _ = std::fs::remove_file(cfg);
+}

@@ -391,3 +391,105 @@ proptest! {
         }
     }
 }
+
+fn relay_site() -> Config {
+    let mut text = include_str!("../../tests/golden/two-gateways/config.kdl").to_string();
+    text.push_str(
+        "relay \"r1\" {\n public-address \"203.0.113.5\"\n private-address \"172.31.0.1\"\n}\n\
+         gateway \"gw6\" {\n endpoint \"2001:db8::6\"\n site-address \"10.10.0.6\"\n public-key \"Yv/7p9TBowqS327ezLJ0y0qDFu1eWh6tlOG0wxZybZE=\"\n}\n",
+    );
+    parse("relay.kdl", &text).unwrap()
+}
+
+#[test]
+fn a_relay_translates_its_private_networks_udp_to_each_ipv4_gateway_endpoint_only() {
+    let cfg = relay_site();
+    let private: IpNet = "172.31.0.0/24".parse().unwrap();
+    let other: IpNet = "198.51.100.0/24".parse().unwrap();
+    let i = derive(
+        &cfg,
+        "r1",
+        Inputs {
+            live: &|_, _| true,
+            learned: &Learned::new(),
+            underlay: &[other, private],
+        },
+    )
+    .unwrap();
+    let rules: Vec<String> = i
+        .kernel
+        .nat
+        .unwrap()
+        .rules
+        .iter()
+        .map(|r| r.to_string())
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            "ip saddr 172.31.0.0/24 ip daddr 192.0.2.1 udp dport 51820-51823 masquerade",
+            "ip saddr 172.31.0.0/24 ip daddr 192.0.2.2 udp dport 51820-51823 masquerade",
+        ],
+        "one rule per IPv4 endpoint, the link ports only; no NAT66 for the IPv6 gateway"
+    );
+    assert_eq!(
+        i.kernel
+            .sysctls
+            .get("net.ipv4.ip_forward")
+            .map(String::as_str),
+        Some("1")
+    );
+    // Not observed yet (a plan on another machine): any source.
+    let blind = one_shot(&cfg, "r1", &[]).unwrap();
+    assert!(blind
+        .kernel
+        .nat
+        .unwrap()
+        .rules
+        .iter()
+        .all(|r| r.from.is_none()));
+    // Gateways and nodes own no NAT.
+    assert!(one_shot(&cfg, "gw1", &[]).unwrap().kernel.nat.is_none());
+    assert!(one_shot(&cfg, "c1", &[]).unwrap().kernel.nat.is_none());
+}
+
+#[test]
+fn a_nat_table_is_planned_as_one_item_and_reverted_as_one() {
+    let cfg = relay_site();
+    let want = one_shot(&cfg, "r1", &[]).unwrap().kernel;
+    let have = HostState::default();
+    let p = plan::diff("r1", Role::Relay, &want, &have).unwrap();
+    assert_eq!(p.simulate(&have).nat, want.nat);
+    let nat = p
+        .changes
+        .iter()
+        .position(|c| matches!(c.after, Some(plan::Item::Nat(_))))
+        .unwrap();
+    assert!(p.changes[nat]
+        .line()
+        .starts_with("+ nat table ip appliance (ip daddr 192.0.2.1"));
+    let undo = p.revert(p.changes.len());
+    assert!(undo
+        .iter()
+        .any(|c| c.op == plan::Op::Remove && matches!(c.before, Some(plan::Item::Nat(_)))));
+    // A changed table is one replace; a foreign table of our name is a conflict.
+    let mut drifted = want.clone();
+    drifted.nat.as_mut().unwrap().rules.pop();
+    let p = plan::diff("r1", Role::Relay, &want, &drifted).unwrap();
+    assert_eq!(p.changes.len(), 1);
+    assert!(
+        p.changes[0]
+            .line()
+            .starts_with("~ nat table ip appliance: ("),
+        "{}",
+        p.changes[0].line()
+    );
+    let foreign = HostState {
+        foreign_nat: true,
+        ..Default::default()
+    };
+    assert_eq!(
+        plan::diff("r1", Role::Relay, &want, &foreign).unwrap_err(),
+        plan::Conflict::ForeignNat
+    );
+}
