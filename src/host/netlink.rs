@@ -4,8 +4,8 @@
 use crate::host::{nft, sysctl, tundev};
 use crate::intent::plan::{Change, Item, Op};
 use crate::intent::state::{
-    Address, Device, DeviceKind, HostState, Route, ADDRESS_DEVICE, LINK_PREFIX, OWNER_ALIAS,
-    ROUTE_PROTOCOL,
+    Address, Device, DeviceKind, HostState, Route, Rule, ADDRESS_DEVICE, LINK_PREFIX, MAIN_TABLE,
+    MAX_RELAYS, OWNER_ALIAS, RELAY_TABLE, ROUTE_PROTOCOL,
 };
 use futures::TryStreamExt;
 use ipnet::IpNet;
@@ -14,6 +14,8 @@ use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage, RulePortRange};
+use rtnetlink::packet_route::IpProtocol;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder, RouteNextHopBuilder};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -242,6 +244,16 @@ impl Netlink {
             }
         }
 
+        self.request();
+        let rules: Vec<RuleMessage> = self
+            .handle
+            .rule()
+            .get(rtnetlink::IpVersion::V4)
+            .execute()
+            .try_collect()
+            .await?;
+        self.dumped(rules.len());
+        s.rules.extend(rules.iter().filter_map(owned_rule));
         if want.nat.is_some() {
             match nft::observe() {
                 Ok(o) => {
@@ -331,6 +343,29 @@ impl Netlink {
             (Op::Add | Op::Change, _, Some(Item::Sysctl(s))) => {
                 Ok(sysctl::write(&s.key, &s.value)?)
             }
+            (Op::Add, _, Some(Item::Rule(r))) => {
+                let mut req = self
+                    .handle
+                    .rule()
+                    .add()
+                    .v4()
+                    .table_id(r.table)
+                    .priority(r.priority)
+                    .action(RuleAction::ToTable);
+                rule_match(req.message_mut(), r);
+                self.request();
+                Ok(req.execute().await?)
+            }
+            (Op::Remove, Some(Item::Rule(r)), _) => {
+                let mut msg = RuleMessage::default();
+                msg.header.family = rtnetlink::packet_route::AddressFamily::Inet;
+                msg.header.action = RuleAction::ToTable;
+                msg.attributes.push(RuleAttribute::Priority(r.priority));
+                msg.attributes.push(RuleAttribute::Table(r.table));
+                rule_match(&mut msg, r);
+                self.request();
+                Ok(self.handle.rule().del(msg).execute().await?)
+            }
             (Op::Add | Op::Change, _, Some(Item::Nat(t))) => {
                 self.request();
                 Ok(nft::replace(Some(t))?)
@@ -376,6 +411,13 @@ impl Netlink {
         let mut msg = route_key_message(r);
         if r.blackhole {
             msg.header.kind = RouteType::BlackHole;
+            return Ok(msg);
+        }
+        if let Some(gw) = r.gateway {
+            msg.attributes.push(RouteAttribute::Gateway(match gw {
+                IpAddr::V4(a) => RouteAddress::Inet(a),
+                IpAddr::V6(a) => RouteAddress::Inet6(a),
+            }));
             return Ok(msg);
         }
         let index = self.index_map().await?;
@@ -430,7 +472,52 @@ fn route_key_message(r: &Route) -> RouteMessage {
         RouteType::Unicast
     };
     msg.attributes.push(RouteAttribute::Priority(r.metric));
+    if r.table != MAIN_TABLE {
+        msg.header.table = RouteHeader::RT_TABLE_UNSPEC;
+        msg.attributes.push(RouteAttribute::Table(r.table));
+    }
     msg
+}
+
+/// The match of one of our rules: our protocol, UDP, its destination port.
+fn rule_match(m: &mut RuleMessage, r: &Rule) {
+    m.attributes
+        .push(RuleAttribute::Protocol(RouteProtocol::Other(
+            ROUTE_PROTOCOL,
+        )));
+    m.attributes
+        .push(RuleAttribute::IpProtocol(IpProtocol::Udp));
+    m.attributes
+        .push(RuleAttribute::DestinationPortRange(RulePortRange {
+            start: r.dport,
+            end: r.dport,
+        }));
+}
+
+/// Our rule, if `m` is one: our protocol, UDP to one port, looking up one of our tables.
+fn owned_rule(m: &RuleMessage) -> Option<Rule> {
+    let mut ours = false;
+    let (mut priority, mut table, mut dport, mut udp) = (None, None, None, false);
+    for a in &m.attributes {
+        match a {
+            RuleAttribute::Protocol(RouteProtocol::Other(p)) if *p == ROUTE_PROTOCOL => ours = true,
+            RuleAttribute::Priority(p) => priority = Some(*p),
+            RuleAttribute::Table(t) => table = Some(*t),
+            RuleAttribute::IpProtocol(IpProtocol::Udp) => udp = true,
+            RuleAttribute::DestinationPortRange(r) if r.start == r.end => dport = Some(r.start),
+            _ => {}
+        }
+    }
+    if !ours {
+        return None;
+    }
+    // A rule of ours someone changed by hand still counts as ours (it is removed and the
+    // wanted one added); fields it lacks read as impossible values so it never matches.
+    Some(Rule {
+        priority: priority.unwrap_or(0),
+        dport: if udp { dport.unwrap_or(0) } else { 0 },
+        table: table.unwrap_or(m.header.table as u32),
+    })
 }
 
 fn link_name(m: &LinkMessage) -> Option<&str> {
@@ -450,11 +537,12 @@ fn table_of(m: &RouteMessage) -> u32 {
         .unwrap_or(m.header.table as u32)
 }
 
-/// Our route, if `m` is one (main table, our protocol).
+/// Our route, if `m` is one (our protocol, in the main table or a relay table of ours).
 fn owned_route(m: &RouteMessage, names: &HashMap<u32, String>) -> Option<Route> {
-    if m.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL)
-        || table_of(m) != RouteHeader::RT_TABLE_MAIN as u32
-    {
+    let table = table_of(m);
+    let ours = table == RouteHeader::RT_TABLE_MAIN as u32
+        || (RELAY_TABLE..RELAY_TABLE + MAX_RELAYS).contains(&table);
+    if m.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL) || !ours {
         return None;
     }
     let plen = m.header.destination_prefix_length;
@@ -506,11 +594,22 @@ fn owned_route(m: &RouteMessage, names: &HashMap<u32, String>) -> Option<Route> 
         RouteAttribute::PrefSource(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
         _ => None,
     });
+    let gateway = m.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Gateway(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+        RouteAttribute::Gateway(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+        _ => None,
+    });
+    if gateway.is_some() {
+        // A route via an address: the kernel's chosen device is not part of what we own.
+        via.clear();
+    }
     Some(Route {
         dst,
         metric,
         via,
         blackhole,
         src,
+        gateway,
+        table,
     })
 }

@@ -367,6 +367,7 @@ fn node(
     if routed.iter().any(|p| matches!(p, IpNet::V6(_))) {
         s.set_sysctl("net.ipv6.fib_multipath_hash_policy", "1");
     }
+    through_relays(&mut s, cfg, inputs.underlay);
     let devs: Vec<String> = tunnels.iter().map(|t| t.dev.clone()).collect();
     tunnel_sysctls(&mut s, &devs, &routed);
     let links = tunnels
@@ -397,6 +398,49 @@ fn node(
         })
         .collect();
     (s, links, refused)
+}
+
+/// The relays on a node's private network (their `private-address` inside one of its
+/// underlay networks), in config order; at most [`state::MAX_RELAYS`].
+pub fn relays_of<'a>(cfg: &'a Config, underlay: &[IpNet]) -> Vec<&'a crate::model::config::Relay> {
+    cfg.relays
+        .iter()
+        .filter(|r| {
+            r.private_address
+                .is_some_and(|a| underlay.iter().any(|n| n.contains(&a)))
+        })
+        .take(state::MAX_RELAYS as usize)
+        .collect()
+}
+
+/// A node behind relays spreads its links over them: link i's UDP (to every gateway's port
+/// `base-port + i`) leaves through relay `i mod R`, by a rule that matches the destination
+/// port and a table per relay routing each IPv4 gateway endpoint via that relay. One relay's
+/// death then kills only the links through it, and traffic moves to the others by link
+/// liveness. Without relays on its networks a node uses its own routing (a default route).
+fn through_relays(s: &mut HostState, cfg: &Config, underlay: &[IpNet]) {
+    let relays = relays_of(cfg, underlay);
+    if relays.is_empty() {
+        return;
+    }
+    for (r, relay) in relays.iter().enumerate() {
+        let table = state::RELAY_TABLE + r as u32;
+        let via = relay
+            .private_address
+            .expect("relays_of keeps relays with one");
+        for g in &cfg.gateways {
+            if g.endpoint.is_ipv4() == via.is_ipv4() {
+                s.add_route_via(IpNet::from(g.endpoint), via, table);
+            }
+        }
+    }
+    for i in 0..cfg.site.links {
+        s.rules.insert(state::Rule {
+            priority: state::RELAY_RULE + i,
+            dport: cfg.site.base_port + i as u16,
+            table: state::RELAY_TABLE + i % relays.len() as u32,
+        });
+    }
 }
 
 /// A relay forwards its private network's WireGuard UDP to the gateways and translates its

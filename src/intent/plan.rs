@@ -5,7 +5,7 @@
 //! an apply that fails half-way. Each change carries the state before and after, so the revert
 //! needs nothing but the plan.
 
-use crate::intent::state::{Address, Device, HostState, NatTable, Route, Sysctl};
+use crate::intent::state::{Address, Device, HostState, NatTable, Route, Rule, Sysctl};
 use crate::model::config::Role;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
@@ -19,6 +19,7 @@ pub enum Item {
     Route(Route),
     Sysctl(Sysctl),
     Nat(NatTable),
+    Rule(Rule),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +77,9 @@ impl Item {
             (Item::Route(_), Op::Add | Op::Change) => 3,
             (Item::Route(_), Op::Remove) => 4,
             (Item::Nat(_), _) => 3,
+            // After the routes of the tables they look up; before those routes go.
+            (Item::Rule(_), Op::Add | Op::Change) => 3,
+            (Item::Rule(_), Op::Remove) => 4,
             (Item::Address(_), Op::Remove) => 5,
             (Item::Device(_), Op::Remove) => 6,
         }
@@ -92,6 +96,10 @@ impl Item {
                 crate::intent::state::NAT_TABLE,
                 nat_rules(t)
             ),
+            Item::Rule(r) => format!(
+                "rule priority {} udp dport {} lookup {}",
+                r.priority, r.dport, r.table
+            ),
         }
     }
 }
@@ -104,7 +112,9 @@ fn kind_name(l: &Device) -> &'static str {
 }
 
 fn route_target(r: &Route) -> String {
-    let mut s = if r.blackhole {
+    let mut s = if let Some(gw) = r.gateway {
+        format!("via {gw}")
+    } else if r.blackhole {
         format!("blackhole metric {}", r.metric)
     } else if r.metric == crate::intent::state::TUNNEL_METRIC {
         format!("via {}", r.via.join(","))
@@ -113,6 +123,9 @@ fn route_target(r: &Route) -> String {
     };
     if let Some(src) = r.src {
         s.push_str(&format!(" src {src}"));
+    }
+    if r.table != crate::intent::state::MAIN_TABLE {
+        s.push_str(&format!(" table {}", r.table));
     }
     s
 }
@@ -281,6 +294,13 @@ pub fn diff(
         }
     }
 
+    for r in desired.rules.difference(&observed.rules) {
+        push(Op::Add, None, Some(Item::Rule(r.clone())));
+    }
+    for r in observed.rules.difference(&desired.rules) {
+        push(Op::Remove, Some(Item::Rule(r.clone())), None);
+    }
+
     if observed.foreign_nat && desired.nat.is_some() {
         return Err(Conflict::ForeignNat);
     }
@@ -357,6 +377,12 @@ impl Plan {
                     s.sysctls.insert(x.key.clone(), x.value.clone());
                 }
                 (_, Some(Item::Nat(t))) => s.nat = Some(t.clone()),
+                (_, Some(Item::Rule(r))) => {
+                    s.rules.insert(r.clone());
+                }
+                (Some(Item::Rule(r)), None) => {
+                    s.rules.remove(r);
+                }
                 (Some(Item::Nat(_)), None) => s.nat = None,
                 (Some(Item::Sysctl(_)), None) | (None, None) => {}
             }

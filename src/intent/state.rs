@@ -56,6 +56,33 @@ pub struct Address {
 pub struct RouteKey {
     pub dst: IpNet,
     pub metric: u32,
+    pub table: u32,
+}
+
+/// The kernel's main routing table.
+pub const MAIN_TABLE: u32 = 254;
+/// A node's per-relay tables: table `RELAY_TABLE + r` routes the gateway endpoints through
+/// relay r of its private network (at most [`MAX_RELAYS`]).
+pub const RELAY_TABLE: u32 = 17300;
+pub const MAX_RELAYS: u32 = 16;
+/// Priority of the rule that sends link i's UDP to its relay's table: `RELAY_RULE + i`.
+pub const RELAY_RULE: u32 = 17300;
+
+fn is_main(t: &u32) -> bool {
+    *t == MAIN_TABLE
+}
+
+fn main_table() -> u32 {
+    MAIN_TABLE
+}
+
+/// `ip rule add priority P ipproto udp dport PORT lookup TABLE proto 173`: a node's link
+/// whose tunnel UDP goes to this port leaves through the relay of that table.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Rule {
+    pub priority: u32,
+    pub dport: u16,
+    pub table: u32,
 }
 
 /// The source NAT a relay owns: nf_tables table `ip appliance`, chain `postrouting` (nat hook,
@@ -102,6 +129,11 @@ pub struct Route {
     /// the kernel could pick the underlay address, which the gateway drops as spoofed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub src: Option<std::net::IpAddr>,
+    /// Next-hop address (a relay, for a node's relay tables); None: device nexthops only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<std::net::IpAddr>,
+    #[serde(default = "main_table", skip_serializing_if = "is_main")]
+    pub table: u32,
 }
 
 impl Route {
@@ -109,6 +141,7 @@ impl Route {
         RouteKey {
             dst: self.dst,
             metric: self.metric,
+            table: self.table,
         }
     }
 }
@@ -139,6 +172,9 @@ pub struct HostState {
     /// loopback, no IPv6 link-local): the underlay input of the node import policy.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub underlay: BTreeSet<ipnet::IpNet>,
+    /// A node's rules sending each link's UDP to its relay's table.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub rules: BTreeSet<Rule>,
     /// A relay's source NAT (None: appliance owns no NAT table on this host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat: Option<NatTable>,
@@ -170,6 +206,22 @@ impl HostState {
             via,
             blackhole,
             src: None,
+            gateway: None,
+            table: MAIN_TABLE,
+        };
+        self.routes.insert(r.key(), r);
+    }
+
+    /// `dst via gateway table table`.
+    pub fn add_route_via(&mut self, dst: IpNet, gateway: std::net::IpAddr, table: u32) {
+        let r = Route {
+            dst,
+            metric: TUNNEL_METRIC,
+            via: Vec::new(),
+            blackhole: false,
+            src: None,
+            gateway: Some(gateway),
+            table,
         };
         self.routes.insert(r.key(), r);
     }
@@ -181,6 +233,7 @@ impl HostState {
             if let Some(r) = self.routes.get_mut(&RouteKey {
                 dst,
                 metric: TUNNEL_METRIC,
+                table: MAIN_TABLE,
             }) {
                 r.src = Some(src);
             }
