@@ -938,3 +938,149 @@ fn nexthops_of(ns: &Netns, dst: &str) -> usize {
         .map(|(_, _, v)| v.len())
         .unwrap_or(0)
 }
+
+/// TX packets plus TX drops of each tunnel device in `ns`.
+fn tunnel_tx(ns: &Netns) -> Vec<(String, u64)> {
+    ns.ip_json(&["-s", "link", "show"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| {
+            l["ifname"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("ap-gw1-"))
+        })
+        .map(|l| {
+            let tx = &l["stats64"]["tx"];
+            (
+                l["ifname"].as_str().unwrap().to_string(),
+                tx["packets"].as_u64().unwrap_or(0) + tx["dropped"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_node_daemon_fails_closed_and_its_restart_leaves_no_stale_routes() {
+    if !root_or_skip("daemon_kill") {
+        return;
+    }
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = appliances(4);
+    let ping = |lab: &Lab| {
+        lab.node
+            .exec(&[
+                "ping",
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                "-I",
+                "10.200.0.11",
+                "10.10.0.2",
+            ])
+            .status
+            .success()
+    };
+    assert!(ping(&lab));
+    // SIGKILL: nothing runs to clean up. The tun devices lose their carrier with the last
+    // queue, the kernel skips their nexthops, and site traffic hits the blackhole: nothing is
+    // sent into the dead devices, nothing leaves by the underlay.
+    let node_daemon = lab.procs.remove(1);
+    drop(node_daemon);
+    let o = lab.node.exec(&[
+        "sh",
+        "-c",
+        "nft add table inet leak && nft add chain inet leak out '{ type filter hook output priority 0; }' && nft add rule inet leak out oifname p1 ip daddr 10.10.0.0/16 counter",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    // The kernel tears the process down and detaches its tun queues; the devices lose their
+    // carrier then (measured below), and from then on nothing enters them.
+    let t_kill = Instant::now();
+    wait_for(
+        "carrier lost on every tunnel",
+        Duration::from_secs(10),
+        || {
+            let links = lab.node.ip_json(&["link", "show"]);
+            links
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|l| {
+                    l["ifname"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with("ap-gw1-"))
+                })
+                .all(|l| {
+                    l["flags"]
+                        .as_array()
+                        .is_some_and(|f| f.iter().any(|x| x == "NO-CARRIER"))
+                })
+        },
+    );
+    eprintln!("carrier lost {:?} after SIGKILL", t_kill.elapsed());
+    let before = tunnel_tx(&lab.node);
+    assert_eq!(before.len(), 4);
+    let flood = lab.node.exec(&[
+        "ping",
+        "-c",
+        "50",
+        "-i",
+        "0.01",
+        "-W",
+        "1",
+        "-I",
+        "10.200.0.11",
+        "10.10.0.2",
+    ]);
+    assert!(
+        !flood.status.success(),
+        "the site answered with the node's daemon dead"
+    );
+    let get = lab
+        .node
+        .exec(&["ip", "route", "get", "10.10.0.2", "from", "10.200.0.11"]);
+    assert!(!get.status.success(), "a usable route: {}", text(&get));
+    // Nothing entered a tunnel device: not the pings, not the dead BGP session's packets.
+    let after = tunnel_tx(&lab.node);
+    let entered: u64 = after.iter().zip(&before).map(|(a, b)| a.1 - b.1).sum();
+    assert!(
+        entered < 10,
+        "pings went into dead devices: {before:?} -> {after:?}"
+    );
+    let leak = text(&lab.node.exec(&["nft", "list", "table", "inet", "leak"]));
+    assert!(
+        leak.contains("counter packets 0 "),
+        "leaked to the underlay: {leak}"
+    );
+
+    // Restarted: the same devices and routes come back to life; nothing is duplicated.
+    lab.procs.push(daemon(&lab.node, &lab.dir, "c1"));
+    wait_for("node links live again", Duration::from_secs(20), || {
+        live_links(&lab.node) == 4
+    });
+    let routes = lab.node.our_routes();
+    let mut keys: Vec<(String, u64)> = routes.iter().map(|(d, m, _)| (d.clone(), *m)).collect();
+    let n = keys.len();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), n, "duplicate routes: {routes:?}");
+    assert_eq!(nexthops(&lab.node, "10.10.0.0/16"), 4);
+    assert!(ping(&lab));
+    let plan = lab.node.appliance(&[
+        "reconcile",
+        "-c",
+        lab.dir.join("site.kdl").to_str().unwrap(),
+        "--node",
+        "c1",
+        "--dry-run",
+    ]);
+    assert_eq!(
+        plan.status.code(),
+        Some(0),
+        "stale state after the restart: {}",
+        text(&plan)
+    );
+}
