@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# The whole site in network namespaces, with the real binary in every role:
+#
+#   sudo tests/lab.sh up [DIR]     # build it, start everything, print what came up
+#   sudo tests/lab.sh status [DIR] # print it again
+#   sudo tests/lab.sh down [DIR]   # stop every process it started (by PID), delete everything
+#
+#  site  10.10.0.1/24: bird2 (site router, ECMP from both gateways), NFS server (nfs-ganesha,
+#        export /srv/nfs), iperf3 target
+#  gw1 10.10.0.2 / 192.0.2.1, gw2 10.10.0.3 / 192.0.2.3: appliance gateways (route reflectors)
+#  inet  the internet: a bridge joining the gateways' and the relays' public legs
+#  relay1 192.0.2.2 / 172.31.0.1, relay2 192.0.2.4 / 172.31.0.2: appliance relays (their NAT)
+#  c1..c3 172.31.0.11-13, cloud addresses 10.200.0.11-13: appliance nodes, private network
+#        only (no default route), links spread over both relays
+#
+# One site file (DIR/site.kdl) for every host. Namespaces are named ap-lab-<role>; everything
+# else lives in DIR (default /tmp/ap-lab). Traffic stays inside the lab's namespaces.
+set -euo pipefail
+CMD=${1:-}
+DIR=${2:-/tmp/ap-lab}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${APPLIANCE_BIN:-$ROOT/target/x86_64-unknown-linux-gnu/debug/appliance}
+NS=(site gw1 gw2 inet relay1 relay2 private c1 c2 c3)
+ns() { echo "ap-lab-$1"; }
+x() { local n=$1; shift; ip netns exec "$(ns "$n")" "$@"; }
+say() { printf '%s\n' "$*"; }
+
+start() { # NAME LOG CMD... : run in namespace NAME, remember its PID
+  local n=$1 log=$2; shift 2
+  ip netns exec "$(ns "$n")" "$@" > "$DIR/$log" 2>&1 &
+  echo "$! $n $*" >> "$DIR/pids"
+}
+
+down() {
+  if [ -f "$DIR/pids" ]; then
+    while read -r pid _; do kill "$pid" 2>/dev/null || true; done < "$DIR/pids"
+    sleep 0.5
+    while read -r pid _; do kill -9 "$pid" 2>/dev/null || true; done < "$DIR/pids"
+    rm -f "$DIR/pids"
+  fi
+  for n in "${NS[@]}"; do ip netns del "$(ns "$n")" 2>/dev/null || true; done
+}
+
+veth() { # NS1 DEV1 NS2 DEV2
+  ip -n "$(ns "$1")" link add "$2" type veth peer name "$4" netns "$(ns "$3")"
+  ip -n "$(ns "$1")" link set "$2" up
+  ip -n "$(ns "$3")" link set "$4" up
+}
+
+member() { # HUB NS DEV ADDR : a veth from NS (named DEV, addressed ADDR) into HUB's bridge
+  local port="p-$2"
+  veth "$1" "$port" "$2" "$3"
+  ip -n "$(ns "$1")" link set "$port" master br0
+  ip -n "$(ns "$2")" addr add "$4" dev "$3"
+}
+
+site_file() {
+  local k
+  {
+    printf 'site "lab" {\n asn 65010\n cloud-block "10.200.0.0/16"\n site-prefix "10.10.0.0/16"\n links 4\n keepalive-ms 200\n dead-after 3\n}\n'
+    for g in "gw1 192.0.2.1 10.10.0.2" "gw2 192.0.2.3 10.10.0.3"; do
+      set -- $g; k=$("$BIN" pubkey < "$DIR/$1.key")
+      printf 'gateway "%s" {\n endpoint "%s"\n site-address "%s"\n public-key "%s"\n}\n' "$1" "$2" "$3" "$k"
+    done
+    printf 'relay "relay1" {\n public-address "192.0.2.2"\n private-address "172.31.0.1"\n}\n'
+    printf 'relay "relay2" {\n public-address "192.0.2.4"\n private-address "172.31.0.2"\n}\n'
+    for i in 1 2 3; do
+      k=$("$BIN" pubkey < "$DIR/c$i.key")
+      printf 'node "c%s" {\n address "10.200.0.1%s"\n public-key "%s"\n}\n' "$i" "$i" "$k"
+    done
+    printf 'bgp {\n hold-time 30\n neighbor "site-router" {\n  address "10.10.0.1"\n }\n}\n'
+  } > "$DIR/site.kdl"
+}
+
+bird_conf() {
+  cat > "$DIR/bird.conf" <<'EOF'
+router id 10.10.0.1;
+protocol device {}
+protocol kernel { ipv4 { import none; export filter { if dest = RTD_UNICAST then accept; reject; }; }; merge paths on; }
+template bgp gateways { local 10.10.0.1 as 65010; neighbor as 65010; direct; hold time 30;
+  ipv4 { import all; export none; }; }
+protocol bgp gw1 from gateways { neighbor 10.10.0.2; }
+protocol bgp gw2 from gateways { neighbor 10.10.0.3; }
+EOF
+}
+
+nfs_conf() {
+  mkdir -p "$DIR/nfs-export" "$DIR/ganesha"
+  cat > "$DIR/ganesha.conf" <<EOF
+NFS_CORE_PARAM { Protocols = 3, 4; Bind_addr = 10.10.0.1; }
+NFSV4 { Graceless = true; }
+EXPORT {
+  Export_Id = 1; Path = $DIR/nfs-export; Pseudo = /export;
+  Access_Type = RW; Squash = No_Root_Squash; Protocols = 3, 4; SecType = sys;
+  FSAL { Name = VFS; }
+}
+LOG { Default_Log_Level = WARN; }
+EOF
+}
+
+up() {
+  [ -x "$BIN" ] || { say "build first: cargo build (or set APPLIANCE_BIN)"; exit 1; }
+  down
+  mkdir -p "$DIR"
+  for n in "${NS[@]}"; do ip netns add "$(ns "$n")"; ip -n "$(ns "$n")" link set lo up; done
+  for hub in site inet private; do
+    ip -n "$(ns "$hub")" link add br0 type bridge; ip -n "$(ns "$hub")" link set br0 up
+  done
+  ip -n "$(ns site)" addr add 10.10.0.1/24 dev br0
+  member site gw1 lan 10.10.0.2/24
+  member site gw2 lan 10.10.0.3/24
+  member inet gw1 pub 192.0.2.1/24
+  member inet gw2 pub 192.0.2.3/24
+  member inet relay1 pub 192.0.2.2/24
+  member inet relay2 pub 192.0.2.4/24
+  member private relay1 priv 172.31.0.1/24
+  member private relay2 priv 172.31.0.2/24
+  for i in 1 2 3; do member private "c$i" eth0 "172.31.0.1$i/24"; done
+  for h in gw1 gw2 c1 c2 c3; do
+    [ -f "$DIR/$h.key" ] || { "$BIN" genkey > "$DIR/$h.key"; chmod 600 "$DIR/$h.key"; }
+  done
+  site_file
+  bird_conf
+  start site bird.log bird -f -c "$DIR/bird.conf" -s "$DIR/bird.ctl" -P "$DIR/bird.pid"
+  if command -v ganesha.nfsd > /dev/null; then
+    nfs_conf
+    start site rpcbind.log rpcbind -f -w
+    sleep 0.5
+    start site ganesha.log ganesha.nfsd -F -f "$DIR/ganesha.conf" -L "$DIR/ganesha.out" -p "$DIR/ganesha.pid"
+  fi
+  for r in relay1 relay2; do x "$r" "$BIN" reconcile -c "$DIR/site.kdl" --node "$r" > "$DIR/$r.reconcile.log"; done
+  for h in gw1 gw2 c1 c2 c3; do
+    start "$h" "$h.log" "$BIN" run -c "$DIR/site.kdl" --node "$h" -k "$DIR/$h.key"
+  done
+  # Wait for every node's 8 links (2 gateways x 4) and bird's paths.
+  for _ in $(seq 1 300); do
+    local ok=1
+    for i in 1 2 3; do [ "$(live "c$i")" = 8 ] || ok=0; done
+    [ "$(x site ip route show 10.200.0.13 2>/dev/null | grep -c nexthop)" = 2 ] || ok=0
+    [ $ok = 1 ] && break
+    sleep 0.1
+  done
+  status
+}
+
+live() { # NS -> live links of its daemon
+  x "$1" "$BIN" status --output json 2>/dev/null \
+    | python3 -c 'import json,sys; print(sum(1 for l in json.load(sys.stdin)["links"] if l["alive"]))' 2>/dev/null || echo 0
+}
+
+status() {
+  say "== BGP sessions (gw1)"
+  x gw1 "$BIN" status | sed -n '/BGP PEER/,/refused/p'
+  say "== live links"
+  for h in gw1 gw2 c1 c2 c3; do say "$h: $(live "$h")"; done
+  say "== the site router's routes to the cloud (one nexthop per gateway)"
+  x site ip route show proto bird
+  say "== c1's route to the site"
+  x c1 ip route show 10.10.0.0/16 proto 173
+  say "== iperf3 c1 -> site, 2 s"
+  start site iperf3.log iperf3 -s -1 -B 10.10.0.1
+  sleep 0.3
+  x c1 iperf3 -c 10.10.0.1 -B 10.200.0.11 -t 2 | tail -3 | head -1
+  if command -v nfs-cp > /dev/null && [ -f "$DIR/ganesha.pid" ]; then
+    say "== NFS: 64 MiB from c1 to the site and back"
+    head -c $((64 << 20)) /dev/urandom > "$DIR/nfs-src"
+    x c1 nfs-cp "$DIR/nfs-src" "nfs://10.10.0.1$DIR/nfs-export/from-c1?version=3" > /dev/null
+    x c1 nfs-cp "nfs://10.10.0.1$DIR/nfs-export/from-c1?version=3" "$DIR/nfs-back" > /dev/null
+    sha256sum "$DIR/nfs-src" "$DIR/nfs-export/from-c1" "$DIR/nfs-back" | awk '{print $1, $2}'
+  fi
+}
+
+case "$CMD" in
+  up) trap 'rc=$?; [ $rc -eq 0 ] || { say "lab failed (exit $rc); tearing down"; down; }' EXIT; up ;;
+  status) status ;;
+  down) down; say "lab down" ;;
+  *) say "usage: $0 up|status|down [DIR]"; exit 2 ;;
+esac
