@@ -13,15 +13,16 @@
 #  c1..c3 172.31.0.11-13, cloud addresses 10.200.0.11-13: appliance nodes, private network
 #        only (no default route), links spread over both relays
 #
-# One site file (DIR/site.kdl) for every host. Namespaces are named ap-lab-<role>; everything
-# else lives in DIR (default /tmp/ap-lab). Traffic stays inside the lab's namespaces.
+# One site file (DIR/site.kdl) for every host. Namespaces are named $LAB_PREFIX-<role>
+# (default ap-lab-<role>); everything else lives in DIR (default /tmp/ap-lab). Traffic stays inside the lab's namespaces.
 set -euo pipefail
 CMD=${1:-}
 DIR=${2:-/tmp/ap-lab}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${APPLIANCE_BIN:-$ROOT/target/x86_64-unknown-linux-gnu/debug/appliance}
 NS=(site gw1 gw2 inet relay1 relay2 private c1 c2 c3)
-ns() { echo "ap-lab-$1"; }
+PREFIX=${LAB_PREFIX:-ap-lab}
+ns() { echo "$PREFIX-$1"; }
 x() { local n=$1; shift; ip netns exec "$(ns "$n")" "$@"; }
 say() { printf '%s\n' "$*"; }
 
@@ -57,7 +58,7 @@ member() { # HUB NS DEV ADDR : a veth from NS (named DEV, addressed ADDR) into H
 site_file() {
   local k
   {
-    printf 'site "lab" {\n asn 65010\n cloud-block "10.200.0.0/16"\n site-prefix "10.10.0.0/16"\n links 4\n keepalive-ms 200\n dead-after 3\n}\n'
+    printf 'site "lab" {\n asn 65010\n cloud-block "10.200.0.0/16"\n site-prefix "10.10.0.0/16"\n links 4\n keepalive-ms 100\n dead-after 3\n}\n'
     for g in "gw1 192.0.2.1 10.10.0.2" "gw2 192.0.2.3 10.10.0.3"; do
       set -- $g; k=$("$BIN" pubkey < "$DIR/$1.key")
       printf 'gateway "%s" {\n endpoint "%s"\n site-address "%s"\n public-key "%s"\n}\n' "$1" "$2" "$3" "$k"

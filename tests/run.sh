@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 
 need=(iproute2 iputils-ping util-linux file bc nftables python3 wireguard-go wireguard-tools iperf3 bird2 gobgpd frr
       linux-image-amd64 erofs-utils cryptsetup-bin syslinux syslinux-common systemd-boot-efi mtools dosfstools
-      e2fsprogs fdisk zstd cpio kmod qemu-utils qemu-system-x86 ovmf xorriso binutils gzip nix-bin)
+      e2fsprogs fdisk zstd cpio kmod qemu-utils qemu-system-x86 ovmf xorriso binutils gzip nix-bin
+      nfs-ganesha nfs-ganesha-vfs libnfs-utils rpcbind)
 missing=()
 for p in "${need[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -387,6 +387,16 @@ impl Rib {
             {
                 return None;
             }
+            // Nor through another reflector: a route a non-client passes on with a
+            // CLUSTER_LIST was reflected there (another gateway's client, seen through it),
+            // and without client-to-client reflection it must not reach our clients either.
+            if from_kind == PeerKind::NonClient
+                && to_kind == PeerKind::Client
+                && !self.client_to_client
+                && !best.attributes.cluster_list.is_empty()
+            {
+                return None;
+            }
         }
         let mut a = best.attributes.clone();
         a.local_pref.get_or_insert(DEFAULT_LOCAL_PREF);
@@ -588,6 +598,39 @@ mod tests {
         rib.apply(gw2, &announce("10.200.0.11/32", via_gw2));
         assert_eq!(rib.paths(&net("10.200.0.11/32")).len(), 2);
         assert!(rib.export_paths(c1, &net("10.200.0.11/32")).is_empty());
+    }
+
+    #[test]
+    fn with_two_reflectors_a_client_never_gets_another_clients_path_with_or_without_add_path() {
+        let (mut rib, site, c1, c2) = gateway();
+        rib.client_to_client = false; // as gateways run
+        let gw2 = rib.add_peer(RibPeer {
+            name: "gw2".into(),
+            kind: PeerKind::NonClient,
+            policy: policy(),
+            router_id: Some("10.10.0.3".parse().unwrap()),
+        });
+        // c2's route, learned from c2 and as gw2 reflected it.
+        rib.apply(c2, &announce("10.200.0.12/32", attrs("10.200.0.12")));
+        let mut via_gw2 = attrs("10.200.0.12");
+        via_gw2.originator_id = Some("10.200.0.12".parse().unwrap());
+        via_gw2.cluster_list = vec!["10.10.0.3".parse().unwrap()];
+        rib.apply(gw2, &announce("10.200.0.12/32", via_gw2.clone()));
+        // A prefix only gw2 knows (its client c3, which is not ours).
+        via_gw2.originator_id = Some("10.200.0.13".parse().unwrap());
+        rib.apply(gw2, &announce("10.200.0.13/32", via_gw2));
+        for p in ["10.200.0.12/32", "10.200.0.13/32"] {
+            assert_eq!(rib.export(c1, &net(p)), None, "{p} reached c1");
+            assert!(
+                rib.export_paths(c1, &net(p)).is_empty(),
+                "{p} reached c1 (ADD-PATH)"
+            );
+            assert!(rib.export(site, &net(p)).is_some() || p.ends_with(".13/32"));
+        }
+        // The site router's own routes still reach the clients.
+        rib.apply(site, &announce("10.12.0.0/16", attrs("10.10.0.1")));
+        assert!(rib.export(c1, &net("10.12.0.0/16")).is_some());
+        assert_eq!(rib.export_paths(c1, &net("10.12.0.0/16")).len(), 1);
     }
 
     #[test]

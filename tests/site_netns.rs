@@ -1,0 +1,351 @@
+//! The whole site (`tests/lab.sh`): bird2 as the site router, an NFS server on the site LAN,
+//! two gateways, two relays, three private nodes. What a user of the cloud nodes sees: the
+//! routes everywhere, NFS copies that checksum, and faults that cost less than a second.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+struct Site {
+    prefix: String,
+    dir: PathBuf,
+}
+
+impl Site {
+    fn ns(&self, role: &str) -> String {
+        format!("{}-{role}", self.prefix)
+    }
+
+    fn exec(&self, role: &str, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(role)])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn sh(&self, role: &str, cmd: &str) -> String {
+        let o = self.exec(role, &["sh", "-c", cmd]);
+        assert!(o.status.success(), "{role}: {cmd}: {}", text(&o));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    }
+
+    fn status(&self, role: &str) -> serde_json::Value {
+        let o = self.exec(role, &[BIN, "status", "--output", "json"]);
+        serde_json::from_slice(&o.stdout).unwrap_or_default()
+    }
+
+    fn live(&self, role: &str) -> usize {
+        self.status(role)["links"]
+            .as_array()
+            .map_or(0, |l| l.iter().filter(|l| l["alive"] == true).count())
+    }
+
+    fn lab(&self, cmd: &str) -> std::process::Output {
+        Command::new("bash")
+            .arg(repo("tests/lab.sh"))
+            .args([cmd, self.dir.to_str().unwrap()])
+            .env("APPLIANCE_BIN", BIN)
+            .env("LAB_PREFIX", &self.prefix)
+            .output()
+            .unwrap()
+    }
+
+    fn nfs_url(&self, name: &str) -> String {
+        format!(
+            "nfs://10.10.0.1{}/nfs-export/{name}?version=3",
+            self.dir.display()
+        )
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        let _ = self.lab("down");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn sha256(path: &Path) -> String {
+    let o = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+fn random_file(path: &Path, mib: usize) {
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c {} /dev/urandom > {}",
+            mib << 20,
+            path.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(o.success());
+}
+
+/// Longest run of unanswered probes of a 10 ms ping train, in ms.
+fn longest_gap(ping_output: &str, sent: u64) -> u64 {
+    let mut got: Vec<u64> = ping_output
+        .lines()
+        .filter_map(|l| l.split("icmp_seq=").nth(1))
+        .filter_map(|r| r.split_whitespace().next())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    got.sort();
+    got.dedup();
+    let (mut prev, mut gap) = (0, 0);
+    for s in got.iter().copied().chain(std::iter::once(sent + 1)) {
+        gap = gap.max(s.saturating_sub(prev + 1));
+        prev = s;
+    }
+    gap * 10
+}
+
+/// tx bytes per tunnel device of `role`'s daemon.
+fn link_bytes(site: &Site, role: &str) -> Vec<(String, u64)> {
+    site.status(role)["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["link"].as_str().unwrap().to_string(),
+                l["tx_bytes"].as_u64().unwrap() + l["rx_bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Copy `src` to the site over NFS from `node` while `fault` runs (it gets the site), with a
+/// 10 ms ping train from the node to the site; returns the longest ping gap in ms after
+/// checking the copy back byte for byte.
+fn copy_through(site: &Site, node: &str, name: &str, mib: usize, fault: impl FnOnce(&Site)) -> u64 {
+    let src = site.dir.join(format!("{name}.src"));
+    random_file(&src, mib);
+    let url = site.nfs_url(name);
+    let copy = Command::new("ip")
+        .args(["netns", "exec", &site.ns(node), "nfs-cp"])
+        .arg(&src)
+        .arg(&url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sent = 600u64;
+    let ping = Command::new("ip")
+        .args(["netns", "exec", &site.ns(node)])
+        .args(["ping", "-n", "-i", "0.01", "-c", "600", "-W", "1"])
+        .args(["-I", "10.200.0.11", "10.10.0.1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    fault(site);
+    let ping = ping.wait_with_output().unwrap();
+    let copy = copy.wait_with_output().unwrap();
+    assert!(
+        copy.status.success(),
+        "nfs-cp: {}",
+        String::from_utf8_lossy(&copy.stderr)
+    );
+    let back = site.dir.join(format!("{name}.back"));
+    let o = site.exec(node, &["nfs-cp", &url, back.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        sha256(&src),
+        sha256(&back),
+        "{name}: corrupted through the fault"
+    );
+    let _ = std::fs::remove_file(&src);
+    let _ = std::fs::remove_file(&back);
+    longest_gap(&String::from_utf8_lossy(&ping.stdout), sent)
+}
+
+#[test]
+fn the_site_end_to_end_nfs_routes_and_faults() {
+    if !root_or_skip("site") {
+        return;
+    }
+    let prefix = format!("ap-t-{}-lab", std::process::id());
+    let site = Site {
+        dir: std::env::temp_dir().join(&prefix),
+        prefix,
+    };
+    let up = site.lab("up");
+    assert!(up.status.success(), "lab up:\n{}", text(&up));
+    let shown = String::from_utf8_lossy(&up.stdout);
+    eprintln!("{shown}");
+
+    // bird holds every node prefix with one nexthop per gateway.
+    for n in ["10.200.0.11", "10.200.0.12", "10.200.0.13"] {
+        let r = site.sh("site", &format!("ip route show {n} proto bird"));
+        assert!(
+            r.contains("via 10.10.0.2") && r.contains("via 10.10.0.3"),
+            "{n}: {r}"
+        );
+    }
+    // Every node holds the site prefixes over all 8 (gateway, link) devices, and no node
+    // holds another node's prefix.
+    for (i, c) in ["c1", "c2", "c3"].iter().enumerate() {
+        assert_eq!(site.live(c), 8, "{c}");
+        let r = site.sh(c, "ip route show 10.10.0.0/16 proto 173 metric 20");
+        assert_eq!(r.matches("nexthop dev ap-gw").count(), 8, "{c}: {r}");
+        let all = site.sh(c, "ip route show proto 173");
+        for other in (1..=3).filter(|j| *j != i + 1) {
+            assert!(
+                !all.contains(&format!("10.200.0.1{other} ")),
+                "{c} holds c{other}'s prefix:\n{all}"
+            );
+        }
+    }
+
+    // NFS: 256 MiB to the site and back from c1, as four parallel 64 MiB copies, which the
+    // kernel spreads over the links; every byte checks.
+    let before = link_bytes(&site, "c1");
+    let t0 = Instant::now();
+    let files: Vec<PathBuf> = (0..4)
+        .map(|i| {
+            let p = site.dir.join(format!("par{i}.src"));
+            random_file(&p, 64);
+            p
+        })
+        .collect();
+    let spawn_all = |dir_out: bool| -> Vec<std::process::Child> {
+        files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let url = site.nfs_url(&format!("par{i}"));
+                let back = f.with_extension("back");
+                let (from, to) = if dir_out {
+                    (f.to_str().unwrap().to_string(), url)
+                } else {
+                    (url, back.to_str().unwrap().to_string())
+                };
+                Command::new("ip")
+                    .args(["netns", "exec", &site.ns("c1"), "nfs-cp", &from, &to])
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect()
+    };
+    for mut c in spawn_all(true) {
+        assert!(c.wait().unwrap().success());
+    }
+    let t_write = t0.elapsed();
+    let t1 = Instant::now();
+    for mut c in spawn_all(false) {
+        assert!(c.wait().unwrap().success());
+    }
+    let t_read = t1.elapsed();
+    for f in &files {
+        assert_eq!(
+            sha256(f),
+            sha256(&f.with_extension("back")),
+            "{}",
+            f.display()
+        );
+        let _ = std::fs::remove_file(f);
+        let _ = std::fs::remove_file(f.with_extension("back"));
+    }
+    let after = link_bytes(&site, "c1");
+    let moved: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a.1 - b.1).collect();
+    let total: u64 = moved.iter().sum();
+    eprintln!(
+        "NFS 256 MiB from c1: write {:.0} Mbit/s, read {:.0} Mbit/s; bytes per link {moved:?}",
+        256.0 * 8.0 * 1.048576 / t_write.as_secs_f64(),
+        256.0 * 8.0 * 1.048576 / t_read.as_secs_f64()
+    );
+    let busy = moved.iter().filter(|m| **m * 10 >= total).count();
+    assert!(
+        busy >= 2,
+        "the copies did not spread over the links: {moved:?}"
+    );
+
+    // Faults during a copy and a 10 ms ping train, each with its outage and the checksum.
+    // One link cut silently: the one the ping train's flow is hashed onto.
+    let gap = copy_through(&site, "c1", "cut", 96, |site| {
+        // The device the ping train leaves by: count echo requests per tunnel device.
+        let mut rules = String::from("add table inet probe\nadd chain inet probe out { type filter hook output priority 0; }\n");
+        for g in ["gw1", "gw2"] {
+            for i in 0..4 {
+                rules.push_str(&format!(
+                    "add rule inet probe out oifname \"ap-{g}-{i}\" icmp type echo-request counter comment \"ap-{g}-{i}\"\n"
+                ));
+            }
+        }
+        std::fs::write(site.dir.join("probe.nft"), rules).unwrap();
+        site.sh(
+            "c1",
+            &format!("nft -f {}", site.dir.join("probe.nft").display()),
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let listing = site.sh("c1", "nft list table inet probe");
+        let dev = listing
+            .lines()
+            .filter_map(|l| {
+                let n: u64 = l
+                    .split("counter packets ")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()?;
+                let d = l
+                    .split("comment \"")
+                    .nth(1)?
+                    .trim_end_matches('"')
+                    .to_string();
+                Some((n, d))
+            })
+            .max()
+            .map(|(_, d)| d)
+            .unwrap();
+        site.sh("c1", "nft delete table inet probe");
+        eprintln!("cutting {dev}, the ping train's link");
+        // ap-gwN-i: drop link i's UDP at gateway gwN.
+        let (gw, i) = dev.trim_start_matches("ap-").rsplit_once('-').unwrap();
+        let port = 51820 + i.parse::<u16>().unwrap();
+        site.sh(
+            gw,
+            &format!("nft add table inet cut && nft add chain inet cut in '{{ type filter hook input priority 0; }}' && nft add rule inet cut in udp dport {port} drop"),
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        site.sh(gw, "nft delete table inet cut");
+    });
+    eprintln!("link cut under NFS: longest ping gap {gap} ms");
+    // Liveness deadline 300 ms (keepalive 100 ms, dead after 3); the node hears of it one
+    // probe later. Target 0.5 s; asserted with margin for a loaded 2-core machine.
+    assert!(gap <= 750, "{gap} ms");
+    let cut = gap;
+
+    // One of the two relays lost (its interfaces down), then restored.
+    let gap = copy_through(&site, "c1", "relay", 96, |site| {
+        for dev in ["pub", "priv"] {
+            site.sh("relay1", &format!("ip link set {dev} down"));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        for dev in ["pub", "priv"] {
+            site.sh("relay1", &format!("ip link set {dev} up"));
+        }
+    });
+    eprintln!("relay lost and restored under NFS: longest ping gap {gap} ms");
+    assert!(gap <= 1000, "{gap} ms");
+    let t = Instant::now();
+    while site.live("c1") < 8 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "links did not come back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("outages: link cut {cut} ms, relay loss {gap} ms");
+}
