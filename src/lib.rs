@@ -7,10 +7,11 @@
 //! - [`intent`] — what one host must be, derived once from (config, host, live links, learned
 //!   routes): kernel state, per-device datapath tables, BGP sessions; and the plan that takes
 //!   the kernel there. Pure.
-//! - [`host`] — the kernel edge: netlink, tun devices, sysctls, the reconcile sequence
-//!   (observe → diff → apply → verify → revert), key files, logging.
-//! - [`datapath`] — per-link WireGuard engine (pure, time is an input), liveness, probes,
-//!   and the packet threads that move bytes.
+//! - [`host`] — the kernel edge: netlink (links, addresses, routes, rules), nf_tables (a
+//!   relay's NAT), tun devices, sysctls, the reconcile sequence (observe → diff → apply →
+//!   verify → revert), key files, logging.
+//! - [`datapath`] — per-link WireGuard engine (pure, time is an input), MSS clamping,
+//!   liveness, probes, and the packet threads that move bytes.
 //! - [`bgp`] — the iBGP speaker: codec, FSM, RIB, Adj-RIB-Out, graceful-restart timers and
 //!   the RIB task's decisions (`router`), all pure; and the tokio driver, which pushes learned
 //!   routes to the daemon on a watch channel.

@@ -99,8 +99,21 @@ LOG { Default_Log_Level = WARN; }
 EOF
 }
 
+need() {
+  local missing=() p
+  for p in iproute2 nftables python3 bird2 iperf3 nfs-ganesha nfs-ganesha-vfs libnfs-utils rpcbind; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return
+  [ "$(id -u)" -eq 0 ] || { say "missing packages: ${missing[*]} (run as root to install them)"; exit 1; }
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" > /dev/null
+}
+
 up() {
+  [ "$(id -u)" -eq 0 ] || { say "run as root (namespaces): sudo $0 up"; exit 1; }
   [ -x "$BIN" ] || { say "build first: cargo build (or set APPLIANCE_BIN)"; exit 1; }
+  need
   down
   mkdir -p "$DIR"
   for n in "${NS[@]}"; do ip netns add "$(ns "$n")"; ip -n "$(ns "$n")" link set lo up; done

@@ -21,7 +21,9 @@
 //!   uses its own links), the site prefixes, the cloud block, and each learned prefix g
 //!   advertises that the import policy ([`import`]) accepts. Any gateway may send from any of
 //!   those (the site router may return a flow through the other gateway).
-//! - relay: forwarding on (it NATs the nodes' WireGuard UDP; it never sees plaintext).
+//! - relay: forwarding on, and the source NAT of its private network's WireGuard UDP to the
+//!   gateway endpoints' link ports ([`relay`]; it never sees plaintext). A node behind relays
+//!   sends link i through relay i mod R ([`relays_of`], rules and per-relay tables).
 //!
 //! Every routed prefix family gets a fail-closed blackhole behind it, and every tunnel device
 //! gets `ignore_routes_with_linkdown`: a tun with no datapath attached has no carrier, so a
