@@ -391,7 +391,8 @@ fn relay_lab() -> (Netns, std::path::PathBuf) {
         "site \"lab\" {\n asn 65010\n cloud-block \"10.200.0.0/16\"\n site-prefix \"10.10.0.0/16\"\n links 4\n}\n\
          gateway \"gw1\" {\n endpoint \"192.0.2.1\"\n site-address \"10.10.0.2\"\n public-key \"W9kCAm5zEojpFYsCHUPGlGxhpRVd9mM7hPik2A5dEQo=\"\n}\n\
          gateway \"gw2\" {\n endpoint \"192.0.2.3\"\n site-address \"10.10.0.3\"\n public-key \"VXjXpm4yEwct9y5PRhxRoLrEPD0Rbeurik7z1uu4VHk=\"\n}\n\
-         relay \"relay1\" {\n public-address \"192.0.2.2\"\n private-address \"172.31.0.1\"\n}\n",
+         relay \"relay1\" {\n public-address \"192.0.2.2\"\n private-address \"172.31.0.1\"\n}\n\
+         node \"c1\" {\n address \"10.200.0.11\"\n public-key \"aUt+EqDNSYIKfcUP/H5qCQpfON1jd73Zz9kMecso9zc=\"\n}\n",
     )
     .unwrap();
     (ns, cfg)
@@ -507,5 +508,51 @@ fn a_relay_plans_applies_and_repairs_its_nat_and_never_touches_other_tables() {
         text(&refused)
     );
     assert_eq!(nft(&ns, "list table ip appliance"), theirs);
+    let _ = std::fs::remove_file(cfg);
+}
+
+#[test]
+fn a_single_link_ipv6_route_verifies_and_plans_nothing_again() {
+    if !root_or_skip("v6_single") {
+        return;
+    }
+    // One link: the kernel stores a one-nexthop IPv6 route as a plain route with the tunnel
+    // gateway fe80::ad and an output device, not as a multipath route.
+    let ns = Netns::new();
+    let cfg = std::env::temp_dir().join(format!("{}-v6.kdl", ns.name));
+    std::fs::write(
+        &cfg,
+        "site \"lab\" {\n asn 65010\n cloud-block \"10.200.0.0/16\"\n cloud-block \"2001:db8:200::/48\"\n site-prefix \"10.10.0.0/16\"\n site-prefix \"2001:db8:10::/48\"\n links 1\n}\n\
+         gateway \"gw1\" {\n endpoint \"192.0.2.1\"\n site-address \"10.10.0.2\"\n site-address \"2001:db8:10::2\"\n public-key \"W9kCAm5zEojpFYsCHUPGlGxhpRVd9mM7hPik2A5dEQo=\"\n}\n\
+         node \"c1\" {\n address \"10.200.0.11\"\n prefix \"10.200.0.11/32\"\n prefix \"2001:db8:200:11::/64\"\n public-key \"aUt+EqDNSYIKfcUP/H5qCQpfON1jd73Zz9kMecso9zc=\"\n}\n",
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap().to_string();
+    let out = ns.appliance(&["reconcile", "-c", &cfg, "--node", "c1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let again = ns.appliance(&["reconcile", "-c", &cfg, "--node", "c1", "--dry-run"]);
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+    let routes = ns.ip(&["-6", "route", "show", "2001:db8:10::/48", "proto", "173"]);
+    assert!(routes.contains("dev ap-gw1-0"), "{routes}");
+    let _ = std::fs::remove_file(&cfg);
+}
+
+#[test]
+fn a_nat_table_no_longer_wanted_is_removed() {
+    if !root_or_skip("nat_removed") {
+        return;
+    }
+    let (ns, cfg) = relay_lab();
+    let cfg = cfg.to_str().unwrap();
+    let o = ns.appliance(&["reconcile", "-c", cfg, "--node", "relay1"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(nft(&ns, "list tables").contains("ip appliance"));
+    // The same host reconciled as a node: the relay's table is planned away and goes.
+    let plan = ns.appliance(&["reconcile", "-c", cfg, "--node", "c1", "--dry-run"]);
+    let out = String::from_utf8_lossy(&plan.stdout);
+    assert!(out.contains("- nat table ip appliance"), "{out}");
+    let o = ns.appliance(&["reconcile", "-c", cfg, "--node", "c1"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(!nft(&ns, "list tables").contains("appliance"));
     let _ = std::fs::remove_file(cfg);
 }

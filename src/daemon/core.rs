@@ -222,20 +222,41 @@ impl Core {
     pub fn learned_changed(&mut self, from_speaker: &Learned) -> Result<Reaction, String> {
         let mut learned = from_speaker.clone();
         learned.retain(|_, by| !by.is_empty());
-        let mut kept = 0;
-        for p in self.learned.keys() {
-            if kept < MAX_WITHDRAWN && !learned.contains_key(p) {
-                learned.insert(*p, BTreeSet::new());
-                kept += 1;
-            }
+        // Just withdrawn first (they were live until now), then those withdrawn before: a
+        // peer cycling through prefixes cannot push a fresh withdrawal out of the bound.
+        let just: Vec<IpNet> = self
+            .learned
+            .iter()
+            .filter(|(p, by)| !by.is_empty() && !learned.contains_key(p))
+            .map(|(p, _)| *p)
+            .collect();
+        let older: Vec<IpNet> = self
+            .learned
+            .iter()
+            .filter(|(p, by)| by.is_empty() && !learned.contains_key(p))
+            .map(|(p, _)| *p)
+            .collect();
+        for p in just.into_iter().chain(older).take(MAX_WITHDRAWN) {
+            learned.insert(p, BTreeSet::new());
         }
         let mut r = Reaction::default();
         if learned == self.learned {
             return Ok(r);
         }
-        self.learned = learned;
-        r.tables = self.changed_tables()?;
-        self.kernel(&mut r)?;
+        // Commit only when the whole reaction could be derived.
+        let (old_learned, old_tables) = (
+            std::mem::replace(&mut self.learned, learned),
+            self.tables.clone(),
+        );
+        let result = self.changed_tables().and_then(|t| {
+            r.tables = t;
+            self.kernel(&mut r)
+        });
+        if let Err(e) = result {
+            self.learned = old_learned;
+            self.tables = old_tables;
+            return Err(e);
+        }
         Ok(r)
     }
 

@@ -31,6 +31,9 @@ use std::time::{Duration, Instant};
 
 /// Handshake initiations accepted per second per link before cookies are required.
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// SYNs up to this size are copied onto the stack to be clamped (larger ones, SYN data
+/// beyond a 1500-byte packet, onto the heap).
+const SYN_COPY: usize = 2048;
 /// Largest datagram or packet handled (a 64 KiB tun read plus WireGuard overhead).
 pub const MAX_PACKET: usize = 65536 + 64;
 
@@ -281,16 +284,24 @@ impl Link {
         let Some(endpoint) = self.endpoint(peer) else {
             return Outbound::Queued;
         };
-        // A SYN leaving into the tunnel announces an MSS that fits it (SYNs are rare: copy).
-        let clamped;
-        let packet = match self.clamp_mtu {
+        // A SYN leaving into the tunnel announces an MSS that fits it. The tun segment is
+        // shared, so the SYN is copied: onto the stack (a SYN flood allocates nothing).
+        let mut stack: [u8; SYN_COPY];
+        let mut heap: Vec<u8>;
+        let packet: &[u8] = match self.clamp_mtu {
             Some(mtu) if mss::is_syn(packet) => {
-                let mut p = packet.to_vec();
-                if mss::clamp(&mut p, mtu) {
+                let copy: &mut [u8] = if packet.len() <= SYN_COPY {
+                    stack = [0u8; SYN_COPY];
+                    stack[..packet.len()].copy_from_slice(packet);
+                    &mut stack[..packet.len()]
+                } else {
+                    heap = packet.to_vec();
+                    &mut heap[..]
+                };
+                if mss::clamp(copy, mtu) {
                     peer.stats().mss_clamped.fetch_add(1, Ordering::Relaxed);
                 }
-                clamped = p;
-                &clamped[..]
+                copy
             }
             _ => packet,
         };

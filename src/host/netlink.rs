@@ -129,9 +129,9 @@ impl Netlink {
         *self.index_cache.lock().expect("not poisoned") = None;
     }
 
-    /// Read everything appliance owns, plus the current values of the sysctls `want` names,
-    /// and the NAT table when `want` has one (reading nf_tables needs CAP_NET_ADMIN: without
-    /// it the table is reported absent, so an unprivileged `--dry-run` still plans).
+    /// Read everything appliance owns, plus the current values of the sysctls `want` names
+    /// (reading nf_tables needs CAP_NET_ADMIN: without it our NAT table is reported absent,
+    /// so an unprivileged `--dry-run` still plans).
     pub async fn observe(&self, want: &HostState) -> Result<HostState, NetlinkError> {
         let mut s = HostState::default();
         let mut names: HashMap<u32, String> = HashMap::new();
@@ -254,17 +254,18 @@ impl Netlink {
             .await?;
         self.dumped(rules.len());
         s.rules.extend(rules.iter().filter_map(owned_rule));
-        if want.nat.is_some() {
-            match nft::observe() {
-                Ok(o) => {
-                    s.nat = o.ours;
-                    s.foreign_nat = o.foreign;
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+        // Always, so a NAT table of ours that is no longer wanted is seen and removed.
+        match nft::observe() {
+            Ok(o) => {
+                s.nat = o.ours;
+                s.foreign_nat = o.foreign;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                if want.nat.is_some() {
                     tracing::warn!("cannot read nf_tables without CAP_NET_ADMIN: planning as if the NAT table were absent");
                 }
-                Err(e) => return Err(e.into()),
             }
+            Err(e) => return Err(e.into()),
         }
         for key in want.sysctls.keys() {
             if let Some(v) = sysctl::read(key)? {
@@ -357,12 +358,16 @@ impl Netlink {
                 Ok(req.execute().await?)
             }
             (Op::Remove, Some(Item::Rule(r)), _) => {
+                // Named by priority and protocol only (the kernel matches the attributes
+                // given): a rule of ours edited by hand, whose match no longer parses, goes
+                // too, and a rule with another protocol never does.
                 let mut msg = RuleMessage::default();
                 msg.header.family = rtnetlink::packet_route::AddressFamily::Inet;
-                msg.header.action = RuleAction::ToTable;
                 msg.attributes.push(RuleAttribute::Priority(r.priority));
-                msg.attributes.push(RuleAttribute::Table(r.table));
-                rule_match(&mut msg, r);
+                msg.attributes
+                    .push(RuleAttribute::Protocol(RouteProtocol::Other(
+                        ROUTE_PROTOCOL,
+                    )));
                 self.request();
                 Ok(self.handle.rule().del(msg).execute().await?)
             }
@@ -599,6 +604,9 @@ fn owned_route(m: &RouteMessage, names: &HashMap<u32, String>) -> Option<Route> 
         RouteAttribute::Gateway(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
         _ => None,
     });
+    // A one-nexthop IPv6 tunnel route comes back as a plain route via our placeholder
+    // gateway (see `route_message`): it is a device route like the multipath ones.
+    let gateway = gateway.filter(|g| *g != IpAddr::V6(V6_TUNNEL_GATEWAY));
     if gateway.is_some() {
         // A route via an address: the kernel's chosen device is not part of what we own.
         via.clear();

@@ -306,8 +306,16 @@ impl Conn {
     }
 }
 
-/// Make our table exactly `want` (None: remove it), atomically.
+/// Make our table exactly `want` (None: remove it), atomically. The name is checked again
+/// right before the batch, so a table of that name someone created since the plan is
+/// refused, never replaced.
 pub fn replace(want: Option<&NatTable>) -> io::Result<()> {
+    if observe()?.foreign {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("the nf_tables table `ip {NAT_TABLE}` is not appliance's: not touched"),
+        ));
+    }
     let mut c = Conn::open()?;
     let mut msgs = batch(want);
     let seqs = c.send(&mut msgs)?;

@@ -317,6 +317,16 @@ fn withdrawn_prefixes_kept_for_their_blackholes_are_bounded() {
     lab.node.learned_changed(&Learned::new()).unwrap();
     assert_eq!(lab.node.learned().len(), MAX_WITHDRAWN);
     assert!(lab.node.learned().values().all(BTreeSet::is_empty));
+    // A prefix withdrawn now keeps its blackhole even with the bound full of older ones.
+    let fresh: IpNet = "203.0.113.0/24".parse().unwrap();
+    let one = Learned::from([(fresh, BTreeSet::from(["gw1".to_string()]))]);
+    lab.node.learned_changed(&one).unwrap();
+    lab.node.learned_changed(&Learned::new()).unwrap();
+    assert_eq!(lab.node.learned().len(), MAX_WITHDRAWN);
+    assert!(
+        lab.node.learned().contains_key(&fresh),
+        "the fresh withdrawal was evicted"
+    );
 }
 
 #[test]
