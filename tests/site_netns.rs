@@ -348,4 +348,52 @@ fn the_site_end_to_end_nfs_routes_and_faults() {
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!("outages: link cut {cut} ms, relay loss {gap} ms");
+
+    // One link (gw1's link 0) flapping every second for 20 s while c1 keeps copying: every
+    // copy checks, and c1 logs exactly one down and one up per flap.
+    let log_before = std::fs::read_to_string(site.dir.join("c1.log")).unwrap_or_default();
+    let count = |log: &str, what: &str| {
+        log.lines()
+            .filter(|l| l.contains(what) && l.contains("peer=gw1") && l.contains("link=0"))
+            .count()
+    };
+    let (downs0, ups0) = (
+        count(&log_before, "link down"),
+        count(&log_before, "link up"),
+    );
+    let flaps = 20;
+    let flapper = {
+        let gw = site.ns("gw1");
+        std::thread::spawn(move || {
+            let nft = |cmd: &str| {
+                let o = Command::new("ip")
+                    .args(["netns", "exec", &gw, "sh", "-c", cmd])
+                    .output()
+                    .unwrap();
+                assert!(o.status.success(), "{cmd}: {}", text(&o));
+            };
+            nft("nft add table inet flap && nft add chain inet flap in '{ type filter hook input priority 0; }'");
+            for _ in 0..flaps {
+                nft("nft add rule inet flap in udp dport 51820 drop");
+                std::thread::sleep(Duration::from_millis(500));
+                nft("nft flush chain inet flap in");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            nft("nft delete table inet flap");
+        })
+    };
+    let mut copies = 0;
+    while !flapper.is_finished() {
+        copy_through(&site, "c1", &format!("flap{copies}"), 32, |_| {});
+        copies += 1;
+    }
+    flapper.join().unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let log = std::fs::read_to_string(site.dir.join("c1.log")).unwrap_or_default();
+    let (downs, ups) = (
+        count(&log, "link down") - downs0,
+        count(&log, "link up") - ups0,
+    );
+    eprintln!("{flaps} flaps: {copies} NFS copies intact; c1 logged {downs} down, {ups} up for gw1 link 0");
+    assert_eq!((downs, ups), (flaps, flaps), "one down and one up per flap");
 }
