@@ -4,6 +4,7 @@
 #   sudo tests/lab.sh up [DIR]     # build it, start everything, print what came up
 #   sudo tests/lab.sh status [DIR] # print it again
 #   sudo tests/lab.sh down [DIR]   # stop every process it started (by PID), delete everything
+#   LAB_RTT_MS=20 sudo tests/lab.sh up   # with 20 ms of WAN round trip (tests/udp-delay.py)
 #
 #  site  10.10.0.1/24: bird2 (site router, ECMP from both gateways), NFS server (nfs-ganesha,
 #        export /srv/nfs), iperf3 target
@@ -143,6 +144,25 @@ up() {
     start site ganesha.log ganesha.nfsd -F -f "$DIR/ganesha.conf" -L "$DIR/ganesha.out" -p "$DIR/ganesha.pid"
   fi
   for r in relay1 relay2; do x "$r" "$BIN" reconcile -c "$DIR/site.kdl" --node "$r" > "$DIR/$r.reconcile.log"; done
+  if [ "${LAB_RTT_MS:-0}" -gt 0 ]; then
+    # WAN delay: the relays reach the gateways through a UDP forwarder in the internet
+    # namespace that holds every datagram LAB_RTT_MS/2 each way (no netem in this kernel).
+    ip -n "$(ns inet)" addr add 192.0.2.254/24 dev br0
+    local maps=() k=0 g i
+    x inet nft add table ip delay
+    x inet nft add chain ip delay pre '{ type nat hook prerouting priority -100; }'
+    for g in 192.0.2.1 192.0.2.3; do
+      for i in 0 1 2 3; do
+        x inet nft add rule ip delay pre ip daddr "$g" udp dport $((51820 + i)) dnat to "192.0.2.254:$((40000 + k))"
+        maps+=("$((40000 + k))=$g:$((51820 + i))")
+        k=$((k + 1))
+      done
+    done
+    start inet delay.log python3 "$ROOT/tests/udp-delay.py" $((LAB_RTT_MS / 2)) 192.0.2.254 "${maps[@]}"
+    for r in relay1 relay2; do
+      for g in 192.0.2.1 192.0.2.3; do x "$r" ip route add "$g/32" via 192.0.2.254; done
+    done
+  fi
   for h in gw1 gw2 c1 c2 c3; do
     start "$h" "$h.log" "$BIN" run -c "$DIR/site.kdl" --node "$h" -k "$DIR/$h.key"
   done

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 struct Site {
     prefix: String,
     dir: PathBuf,
+    /// WAN round trip added by the lab's delay forwarder.
+    rtt_ms: u32,
 }
 
 impl Site {
@@ -49,6 +51,7 @@ impl Site {
             .args([cmd, self.dir.to_str().unwrap()])
             .env("APPLIANCE_BIN", BIN)
             .env("LAB_PREFIX", &self.prefix)
+            .env("LAB_RTT_MS", self.rtt_ms.to_string())
             .output()
             .unwrap()
     }
@@ -168,15 +171,77 @@ fn copy_through(site: &Site, node: &str, name: &str, mib: usize, fault: impl FnO
     longest_gap(&String::from_utf8_lossy(&ping.stdout), sent)
 }
 
+/// NFS: 256 MiB to the site and back from c1, as four parallel 64 MiB copies, which the
+/// kernel spreads over the links; every byte checks. Returns write and read Mbit/s and the
+/// bytes each of c1's links carried.
+fn nfs_256(site: &Site) -> (f64, f64, Vec<u64>) {
+    let before = link_bytes(site, "c1");
+    let files: Vec<PathBuf> = (0..4)
+        .map(|i| {
+            let p = site.dir.join(format!("par{i}.src"));
+            random_file(&p, 64);
+            p
+        })
+        .collect();
+    let spawn_all = |out: bool| -> Vec<std::process::Child> {
+        files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let url = site.nfs_url(&format!("par{i}"));
+                let back = f.with_extension("back");
+                let (from, to) = if out {
+                    (f.to_str().unwrap().to_string(), url)
+                } else {
+                    (url, back.to_str().unwrap().to_string())
+                };
+                Command::new("ip")
+                    .args(["netns", "exec", &site.ns("c1"), "nfs-cp", &from, &to])
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let t0 = Instant::now();
+    for mut c in spawn_all(true) {
+        assert!(c.wait().unwrap().success());
+    }
+    let t_write = t0.elapsed();
+    let t1 = Instant::now();
+    for mut c in spawn_all(false) {
+        assert!(c.wait().unwrap().success());
+    }
+    let t_read = t1.elapsed();
+    for f in &files {
+        assert_eq!(
+            sha256(f),
+            sha256(&f.with_extension("back")),
+            "{}",
+            f.display()
+        );
+        let _ = std::fs::remove_file(f);
+        let _ = std::fs::remove_file(f.with_extension("back"));
+    }
+    let after = link_bytes(site, "c1");
+    let moved = after.iter().zip(&before).map(|(a, b)| a.1 - b.1).collect();
+    let mbit = |t: Duration| 256.0 * 8.0 * 1.048576 / t.as_secs_f64();
+    (mbit(t_write), mbit(t_read), moved)
+}
+
+static LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn the_site_end_to_end_nfs_routes_and_faults() {
     if !root_or_skip("site") {
         return;
     }
+    let _one = LAB.lock().unwrap_or_else(|e| e.into_inner());
     let prefix = format!("ap-t-{}-lab", std::process::id());
     let site = Site {
         dir: std::env::temp_dir().join(&prefix),
         prefix,
+        rtt_ms: 0,
     };
     let up = site.lab("up");
     assert!(up.status.success(), "lab up:\n{}", text(&up));
@@ -206,64 +271,11 @@ fn the_site_end_to_end_nfs_routes_and_faults() {
         }
     }
 
-    // NFS: 256 MiB to the site and back from c1, as four parallel 64 MiB copies, which the
-    // kernel spreads over the links; every byte checks.
-    let before = link_bytes(&site, "c1");
-    let t0 = Instant::now();
-    let files: Vec<PathBuf> = (0..4)
-        .map(|i| {
-            let p = site.dir.join(format!("par{i}.src"));
-            random_file(&p, 64);
-            p
-        })
-        .collect();
-    let spawn_all = |dir_out: bool| -> Vec<std::process::Child> {
-        files
-            .iter()
-            .enumerate()
-            .map(|(i, f)| {
-                let url = site.nfs_url(&format!("par{i}"));
-                let back = f.with_extension("back");
-                let (from, to) = if dir_out {
-                    (f.to_str().unwrap().to_string(), url)
-                } else {
-                    (url, back.to_str().unwrap().to_string())
-                };
-                Command::new("ip")
-                    .args(["netns", "exec", &site.ns("c1"), "nfs-cp", &from, &to])
-                    .stdout(std::process::Stdio::null())
-                    .spawn()
-                    .unwrap()
-            })
-            .collect()
-    };
-    for mut c in spawn_all(true) {
-        assert!(c.wait().unwrap().success());
-    }
-    let t_write = t0.elapsed();
-    let t1 = Instant::now();
-    for mut c in spawn_all(false) {
-        assert!(c.wait().unwrap().success());
-    }
-    let t_read = t1.elapsed();
-    for f in &files {
-        assert_eq!(
-            sha256(f),
-            sha256(&f.with_extension("back")),
-            "{}",
-            f.display()
-        );
-        let _ = std::fs::remove_file(f);
-        let _ = std::fs::remove_file(f.with_extension("back"));
-    }
-    let after = link_bytes(&site, "c1");
-    let moved: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a.1 - b.1).collect();
-    let total: u64 = moved.iter().sum();
+    let (w, r, moved) = nfs_256(&site);
     eprintln!(
-        "NFS 256 MiB from c1: write {:.0} Mbit/s, read {:.0} Mbit/s; bytes per link {moved:?}",
-        256.0 * 8.0 * 1.048576 / t_write.as_secs_f64(),
-        256.0 * 8.0 * 1.048576 / t_read.as_secs_f64()
+        "NFS 256 MiB from c1: write {w:.0} Mbit/s, read {r:.0} Mbit/s; bytes per link {moved:?}"
     );
+    let total: u64 = moved.iter().sum();
     let busy = moved.iter().filter(|m| **m * 10 >= total).count();
     assert!(
         busy >= 2,
@@ -396,4 +408,45 @@ fn the_site_end_to_end_nfs_routes_and_faults() {
     );
     eprintln!("{flaps} flaps: {copies} NFS copies intact; c1 logged {downs} down, {ups} up for gw1 link 0");
     assert_eq!((downs, ups), (flaps, flaps), "one down and one up per flap");
+}
+
+#[test]
+fn nfs_through_the_site_at_20_ms_rtt() {
+    if !root_or_skip("site_rtt") {
+        return;
+    }
+    let _one = LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let prefix = format!("ap-t-{}-wan", std::process::id());
+    let site = Site {
+        dir: std::env::temp_dir().join(&prefix),
+        prefix,
+        rtt_ms: 20,
+    };
+    let up = site.lab("up");
+    assert!(up.status.success(), "lab up:\n{}", text(&up));
+    let ping = site.exec(
+        "c1",
+        &[
+            "ping",
+            "-c",
+            "5",
+            "-i",
+            "0.2",
+            "-I",
+            "10.200.0.11",
+            "10.10.0.1",
+        ],
+    );
+    let out = String::from_utf8_lossy(&ping.stdout);
+    let avg: f64 = out
+        .lines()
+        .find(|l| l.contains("rtt min/avg"))
+        .and_then(|l| l.split('/').nth(4))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(avg >= 20.0, "the forwarder did not add the delay: {out}");
+    let (w, r, moved) = nfs_256(&site);
+    eprintln!(
+        "NFS 256 MiB from c1 at {avg:.1} ms RTT: write {w:.0} Mbit/s, read {r:.0} Mbit/s; bytes per link {moved:?}"
+    );
 }
