@@ -128,25 +128,6 @@ fn lab() -> Lab {
     lab
 }
 
-/// Sequence numbers answered by a 10 ms ping train; the longest run of lost ones, in ms.
-fn longest_gap(ping_output: &str, sent: u64) -> u64 {
-    let mut got: Vec<u64> = ping_output
-        .lines()
-        .filter_map(|l| l.split("icmp_seq=").nth(1))
-        .filter_map(|r| r.split_whitespace().next())
-        .filter_map(|n| n.parse().ok())
-        .collect();
-    got.sort();
-    got.dedup();
-    let mut prev = 0;
-    let mut gap = 0;
-    for s in got.iter().copied().chain(std::iter::once(sent + 1)) {
-        gap = gap.max(s.saturating_sub(prev + 1));
-        prev = s;
-    }
-    gap * 10
-}
-
 #[test]
 fn a_node_spreads_its_links_over_two_relays_and_survives_losing_one() {
     if !root_or_skip("relays") {

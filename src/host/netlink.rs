@@ -254,16 +254,19 @@ impl Netlink {
             .await?;
         self.dumped(rules.len());
         s.rules.extend(rules.iter().filter_map(owned_rule));
-        // Always, so a NAT table of ours that is no longer wanted is seen and removed.
+        // Always, so a NAT table of ours that is no longer wanted is seen and removed; but
+        // a host that wants none does not need nf_tables at all (a kernel without it, an
+        // unprivileged dry-run): there, failing to read it means there is nothing of ours.
         match nft::observe() {
             Ok(o) => {
                 s.nat = o.ours;
                 s.foreign_nat = o.foreign;
             }
+            Err(e) if want.nat.is_none() => {
+                tracing::debug!(error = %e, "nf_tables not readable; no NAT table wanted here");
+            }
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-                if want.nat.is_some() {
-                    tracing::warn!("cannot read nf_tables without CAP_NET_ADMIN: planning as if the NAT table were absent");
-                }
+                tracing::warn!("cannot read nf_tables without CAP_NET_ADMIN: planning as if the NAT table were absent");
             }
             Err(e) => return Err(e.into()),
         }

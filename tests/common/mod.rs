@@ -487,3 +487,22 @@ pub fn wait_route_devs(
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// The longest run of unanswered probes of a 10 ms ping train (`ping -i 0.01`, `sent`
+/// probes), in ms, from ping's output.
+pub fn longest_gap(ping_output: &str, sent: u64) -> u64 {
+    let mut got: Vec<u64> = ping_output
+        .lines()
+        .filter_map(|l| l.split("icmp_seq=").nth(1))
+        .filter_map(|r| r.split_whitespace().next())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    got.sort();
+    got.dedup();
+    let (mut prev, mut gap) = (0, 0);
+    for s in got.iter().copied().chain(std::iter::once(sent + 1)) {
+        gap = gap.max(s.saturating_sub(prev + 1));
+        prev = s;
+    }
+    gap * 10
+}
