@@ -237,22 +237,13 @@ fn a_dual_stack_site_learns_the_node_ipv6_prefix_once_per_gateway_and_reaches_it
     let (site, gw1, gw2, _inet, c1, dir) = two_gateways("bgp6");
     // IPv6 on the LAN, without duplicate address detection delaying the first packets.
     dual_stack(&site, &gw1, &gw2, &dir);
-    let export = "export filter { if dest = RTD_UNICAST then accept; reject; }";
     let (bird_proc, sock) = bird(
         &site,
         &dir,
         "bird",
-        &format!(
-            "router id 10.10.0.1;\n\
-             protocol device {{}}\n\
-             protocol kernel {{ ipv4 {{ import none; {export}; }}; merge paths on; }}\n\
-             protocol kernel {{ ipv6 {{ import none; {export}; }}; merge paths on; }}\n\
-             protocol static {{ ipv6; route 2001:db8:12::/48 blackhole; }}\n\
-             template bgp gateways {{ local 10.10.0.1 as 65010; neighbor as 65010; direct; hold time 30;\n\
-               ipv4 {{ import all; export none; }};\n\
-               ipv6 {{ import all; export where source = RTS_STATIC; next hop address 2001:db8:10::1; }}; }}\n\
-             protocol bgp gw1 from gateways {{ neighbor 10.10.0.2; }}\n\
-             protocol bgp gw2 from gateways {{ neighbor 10.10.0.3; }}\n"
+        &dual_stack_bird_conf(
+            "protocol static { ipv6; route 2001:db8:12::/48 blackhole; }",
+            "none",
         ),
     );
     let mut procs = vec![bird_proc];

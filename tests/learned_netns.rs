@@ -84,23 +84,13 @@ fn a_node_reaches_a_prefix_only_bird_announces_and_fails_closed_when_it_is_withd
         assert!(r.status.success(), "{cmd}: {}", text(&r));
     }
     c1.ip(&["addr", "add", "2001:db8:200:11::1/128", "dev", "lo"]);
-    let export = "export filter { if dest = RTD_UNICAST then accept; reject; }";
     let (bird_proc, sock) = bird(
         &site,
         &dir,
         "bird",
-        &format!(
-            "router id 10.10.0.1;\n\
-             protocol device {{}}\n\
-             protocol kernel {{ ipv4 {{ import none; {export}; }}; merge paths on; }}\n\
-             protocol kernel {{ ipv6 {{ import none; {export}; }}; merge paths on; }}\n\
-             protocol static static4 {{ ipv4; route 10.12.0.0/16 blackhole; route 192.0.2.128/25 blackhole; }}\n\
-             protocol static static6 {{ ipv6; route 2001:db8:12::/48 blackhole; }}\n\
-             template bgp gateways {{ local 10.10.0.1 as 65010; neighbor as 65010; direct; hold time 30;\n\
-               ipv4 {{ import all; export where source = RTS_STATIC; }};\n\
-               ipv6 {{ import all; export where source = RTS_STATIC; next hop address 2001:db8:10::1; }}; }}\n\
-             protocol bgp gw1 from gateways {{ neighbor 10.10.0.2; }}\n\
-             protocol bgp gw2 from gateways {{ neighbor 10.10.0.3; }}\n"
+        &dual_stack_bird_conf(
+            "protocol static static4 { ipv4; route 10.12.0.0/16 blackhole; route 192.0.2.128/25 blackhole; }\nprotocol static static6 { ipv6; route 2001:db8:12::/48 blackhole; }",
+            "where source = RTS_STATIC",
         ),
     );
     let mut procs = vec![bird_proc];

@@ -246,7 +246,7 @@ fn gateway(cfg: &Config, name: &str, inputs: Inputs<'_>) -> (HostState, Vec<Link
         .map(|t| LinkSpec {
             dev: t.dev.clone(),
             index: t.index,
-            listen_port: Some(cfg.site.base_port + t.index as u16),
+            listen_port: Some(cfg.site.link_port(t.index)),
             v6_underlay: me.endpoint.is_ipv6(),
             clamp_mtu: cfg.site.clamp_mss.then_some(cfg.site.mtu),
             peers: cfg
@@ -389,10 +389,7 @@ fn node(
                 peers: vec![PeerSpec {
                     name: g.name.clone(),
                     public_key: g.public_key,
-                    endpoint: Some(SocketAddr::new(
-                        g.endpoint,
-                        cfg.site.base_port + t.index as u16,
-                    )),
+                    endpoint: Some(SocketAddr::new(g.endpoint, cfg.site.link_port(t.index))),
                     allowed: t.peers[0].accepts.clone(),
                     routes: t.peers[0].sends.clone(),
                 }],
@@ -439,7 +436,7 @@ fn through_relays(s: &mut HostState, cfg: &Config, underlay: &[IpNet]) {
     for i in 0..cfg.site.links {
         s.rules.insert(state::Rule {
             priority: state::RELAY_RULE + i,
-            dport: cfg.site.base_port + i as u16,
+            dport: cfg.site.link_port(i),
             table: state::RELAY_TABLE + i % relays.len() as u32,
         });
     }
@@ -464,7 +461,7 @@ fn relay(cfg: &Config, name: &str, underlay: &[IpNet]) -> HostState {
             _ => None,
         })
     });
-    let last = cfg.site.base_port + (cfg.site.links - 1) as u16;
+    let last = cfg.site.link_port(cfg.site.links - 1);
     let mut rules: Vec<NatRule> = cfg
         .gateways
         .iter()
@@ -472,7 +469,7 @@ fn relay(cfg: &Config, name: &str, underlay: &[IpNet]) -> HostState {
             std::net::IpAddr::V4(to) => Some(NatRule {
                 from,
                 to,
-                ports: (cfg.site.base_port, last),
+                ports: (cfg.site.link_port(0), last),
             }),
             std::net::IpAddr::V6(_) => None,
         })

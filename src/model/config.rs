@@ -58,6 +58,13 @@ pub struct Site {
     pub clamp_mss: bool,
 }
 
+impl Site {
+    /// The gateways' UDP port of link `i`.
+    pub fn link_port(&self, i: u32) -> u16 {
+        self.base_port + i as u16
+    }
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Gateway {
     pub name: String,

@@ -506,3 +506,23 @@ pub fn longest_gap(ping_output: &str, sent: u64) -> u64 {
     }
     gap * 10
 }
+
+/// bird.conf for the dual-stack site router of `dual_stack`: ECMP into the kernel for both
+/// families, `statics` (bird `protocol static` blocks), and iBGP to both gateways exporting
+/// static routes in `export4` (IPv4: a filter such as `none` or `where source = RTS_STATIC`)
+/// and always in IPv6 (with the router's LAN address as next hop).
+pub fn dual_stack_bird_conf(statics: &str, export4: &str) -> String {
+    let export = "export filter { if dest = RTD_UNICAST then accept; reject; }";
+    format!(
+        "router id 10.10.0.1;\n\
+         protocol device {{}}\n\
+         protocol kernel {{ ipv4 {{ import none; {export}; }}; merge paths on; }}\n\
+         protocol kernel {{ ipv6 {{ import none; {export}; }}; merge paths on; }}\n\
+         {statics}\n\
+         template bgp gateways {{ local 10.10.0.1 as 65010; neighbor as 65010; direct; hold time 30;\n\
+           ipv4 {{ import all; export {export4}; }};\n\
+           ipv6 {{ import all; export where source = RTS_STATIC; next hop address 2001:db8:10::1; }}; }}\n\
+         protocol bgp gw1 from gateways {{ neighbor 10.10.0.2; }}\n\
+         protocol bgp gw2 from gateways {{ neighbor 10.10.0.3; }}\n"
+    )
+}
