@@ -4,6 +4,7 @@
 #   sudo tests/lab.sh up [DIR]     # build it, start everything, print what came up
 #   sudo tests/lab.sh status [DIR] # print it again
 #   sudo tests/lab.sh down [DIR]   # stop every process it started (by PID), delete everything
+#   sudo tests/lab.sh run HOST [DIR]  # start HOST's daemon again (after you killed it, say)
 #   LAB_RTT_MS=20 sudo tests/lab.sh up   # with 20 ms of WAN round trip (tests/udp-delay.py)
 #
 #  site  10.10.0.1/24: bird2 (site router, ECMP from both gateways), NFS server (nfs-ganesha,
@@ -18,6 +19,7 @@
 # (default ap-lab-<role>); everything else lives in DIR (default /tmp/ap-lab). Traffic stays inside the lab's namespaces.
 set -euo pipefail
 CMD=${1:-}
+if [ "$CMD" = run ]; then HOST=${2:-}; shift; fi
 DIR=${2:-/tmp/ap-lab}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${APPLIANCE_BIN:-$ROOT/target/x86_64-unknown-linux-gnu/debug/appliance}
@@ -163,9 +165,7 @@ up() {
       for g in 192.0.2.1 192.0.2.3; do x "$r" ip route add "$g/32" via 192.0.2.254; done
     done
   fi
-  for h in gw1 gw2 c1 c2 c3; do
-    start "$h" "$h.log" "$BIN" run -c "$DIR/site.kdl" --node "$h" -k "$DIR/$h.key"
-  done
+  for h in gw1 gw2 c1 c2 c3; do daemon "$h"; done
   # Wait for every node's 8 links (2 gateways x 4) and bird's paths.
   for _ in $(seq 1 300); do
     local ok=1
@@ -175,6 +175,11 @@ up() {
     sleep 0.1
   done
   status
+}
+
+daemon() { # HOST: start its appliance daemon (log appended to DIR/HOST.log)
+  ip netns exec "$(ns "$1")" "$BIN" run -c "$DIR/site.kdl" --node "$1" -k "$DIR/$1.key" >> "$DIR/$1.log" 2>&1 &
+  echo "$! $1 $BIN run" >> "$DIR/pids"
 }
 
 live() { # NS -> live links of its daemon
@@ -208,5 +213,9 @@ case "$CMD" in
   up) trap 'rc=$?; [ $rc -eq 0 ] || { say "lab failed (exit $rc); tearing down"; down; }' EXIT; up ;;
   status) status ;;
   down) down; say "lab down" ;;
-  *) say "usage: $0 up|status|down [DIR]"; exit 2 ;;
+  run)
+    case "$HOST" in gw1|gw2|c1|c2|c3) ;; *) say "usage: $0 run gw1|gw2|c1|c2|c3 [DIR]"; exit 2 ;; esac
+    [ -f "$DIR/pids" ] || { say "no lab in $DIR: $0 up first"; exit 1; }
+    daemon "$HOST"; say "started $HOST's daemon" ;;
+  *) say "usage: $0 up|status|down|run HOST [DIR]"; exit 2 ;;
 esac

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 
 const CONNECT_RETRY: Duration = Duration::from_secs(2);
 /// Backlog for the listener: a thousand clients may connect at once after a gateway restart.
@@ -70,6 +70,8 @@ pub struct Speaker {
     pub status: SharedStatus,
     tx: mpsc::UnboundedSender<ToRib>,
     names: Vec<String>,
+    /// Per peer: wakes its connect loop out of the retry wait.
+    retry: Vec<Arc<Notify>>,
     learned: watch::Receiver<Learned>,
 }
 
@@ -85,10 +87,15 @@ impl Speaker {
     /// The datapath says whether `peer` (a node) can be reached at all. When it cannot (every
     /// tunnel link dead), its session is reset and its routes withdrawn at once, instead of
     /// waiting out the hold timer: the site router stops sending traffic this way within a
-    /// second. The node reconnects when its links come back.
+    /// second. When a peer we dial becomes reachable, a connect that failed or hangs while its
+    /// links were dead is retried at once rather than after [`CONNECT_RETRY`]: a restarted node
+    /// is back in BGP (and the site routes to it again) the moment its links are.
     pub fn set_reachable(&self, peer: &str, reachable: bool) {
         if let Some(id) = self.names.iter().position(|n| n == peer) {
             let _ = self.tx.send(ToRib::Reachable(id, reachable));
+            if reachable {
+                self.retry[id].notify_one();
+            }
         }
     }
 
@@ -132,6 +139,7 @@ pub async fn start(cfg: SpeakerConfig) -> std::io::Result<Speaker> {
     }));
     let (rib_tx, rib_rx) = mpsc::unbounded_channel();
     let mut accept_txs = BTreeMap::new();
+    let retry: Vec<Arc<Notify>> = cfg.peers.iter().map(|_| Arc::new(Notify::new())).collect();
     for (id, p) in cfg.peers.iter().enumerate() {
         let (tx, rx) = mpsc::unbounded_channel::<TcpStream>();
         accept_txs.insert(p.address, tx);
@@ -145,7 +153,10 @@ pub async fn start(cfg: SpeakerConfig) -> std::io::Result<Speaker> {
         tokio::spawn(peer_task(
             id,
             p.clone(),
-            cfg.local_address,
+            Dial {
+                local: cfg.local_address,
+                retry: retry[id].clone(),
+            },
             fsm,
             rx,
             rib_tx.clone(),
@@ -184,6 +195,7 @@ pub async fn start(cfg: SpeakerConfig) -> std::io::Result<Speaker> {
         status,
         tx: rib_tx,
         names,
+        retry,
         learned,
     })
 }
@@ -232,41 +244,66 @@ fn set_state(status: &SharedStatus, id: PeerId, state: &str, error: Option<Strin
     }
 }
 
-async fn connect(local: IpAddr, to: IpAddr) -> std::io::Result<TcpStream> {
+/// How long a connect attempt may take: short at first, because a peer that just became
+/// reachable may drop our first SYN (its route back to us follows its own view of the links, a
+/// moment later) and the kernel would only resend it after a second; then up to 5 s.
+fn connect_timeout(attempt: u32) -> Duration {
+    (Duration::from_millis(250) * 2u32.pow(attempt.min(5))).min(Duration::from_secs(5))
+}
+
+async fn connect(local: IpAddr, to: IpAddr, timeout: Duration) -> std::io::Result<TcpStream> {
     let socket = if to.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
     socket.bind(SocketAddr::new(local, 0))?;
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        socket.connect(SocketAddr::new(to, PORT)),
-    )
-    .await
-    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+    tokio::time::timeout(timeout, socket.connect(SocketAddr::new(to, PORT)))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// How a peer task dials: from which address, and what wakes it out of a retry wait.
+struct Dial {
+    local: IpAddr,
+    retry: Arc<Notify>,
 }
 
 async fn peer_task(
     id: PeerId,
     p: PeerConfig,
-    local: IpAddr,
+    dial: Dial,
     fsm: SessionConfig,
     mut accepted: mpsc::UnboundedReceiver<TcpStream>,
     rib: mpsc::UnboundedSender<ToRib>,
     status: SharedStatus,
 ) {
+    let Dial { local, retry } = dial;
+    let mut attempt = 0;
     loop {
         let stream = if p.active {
             tokio::select! {
-                s = connect(local, p.address) => match s {
+                s = connect(local, p.address, connect_timeout(attempt)) => match s {
                     Ok(s) => s,
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut && attempt < 4 => {
+                        attempt += 1;
+                        continue;
+                    }
                     Err(e) => {
+                        attempt = 0;
                         set_state(&status, id, "Active", Some(format!("connect: {e}")));
-                        tokio::time::sleep(CONNECT_RETRY).await;
+                        tokio::select! {
+                            _ = tokio::time::sleep(CONNECT_RETRY) => {}
+                            _ = retry.notified() => {}
+                        }
                         continue;
                     }
                 },
+                // The peer just became reachable: a SYN sent while it was not is lost.
+                _ = retry.notified() => {
+                    attempt = 0;
+                    continue;
+                }
                 Some(s) = accepted.recv() => s,
             }
         } else {
@@ -276,12 +313,16 @@ async fn peer_task(
                 None => return,
             }
         };
+        attempt = 0;
         let (reason, keep_stale) =
             run_session(id, &p, stream, fsm.clone(), &rib, &status, &mut accepted).await;
         tracing::info!(peer = %p.peer.name, %reason, ?keep_stale, "BGP session down");
         set_state(&status, id, "Active", Some(reason.clone()));
         let _ = rib.send(ToRib::Down(id, keep_stale));
-        tokio::time::sleep(CONNECT_RETRY).await;
+        tokio::select! {
+            _ = tokio::time::sleep(CONNECT_RETRY) => {}
+            _ = retry.notified() => {}
+        }
     }
 }
 

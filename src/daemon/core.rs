@@ -52,7 +52,8 @@ pub struct Core {
 pub struct Reaction {
     /// Links whose liveness changed, with the new verdict.
     pub transitions: Vec<(LinkKey, bool)>,
-    /// Gateway: nodes that became reachable (some link live) or unreachable (none live).
+    /// Peers that became reachable (some link live) or unreachable (none live): nodes on a
+    /// gateway, gateways on a node.
     pub reachable: Vec<(String, bool)>,
     /// New datapath tables, only for the devices whose table changed (learned routes or
     /// the underlay changed).
@@ -199,17 +200,15 @@ impl Core {
         if r.transitions.is_empty() {
             return Ok(r);
         }
-        if self.role == Role::Gateway {
-            // A node with no live link at all is unreachable: BGP must know at once.
-            let touched: BTreeSet<&str> =
-                r.transitions.iter().map(|((p, _), _)| p.as_str()).collect();
-            for peer in touched {
-                let flipped = |i: u32| r.transitions.iter().any(|((p, l), _)| p == peer && *l == i);
-                let now = (0..self.cfg.site.links).any(|i| self.is_alive(peer, i));
-                let before = (0..self.cfg.site.links).any(|i| self.is_alive(peer, i) != flipped(i));
-                if now != before {
-                    r.reachable.push((peer.to_string(), now));
-                }
+        // A peer with no live link at all is unreachable: BGP must know at once (a gateway
+        // withdraws that node's routes; a node reconnects to a gateway the moment it is back).
+        let touched: BTreeSet<&str> = r.transitions.iter().map(|((p, _), _)| p.as_str()).collect();
+        for peer in touched {
+            let flipped = |i: u32| r.transitions.iter().any(|((p, l), _)| p == peer && *l == i);
+            let now = (0..self.cfg.site.links).any(|i| self.is_alive(peer, i));
+            let before = (0..self.cfg.site.links).any(|i| self.is_alive(peer, i) != flipped(i));
+            if now != before {
+                r.reachable.push((peer.to_string(), now));
             }
         }
         self.kernel(&mut r)?;

@@ -31,6 +31,7 @@ use crate::host::netlink::Netlink;
 use crate::host::reconcile::{self, Lock};
 use crate::intent::links::LinkSpec;
 use crate::intent::plan::{diff, Plan};
+use crate::intent::state::HostState;
 use crate::model::config::{self, Config};
 use crate::model::key::PrivateKey;
 use control::Request;
@@ -163,8 +164,9 @@ impl Daemon {
         self.react(r, "routes follow iBGP").await;
     }
 
-    /// Perform a reaction: log transitions, tell BGP, replace tables, apply the kernel plan
-    /// (a full reconcile when it fails or the installed state is unknown).
+    /// Perform a reaction: log transitions, replace tables, apply the kernel plan (a full
+    /// reconcile when it fails or the installed state is unknown), then tell BGP which peers
+    /// became (un)reachable: after the routes, so a session dialled at once finds its route.
     async fn react(&mut self, r: Result<Reaction, String>, why: &str) {
         let r = match r {
             Ok(r) => r,
@@ -180,14 +182,18 @@ impl Daemon {
                 tracing::warn!(%peer, link, "link down: no packet for {:?}", self.core.policy().deadline());
             }
         }
+        self.replace_tables(&r.tables);
+        self.apply_kernel(r.kernel, r.full, why).await;
         if let Some(b) = &self.bgp {
             for (peer, reachable) in &r.reachable {
                 b.set_reachable(peer, *reachable);
             }
         }
-        self.replace_tables(&r.tables);
+    }
+
+    async fn apply_kernel(&mut self, kernel: Option<(Plan, HostState)>, full: bool, why: &str) {
         let t = Instant::now();
-        if let Some((plan, want)) = r.kernel {
+        if let Some((plan, want)) = kernel {
             match reconcile::apply_steps_only(&self.nl, &self.lock, &plan).await {
                 Ok(()) => {
                     self.core.installed(want);
@@ -206,7 +212,7 @@ impl Daemon {
                     self.core.forget_installed();
                 }
             }
-        } else if !r.full {
+        } else if !full {
             return;
         }
         match self.sync().await {

@@ -18,6 +18,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 pub const DEFAULT_BASE_PORT: u16 = 51820;
+/// The highest link port: a node behind relays steers link i by a policy rule on its
+/// destination port, and the kernel refuses a rule port range that ends at 65535.
+pub const MAX_LINK_PORT: u16 = 65534;
 pub const DEFAULT_MTU: u32 = 1420;
 pub const DEFAULT_KEEPALIVE_MS: u32 = 300;
 pub const DEFAULT_DEAD_AFTER: u32 = 3;
@@ -762,26 +765,24 @@ impl Loader<'_> {
             &f,
             "base-port",
             DEFAULT_BASE_PORT as i128,
-            (1, 65535),
-            "link i uses UDP port base-port + i",
+            (1, MAX_LINK_PORT as i128),
+            "link i uses UDP port base-port + i, at most 65534",
         );
         if let (Some(l), Some(p)) = (links, base_port) {
-            if p + l - 1 > 65535 {
+            if p + l - 1 > MAX_LINK_PORT as i128 {
                 let span = f
                     .by_name
                     .get("base-port")
                     .map(|v| span_of(v[0]))
                     .unwrap_or(span_of(node));
                 self.err(
-                    Diagnostic::new(
-                        span,
-                        format!("ports {p}..{} do not fit in 16 bits", p + l - 1),
-                    )
-                    .label("base-port too high for the link count")
-                    .help(format!(
-                        "link i uses base-port + i; use a base-port at most {}",
-                        65536 - l
-                    )),
+                    Diagnostic::new(span, format!("ports {p}..{} go past 65534", p + l - 1))
+                        .label("base-port too high for the link count")
+                        .help(format!(
+                            "link i uses base-port + i, and the kernel's policy rules that steer \
+                         links through relays take ports up to 65534; use a base-port at most {}",
+                            MAX_LINK_PORT as i128 + 1 - l
+                        )),
                 );
             }
         }

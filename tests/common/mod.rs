@@ -488,9 +488,9 @@ pub fn wait_route_devs(
     }
 }
 
-/// The longest run of unanswered probes of a 10 ms ping train (`ping -i 0.01`, `sent`
-/// probes), in ms, from ping's output.
-pub fn longest_gap(ping_output: &str, sent: u64) -> u64 {
+/// The runs of unanswered probes of a 10 ms ping train (`ping -i 0.01`, `sent` probes), from
+/// ping's output: (first unanswered sequence number, how many), in order.
+pub fn ping_gaps(ping_output: &str, sent: u64) -> Vec<(u64, u64)> {
     let mut got: Vec<u64> = ping_output
         .lines()
         .filter_map(|l| l.split("icmp_seq=").nth(1))
@@ -499,12 +499,42 @@ pub fn longest_gap(ping_output: &str, sent: u64) -> u64 {
         .collect();
     got.sort();
     got.dedup();
-    let (mut prev, mut gap) = (0, 0);
+    let mut prev = 0;
+    let mut gaps = Vec::new();
     for s in got.iter().copied().chain(std::iter::once(sent + 1)) {
-        gap = gap.max(s.saturating_sub(prev + 1));
+        if s > prev + 1 {
+            gaps.push((prev + 1, s - prev - 1));
+        }
         prev = s;
     }
-    gap * 10
+    gaps
+}
+
+/// The silences of a ping train run with `-D` (a timestamp per reply), in real time: for each
+/// run of unanswered probes between two replies, (Unix time of the reply before it, ms from
+/// that reply to the next). A loaded machine sends a `-i 0.01` train slower than every 10 ms,
+/// so counting missing probes would understate an outage; the timestamps do not.
+pub fn timed_gaps(ping_output: &str) -> Vec<(f64, u64)> {
+    let mut got: Vec<(u64, f64)> = ping_output
+        .lines()
+        .filter_map(|l| {
+            let t = l.strip_prefix('[')?.split(']').next()?.parse().ok()?;
+            let seq = l.split("icmp_seq=").nth(1)?.split_whitespace().next()?;
+            Some((seq.parse().ok()?, t))
+        })
+        .collect();
+    let replies = ping_output.matches("icmp_seq=").count();
+    assert!(
+        got.len() == replies,
+        "{} of {replies} replies carry no timestamp: run ping with -D",
+        replies - got.len()
+    );
+    got.sort_by_key(|g| g.0);
+    got.dedup_by_key(|g| g.0);
+    got.windows(2)
+        .filter(|w| w[1].0 > w[0].0 + 1)
+        .map(|w| (w[0].1, ((w[1].1 - w[0].1) * 1000.0).round() as u64))
+        .collect()
 }
 
 /// bird.conf for the dual-stack site router of `dual_stack`: ECMP into the kernel for both

@@ -137,6 +137,8 @@ fn a_link_that_goes_silent_leaves_exactly_the_routes_it_carried() {
     );
     assert_eq!(r.via, devs(&["ap-l0", "ap-l1", "ap-l2", "ap-l3"]));
     let r = lab.node_verdicts(ms(1));
+    // The node's BGP session to gw1 may connect now: the speaker retries at once.
+    assert_eq!(r.reachable, vec![("gw1".to_string(), true)]);
     commit(&mut lab.node, r);
 
     // Link 2 loses the node's packets; every 200 ms the other links carry probes.
@@ -206,6 +208,8 @@ fn a_link_that_goes_silent_leaves_exactly_the_routes_it_carried() {
     let g = lab.gw_verdicts(ms(t2 + 5000));
     assert_eq!(g.transitions.len(), 4);
     assert_eq!(g.reachable, vec![("c1".to_string(), false)]);
+    let n = lab.node_verdicts(ms(t2 + 5000));
+    assert_eq!(n.reachable, vec![("gw1".to_string(), false)]);
     let plan = commit(&mut lab.gw, g);
     assert_eq!(plan.changes.len(), 1);
     let (op, r) = route(&plan.changes[0]);
