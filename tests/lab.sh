@@ -166,10 +166,11 @@ up() {
     done
   fi
   for h in gw1 gw2 c1 c2 c3; do daemon "$h"; done
-  # Wait for every node's 8 links (2 gateways x 4) and bird's paths.
+  # Wait for every node's 8 links (2 gateways x 4), bird's paths and every BGP session.
   for _ in $(seq 1 300); do
     local ok=1
     for i in 1 2 3; do [ "$(live "c$i")" = 8 ] || ok=0; done
+    [ "$(sessions_up gw1)" = 5 ] || ok=0
     [ "$(x site ip route show 10.200.0.13 2>/dev/null | grep -c nexthop)" = 2 ] || ok=0
     [ $ok = 1 ] && break
     sleep 0.1
@@ -180,6 +181,11 @@ up() {
 daemon() { # HOST: start its appliance daemon (log appended to DIR/HOST.log)
   ip netns exec "$(ns "$1")" "$BIN" run -c "$DIR/site.kdl" --node "$1" -k "$DIR/$1.key" >> "$DIR/$1.log" 2>&1 &
   echo "$! $1 $BIN run" >> "$DIR/pids"
+}
+
+sessions_up() { # NS -> its daemon's established BGP sessions
+  x "$1" "$BIN" status --output json 2>/dev/null \
+    | python3 -c 'import json,sys; print(sum(1 for s in json.load(sys.stdin)["bgp"]["sessions"] if s["state"] == "Established"))' 2>/dev/null || echo 0
 }
 
 live() { # NS -> live links of its daemon
