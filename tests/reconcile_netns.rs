@@ -485,6 +485,36 @@ fn a_relay_plans_applies_and_repairs_its_nat_and_never_touches_other_tables() {
     assert!(out.contains("~ nat table ip appliance"), "{out}");
     assert_eq!(run(&[]).status.code(), Some(0));
     assert!(!nft(&ns, "list table ip appliance").contains("dport 53"));
+    // A rule edited in place under its own comment (the port range widened to everything):
+    // the comment still names our rule, the expressions do not, and it is repaired.
+    let listing = nft(&ns, "-a list table ip appliance");
+    let line = listing
+        .lines()
+        .find(|l| l.contains("ip daddr 192.0.2.1 "))
+        .unwrap_or_else(|| panic!("{listing}"));
+    let handle = line.rsplit("# handle ").next().unwrap().trim();
+    let comment = line
+        .split("comment ")
+        .nth(1)
+        .unwrap()
+        .split(" #")
+        .next()
+        .unwrap();
+    nft(
+        &ns,
+        &format!("replace rule ip appliance postrouting handle {handle} ip saddr 172.31.0.0/24 ip daddr 192.0.2.1 udp dport 1-65000 masquerade comment '{comment}'"),
+    );
+    assert!(nft(&ns, "list table ip appliance").contains("dport 1-65000"));
+    let plan = run(&["--dry-run"]);
+    assert_eq!(plan.status.code(), Some(2), "{}", text(&plan));
+    let out = String::from_utf8_lossy(&plan.stdout);
+    assert!(out.contains("~ nat table ip appliance"), "{out}");
+    assert_eq!(run(&[]).status.code(), Some(0));
+    let repaired = nft(&ns, "list table ip appliance");
+    assert!(
+        !repaired.contains("1-65000") && repaired.contains("192.0.2.1 udp dport 51820-51823"),
+        "{repaired}"
+    );
     nft(&ns, "delete table ip appliance");
     let plan = run(&["--dry-run"]);
     assert!(String::from_utf8_lossy(&plan.stdout).contains("+ nat table ip appliance"));

@@ -5,7 +5,8 @@
 //! Ownership: the table `ip appliance` carries the comment "owned by appliance" (nft's table
 //! comment, a userdata TLV), and each rule carries its meaning as its comment
 //! (`appliance: ip saddr … masquerade`), so `nft list ruleset` shows what each rule is for and
-//! observing needs no decoding of expressions. A table of that name without the comment is
+//! observing reads the rule back from its comment and then checks that its expressions are
+//! exactly the ones that comment stands for. A table of that name without the comment is
 //! someone else's: reported, never touched. Nothing outside the table is read or written.
 
 use crate::intent::state::{NatRule, NatTable, NAT_COMMENT, NAT_TABLE};
@@ -28,6 +29,8 @@ use std::time::Duration;
 const CHAIN: &str = "postrouting";
 /// NF_IP_PRI_NAT_SRC.
 const SRCNAT: u32 = 100;
+/// The bitwise expression's boolean operation, (reg & mask) ^ xor (NFT_BITWISE_BOOL, 5.6+).
+const NFT_BITWISE_BOOL: u32 = 0;
 /// nftnl's userdata TLV type for a table or rule comment.
 const UDATA_COMMENT: u8 = 0;
 const RULE_PREFIX: &str = "appliance: ";
@@ -112,12 +115,14 @@ fn compare(op: Operator, value: &[u8]) -> ListAttribute<ExpressionAttribute> {
 }
 
 /// The expressions of `r`: meta l4proto udp, [ip saddr & mask == net], ip daddr == to,
-/// udp dport >= first, udp dport <= last, masquerade.
+/// udp dport >= first, udp dport <= last, masquerade. Written as the kernel dumps them
+/// (attribute order, the bitwise operation made explicit), so a rule read back compares equal
+/// to these exactly and an edited one does not.
 fn expressions(r: &NatRule) -> Vec<ListAttribute<ExpressionAttribute>> {
     let mut v = vec![
         expr(Expressions::Meta(vec![
-            Meta::DestinationRegister(Register::Reg1),
             Meta::Key(MetaKey::L4Proto),
+            Meta::DestinationRegister(Register::Reg1),
         ])),
         compare(Operator::Equal, &[UDP]),
     ];
@@ -127,6 +132,7 @@ fn expressions(r: &NatRule) -> Vec<ListAttribute<ExpressionAttribute>> {
             Bitwise::SourceRegister(Register::Reg1),
             Bitwise::DestinationRegister(Register::Reg1),
             Bitwise::Length(4),
+            Bitwise::Op(NFT_BITWISE_BOOL),
             Bitwise::Mask(DataAttribute::Value(from.netmask().octets().to_vec())),
             Bitwise::Xor(DataAttribute::Value(vec![0; 4])),
         ])));
@@ -382,14 +388,21 @@ pub fn observe() -> io::Result<Observed> {
             RuleAttribute::UserData(u) => read_comment(u).and_then(|c| parse_rule(&c)),
             _ => None,
         });
+        // The comment names the rule; the expressions must still be the ones we wrote for it
+        // (a rule edited in place, `nft replace rule ... comment "appliance: ..."`, is not ours).
+        let exprs = r.attributes.iter().find_map(|a| match a {
+            RuleAttribute::Expressions(e) => Some(e),
+            _ => None,
+        });
+        let parsed = parsed.filter(|rule| exprs == Some(&expressions(rule)));
         match parsed {
             Some(rule) => rules.push(rule),
             None => unknown += 1,
         }
     }
     if unknown > 0 {
-        // A rule we did not write sits in our table: the table differs from anything we
-        // want, so a reconcile replaces it.
+        // A rule we did not write (or one edited since) sits in our table: the table differs
+        // from anything we want, so a reconcile replaces it.
         rules.push(NatRule {
             from: None,
             to: std::net::Ipv4Addr::UNSPECIFIED,
