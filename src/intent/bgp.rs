@@ -7,6 +7,14 @@
 //! - node: one session to every gateway's site address, dialled from the node address over
 //!   the tunnels, announcing the node's prefixes; none when `bgp-speaker "external"`.
 //! - relay: none.
+//!
+//! Max-prefix per role: a node running our speaker announces its assignment and nothing more
+//! (limit: its prefix count); a node with an external speaker (a CNI announcing pod routes
+//! inside its assignment) gets the `bgp` block's `max-prefix`; a gateway passes on the nodes'
+//! routes and nothing else (accepted only inside the nodes' assignments, limit: the sum of the
+//! nodes' limits); a site router has the configured
+//! limit (`neighbor { max-prefix }`, default the `bgp` block's); a node accepts from each
+//! gateway what the site routers may send in all.
 
 use crate::bgp::rib::{PeerKind, Policy, RibPeer};
 use crate::bgp::router::Learn;
@@ -26,14 +34,26 @@ pub fn sessions(cfg: &Config, host: &str) -> Result<Option<SpeakerConfig>, Strin
         std::net::IpAddr::V4(v) => Ok(v),
         _ => Err(format!("{what} {a} must be IPv4 to serve as BGP router ID")),
     };
-    let policy =
-        |allow: Vec<ipnet::IpNet>, deny: Vec<ipnet::IpNet>, nhs: Option<&Gateway>| Policy {
-            allow,
-            deny,
-            max_prefix: cfg.bgp.max_prefix,
-            next_hop_self: nhs.map(|g| g.site_address),
-            next_hop_self_v6: nhs.and_then(|g| g.site_address_v6),
-        };
+    let policy = |allow: Vec<ipnet::IpNet>,
+                  deny: Vec<ipnet::IpNet>,
+                  max_prefix: usize,
+                  nhs: Option<&Gateway>| Policy {
+        allow,
+        deny,
+        max_prefix: max_prefix.clamp(1, u32::MAX as usize) as u32,
+        next_hop_self: nhs.map(|g| g.site_address),
+        next_hop_self_v6: nhs.and_then(|g| g.site_address_v6),
+    };
+    let assignments: Vec<ipnet::IpNet> = cfg
+        .nodes
+        .iter()
+        .flat_map(|n| n.prefixes.iter().copied())
+        .collect();
+    let node_limit = |n: &crate::model::config::Node| match n.bgp_speaker {
+        BgpSpeaker::Appliance => n.prefixes.len(),
+        BgpSpeaker::External => cfg.bgp.max_prefix as usize,
+    };
+    let from_nodes: usize = cfg.nodes.iter().map(node_limit).sum();
     let peer = |name: &str, kind, policy, address, active| PeerConfig {
         peer: RibPeer {
             name: name.to_string(),
@@ -51,17 +71,24 @@ pub fn sessions(cfg: &Config, host: &str) -> Result<Option<SpeakerConfig>, Strin
             peers.push(peer(
                 &n.name,
                 PeerKind::NonClient,
-                policy(vec![], cfg.site.cloud_blocks.clone(), Some(g)),
+                policy(
+                    vec![],
+                    cfg.site.cloud_blocks.clone(),
+                    n.max_prefix as usize,
+                    Some(g),
+                ),
                 n.address,
                 true,
             ));
         }
         for o in cfg.gateways.iter().filter(|o| o.name != g.name) {
             let active = u32::from(id) < u32::from(v4(o.site_address, "gateway site address")?);
+            // What another gateway reflects to us is its clients' routes: the nodes'
+            // prefixes, every one of which it may carry.
             peers.push(peer(
                 &o.name,
                 PeerKind::NonClient,
-                policy(vec![], vec![], None),
+                policy(assignments.clone(), vec![], from_nodes, None),
                 o.site_address,
                 active,
             ));
@@ -70,7 +97,7 @@ pub fn sessions(cfg: &Config, host: &str) -> Result<Option<SpeakerConfig>, Strin
             peers.push(peer(
                 &n.name,
                 PeerKind::Client,
-                policy(n.prefixes.clone(), vec![], None),
+                policy(n.prefixes.clone(), vec![], node_limit(n), None),
                 n.address,
                 false,
             ));
@@ -96,6 +123,13 @@ pub fn sessions(cfg: &Config, host: &str) -> Result<Option<SpeakerConfig>, Strin
             return Ok(None);
         }
         let id = v4(n.address, "node address")?;
+        // A gateway reflects to a node the site routers' routes, each within its limit.
+        let from_site: usize = cfg
+            .bgp
+            .neighbors
+            .iter()
+            .map(|r| r.max_prefix as usize)
+            .sum();
         let peers = cfg
             .gateways
             .iter()
@@ -104,7 +138,7 @@ pub fn sessions(cfg: &Config, host: &str) -> Result<Option<SpeakerConfig>, Strin
                     &g.name,
                     PeerKind::NonClient,
                     // The static half of the node's import policy (see `import`).
-                    policy(vec![], import::static_deny(cfg, n), None),
+                    policy(vec![], import::static_deny(cfg, n), from_site, None),
                     g.site_address,
                     true,
                 )
@@ -186,7 +220,14 @@ mod tests {
         let back = sessions(&cfg, "gw2").unwrap().unwrap();
         assert!(!by_name(&back, "gw1").active, "and the higher one waits");
 
+        // The other gateway carries every node's routes: c1, c2, c3 one prefix each, ext (an
+        // external speaker) up to the site-wide 50.
+        assert_eq!(gw2.peer.policy.max_prefix, 53);
+        assert_eq!(gw2.peer.policy.allow.len(), 4);
+        assert_eq!(by_name(&s, "ext").peer.policy.max_prefix, 50);
+
         let c3 = by_name(&s, "c3");
+        assert_eq!(c3.peer.policy.max_prefix, 1, "c3 announces its one prefix");
         assert_eq!(c3.peer.kind, PeerKind::Client);
         assert!(!c3.active, "nodes dial in");
         assert_eq!(c3.address, "10.200.2.1".parse::<IpAddr>().unwrap());
@@ -235,5 +276,44 @@ mod tests {
         assert_eq!(sessions(&cfg, "ext").unwrap(), None);
         assert_eq!(sessions(&cfg, "r1").unwrap(), None);
         assert_eq!(sessions(&cfg, "nobody").unwrap(), None);
+    }
+
+    #[test]
+    fn limits_follow_the_role_so_a_site_of_150_nodes_keeps_its_gateway_session() {
+        // Before: one `max-prefix` (default 100) for every session, so the gateway-gateway
+        // session, which carries every node's prefix, stopped at the 101st node, in a loop.
+        let mut text = String::from(
+            "site \"lab\" {\n asn 65010\n cloud-block \"10.200.0.0/16\"\n site-prefix \"10.10.0.0/16\"\n}\n\
+             gateway \"gw1\" {\n endpoint \"192.0.2.1\"\n site-address \"10.10.0.2\"\n public-key \"W9kCAm5zEojpFYsCHUPGlGxhpRVd9mM7hPik2A5dEQo=\"\n}\n\
+             gateway \"gw2\" {\n endpoint \"192.0.2.3\"\n site-address \"10.10.0.3\"\n public-key \"aUt+EqDNSYIKfcUP/H5qCQpfON1jd73Zz9kMecso9zc=\"\n}\n\
+             bgp {\n neighbor \"r1\" {\n  address \"10.10.0.1\"\n }\n neighbor \"r2\" {\n  address \"10.10.0.4\"\n  max-prefix 2000\n }\n}\n",
+        );
+        for i in 0..150u32 {
+            let key = crate::model::key::PrivateKey::generate().public();
+            text.push_str(&format!(
+                "node \"c{i}\" {{\n address \"10.200.{}.{}\"\n public-key \"{key}\"\n}}\n",
+                i / 200,
+                i % 200 + 10
+            ));
+        }
+        let cfg = parse("site.kdl", &text).unwrap();
+        let gw1 = sessions(&cfg, "gw1").unwrap().unwrap();
+        let gw2 = by_name(&gw1, "gw2");
+        assert_eq!(gw2.peer.policy.max_prefix, 150);
+        assert_eq!(
+            gw2.peer.policy.allow.len(),
+            150,
+            "and only the nodes' prefixes"
+        );
+        assert_eq!(by_name(&gw1, "c7").peer.policy.max_prefix, 1);
+        assert_eq!(
+            by_name(&gw1, "r1").peer.policy.max_prefix,
+            100,
+            "the default"
+        );
+        assert_eq!(by_name(&gw1, "r2").peer.policy.max_prefix, 2000, "its own");
+        // A node takes from each gateway what the two site routers may send.
+        let c7 = sessions(&cfg, "c7").unwrap().unwrap();
+        assert_eq!(by_name(&c7, "gw1").peer.policy.max_prefix, 2100);
     }
 }

@@ -132,6 +132,9 @@ pub struct Bgp {
 pub struct Neighbor {
     pub name: String,
     pub address: IpAddr,
+    /// Prefixes accepted from this router before its session is stopped (default: the `bgp`
+    /// block's `max-prefix`).
+    pub max_prefix: u32,
 }
 
 /// What a host is in the site, from the config.
@@ -278,7 +281,7 @@ const NODE: &[&str] = &["address", "prefix", "public-key", "bgp-speaker"];
 const RELAY: &[&str] = &["public-address", "private-address"];
 const POOL: &[&str] = &["prefix", "count", "key"];
 const BGP: &[&str] = &["hold-time", "max-prefix", "neighbor"];
-const NEIGHBOR: &[&str] = &["address"];
+const NEIGHBOR: &[&str] = &["address", "max-prefix"];
 /// Children that may appear more than once.
 const REPEATABLE: &[&str] = &[
     "cloud-block",
@@ -1047,14 +1050,21 @@ impl Loader<'_> {
             "max-prefix",
             DEFAULT_MAX_PREFIX as i128,
             (1, 1_000_000),
-            "prefixes accepted per neighbour before the session is stopped",
+            "prefixes accepted from a site router before its session is stopped (nodes and gateways get limits from their assignments)",
         );
         let mut neighbors: Vec<Neighbor> = Vec::new();
         for n in f.by_name.get("neighbor").cloned().unwrap_or_default() {
             let name = self.block_name(n);
             let nf = self.fields(n, NEIGHBOR);
             let address = self.required(&nf, "address").and_then(|a| self.ip(a));
-            if let (Some(name), Some(address)) = (name, address) {
+            let own_max = self.opt_int(
+                &nf,
+                "max-prefix",
+                max_prefix.unwrap_or(DEFAULT_MAX_PREFIX as i128),
+                (1, 1_000_000),
+                "prefixes accepted from this router before its session is stopped",
+            );
+            if let (Some(name), Some(address), Some(own_max)) = (name, address, own_max) {
                 if neighbors.iter().any(|x| x.name == name) {
                     self.err(
                         Diagnostic::new(span_of(n), format!("duplicate neighbor name {name:?}"))
@@ -1071,7 +1081,11 @@ impl Loader<'_> {
                         .help("one session per router address: remove one neighbor"),
                     );
                 } else {
-                    neighbors.push(Neighbor { name, address });
+                    neighbors.push(Neighbor {
+                        name,
+                        address,
+                        max_prefix: own_max as u32,
+                    });
                 }
             }
         }
