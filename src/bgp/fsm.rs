@@ -148,7 +148,11 @@ impl Session {
     }
 
     /// Our OPEN: IPv4 and IPv6 unicast, route refresh, 4-octet AS, ADD-PATH send and receive
-    /// for both families, graceful restart.
+    /// for both families, and graceful restart as a helper only: the capability lists no
+    /// address family (RFC 4724 §3), because our forwarding dies with the daemon (the tunnels
+    /// are in it), so a peer must drop our routes when our session ends rather than keep
+    /// sending traffic into a dead datapath for the restart time. We still keep the routes of
+    /// a peer that restarts with its forwarding intact (a site router).
     pub fn open_message(&self) -> Open {
         let mut caps = vec![
             Capability::Multiprotocol {
@@ -167,10 +171,7 @@ impl Session {
             caps.push(Capability::GracefulRestart {
                 restarting: false,
                 time: self.config.restart_time,
-                families: vec![
-                    (AFI_IPV4, SAFI_UNICAST, true),
-                    (AFI_IPV6, SAFI_UNICAST, true),
-                ],
+                families: vec![],
             });
         }
         Open {
@@ -474,10 +475,12 @@ mod tests {
         };
         assert!(o.capabilities.contains(&Capability::FourOctetAs(65010)));
         assert!(o.capabilities.contains(&Capability::RouteRefresh));
-        assert!(o
-            .capabilities
-            .iter()
-            .any(|c| matches!(c, Capability::GracefulRestart { time: 120, .. })));
+        assert!(
+            o.capabilities.iter().any(
+                |c| matches!(c, Capability::GracefulRestart { families, .. } if families.is_empty())
+            ),
+            "graceful restart as a helper: no family whose forwarding we would preserve"
+        );
         assert_eq!(s.state, State::OpenSent);
     }
 

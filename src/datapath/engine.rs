@@ -58,7 +58,14 @@ pub struct PeerStats {
     pub peer_hears_us: AtomicBool,
     /// TCP SYNs to or from this peer whose MSS was lowered to fit the tunnel.
     pub mss_clamped: AtomicU64,
+    /// When we last started a new handshake because the link had gone silent.
+    pub last_rehandshake: AtomicU64,
 }
+
+/// How often the side that dials (a node) starts a new handshake on a link it no longer hears.
+/// boringtun alone waits for KEEPALIVE + REKEY_TIMEOUT (15 s) of silence: a gateway that
+/// restarted (its sessions gone) would drop every packet of the old session for that long.
+pub const REHANDSHAKE_DEAD: Duration = Duration::from_secs(1);
 
 /// A peer on a link. Its session state lives behind an `Arc` so a reload that keeps the peer
 /// (same public key) keeps the session, the learned endpoint and the counters.
@@ -474,12 +481,24 @@ impl Link {
             }
             let last = peer.stats().last_probe_tx.load(Ordering::Relaxed);
             if last == 0 || Duration::from_nanos(now_ns.saturating_sub(last)) >= policy.interval {
+                let hears = policy.is_alive(self.last_rx(peer), now);
+                let last_re = peer.stats().last_rehandshake.load(Ordering::Relaxed);
                 let res = if tunn.stats().0.is_none() {
                     // No session yet: start the handshake rather than queue a probe whose
                     // "hears you" would be stale by the time it is sent.
                     tunn.format_handshake_initiation(&mut buf, false)
+                } else if !hears
+                    && peer.spec.endpoint.is_some()
+                    && (last_re == 0
+                        || Duration::from_nanos(now_ns.saturating_sub(last_re)) >= REHANDSHAKE_DEAD)
+                {
+                    // The link went silent: the peer may have lost our session (a restart).
+                    // The dialling side starts a new one, once a second while it stays silent.
+                    peer.stats()
+                        .last_rehandshake
+                        .store(now_ns, Ordering::Relaxed);
+                    tunn.format_handshake_initiation(&mut buf, true)
                 } else {
-                    let hears = policy.is_alive(self.last_rx(peer), now);
                     tunn.encapsulate(&crate::datapath::probe::packet(hears), &mut buf)
                 };
                 if let TunnResult::WriteToNetwork(b) = res {
@@ -867,6 +886,40 @@ mod tests {
             gw.alive(g, fast, at) && node.alive(n, fast, at),
             "back when packets return"
         );
+    }
+
+    #[test]
+    fn a_node_that_stops_hearing_its_gateway_handshakes_again_once_a_second() {
+        // A gateway that restarted has lost the session: it drops the node's packets, and
+        // boringtun alone would only start over after 15 s of silence.
+        let (gw, node) = pair();
+        connect(&gw, &node);
+        let initiations = |out: &[(SocketAddr, Vec<u8>)]| {
+            out.iter()
+                .filter(|(_, d)| d.len() == 148 && d[0] == 1)
+                .count()
+        };
+        let mut sent = Vec::new();
+        let mut at = t0();
+        while at < t0() + P.deadline() + Duration::from_millis(2500) {
+            at += P.interval;
+            sent.push((at, initiations(&node.tick(P, at))));
+        }
+        let first = sent.iter().find(|s| s.1 > 0).map(|s| s.0);
+        assert_eq!(
+            first,
+            sent.iter()
+                .find(|s| s.0 >= t0() + P.deadline())
+                .map(|s| s.0),
+            "a new handshake at the first probe after the deadline: {sent:?}"
+        );
+        let total: usize = sent.iter().map(|s| s.1).sum();
+        assert_eq!(total, 3, "then one a second: {sent:?}");
+        // The gateway, which never dials, does not.
+        let quiet: usize = (1..20)
+            .map(|i| initiations(&gw.tick(P, t0() + P.interval * i)))
+            .sum();
+        assert_eq!(quiet, 0);
     }
 
     #[test]
