@@ -23,7 +23,8 @@ use crate::bgp::wire::Attributes;
 use crate::intent::import;
 use crate::model::config::{BgpSpeaker, Config, Gateway};
 
-/// Graceful-restart time we announce (RFC 4724), seconds.
+/// Restart time in our graceful-restart capability (RFC 4724), seconds. The capability lists
+/// no address family (see `fsm::Session::open_message`), so no peer keeps our routes for it.
 pub const RESTART_TIME: u16 = 120;
 
 /// The iBGP sessions of this host, from the config: gateways reflect for the nodes and peer
