@@ -15,11 +15,13 @@
 //! - [`bgp`] — the iBGP speaker: codec, FSM, RIB, Adj-RIB-Out, graceful-restart timers and
 //!   the RIB task's decisions (`router`), all pure; and the tokio driver, which pushes learned
 //!   routes to the daemon on a watch channel.
+//! - [`bfd`] — BFD (RFC 5880/5881): Control packet codec and session state machine, pure.
 //! - [`daemon`] — `appliance run`: a pure core that turns liveness, learned-route and underlay
 //!   changes into exactly the kernel changes, tables and BGP signals they imply; the loop that
 //!   performs them; the control socket; the typed status.
 //! - [`image`] — the bootable image's PID 1 and how it reads its user-data.
 
+pub mod bfd;
 pub mod bgp;
 pub mod daemon;
 pub mod datapath;
