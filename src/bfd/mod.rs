@@ -1,8 +1,9 @@
 //! Bidirectional Forwarding Detection (RFC 5880, single hop per RFC 5881), asynchronous mode,
 //! without authentication: the Control packet codec ([`packet`]) and the per-session state
-//! machine ([`session`]), both pure. A gateway runs a session with each site router and with
+//! machine ([`session`]), both pure; and the socket edge ([`driver`]). A gateway runs a session with each site router and with
 //! the other gateways; a session that goes down takes its BGP session down with it.
 
+pub mod driver;
 pub mod packet;
 pub mod session;
 

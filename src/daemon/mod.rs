@@ -62,6 +62,16 @@ struct Daemon {
     links: BTreeMap<String, LinkRuntime>,
     started: Instant,
     kernel: KernelStatus,
+    bfd: Option<crate::bfd::driver::SharedBfd>,
+}
+
+async fn next_bfd(
+    rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<crate::bfd::driver::Change>>,
+) -> Option<crate::bfd::driver::Change> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Read and validate a config file; the error is the rendered diagnostics.
@@ -298,6 +308,11 @@ impl Daemon {
                 BgpStatus {
                     sessions: s.sessions.clone(),
                     refused_connections: s.refused_connections,
+                    bfd: self
+                        .bfd
+                        .as_ref()
+                        .map(|f| f.lock().expect("not poisoned").clone())
+                        .unwrap_or_default(),
                     routes: s
                         .routes
                         .iter()
@@ -367,6 +382,7 @@ pub async fn run(opts: Options) -> Result<(), String> {
         links: BTreeMap::new(),
         started: Instant::now(),
         kernel: KernelStatus::default(),
+        bfd: None,
     };
     let plan = d.sync().await?;
     tracing::info!(host = %d.opts.host, %role, changes = plan.changes.len(), "host reconciled");
@@ -383,6 +399,14 @@ pub async fn run(opts: Options) -> Result<(), String> {
         d.bgp = Some(speaker);
         tracing::info!(peers, "BGP speaker started");
     }
+    let mut bfd_changes = None;
+    if let Some(want) = crate::intent::bgp::bfd_sessions(d.core.cfg(), &d.opts.host) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let n = want.peers.len();
+        d.bfd = Some(crate::bfd::driver::start(want, tx).map_err(|e| format!("BFD: {e}"))?);
+        bfd_changes = Some(rx);
+        tracing::info!(sessions = n, "BFD started");
+    }
     let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
@@ -396,6 +420,13 @@ pub async fn run(opts: Options) -> Result<(), String> {
         tokio::select! {
             _ = tick.tick() => d.tick().await,
             l = next_learned(&mut learned) => d.learned(l).await,
+            Some(c) = next_bfd(&mut bfd_changes) => {
+                // A BFD session down takes its BGP session down at once (the router resets
+                // it and withdraws what it learned); back up, the session redials at once.
+                if let Some(b) = &d.bgp {
+                    b.set_reachable(&c.peer, c.up);
+                }
+            }
             _ = limiter.tick() => d.reset_rate_limiters(),
             _ = drift.tick() => match d.sync().await {
                 Ok(p) if !p.is_empty() => tracing::warn!(changes = p.changes.len(), "repaired drift:\n{}", p.render_text()),

@@ -31,6 +31,9 @@ pub struct BgpStatus {
     pub refused_connections: u64,
     /// Learned prefixes with their equal-cost paths.
     pub routes: Vec<LearnedRoute>,
+    /// BFD sessions with the site routers that ask for them.
+    #[serde(default)]
+    pub bfd: Vec<crate::bfd::driver::BfdStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,6 +215,13 @@ impl Status {
                 "connections refused from unknown addresses: {}",
                 b.refused_connections
             );
+            for f in &b.bfd {
+                let _ = writeln!(
+                    out,
+                    "BFD {} {}: {} ({}), {} received, {} discarded",
+                    f.peer, f.address, f.state, f.diag, f.received, f.discarded
+                );
+            }
         }
         let k = &self.kernel;
         let _ = writeln!(
@@ -269,6 +279,14 @@ mod tests {
                     ..Default::default()
                 }],
                 refused_connections: 3,
+                bfd: vec![crate::bfd::driver::BfdStatus {
+                    peer: "site".into(),
+                    address: "10.10.0.1".parse().unwrap(),
+                    state: "Up".into(),
+                    diag: "no diagnostic".into(),
+                    received: 12,
+                    discarded: 0,
+                }],
                 routes: vec![LearnedRoute {
                     prefix: "10.200.0.11/32".parse().unwrap(),
                     paths: vec![LearnedPath {
@@ -322,6 +340,7 @@ mod tests {
             "{bgp:?}"
         );
         assert!(t.contains("refused from unknown addresses: 3"));
+        assert!(t.contains("BFD site 10.10.0.1: Up (no diagnostic), 12 received"));
         assert!(
             t.contains("kernel: 4 update(s) (last: 1 change(s) in 2.0 ms)"),
             "{t}"

@@ -166,6 +166,42 @@ pub fn sessions(cfg: &Config, host: &str) -> Result<Option<SpeakerConfig>, Strin
     Ok(None)
 }
 
+/// The BFD sessions of a gateway: with every `bgp { neighbor }` that has `bfd #true`, from its
+/// IPv4 site address, at the `bgp` block's interval and multiplier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BfdSessions {
+    pub local: std::net::Ipv4Addr,
+    pub peers: Vec<(String, std::net::Ipv4Addr)>,
+    pub timers: crate::bfd::session::Config,
+}
+
+pub fn bfd_sessions(cfg: &Config, host: &str) -> Option<BfdSessions> {
+    let g = cfg.gateways.iter().find(|g| g.name == host)?;
+    let std::net::IpAddr::V4(local) = g.site_address else {
+        return None;
+    };
+    let peers: Vec<_> = cfg
+        .bgp
+        .neighbors
+        .iter()
+        .filter(|n| n.bfd)
+        .filter_map(|n| match n.address {
+            std::net::IpAddr::V4(a) => Some((n.name.clone(), a)),
+            _ => None,
+        })
+        .collect();
+    let every = std::time::Duration::from_millis(cfg.bgp.bfd_interval_ms as u64);
+    (!peers.is_empty()).then_some(BfdSessions {
+        local,
+        peers,
+        timers: crate::bfd::session::Config {
+            desired_min_tx: every,
+            required_min_rx: every,
+            detect_mult: cfg.bgp.bfd_multiplier,
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,5 +352,31 @@ mod tests {
         // A node takes from each gateway what the two site routers may send.
         let c7 = sessions(&cfg, "c7").unwrap().unwrap();
         assert_eq!(by_name(&c7, "gw1").peer.policy.max_prefix, 2100);
+    }
+
+    #[test]
+    fn a_gateway_runs_bfd_with_the_neighbours_that_ask_for_it_and_nobody_else_does() {
+        let mut text = include_str!("../../tests/golden/two-gateways/config.kdl").to_string();
+        text.push_str(
+            "bgp {\n bfd-interval-ms 50\n bfd-multiplier 4\n neighbor \"r1\" {\n  address \"10.10.0.1\"\n  bfd #true\n }\n neighbor \"r2\" {\n  address \"10.10.0.4\"\n }\n}\n",
+        );
+        let cfg = parse("site.kdl", &text).unwrap();
+        let b = bfd_sessions(&cfg, "gw1").unwrap();
+        assert_eq!(b.local.to_string(), "10.10.0.2");
+        assert_eq!(
+            b.peers,
+            vec![("r1".to_string(), "10.10.0.1".parse().unwrap())]
+        );
+        assert_eq!(
+            b.timers.desired_min_tx,
+            std::time::Duration::from_millis(50)
+        );
+        assert_eq!(b.timers.detect_mult, 4);
+        assert_eq!(bfd_sessions(&cfg, "c1"), None, "nodes run no BFD");
+        let plain = parse(
+            "site.kdl",
+            include_str!("../../tests/golden/two-gateways/config.kdl"),
+        );
+        assert_eq!(bfd_sessions(&plain.unwrap(), "gw1"), None, "off by default");
     }
 }

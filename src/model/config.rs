@@ -26,6 +26,9 @@ pub const DEFAULT_KEEPALIVE_MS: u32 = 300;
 pub const DEFAULT_DEAD_AFTER: u32 = 3;
 pub const DEFAULT_HOLD_TIME: u16 = 90;
 pub const DEFAULT_MAX_PREFIX: u32 = 100;
+/// BFD: transmit and receive interval, and the packets a peer may miss (300 ms to detect).
+pub const DEFAULT_BFD_INTERVAL_MS: u32 = 100;
+pub const DEFAULT_BFD_MULTIPLIER: u8 = 3;
 pub const MAX_LINKS: u32 = 64;
 /// Linux IFNAMSIZ - 1.
 const MAX_IFNAME: usize = 15;
@@ -125,6 +128,9 @@ pub struct Pool {
 pub struct Bgp {
     pub hold_time: u16,
     pub max_prefix: u32,
+    /// BFD with the neighbours that ask for it (RFC 5880/5881).
+    pub bfd_interval_ms: u32,
+    pub bfd_multiplier: u8,
     pub neighbors: Vec<Neighbor>,
 }
 
@@ -135,6 +141,8 @@ pub struct Neighbor {
     /// Prefixes accepted from this router before its session is stopped (default: the `bgp`
     /// block's `max-prefix`).
     pub max_prefix: u32,
+    /// Run BFD with this router: its session going down takes the BGP session down.
+    pub bfd: bool,
 }
 
 /// What a host is in the site, from the config.
@@ -280,8 +288,14 @@ const GATEWAY: &[&str] = &["endpoint", "site-address", "public-key"];
 const NODE: &[&str] = &["address", "prefix", "public-key", "bgp-speaker"];
 const RELAY: &[&str] = &["public-address", "private-address"];
 const POOL: &[&str] = &["prefix", "count", "key"];
-const BGP: &[&str] = &["hold-time", "max-prefix", "neighbor"];
-const NEIGHBOR: &[&str] = &["address", "max-prefix"];
+const BGP: &[&str] = &[
+    "hold-time",
+    "max-prefix",
+    "bfd-interval-ms",
+    "bfd-multiplier",
+    "neighbor",
+];
+const NEIGHBOR: &[&str] = &["address", "max-prefix", "bfd"];
 /// Children that may appear more than once.
 const REPEATABLE: &[&str] = &[
     "cloud-block",
@@ -356,6 +370,8 @@ impl Loader<'_> {
         let bgp = bgp.map(|b| b.0).unwrap_or(Bgp {
             hold_time: DEFAULT_HOLD_TIME,
             max_prefix: DEFAULT_MAX_PREFIX,
+            bfd_interval_ms: DEFAULT_BFD_INTERVAL_MS,
+            bfd_multiplier: DEFAULT_BFD_MULTIPLIER,
             neighbors: Vec::new(),
         });
         let mut sem = Semantics {
@@ -1052,6 +1068,20 @@ impl Loader<'_> {
             (1, 1_000_000),
             "prefixes accepted from a site router before its session is stopped (nodes and gateways get limits from their assignments)",
         );
+        let bfd_interval = self.opt_int(
+            &f,
+            "bfd-interval-ms",
+            DEFAULT_BFD_INTERVAL_MS as i128,
+            (10, 10_000),
+            "BFD transmit and receive interval in ms: 10..=10000",
+        );
+        let bfd_mult = self.opt_int(
+            &f,
+            "bfd-multiplier",
+            DEFAULT_BFD_MULTIPLIER as i128,
+            (2, 255),
+            "BFD packets a peer may miss before its session is down: 2..=255",
+        );
         let mut neighbors: Vec<Neighbor> = Vec::new();
         for n in f.by_name.get("neighbor").cloned().unwrap_or_default() {
             let name = self.block_name(n);
@@ -1064,7 +1094,13 @@ impl Loader<'_> {
                 (1, 1_000_000),
                 "prefixes accepted from this router before its session is stopped",
             );
-            if let (Some(name), Some(address), Some(own_max)) = (name, address, own_max) {
+            let bfd = match nf.by_name.get("bfd").and_then(|v| v.first()) {
+                Some(b) => self.boolean(b),
+                None => Some(false),
+            };
+            if let (Some(name), Some(address), Some(own_max), Some(bfd)) =
+                (name, address, own_max, bfd)
+            {
                 if neighbors.iter().any(|x| x.name == name) {
                     self.err(
                         Diagnostic::new(span_of(n), format!("duplicate neighbor name {name:?}"))
@@ -1080,11 +1116,18 @@ impl Loader<'_> {
                         .label("duplicate address")
                         .help("one session per router address: remove one neighbor"),
                     );
+                } else if bfd && address.is_ipv6() {
+                    self.err(
+                        Diagnostic::new(span_of(n), format!("BFD with {address}"))
+                            .label("IPv6 neighbour")
+                            .help("BFD runs over IPv4 here: peer over the router's IPv4 address, or drop `bfd`"),
+                    );
                 } else {
                     neighbors.push(Neighbor {
                         name,
                         address,
                         max_prefix: own_max as u32,
+                        bfd,
                     });
                 }
             }
@@ -1092,6 +1135,8 @@ impl Loader<'_> {
         Some(Bgp {
             hold_time: hold? as u16,
             max_prefix: max_prefix? as u32,
+            bfd_interval_ms: bfd_interval? as u32,
+            bfd_multiplier: bfd_mult? as u8,
             neighbors,
         })
     }
