@@ -7,7 +7,7 @@
 #   sudo tests/lab.sh run HOST [DIR]  # start HOST's daemon again (after you killed it, say)
 #   LAB_RTT_MS=20 sudo tests/lab.sh up   # with 20 ms of WAN round trip (tests/udp-delay.py)
 #
-#  site  10.10.0.1/24: bird2 (site router, ECMP from both gateways), NFS server (nfs-ganesha,
+#  site  10.10.0.1/24: bird2 (site router, ECMP from both gateways, BFD), NFS server (nfs-ganesha,
 #        export /srv/nfs), iperf3 target
 #  gw1 10.10.0.2 / 192.0.2.1, gw2 10.10.0.3 / 192.0.2.3: appliance gateways (route reflectors)
 #  inet  the internet: a bridge joining the gateways' and the relays' public legs
@@ -72,7 +72,7 @@ site_file() {
       k=$("$BIN" pubkey < "$DIR/c$i.key")
       printf 'node "c%s" {\n address "10.200.0.1%s"\n public-key "%s"\n}\n' "$i" "$i" "$k"
     done
-    printf 'bgp {\n hold-time 30\n neighbor "site-router" {\n  address "10.10.0.1"\n }\n}\n'
+    printf 'bgp {\n hold-time 30\n neighbor "site-router" {\n  address "10.10.0.1"\n  bfd #true\n }\n}\n'
   } > "$DIR/site.kdl"
 }
 
@@ -81,8 +81,9 @@ bird_conf() {
 router id 10.10.0.1;
 protocol device {}
 protocol kernel { ipv4 { import none; export filter { if dest = RTD_UNICAST then accept; reject; }; }; merge paths on; }
+protocol bfd { interface "*" { min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }; }
 template bgp gateways { local 10.10.0.1 as 65010; neighbor as 65010; direct; hold time 30;
-  ipv4 { import all; export none; }; }
+  bfd on; error wait time 1, 10; ipv4 { import all; export none; }; }
 protocol bgp gw1 from gateways { neighbor 10.10.0.2; }
 protocol bgp gw2 from gateways { neighbor 10.10.0.3; }
 EOF

@@ -518,6 +518,60 @@ fn the_site_end_to_end_nfs_routes_and_faults() {
     );
     eprintln!("outages: link cut {cut} ms, relay lost {lost} ms, relay back {back} ms, node daemon crash {crash} ms ({replied} ms after its restart)");
 
+    // Gateway gw2 lost during a copy: its links down (no FIN, no NOTIFICATION escapes), then
+    // its daemon killed. bird drops its paths by BFD, c1 drops its links by liveness; the ping
+    // train (c1 → site → c1) finds the way through gw1 in both directions.
+    let mut lost_at = 0.0;
+    let gaps = copy_through(&site, "c1", "gwloss", 96, 600, |site| {
+        lost_at = unix_now();
+        for dev in ["lan", "pub"] {
+            site.sh("gw2", &format!("ip link set {dev} down"));
+        }
+        run("kill", &["-KILL", &daemon_pid(site, "gw2").to_string()]);
+        let t = Instant::now();
+        while site
+            .sh("site", "ip route show 10.200.0.11 proto bird")
+            .contains("10.10.0.3")
+        {
+            assert!(t.elapsed() < Duration::from_secs(10), "bird kept gw2");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        eprintln!("gw2 lost: bird dropped its path after {:?}", t.elapsed());
+        while site.live("c1") > 4 {
+            assert!(t.elapsed() < Duration::from_secs(10), "c1 kept gw2's links");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        eprintln!("gw2 lost: c1 down to gw1's 4 links after {:?}", t.elapsed());
+    });
+    let gw_loss = longest(&gaps);
+    eprintln!("gateway lost under NFS: longest ping gap {gw_loss} ms ({gaps:?})");
+    assert!(gw_loss <= 1000, "{gaps:?}");
+    let r = site.sh("c1", "ip route show 10.10.0.0/16 proto 173 metric 20");
+    assert!(!r.contains("ap-gw2"), "c1 still routes via gw2: {r}");
+    // gw2 back: links up, daemon restarted; every path returns, once.
+    for dev in ["lan", "pub"] {
+        site.sh("gw2", &format!("ip link set {dev} up"));
+    }
+    restart_daemon(&site, "gw2");
+    let t = Instant::now();
+    loop {
+        let r = site.sh("site", "ip route show 10.200.0.11 proto bird");
+        if site.live("c1") == 8 && r.contains("via 10.10.0.2") && r.contains("via 10.10.0.3") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "gw2 did not come back: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "gw2 back: all paths after {:?} (lost at {lost_at:.1})",
+        t.elapsed()
+    );
+    let r = site.sh("site", "ip route show 10.200.0.11 proto bird");
+    assert_eq!(r.matches("via 10.10.0.3").count(), 1, "{r}");
+
     // One link (gw1's link 0) flapping every second for 20 s while c1 keeps copying: every
     // copy checks, and c1 logs exactly one down and one up per flap.
     let log_before = std::fs::read_to_string(site.dir.join("c1.log")).unwrap_or_default();
