@@ -12,6 +12,10 @@
 
 mod common;
 use common::*;
+
+/// c1's prefix, and bird's nexthops for it through both gateways.
+const N1: &str = "10.200.0.11/32";
+const BOTH: &[&str] = &["10.10.0.2", "10.10.0.3"];
 use std::time::{Duration, Instant};
 
 #[test]
@@ -166,17 +170,14 @@ fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
         "20",
     ]);
     procs[3] = daemon(&c1, &dir, "c1");
-    let t5 = Instant::now();
-    while kernel_nexthops(&site, "10.200.0.11/32") != ["10.10.0.2", "10.10.0.3"] {
-        assert!(
-            t5.elapsed() < Duration::from_secs(30),
-            "c1 did not come back: {:?}\n{}",
-            kernel_nexthops(&site, "10.200.0.11/32"),
-            logs(&procs)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    eprintln!("c1 restarted: both paths back after {:?}", t5.elapsed());
+    let back = wait_nexthops(
+        &site,
+        N1,
+        BOTH,
+        Duration::from_secs(30),
+        "c1 did not come back",
+    );
+    eprintln!("c1 restarted: both paths back after {back:?}");
     assert!(
         !c1.our_routes().iter().any(|(d, _, _)| d == "10.99.0.0/16"),
         "stale route of ours survived the restart: {:?}",
@@ -187,52 +188,41 @@ fn bird_learns_each_node_prefix_once_per_gateway_and_loses_a_stopped_gateway() {
     // we help a restarting peer, we preserve no forwarding state), and bird drops gw2's path
     // the moment the TCP session ends instead of keeping it stale for the restart time.
     procs[2].signal("-KILL");
-    let t7 = Instant::now();
-    while kernel_nexthops(&site, "10.200.0.11/32") != ["10.10.0.2"] {
-        assert!(
-            t7.elapsed() < Duration::from_secs(10),
-            "bird kept the crashed gateway's path: {:?}",
-            kernel_nexthops(&site, "10.200.0.11/32")
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let dropped = t7.elapsed();
+    let dropped = wait_nexthops(
+        &site,
+        N1,
+        &["10.10.0.2"],
+        Duration::from_secs(10),
+        "bird kept the crashed gateway's path",
+    );
     let show = site.exec(&["birdc", "-s", s, "show", "route", "all", "10.200.0.11/32"]);
     let show = String::from_utf8_lossy(&show.stdout).to_string();
     assert!(!show.contains("stale"), "a stale path: {show}");
     // Restarted, as the image's supervisor does: both paths again, once each.
     procs[2] = daemon(&gw2, &dir, "gw2");
-    let t8 = Instant::now();
-    while kernel_nexthops(&site, "10.200.0.11/32") != ["10.10.0.2", "10.10.0.3"] {
-        assert!(
-            t8.elapsed() < Duration::from_secs(30),
-            "gw2 did not come back: {:?}",
-            kernel_nexthops(&site, "10.200.0.11/32")
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let back = wait_nexthops(
+        &site,
+        N1,
+        BOTH,
+        Duration::from_secs(30),
+        "gw2 did not come back",
+    );
     eprintln!(
-        "gw2 crashed: bird dropped its path after {dropped:?}; restarted: path back after {:?}",
-        t8.elapsed()
+        "gw2 crashed: bird dropped its path after {dropped:?}; restarted: path back after {back:?}"
     );
     let show = site.exec(&["birdc", "-s", s, "show", "route", "all", "10.200.0.11/32"]);
     let show = String::from_utf8_lossy(&show.stdout).to_string();
     assert_eq!(show.matches("via 10.10.0.3 ").count(), 1, "{show}");
     // Stopping gw1 takes its path away.
     procs[1].signal("-TERM");
-    let t1 = Instant::now();
-    while kernel_nexthops(&site, "10.200.0.11/32") != ["10.10.0.3"] {
-        assert!(
-            t1.elapsed() < Duration::from_secs(40),
-            "gw1's path stayed: {:?}",
-            kernel_nexthops(&site, "10.200.0.11/32")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    eprintln!(
-        "gw1 stopped: bird down to one path after {:?}",
-        t1.elapsed()
+    let gone = wait_nexthops(
+        &site,
+        N1,
+        &["10.10.0.3"],
+        Duration::from_secs(40),
+        "gw1's path stayed",
     );
+    eprintln!("gw1 stopped: bird down to one path after {gone:?}");
     let t3 = Instant::now();
     while learned(&c1) != ["ap-gw2-0", "ap-gw2-1"] {
         assert!(
@@ -326,14 +316,7 @@ fn bird_drops_a_silently_dead_gateway_by_bfd_in_under_a_second() {
         return;
     }
     let (site, gw1, gw2, _inet, c1, dir) = two_gateways("bfd");
-    let conf = dir.join("site.kdl");
-    let plain = std::fs::read_to_string(&conf).unwrap();
-    let with_bfd = plain.replace(
-        "address \"10.10.0.1\"\n }",
-        "address \"10.10.0.1\"\n bfd #true\n }",
-    );
-    assert_ne!(plain, with_bfd, "{plain}");
-    std::fs::write(&conf, with_bfd).unwrap();
+    site_router_bfd(&dir);
     let (bird_proc, sock) = bird(
         &site,
         &dir,
@@ -401,14 +384,13 @@ fn bird_drops_a_silently_dead_gateway_by_bfd_in_under_a_second() {
     }
     let t1 = Instant::now();
     procs[2].signal("-KILL");
-    while kernel_nexthops(&site, "10.200.0.11/32") != ["10.10.0.2"] {
-        assert!(
-            t1.elapsed() < Duration::from_secs(10),
-            "bird kept the dead gateway: {:?}",
-            kernel_nexthops(&site, "10.200.0.11/32")
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_nexthops(
+        &site,
+        N1,
+        &["10.10.0.2"],
+        Duration::from_secs(10),
+        "bird kept the dead gateway",
+    );
     let gone = t1.elapsed();
     eprintln!("gw2 silently dead: bird dropped its path after {gone:?} (BFD 100 ms x 3)");
     // Target ≤ 1 s; asserted with margin for a loaded 2-core machine.

@@ -146,14 +146,7 @@ fn frr_drops_a_silently_dead_gateway_by_bfd_in_under_a_second() {
         return;
     }
     let (site, gw1, gw2, _inet, c1, dir) = two_gateways("frrbfd");
-    let conf = dir.join("site.kdl");
-    let plain = std::fs::read_to_string(&conf).unwrap();
-    let with_bfd = plain.replace(
-        "address \"10.10.0.1\"\n }",
-        "address \"10.10.0.1\"\n bfd #true\n }",
-    );
-    assert_ne!(plain, with_bfd);
-    std::fs::write(&conf, with_bfd).unwrap();
+    site_router_bfd(&dir);
     let vty = dir.to_str().unwrap().to_string();
     // zebra and bfdd drop to FRR's own user: the directory for their sockets and PID files
     // must be theirs.

@@ -364,6 +364,27 @@ pub fn bird(ns: &Netns, dir: &std::path::Path, name: &str, conf: &str) -> (Proc,
 }
 
 /// The nexthop gateways of `prefix` in `ns`'s kernel table (bird's kernel protocol exports).
+/// Wait up to `within` until `ns`'s kernel routes `prefix` via exactly `want` (sorted);
+/// returns how long it took. `what` names the wait in the failure.
+pub fn wait_nexthops(
+    ns: &Netns,
+    prefix: &str,
+    want: &[&str],
+    within: std::time::Duration,
+    what: &str,
+) -> std::time::Duration {
+    let t = std::time::Instant::now();
+    while kernel_nexthops(ns, prefix) != want {
+        assert!(
+            t.elapsed() < within,
+            "{what}: {prefix} via {:?}, not {want:?}",
+            kernel_nexthops(ns, prefix)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    t.elapsed()
+}
+
 pub fn kernel_nexthops(ns: &Netns, prefix: &str) -> Vec<String> {
     let fam = if prefix.contains(':') { "-6" } else { "-4" };
     let v = ns.ip_json(&[fam, "route", "show", prefix]);
@@ -420,6 +441,18 @@ pub fn two_gateways(tag: &str) -> (Netns, Netns, Netns, Netns, Netns, std::path:
         "",
     );
     (site, gw1, gw2, inet, c1, dir)
+}
+
+/// DIR/site.kdl of the two-gateway lab with BFD to the site router (`bfd #true`).
+pub fn site_router_bfd(dir: &std::path::Path) {
+    let conf = dir.join("site.kdl");
+    let plain = std::fs::read_to_string(&conf).unwrap();
+    let with_bfd = plain.replace(
+        "address \"10.10.0.1\"\n }",
+        "address \"10.10.0.1\"\n bfd #true\n }",
+    );
+    assert_ne!(plain, with_bfd, "no site-router neighbor in {plain}");
+    std::fs::write(&conf, with_bfd).unwrap();
 }
 
 /// Turns the two-gateway lab dual-stack: IPv6 on the site LAN (2001:db8:10::/64, no DAD), and
