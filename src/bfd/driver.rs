@@ -96,29 +96,16 @@ pub fn start(
                 .unwrap_or_else(|| Instant::now() + std::time::Duration::from_secs(1));
             tokio::select! {
                 got = rx.async_io(Interest::READABLE, || receive(rx.as_raw_fd(), &mut buf)) => {
-                    let Ok((n, from, ttl)) = got else { continue };
-                    let now = Instant::now();
-                    let Some(i) = sessions.iter().position(|s| s.1 == from) else { continue };
-                    let ok = ttl == Some(TTL as i32);
-                    let decoded = if ok { Control::decode(&buf[..n]).ok() } else { None };
-                    let result = decoded.map(|p| sessions[i].2.receive(&p, now));
-                    let mut st = shared.lock().expect("not poisoned");
-                    match result {
-                        Some(Ok(t)) => {
-                            st[i].received += 1;
-                            if let Some(t) = t {
-                                report(&changes, &sessions[i].0, t.from, t.to, t.diag);
-                            }
-                        }
-                        _ => st[i].discarded += 1,
+                    // Whatever arrives (a flood from anywhere included), the timers below still
+                    // run: a datagram is looked at once and never skips them.
+                    if let Ok((n, from, ttl)) = got {
+                        take(&mut sessions, &shared, &changes, &buf[..n], from, ttl);
                     }
-                    st[i].state = sessions[i].2.state().to_string();
-                    st[i].diag = sessions[i].2.diag().to_string();
                 }
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
             let now = Instant::now();
-            for (name, addr, s) in sessions.iter_mut() {
+            for (name, addr, s) in sessions.iter_mut().filter(|s| now >= s.2.next_wake()) {
                 let jitter = rand_core::RngCore::next_u32(&mut rand_core::OsRng);
                 let (t, p) = s.timers(now, jitter);
                 if let Some(t) = t {
@@ -136,6 +123,36 @@ pub fn start(
         }
     });
     Ok(status)
+}
+
+/// One datagram from `from`, for the session with that peer if there is one: only with TTL 255
+/// (RFC 5881 §5) and only if it decodes; counted either way.
+fn take(
+    sessions: &mut [(String, Ipv4Addr, Session)],
+    shared: &SharedBfd,
+    changes: &mpsc::UnboundedSender<Change>,
+    datagram: &[u8],
+    from: Ipv4Addr,
+    ttl: Option<i32>,
+) {
+    let Some(i) = sessions.iter().position(|s| s.1 == from) else {
+        return;
+    };
+    let now = Instant::now();
+    let decoded = (ttl == Some(TTL as i32))
+        .then(|| Control::decode(datagram).ok())
+        .flatten();
+    let result = decoded.map(|p| sessions[i].2.receive(&p, now));
+    let mut st = shared.lock().expect("not poisoned");
+    match result {
+        Some(Ok(t)) => {
+            st[i].received += 1;
+            if let Some(t) = t {
+                report(changes, &sessions[i].0, t.from, t.to, t.diag);
+            }
+        }
+        _ => st[i].discarded += 1,
+    }
 }
 
 fn report(changes: &mpsc::UnboundedSender<Change>, peer: &str, from: State, to: State, diag: Diag) {
