@@ -939,27 +939,6 @@ fn nexthops_of(ns: &Netns, dst: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// TX packets plus TX drops of each tunnel device in `ns`.
-fn tunnel_tx(ns: &Netns) -> Vec<(String, u64)> {
-    ns.ip_json(&["-s", "link", "show"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|l| {
-            l["ifname"]
-                .as_str()
-                .is_some_and(|n| n.starts_with("ap-gw1-"))
-        })
-        .map(|l| {
-            let tx = &l["stats64"]["tx"];
-            (
-                l["ifname"].as_str().unwrap().to_string(),
-                tx["packets"].as_u64().unwrap_or(0) + tx["dropped"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn a_killed_node_daemon_fails_closed_and_its_restart_leaves_no_stale_routes() {
     if !root_or_skip("daemon_kill") {
@@ -1021,7 +1000,7 @@ fn a_killed_node_daemon_fails_closed_and_its_restart_leaves_no_stale_routes() {
         },
     );
     eprintln!("carrier lost {:?} after SIGKILL", t_kill.elapsed());
-    let before = tunnel_tx(&lab.node);
+    let before = tunnel_tx(&lab.node.ip_json(&["-s", "link", "show"]), "ap-gw1-");
     assert_eq!(before.len(), 4);
     let flood = lab.node.exec(&[
         "ping",
@@ -1044,7 +1023,7 @@ fn a_killed_node_daemon_fails_closed_and_its_restart_leaves_no_stale_routes() {
         .exec(&["ip", "route", "get", "10.10.0.2", "from", "10.200.0.11"]);
     assert!(!get.status.success(), "a usable route: {}", text(&get));
     // Nothing entered a tunnel device: not the pings, not the dead BGP session's packets.
-    let after = tunnel_tx(&lab.node);
+    let after = tunnel_tx(&lab.node.ip_json(&["-s", "link", "show"]), "ap-gw1-");
     let entered: u64 = after.iter().zip(&before).map(|(a, b)| a.1 - b.1).sum();
     assert!(
         entered < 10,

@@ -189,17 +189,10 @@ fn longest(gaps: &[(f64, u64)]) -> u64 {
 }
 
 /// Packets the kernel put into (or dropped at) `role`'s tunnel devices so far.
-fn tunnel_tx(site: &Site, role: &str) -> u64 {
-    let j: serde_json::Value = serde_json::from_str(&site.sh(role, "ip -s -j link show")).unwrap();
-    j.as_array()
-        .unwrap()
-        .iter()
-        .filter(|l| l["ifname"].as_str().is_some_and(|n| n.starts_with("ap-")))
-        .map(|l| {
-            let tx = &l["stats64"]["tx"];
-            tx["packets"].as_u64().unwrap_or(0) + tx["dropped"].as_u64().unwrap_or(0)
-        })
-        .sum()
+fn tunnel_packets(site: &Site, role: &str) -> u64 {
+    let links: serde_json::Value =
+        serde_json::from_str(&site.sh(role, "ip -s -j link show")).unwrap();
+    tunnel_tx(&links, "ap-").iter().map(|t| t.1).sum()
 }
 
 /// PID of the lab's daemon for `role` (tests/lab.sh records every PID it starts).
@@ -446,11 +439,11 @@ fn the_site_end_to_end_nfs_routes_and_faults() {
             assert!(t.elapsed() < Duration::from_secs(10), "carrier stayed");
             std::thread::sleep(Duration::from_millis(20));
         }
-        let before = tunnel_tx(site, "c1");
+        let before = tunnel_packets(site, "c1");
         std::thread::sleep(
             Duration::from_millis(2000) - t.elapsed().min(Duration::from_millis(1500)),
         );
-        entered = tunnel_tx(site, "c1") - before;
+        entered = tunnel_packets(site, "c1") - before;
         let t = Instant::now();
         restarted = unix_now();
         restart_daemon(site, "c1");

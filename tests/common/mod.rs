@@ -364,6 +364,22 @@ pub fn bird(ns: &Netns, dir: &std::path::Path, name: &str, conf: &str) -> (Proc,
 }
 
 /// The nexthop gateways of `prefix` in `ns`'s kernel table (bird's kernel protocol exports).
+/// TX packets plus TX drops (what the kernel put into each, or dropped at it) of every device
+/// whose name starts with `prefix`, from `ip -s -j link show`.
+pub fn tunnel_tx(links: &serde_json::Value, prefix: &str) -> Vec<(String, u64)> {
+    links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| {
+            let name = l["ifname"].as_str().filter(|n| n.starts_with(prefix))?;
+            let tx = &l["stats64"]["tx"];
+            let n = tx["packets"].as_u64().unwrap_or(0) + tx["dropped"].as_u64().unwrap_or(0);
+            Some((name.to_string(), n))
+        })
+        .collect()
+}
+
 /// Wait up to `within` until `ns`'s kernel routes `prefix` via exactly `want` (sorted);
 /// returns how long it took. `what` names the wait in the failure.
 pub fn wait_nexthops(
