@@ -377,6 +377,28 @@ fn bird_drops_a_silently_dead_gateway_by_bfd_in_under_a_second() {
         "{}",
         text(&text_status)
     );
+    // The gateways run BFD with each other too (gateway-bfd, on by default).
+    let gw1_status = || {
+        let st = gw1.appliance(&["status", "--output", "json"]);
+        serde_json::from_slice::<serde_json::Value>(&st.stdout).unwrap_or_default()
+    };
+    let t = Instant::now();
+    while gw1_status()["bgp"]["bfd"][1]["state"] != "Up" {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no BFD between the gateways: {}",
+            gw1_status()["bgp"]["bfd"]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(gw1_status()["bgp"]["bfd"][1]["peer"], "gw2");
+    let gw2_session = |st: &serde_json::Value| {
+        st["bgp"]["sessions"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == "gw2").cloned())
+            .unwrap_or_default()
+    };
+    assert_eq!(gw2_session(&gw1_status())["state"], "Established");
 
     // gw2 vanishes: links down first, then its daemon killed. Nothing reaches bird.
     for dev in ["lan", "wan"] {
@@ -398,6 +420,25 @@ fn bird_drops_a_silently_dead_gateway_by_bfd_in_under_a_second() {
     let show = site.exec(&["birdc", "-s", s, "show", "protocols", "all", "gw2"]);
     let show = String::from_utf8_lossy(&show.stdout).to_string();
     assert!(show.contains("BFD session down"), "bird says why: {show}");
+    // gw1 lets go of its session with gw2 by BFD too, not at the 30 s hold time.
+    while gw2_session(&gw1_status())["state"] == "Established" {
+        assert!(
+            t1.elapsed() < Duration::from_secs(10),
+            "gw1 kept its session with the dead gw2: {}",
+            gw1_status()["bgp"]
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let gw_gone = t1.elapsed();
+    let st = gw1_status();
+    eprintln!(
+        "gw2 silently dead: gw1's session with it reset after {gw_gone:?}: {}",
+        gw2_session(&st)["last_error"]
+    );
+    assert!(gw_gone <= Duration::from_millis(1500), "{gw_gone:?}");
+    assert_eq!(st["bgp"]["bfd"][1]["state"], "Down", "{}", st["bgp"]["bfd"]);
+    let why = gw2_session(&st)["last_error"].to_string();
+    assert!(why.contains("BFD down"), "{why}");
 
     // Back: links up, daemon restarted; both paths again. (bird holds a protocol that failed
     // for its `error wait time`, 60 s by default; the site snippet in the README sets 1 s.)
@@ -413,6 +454,16 @@ fn bird_drops_a_silently_dead_gateway_by_bfd_in_under_a_second() {
             "gw2 did not come back: {:?}\n{}",
             kernel_nexthops(&site, "10.200.0.11/32"),
             bfd_up(&site).2
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    while gw2_session(&gw1_status())["state"] != "Established"
+        || gw1_status()["bgp"]["bfd"][1]["state"] != "Up"
+    {
+        assert!(
+            t2.elapsed() < Duration::from_secs(30),
+            "gw1 and gw2 did not meet again: {}",
+            gw1_status()["bgp"]
         );
         std::thread::sleep(Duration::from_millis(100));
     }

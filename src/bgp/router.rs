@@ -2,7 +2,7 @@
 //! send, timers to start and changed prefixes out. [`super::speaker`] only moves them.
 //!
 //! ```text
-//!  Input::{Up, Update, Refresh, Down, StaleExpired, Reachable, Shutdown}
+//!  Input::{Up, Update, Refresh, Down, StaleExpired, Reachable(.., Lost), Shutdown}
 //!        │
 //!        ▼
 //!  Router ── Rib (Adj-RIB-In, Loc-RIB, reflection, policy)
@@ -49,9 +49,16 @@ pub enum Input {
     /// A [`Timer`] ran out.
     StaleExpired(PeerId, u64),
     /// The datapath can (or can no longer) reach this peer.
-    Reachable(PeerId, bool),
+    Reachable(PeerId, bool, Lost),
     /// Going away on purpose: tell every established peer (Cease, administrative shutdown).
     Shutdown,
+}
+
+/// Why a peer cannot be reached: every tunnel link to it is dead, or its BFD session went down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lost {
+    Tunnel,
+    Bfd,
 }
 
 #[derive(Debug, Default)]
@@ -161,19 +168,25 @@ impl Router {
                     o.changed = self.rib.sweep_stale(id);
                 }
             }
-            Input::Reachable(id, false) => {
+            Input::Reachable(id, false, lost) => {
                 if self.up.remove(&id).is_some() {
+                    let (why, subcode) = match lost {
+                        // Cease 8 ("out of resources") is the closest RFC 4486 has.
+                        Lost::Tunnel => ("no live tunnel", 8),
+                        // RFC 9384: Cease subcode 10, "BFD Down".
+                        Lost::Bfd => ("BFD session down", 10),
+                    };
                     o.events
-                        .push((id, "no live tunnel: session reset, routes withdrawn".into()));
-                    // Cease 8 ("out of resources" is the closest) ends the session task.
+                        .push((id, format!("{why}: session reset, routes withdrawn")));
+                    // The NOTIFICATION ends the session task.
                     o.send
-                        .push((id, Message::Notification(Notification::cease(8))));
+                        .push((id, Message::Notification(Notification::cease(subcode))));
                 }
                 // A restarting peer's stale routes go too, and the others are told.
                 o.changed = self.rib.sweep_stale(id);
                 o.changed.extend(self.rib.peer_down(id));
             }
-            Input::Reachable(_, true) => {}
+            Input::Reachable(_, true, _) => {}
             Input::Update(id, u) => {
                 let Applied {
                     mut changed,

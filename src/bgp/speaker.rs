@@ -14,7 +14,7 @@
 
 use super::fsm::{Action, Event as FsmEvent, Negotiated, Session, SessionConfig};
 use super::rib::{Counters, PeerId, PeerKind, Rib, RibPeer};
-use super::router::{Input, Learn, Learned, Output, Router};
+use super::router::{Input, Learn, Learned, Lost, Output, Router};
 use super::setup::{PeerConfig, SpeakerConfig, PORT};
 use super::wire::{self, Context, Families, Message, Notification, Update};
 use ipnet::IpNet;
@@ -91,8 +91,18 @@ impl Speaker {
     /// links were dead is retried at once rather than after [`CONNECT_RETRY`]: a restarted node
     /// is back in BGP (and the site routes to it again) the moment its links are.
     pub fn set_reachable(&self, peer: &str, reachable: bool) {
+        self.reach(peer, reachable, Lost::Tunnel);
+    }
+
+    /// A BFD session with `peer` went down (or came back up): as [`Self::set_reachable`], with
+    /// Cease 10 ("BFD Down", RFC 9384) in the NOTIFICATION.
+    pub fn set_bfd(&self, peer: &str, up: bool) {
+        self.reach(peer, up, Lost::Bfd);
+    }
+
+    fn reach(&self, peer: &str, reachable: bool, lost: Lost) {
         if let Some(id) = self.names.iter().position(|n| n == peer) {
-            let _ = self.tx.send(ToRib::Reachable(id, reachable));
+            let _ = self.tx.send(ToRib::Reachable(id, reachable, lost));
             if reachable {
                 self.retry[id].notify_one();
             }
@@ -119,7 +129,7 @@ enum ToRib {
     /// The restart time given to a peer in `generation` of its sessions ran out.
     StaleExpired(PeerId, u64),
     /// The datapath can (or can no longer) reach this peer.
-    Reachable(PeerId, bool),
+    Reachable(PeerId, bool, Lost),
 }
 
 /// Start the speaker; it runs until the runtime stops.
@@ -478,7 +488,7 @@ async fn rib_task(
                 Input::Down(id, restart)
             }
             ToRib::StaleExpired(id, g) => Input::StaleExpired(id, g),
-            ToRib::Reachable(id, r) => Input::Reachable(id, r),
+            ToRib::Reachable(id, r, l) => Input::Reachable(id, r, l),
         };
         let mut out = router_handle(&mut router, input);
         perform(&router, &sessions, &me, &mut out);

@@ -424,7 +424,7 @@ pub async fn run(opts: Options) -> Result<(), String> {
                 // A BFD session down takes its BGP session down at once (the router resets
                 // it and withdraws what it learned); back up, the session redials at once.
                 if let Some(b) = &d.bgp {
-                    b.set_reachable(&c.peer, c.up);
+                    b.set_bfd(&c.peer, c.up);
                 }
             }
             _ = limiter.tick() => d.reset_rate_limiters(),

@@ -180,15 +180,24 @@ pub fn bfd_sessions(cfg: &Config, host: &str) -> Option<BfdSessions> {
     let std::net::IpAddr::V4(local) = g.site_address else {
         return None;
     };
+    let v4 = |name: &str, a: std::net::IpAddr| match a {
+        std::net::IpAddr::V4(a) => Some((name.to_string(), a)),
+        _ => None,
+    };
+    // The site routers that ask for it, and the other gateways (their BGP session carries
+    // every node's routes between the reflectors) unless `gateway-bfd #false`.
     let peers: Vec<_> = cfg
         .bgp
         .neighbors
         .iter()
         .filter(|n| n.bfd)
-        .filter_map(|n| match n.address {
-            std::net::IpAddr::V4(a) => Some((n.name.clone(), a)),
-            _ => None,
-        })
+        .filter_map(|n| v4(&n.name, n.address))
+        .chain(
+            cfg.gateways
+                .iter()
+                .filter(|o| cfg.bgp.gateway_bfd && o.name != g.name)
+                .filter_map(|o| v4(&o.name, o.site_address)),
+        )
         .collect();
     let every = std::time::Duration::from_millis(cfg.bgp.bfd_interval_ms as u64);
     (!peers.is_empty()).then_some(BfdSessions {
@@ -365,7 +374,11 @@ mod tests {
         assert_eq!(b.local.to_string(), "10.10.0.2");
         assert_eq!(
             b.peers,
-            vec![("r1".to_string(), "10.10.0.1".parse().unwrap())]
+            vec![
+                ("r1".to_string(), "10.10.0.1".parse().unwrap()),
+                ("gw2".to_string(), "10.10.0.3".parse().unwrap())
+            ],
+            "the router that asks for it and the other gateway"
         );
         assert_eq!(
             b.timers.desired_min_tx,
@@ -377,6 +390,20 @@ mod tests {
             "site.kdl",
             include_str!("../../tests/golden/two-gateways/config.kdl"),
         );
-        assert_eq!(bfd_sessions(&plain.unwrap(), "gw1"), None, "off by default");
+        let plain = plain.unwrap();
+        assert_eq!(
+            bfd_sessions(&plain, "gw2").unwrap().peers,
+            vec![("gw1".to_string(), "10.10.0.2".parse().unwrap())],
+            "between the gateways by default, with no router asking"
+        );
+        let off = parse(
+            "site.kdl",
+            &format!(
+                "{}bgp {{\n gateway-bfd #false\n}}\n",
+                include_str!("../../tests/golden/two-gateways/config.kdl")
+            ),
+        )
+        .unwrap();
+        assert_eq!(bfd_sessions(&off, "gw1"), None, "gateway-bfd #false");
     }
 }

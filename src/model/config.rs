@@ -131,6 +131,8 @@ pub struct Bgp {
     /// BFD with the neighbours that ask for it (RFC 5880/5881).
     pub bfd_interval_ms: u32,
     pub bfd_multiplier: u8,
+    /// BFD between the gateways (both ends are appliances reading this file; default on).
+    pub gateway_bfd: bool,
     pub neighbors: Vec<Neighbor>,
 }
 
@@ -293,6 +295,7 @@ const BGP: &[&str] = &[
     "max-prefix",
     "bfd-interval-ms",
     "bfd-multiplier",
+    "gateway-bfd",
     "neighbor",
 ];
 const NEIGHBOR: &[&str] = &["address", "max-prefix", "bfd"];
@@ -372,6 +375,7 @@ impl Loader<'_> {
             max_prefix: DEFAULT_MAX_PREFIX,
             bfd_interval_ms: DEFAULT_BFD_INTERVAL_MS,
             bfd_multiplier: DEFAULT_BFD_MULTIPLIER,
+            gateway_bfd: true,
             neighbors: Vec::new(),
         });
         let mut sem = Semantics {
@@ -1082,6 +1086,10 @@ impl Loader<'_> {
             (2, 255),
             "BFD packets a peer may miss before its session is down: 2..=255",
         );
+        let gateway_bfd = match f.by_name.get("gateway-bfd").and_then(|v| v.first()) {
+            Some(b) => self.boolean(b),
+            None => Some(true),
+        };
         let mut neighbors: Vec<Neighbor> = Vec::new();
         for n in f.by_name.get("neighbor").cloned().unwrap_or_default() {
             let name = self.block_name(n);
@@ -1137,6 +1145,7 @@ impl Loader<'_> {
             max_prefix: max_prefix? as u32,
             bfd_interval_ms: bfd_interval? as u32,
             bfd_multiplier: bfd_mult? as u8,
+            gateway_bfd: gateway_bfd?,
             neighbors,
         })
     }

@@ -212,15 +212,20 @@ fn max_prefix_exceeded_stops_that_session_only() {
 #[test]
 fn an_unreachable_node_is_reset_and_its_routes_withdrawn_even_if_restarting() {
     let mut r = gateway();
-    let o = r.handle(Input::Reachable(C1, false));
+    let o = r.handle(Input::Reachable(C1, false, Lost::Tunnel));
     assert_eq!(cease(&o, C1), Some(8));
     assert_eq!(told(&o, SITE).0.len(), 2);
     assert!(!r.is_up(C1));
     // Down gracefully first, then unreachable: the stale routes go too.
     let mut r = gateway();
     r.handle(Input::Down(C1, Some(RESTART)));
-    let o = r.handle(Input::Reachable(C1, false));
+    let o = r.handle(Input::Reachable(C1, false, Lost::Tunnel));
     assert_eq!(o.changed.len(), 2);
+    // By BFD: Cease 10, "BFD Down" (RFC 9384).
+    let mut r = gateway();
+    let o = r.handle(Input::Reachable(SITE, false, Lost::Bfd));
+    assert_eq!(cease(&o, SITE), Some(10));
+    assert!(o.events.iter().any(|e| e.1.contains("BFD session down")));
 }
 
 #[test]

@@ -53,6 +53,7 @@ impl Notification {
             (6, 7) => "cease: connection collision resolution",
             (6, 8) => "cease: out of resources",
             (6, 9) => "cease: hard reset",
+            (6, 10) => "cease: BFD down",
             (6, _) => "cease",
             _ => "unknown error",
         };
