@@ -6,9 +6,10 @@
 #   sudo tests/lab.sh down [DIR]   # stop every process it started (by PID), delete everything
 #   sudo tests/lab.sh run HOST [DIR]  # start HOST's daemon again (after you killed it, say)
 #   LAB_RTT_MS=20 sudo tests/lab.sh up   # with 20 ms of WAN round trip (tests/udp-delay.py)
+#   LAB_ROUTER=frr sudo tests/lab.sh up  # FRR (zebra, bfdd, bgpd) as the site router, not bird
 #
-#  site  10.10.0.1/24: bird2 (site router, ECMP from both gateways, BFD), NFS server (nfs-ganesha,
-#        export /srv/nfs), iperf3 target
+#  site  10.10.0.1/24: bird2 or FRR (site router, ECMP from both gateways, BFD), NFS server
+#        (nfs-ganesha, export DIR/nfs-export), iperf3 target
 #  gw1 10.10.0.2 / 192.0.2.1, gw2 10.10.0.3 / 192.0.2.3: appliance gateways (route reflectors)
 #  inet  the internet: a bridge joining the gateways' and the relays' public legs
 #  relay1 192.0.2.2 / 172.31.0.1, relay2 192.0.2.4 / 172.31.0.2: appliance relays (their NAT)
@@ -25,6 +26,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${APPLIANCE_BIN:-$ROOT/target/x86_64-unknown-linux-gnu/debug/appliance}
 NS=(site gw1 gw2 inet relay1 relay2 private c1 c2 c3)
 PREFIX=${LAB_PREFIX:-ap-lab}
+ROUTER=${LAB_ROUTER:-bird}
 ns() { echo "$PREFIX-$1"; }
 x() { local n=$1; shift; ip netns exec "$(ns "$n")" "$@"; }
 say() { printf '%s\n' "$*"; }
@@ -89,6 +91,47 @@ protocol bgp gw2 from gateways { neighbor 10.10.0.3; }
 EOF
 }
 
+frr_conf() { # FRR as the site router: the README's snippet, with zebra and bfdd beside bgpd
+  mkdir -p "$DIR/frr"
+  echo "hostname site" > "$DIR/frr/zebra.conf"
+  printf 'bfd\n profile fast\n  receive-interval 100\n  transmit-interval 100\n  detect-multiplier 3\n !\n!\n' > "$DIR/frr/bfdd.conf"
+  cat > "$DIR/frr/bgpd.conf" <<'EOF'
+frr defaults traditional
+hostname site
+router bgp 65010
+ bgp router-id 10.10.0.1
+ neighbor 10.10.0.2 remote-as 65010
+ neighbor 10.10.0.2 bfd profile fast
+ neighbor 10.10.0.2 timers connect 1
+ neighbor 10.10.0.3 remote-as 65010
+ neighbor 10.10.0.3 bfd profile fast
+ neighbor 10.10.0.3 timers connect 1
+ address-family ipv4 unicast
+  maximum-paths ibgp 4
+ exit-address-family
+EOF
+  chown -R frr:frr "$DIR/frr" # zebra and bfdd drop to FRR's user
+}
+
+frr() { # DAEMON ARGS...: start one FRR daemon in the site namespace
+  local d=$1; shift
+  start site "frr-$d.log" "/usr/lib/frr/$d" -f "$DIR/frr/$d.conf" --vty_socket "$DIR/frr" \
+    -i "$DIR/frr/$d.pid" -z "$DIR/frr/zserv.api" -P 0 "$@"
+}
+
+router() { # start the site router
+  if [ "$ROUTER" = frr ]; then
+    frr_conf
+    frr zebra
+    for _ in $(seq 1 50); do [ -S "$DIR/frr/zserv.api" ] && break; sleep 0.1; done
+    frr bfdd --bfdctl "$DIR/frr/bfdd.sock"
+    frr bgpd -S
+  else
+    bird_conf
+    start site bird.log bird -f -c "$DIR/bird.conf" -s "$DIR/bird.ctl" -P "$DIR/bird.pid"
+  fi
+}
+
 nfs_conf() {
   mkdir -p "$DIR/nfs-export" "$DIR/ganesha"
   cat > "$DIR/ganesha.conf" <<EOF
@@ -105,7 +148,7 @@ EOF
 
 need() {
   local missing=() p
-  for p in iproute2 nftables python3 bird2 iperf3 nfs-ganesha nfs-ganesha-vfs libnfs-utils rpcbind; do
+  for p in iproute2 nftables python3 bird2 frr iperf3 nfs-ganesha nfs-ganesha-vfs libnfs-utils rpcbind; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return
@@ -138,8 +181,7 @@ up() {
     [ -f "$DIR/$h.key" ] || { "$BIN" genkey > "$DIR/$h.key"; chmod 600 "$DIR/$h.key"; }
   done
   site_file
-  bird_conf
-  start site bird.log bird -f -c "$DIR/bird.conf" -s "$DIR/bird.ctl" -P "$DIR/bird.pid"
+  router
   if command -v ganesha.nfsd > /dev/null; then
     nfs_conf
     start site rpcbind.log rpcbind -f -w
@@ -199,8 +241,8 @@ status() {
   x gw1 "$BIN" status | sed -n '/BGP PEER/,/refused/p'
   say "== live links"
   for h in gw1 gw2 c1 c2 c3; do say "$h: $(live "$h")"; done
-  say "== the site router's routes to the cloud (one nexthop per gateway)"
-  x site ip route show proto bird
+  say "== the site router's ($ROUTER) routes to the cloud (one nexthop per gateway)"
+  x site ip route show root 10.200.0.0/16
   say "== c1's route to the site"
   x c1 ip route show 10.10.0.0/16 proto 173
   say "== iperf3 c1 -> site, 2 s"

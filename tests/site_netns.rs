@@ -13,6 +13,8 @@ struct Site {
     dir: PathBuf,
     /// WAN round trip added by the lab's delay forwarder.
     rtt_ms: u32,
+    /// The site router: "bird" or "frr" (`LAB_ROUTER`).
+    router: &'static str,
 }
 
 impl Site {
@@ -52,6 +54,7 @@ impl Site {
             .env("APPLIANCE_BIN", BIN)
             .env("LAB_PREFIX", &self.prefix)
             .env("LAB_RTT_MS", self.rtt_ms.to_string())
+            .env("LAB_ROUTER", self.router)
             .output()
             .unwrap()
     }
@@ -334,6 +337,316 @@ fn cut_ping_link(site: &Site) {
 
 static LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// A 10 ms ping train with timestamps (`ping -D`) from `role`'s `src` to `dst`.
+struct Train {
+    ping: std::process::Child,
+    count: u64,
+    what: String,
+}
+
+impl Train {
+    fn start(site: &Site, role: &str, src: &str, dst: &str, count: u64) -> Train {
+        let ping = Command::new("ip")
+            .args(["netns", "exec", &site.ns(role)])
+            .args(["ping", "-n", "-D", "-i", "0.01", "-W", "1", "-c"])
+            .arg(count.to_string())
+            .args(["-I", src, dst])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        Train {
+            ping,
+            count,
+            what: format!("{role} {src} -> {dst}"),
+        }
+    }
+
+    /// The silences (Unix time they began, ms), checked to end before the train did.
+    fn gaps(self) -> Vec<(f64, u64)> {
+        let out = self.ping.wait_with_output().unwrap();
+        let out = String::from_utf8_lossy(&out.stdout).to_string();
+        let tail = ping_gaps(&out, self.count);
+        assert!(
+            tail.last().is_none_or(|g| g.0 + g.1 <= self.count),
+            "{}: the ping train ended inside the outage: {tail:?}",
+            self.what
+        );
+        timed_gaps(&out)
+    }
+}
+
+/// Flows that cross gw2: a site source address whose flows to c1 the site router hashes onto
+/// gw2 (its ECMP hash is over the addresses), and a site address whose echo requests from c1
+/// leave by one of gw2's links (c1 hashes over ports too, so this is measured with counters).
+fn flows_via_gw2(site: &Site) -> (String, String) {
+    let mut from_site = None;
+    let mut to_site = None;
+    for i in 50..80 {
+        let a = format!("10.10.0.{i}");
+        site.sh("site", &format!("ip addr replace {a}/24 dev br0"));
+        if from_site.is_none()
+            && site
+                .sh("site", &format!("ip route get 10.200.0.11 from {a}"))
+                .contains("via 10.10.0.3")
+        {
+            from_site = Some(a.clone());
+        }
+        if to_site.is_none() {
+            let rules = (0..4)
+                .flat_map(|l| ["gw1", "gw2"].map(|g| format!("ap-{g}-{l}")))
+                .map(|d| format!("add rule inet via out oifname \"{d}\" icmp type echo-request counter comment \"{d}\"\n"))
+                .collect::<String>();
+            let f = site.dir.join("via.nft");
+            std::fs::write(
+                &f,
+                format!("add table inet via\nadd chain inet via out {{ type filter hook output priority 0; }}\n{rules}"),
+            )
+            .unwrap();
+            site.sh("c1", &format!("nft -f {}", f.display()));
+            site.sh(
+                "c1",
+                &format!("ping -c 3 -i 0.05 -W 1 -I 10.200.0.11 {a} > /dev/null"),
+            );
+            let listing = site.sh("c1", "nft list table inet via");
+            site.sh("c1", "nft delete table inet via");
+            if listing
+                .lines()
+                .any(|l| l.contains("ap-gw2") && !l.contains("packets 0 "))
+            {
+                to_site = Some(a);
+            }
+        }
+        if let (Some(f), Some(t)) = (&from_site, &to_site) {
+            return (f.clone(), t.clone());
+        }
+    }
+    panic!("no flow hashed onto gw2: {from_site:?} {to_site:?}")
+}
+
+/// gw2's paths at the site router and c1's links to it, both back: no duplicates anywhere, and
+/// nothing left for a reconcile to do on gw2 or c1.
+fn gw2_back(site: &Site, what: &str) -> Duration {
+    let t = Instant::now();
+    loop {
+        let r = site.sh("site", "ip route show 10.200.0.11");
+        if site.live("c1") == 8 && r.contains("via 10.10.0.2") && r.contains("via 10.10.0.3") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{what}: gw2 did not come back: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let back = t.elapsed();
+    let r = site.sh("site", "ip route show 10.200.0.11");
+    assert_eq!(r.matches("via 10.10.0.3").count(), 1, "{what}: {r}");
+    for role in ["gw2", "c1"] {
+        let routes = site.sh(role, "ip -o route show table all proto 173");
+        let mut keys: Vec<&str> = routes.lines().collect();
+        let n = keys.len();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(
+            keys.len(),
+            n,
+            "{what}: duplicate routes on {role}:\n{routes}"
+        );
+        let plan = site.exec(
+            role,
+            &[
+                BIN,
+                "reconcile",
+                "-c",
+                site.dir.join("site.kdl").to_str().unwrap(),
+                "--node",
+                role,
+                "--dry-run",
+            ],
+        );
+        assert_eq!(
+            plan.status.code(),
+            Some(0),
+            "{what}: stale state on {role}: {}",
+            text(&plan)
+        );
+    }
+    back
+}
+
+/// The longest silence of a train, and how long after `at` the silence spanning `at` ended
+/// (0 when the train never fell silent there).
+fn outage(gaps: &[(f64, u64)], at: f64) -> (u64, u64) {
+    let spanning = gaps
+        .iter()
+        .filter(|g| g.0 <= at + 0.05 && g.0 + g.1 as f64 / 1000.0 > at)
+        .map(|g| ((g.0 + g.1 as f64 / 1000.0 - at) * 1000.0).round() as u64)
+        .max()
+        .unwrap_or(0);
+    (longest(gaps), spanning)
+}
+
+/// Gateway faults with traffic from the site: an iperf3 stream from the site to c1 and 10 ms
+/// ping trains site → c1 and c1 → site, each on a flow that crosses gw2, and an NFS copy.
+/// First gw2 lost without a word (links down, every process in its namespace SIGKILLed),
+/// then back; then gw2's daemon alone SIGKILLed and restarted 1 s later, as the image's
+/// supervisor does. Returns the figures for the log.
+fn gateway_faults(site: &Site) -> String {
+    let (src, dst) = flows_via_gw2(site);
+    eprintln!("flows via gw2: site {src} -> c1, c1 -> site {dst}");
+    let iperf_server = Command::new("ip")
+        .args(["netns", "exec", &site.ns("c1")])
+        .args(["iperf3", "-s", "-1", "-B", "10.200.0.11"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let iperf = Command::new("ip")
+        .args(["netns", "exec", &site.ns("site")])
+        .args(["iperf3", "-c", "10.200.0.11", "-B", &src, "-t", "7", "-J"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let nfs_src = site.dir.join("gwloss.src");
+    random_file(&nfs_src, 32);
+    let nfs = Command::new("ip")
+        .args(["netns", "exec", &site.ns("c1"), "nfs-cp"])
+        .arg(&nfs_src)
+        .arg(site.nfs_url("gwloss"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let from_site = Train::start(site, "site", &src, "10.200.0.11", 500);
+    let from_node = Train::start(site, "c1", "10.200.0.11", &dst, 500);
+    std::thread::sleep(Duration::from_secs(1));
+
+    // gw2 lost: its links down, then every process in its namespace killed.
+    let lost_at = unix_now();
+    for dev in ["lan", "pub"] {
+        site.sh("gw2", &format!("ip link set {dev} down"));
+    }
+    let pids = run("ip", &["netns", "pids", &site.ns("gw2")]);
+    assert!(!pids.trim().is_empty(), "nothing runs in gw2");
+    for pid in pids.split_whitespace() {
+        run("kill", &["-KILL", pid]);
+    }
+    let t = Instant::now();
+    while site
+        .sh("site", "ip route show 10.200.0.11")
+        .contains("10.10.0.3")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the site router kept gw2"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let router_drop = t.elapsed();
+    while site.live("c1") > 4 {
+        assert!(t.elapsed() < Duration::from_secs(10), "c1 kept gw2's links");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let node_drop = t.elapsed();
+    let (site_gaps, node_gaps) = (from_site.gaps(), from_node.gaps());
+    let iperf = iperf.wait_with_output().unwrap();
+    let _ = iperf_server.wait_with_output();
+    assert!(
+        iperf.status.success(),
+        "iperf3 through the gateway loss: {}",
+        text(&iperf)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&iperf.stdout).unwrap();
+    let rates: Vec<f64> = j["intervals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["sum"]["bits_per_second"].as_f64().unwrap() / 1e6)
+        .collect();
+    let avg = j["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap()
+        / 1e6;
+    let nfs = nfs.wait_with_output().unwrap();
+    assert!(
+        nfs.status.success(),
+        "nfs-cp: {}",
+        String::from_utf8_lossy(&nfs.stderr)
+    );
+    let back = site.dir.join("gwloss.back");
+    let o = site.exec(
+        "c1",
+        &["nfs-cp", &site.nfs_url("gwloss"), back.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        sha256(&nfs_src),
+        sha256(&back),
+        "NFS copy corrupted by the gateway loss"
+    );
+    let (loss_site, _) = outage(&site_gaps, lost_at);
+    let (loss_node, _) = outage(&node_gaps, lost_at);
+    let r = site.sh("c1", "ip route show 10.10.0.0/16 proto 173 metric 20");
+    assert!(!r.contains("ap-gw2"), "c1 still routes via gw2: {r}");
+    let mbit: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+    eprintln!(
+        "gw2 lost: site router dropped it after {router_drop:?}, c1 after {node_drop:?}; ping gaps site->c1 {loss_site} ms, c1->site {loss_node} ms; iperf3 site->c1 {avg:.0} Mbit/s, per second {mbit:?}"
+    );
+    // Target 1 s (BFD 100 ms x 3, liveness 300 ms); asserted with margin for a loaded
+    // 2-core machine.
+    assert!(
+        loss_site <= 1000 && loss_node <= 1000,
+        "{site_gaps:?} {node_gaps:?}"
+    );
+    assert!(node_drop <= Duration::from_millis(1500), "{node_drop:?}");
+    // The stream never stopped for a whole second.
+    assert!(rates.iter().all(|r| *r > 1.0), "iperf3 stalled: {mbit:?}");
+
+    // gw2 back: links up, daemon restarted.
+    for dev in ["lan", "pub"] {
+        site.sh("gw2", &format!("ip link set {dev} up"));
+    }
+    restart_daemon(site, "gw2");
+    let returned = gw2_back(site, "gw2 returned");
+
+    // gw2's daemon crashes (links stay up) and its supervisor restarts it 1 s later.
+    let from_site = Train::start(site, "site", &src, "10.200.0.11", 500);
+    let from_node = Train::start(site, "c1", "10.200.0.11", &dst, 500);
+    std::thread::sleep(Duration::from_secs(1));
+    let killed = unix_now();
+    run("kill", &["-KILL", &daemon_pid(site, "gw2").to_string()]);
+    std::thread::sleep(Duration::from_secs(1));
+    let restarted = unix_now();
+    restart_daemon(site, "gw2");
+    let crash_back = gw2_back(site, "gw2's daemon restarted");
+    let (site_gaps, node_gaps) = (from_site.gaps(), from_node.gaps());
+    let (crash_site, _) = outage(&site_gaps, killed);
+    let (crash_node, _) = outage(&node_gaps, killed);
+    let (_, after_site) = outage(&site_gaps, restarted);
+    let (_, after_node) = outage(&node_gaps, restarted);
+    eprintln!(
+        "gw2's daemon crashed, restarted 1 s later: ping gaps site->c1 {crash_site} ms, c1->site {crash_node} ms (silent after the restart: {after_site} ms, {after_node} ms); both paths {crash_back:?} after the restart"
+    );
+    // The crash is a gateway loss the site router hears of at once (the kernel closes the
+    // BGP socket: graceful restart is helper-only) and c1 by liveness: the same second.
+    assert!(
+        crash_site <= 1000 && crash_node <= 1000,
+        "{site_gaps:?} {node_gaps:?}"
+    );
+    assert!(
+        after_site <= 1000 && after_node <= 1000,
+        "{site_gaps:?} {node_gaps:?}"
+    );
+    format!(
+        "gateway lost: site router {} ms, c1 {} ms, ping gaps {loss_site}/{loss_node} ms, iperf3 {avg:.0} Mbit/s (slowest second {:.0}), back {:.2} s; daemon crash + restart: gaps {crash_site}/{crash_node} ms, paths back {:.2} s after the restart",
+        router_drop.as_millis(),
+        node_drop.as_millis(),
+        rates.iter().cloned().fold(f64::MAX, f64::min),
+        returned.as_secs_f64(),
+        crash_back.as_secs_f64()
+    )
+}
+
 #[test]
 fn the_site_end_to_end_nfs_routes_and_faults() {
     if !root_or_skip("site") {
@@ -345,6 +658,7 @@ fn the_site_end_to_end_nfs_routes_and_faults() {
         dir: std::env::temp_dir().join(&prefix),
         prefix,
         rtt_ms: 0,
+        router: "bird",
     };
     let up = site.lab("up");
     assert!(up.status.success(), "lab up:\n{}", text(&up));
@@ -511,59 +825,9 @@ fn the_site_end_to_end_nfs_routes_and_faults() {
     );
     eprintln!("outages: link cut {cut} ms, relay lost {lost} ms, relay back {back} ms, node daemon crash {crash} ms ({replied} ms after its restart)");
 
-    // Gateway gw2 lost during a copy: its links down (no FIN, no NOTIFICATION escapes), then
-    // its daemon killed. bird drops its paths by BFD, c1 drops its links by liveness; the ping
-    // train (c1 → site → c1) finds the way through gw1 in both directions.
-    let mut lost_at = 0.0;
-    let gaps = copy_through(&site, "c1", "gwloss", 96, 600, |site| {
-        lost_at = unix_now();
-        for dev in ["lan", "pub"] {
-            site.sh("gw2", &format!("ip link set {dev} down"));
-        }
-        run("kill", &["-KILL", &daemon_pid(site, "gw2").to_string()]);
-        let t = Instant::now();
-        while site
-            .sh("site", "ip route show 10.200.0.11 proto bird")
-            .contains("10.10.0.3")
-        {
-            assert!(t.elapsed() < Duration::from_secs(10), "bird kept gw2");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        eprintln!("gw2 lost: bird dropped its path after {:?}", t.elapsed());
-        while site.live("c1") > 4 {
-            assert!(t.elapsed() < Duration::from_secs(10), "c1 kept gw2's links");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        eprintln!("gw2 lost: c1 down to gw1's 4 links after {:?}", t.elapsed());
-    });
-    let gw_loss = longest(&gaps);
-    eprintln!("gateway lost under NFS: longest ping gap {gw_loss} ms ({gaps:?})");
-    assert!(gw_loss <= 1000, "{gaps:?}");
-    let r = site.sh("c1", "ip route show 10.10.0.0/16 proto 173 metric 20");
-    assert!(!r.contains("ap-gw2"), "c1 still routes via gw2: {r}");
-    // gw2 back: links up, daemon restarted; every path returns, once.
-    for dev in ["lan", "pub"] {
-        site.sh("gw2", &format!("ip link set {dev} up"));
-    }
-    restart_daemon(&site, "gw2");
-    let t = Instant::now();
-    loop {
-        let r = site.sh("site", "ip route show 10.200.0.11 proto bird");
-        if site.live("c1") == 8 && r.contains("via 10.10.0.2") && r.contains("via 10.10.0.3") {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "gw2 did not come back: {r}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    eprintln!(
-        "gw2 back: all paths after {:?} (lost at {lost_at:.1})",
-        t.elapsed()
-    );
-    let r = site.sh("site", "ip route show 10.200.0.11 proto bird");
-    assert_eq!(r.matches("via 10.10.0.3").count(), 1, "{r}");
+    // Gateway gw2 lost under traffic from the site, back, then its daemon crashed and restarted.
+    let figures = gateway_faults(&site);
+    eprintln!("bird: {figures}");
 
     // One link (gw1's link 0) flapping every second for 20 s while c1 keeps copying: every
     // copy checks, and c1 logs exactly one down and one up per flap.
@@ -625,6 +889,7 @@ fn nfs_through_the_site_at_20_ms_rtt() {
         dir: std::env::temp_dir().join(&prefix),
         prefix,
         rtt_ms: 20,
+        router: "bird",
     };
     let up = site.lab("up");
     assert!(up.status.success(), "lab up:\n{}", text(&up));
@@ -658,4 +923,44 @@ fn nfs_through_the_site_at_20_ms_rtt() {
     let gap = longest(&copy_through(&site, "c1", "cut", 32, 600, cut_ping_link));
     eprintln!("link cut under NFS at {avg:.1} ms RTT: longest ping gap {gap} ms");
     assert!(gap <= 750, "{gap} ms");
+}
+
+/// The same gateway faults with FRR (zebra, bfdd, bgpd: the README's snippet) as the site
+/// router instead of bird.
+#[test]
+fn gateway_faults_with_frr_as_the_site_router() {
+    if !root_or_skip("site_frr") {
+        return;
+    }
+    let _one = LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let prefix = format!("ap-t-{}-frr", std::process::id());
+    let site = Site {
+        dir: std::env::temp_dir().join(&prefix),
+        prefix,
+        rtt_ms: 0,
+        router: "frr",
+    };
+    let up = site.lab("up");
+    assert!(up.status.success(), "lab up:\n{}", text(&up));
+    let bfd = site.sh(
+        "site",
+        &format!(
+            "vtysh --vty_socket {} -c 'show bfd peers brief'",
+            site.dir.join("frr").display()
+        ),
+    );
+    assert_eq!(
+        bfd.matches(" up ").count(),
+        2,
+        "FRR's BFD with both gateways: {bfd}"
+    );
+    for n in ["10.200.0.11", "10.200.0.12", "10.200.0.13"] {
+        let r = site.sh("site", &format!("ip route show {n} proto bgp"));
+        assert!(
+            r.contains("via 10.10.0.2") && r.contains("via 10.10.0.3"),
+            "{n}: {r}"
+        );
+    }
+    let figures = gateway_faults(&site);
+    eprintln!("FRR: {figures}");
 }
