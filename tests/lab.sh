@@ -7,6 +7,7 @@
 #   sudo tests/lab.sh run HOST [DIR]  # start HOST's daemon again (after you killed it, say)
 #   LAB_RTT_MS=20 sudo tests/lab.sh up   # with 20 ms of WAN round trip (tests/udp-delay.py)
 #   LAB_ROUTER=frr sudo tests/lab.sh up  # FRR (zebra, bfdd, bgpd) as the site router, not bird
+#   LAB_SIM=247 sudo tests/lab.sh up     # and 247 simulated nodes (+ "big"): 250 nodes in all
 #
 #  site  10.10.0.1/24: bird2 or FRR (site router, ECMP from both gateways, BFD), NFS server
 #        (nfs-ganesha, export DIR/nfs-export), iperf3 target
@@ -15,6 +16,11 @@
 #  relay1 192.0.2.2 / 172.31.0.1, relay2 192.0.2.4 / 172.31.0.2: appliance relays (their NAT)
 #  c1..c3 172.31.0.11-13, cloud addresses 10.200.0.11-13: appliance nodes, private network
 #        only (no default route), links spread over both relays
+#  sim   with LAB_SIM=N: N pool slots sim-1..sim-N (10.200.4.i) and node "big" (10.200.5.0/28,
+#        which announces two /29s: one more than its assignment allows) as iBGP clients of both
+#        gateways, each played by a bird of its own. They reach the
+#        gateways over a veth each (198.18.1.0/30, 198.18.2.0/30) instead of tunnels: the
+#        gateways' BGP policy, their session with each other and with the site router are real.
 #
 # One site file (DIR/site.kdl) for every host. Namespaces are named $LAB_PREFIX-<role>
 # (default ap-lab-<role>); everything else lives in DIR (default /tmp/ap-lab). Traffic stays inside the lab's namespaces.
@@ -24,9 +30,12 @@ if [ "$CMD" = run ]; then HOST=${2:-}; shift; fi
 DIR=${2:-/tmp/ap-lab}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${APPLIANCE_BIN:-$ROOT/target/x86_64-unknown-linux-gnu/debug/appliance}
-NS=(site gw1 gw2 inet relay1 relay2 private c1 c2 c3)
 PREFIX=${LAB_PREFIX:-ap-lab}
 ROUTER=${LAB_ROUTER:-bird}
+SIM=${LAB_SIM:-0}
+[[ "$SIM" =~ ^[0-9]+$ ]] && [ "$SIM" -le 250 ] || { echo "LAB_SIM: 0..=250 simulated nodes" >&2; exit 2; }
+NS=(site gw1 gw2 inet relay1 relay2 private c1 c2 c3)
+[ "$SIM" -eq 0 ] || NS+=(sim)
 ns() { echo "$PREFIX-$1"; }
 x() { local n=$1; shift; ip netns exec "$(ns "$n")" "$@"; }
 say() { printf '%s\n' "$*"; }
@@ -44,7 +53,7 @@ down() {
     while read -r pid _; do kill -9 "$pid" 2>/dev/null || true; done < "$DIR/pids"
     rm -f "$DIR/pids"
   fi
-  for n in "${NS[@]}"; do ip netns del "$(ns "$n")" 2>/dev/null || true; done
+  for n in "${NS[@]}" sim; do ip netns del "$(ns "$n")" 2>/dev/null || true; done
 }
 
 veth() { # NS1 DEV1 NS2 DEV2
@@ -74,6 +83,11 @@ site_file() {
       k=$("$BIN" pubkey < "$DIR/c$i.key")
       printf 'node "c%s" {\n address "10.200.0.1%s"\n public-key "%s"\n}\n' "$i" "$i" "$k"
     done
+    if [ "$SIM" -gt 0 ]; then
+      printf 'pool "sim" {\n prefix "10.200.4.0/24"\n count %s\n' $((SIM + 1))
+      for i in $(seq 1 "$SIM"); do printf ' key %s "%s"\n' "$i" "$("$BIN" genkey | "$BIN" pubkey)"; done
+      printf '}\nnode "big" {\n address "10.200.5.1"\n prefix "10.200.5.0/28"\n public-key "%s"\n}\n' "$("$BIN" genkey | "$BIN" pubkey)"
+    fi
     printf 'bgp {\n hold-time 30\n neighbor "site-router" {\n  address "10.10.0.1"\n  bfd #true\n }\n}\n'
   } > "$DIR/site.kdl"
 }
@@ -89,6 +103,40 @@ template bgp gateways { local 10.10.0.1 as 65010; neighbor as 65010; direct; hol
 protocol bgp gw1 from gateways { neighbor 10.10.0.2; }
 protocol bgp gw2 from gateways { neighbor 10.10.0.3; }
 EOF
+}
+
+sim_up() { # the simulated nodes: addresses, veths to both gateways, a bird each
+  local g i
+  for g in 1 2; do
+    veth sim "s$g" "gw$g" sim
+    ip -n "$(ns sim)" addr add "198.18.$g.2/30" dev "s$g"
+    ip -n "$(ns "gw$g")" addr add "198.18.$g.1/30" dev sim
+    ip -n "$(ns sim)" route add "10.10.0.$((g + 1))/32" via "198.18.$g.1"
+    # Not the gateway's own routing (it owns protocol 173 only): its replies to the simulated
+    # nodes take the veth, by a rule ahead of its tunnel routes and blackholes.
+    ip -n "$(ns "gw$g")" route add 10.200.4.0/23 via "198.18.$g.2" table 100
+    ip -n "$(ns "gw$g")" rule add to 10.200.4.0/23 lookup 100 pref 100
+  done
+  { for i in $(seq 1 "$SIM"); do echo "addr add 10.200.4.$i/32 dev lo"; done
+    echo "addr add 10.200.5.1/32 dev lo"; } | ip -n "$(ns sim)" -batch -
+  # One bird per simulated node: bird locks a neighbour address to one session per instance.
+  mkdir -p "$DIR/sim"
+  sim_bird() { # NAME ADDRESS ERROR-WAIT STATIC-ROUTES... (announced to both gateways)
+    local name=$1 addr=$2 wait=$3 r g; shift 3
+    {
+      printf 'router id %s;\nprotocol device {}\nprotocol static {\n ipv4;\n' "$addr"
+      for r in "$@"; do printf ' route %s unreachable;\n' "$r"; done
+      printf '}\n'
+      for g in 2 3; do
+        printf 'protocol bgp g%s { local %s as 65010; neighbor 10.10.0.%s as 65010; hold time 30;\n' "$g" "$addr" "$g"
+        printf '  strict bind on; connect delay time 1; connect retry time 2; error wait time %s;\n' "$wait"
+        printf '  ipv4 { import none; export all; }; }\n'
+      done
+    } > "$DIR/sim/$name.conf"
+    start sim "sim/$name.log" bird -f -c "$DIR/sim/$name.conf" -s "$DIR/sim/$name.ctl" -P "$DIR/sim/$name.pid"
+  }
+  for i in $(seq 1 "$SIM"); do  sim_bird "s$i" "10.200.4.$i" "1, 10" "10.200.4.$i/32"; done
+  sim_bird big 10.200.5.1 "5, 10" 10.200.5.0/29 10.200.5.8/29
 }
 
 frr_conf() { # FRR as the site router: the README's snippet, with zebra and bfdd beside bgpd
@@ -208,13 +256,16 @@ up() {
       for g in 192.0.2.1 192.0.2.3; do x "$r" ip route add "$g/32" via 192.0.2.254; done
     done
   fi
+  [ "$SIM" -eq 0 ] || sim_up
   for h in gw1 gw2 c1 c2 c3; do daemon "$h"; done
-  # Wait for every node's 8 links (2 gateways x 4), bird's paths and every BGP session.
-  for _ in $(seq 1 300); do
+  # Wait for every node's 8 links (2 gateways x 4), bird's paths and every BGP session (but
+  # big's, which its max-prefix ends).
+  for _ in $(seq 1 600); do
     local ok=1
     for i in 1 2 3; do [ "$(live "c$i")" = 8 ] || ok=0; done
-    [ "$(sessions_up gw1)" = 5 ] || ok=0
+    for g in gw1 gw2; do [ "$(sessions_up $g)" = $((5 + SIM)) ] || ok=0; done
     [ "$(x site ip route show 10.200.0.13 2>/dev/null | grep -c nexthop)" = 2 ] || ok=0
+    [ "$(x site ip route show root 10.200.4.0/24 2>/dev/null | grep -c nexthop)" = $((2 * SIM)) ] || ok=0
     [ $ok = 1 ] && break
     sleep 0.1
   done
@@ -238,11 +289,21 @@ live() { # NS -> live links of its daemon
 
 status() {
   say "== BGP sessions (gw1)"
-  x gw1 "$BIN" status | sed -n '/BGP PEER/,/refused/p'
+  if [ "$SIM" -gt 0 ]; then
+    x gw1 "$BIN" status | sed -n '/BGP PEER/,/refused/p' | grep -v '^sim-' || true
+    say "and $SIM simulated nodes, $(x gw1 "$BIN" status | grep '^sim-' | grep -c Established) of them Established"
+  else
+    x gw1 "$BIN" status | sed -n '/BGP PEER/,/refused/p'
+  fi
   say "== live links"
   for h in gw1 gw2 c1 c2 c3; do say "$h: $(live "$h")"; done
   say "== the site router's ($ROUTER) routes to the cloud (one nexthop per gateway)"
-  x site ip route show root 10.200.0.0/16
+  if [ "$SIM" -gt 0 ]; then
+    x site ip route show root 10.200.0.0/24
+    say "and $(x site ip -o route show root 10.200.4.0/24 | grep -c 'nexthop via 10.10.0.2.*nexthop via 10.10.0.3') simulated nodes' /32s over both gateways"
+  else
+    x site ip route show root 10.200.0.0/16
+  fi
   say "== c1's route to the site"
   x c1 ip route show 10.10.0.0/16 proto 173
   say "== iperf3 c1 -> site, 2 s"

@@ -15,6 +15,8 @@ struct Site {
     rtt_ms: u32,
     /// The site router: "bird" or "frr" (`LAB_ROUTER`).
     router: &'static str,
+    /// Simulated nodes beside the three real ones (`LAB_SIM`).
+    sim: u32,
 }
 
 impl Site {
@@ -55,6 +57,7 @@ impl Site {
             .env("LAB_PREFIX", &self.prefix)
             .env("LAB_RTT_MS", self.rtt_ms.to_string())
             .env("LAB_ROUTER", self.router)
+            .env("LAB_SIM", self.sim.to_string())
             .output()
             .unwrap()
     }
@@ -659,6 +662,7 @@ fn the_site_end_to_end_nfs_routes_and_faults() {
         prefix,
         rtt_ms: 0,
         router: "bird",
+        sim: 0,
     };
     let up = site.lab("up");
     assert!(up.status.success(), "lab up:\n{}", text(&up));
@@ -890,6 +894,7 @@ fn nfs_through_the_site_at_20_ms_rtt() {
         prefix,
         rtt_ms: 20,
         router: "bird",
+        sim: 0,
     };
     let up = site.lab("up");
     assert!(up.status.success(), "lab up:\n{}", text(&up));
@@ -939,6 +944,7 @@ fn gateway_faults_with_frr_as_the_site_router() {
         prefix,
         rtt_ms: 0,
         router: "frr",
+        sim: 0,
     };
     let up = site.lab("up");
     assert!(up.status.success(), "lab up:\n{}", text(&up));
@@ -963,4 +969,215 @@ fn gateway_faults_with_frr_as_the_site_router() {
     }
     let figures = gateway_faults(&site);
     eprintln!("FRR: {figures}");
+}
+
+/// BGP sessions of `role`'s daemon: name → (state, since, last error).
+fn sessions(site: &Site, role: &str) -> std::collections::BTreeMap<String, (String, u64, String)> {
+    site.status(role)["bgp"]["sessions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap_or_default().to_string(),
+                (
+                    s["state"].as_str().unwrap_or_default().to_string(),
+                    s["since_unix_s"].as_u64().unwrap_or_default(),
+                    s["last_error"].as_str().unwrap_or_default().to_string(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Node prefixes the site router holds with one nexthop per gateway, and all it holds.
+fn two_path_prefixes(site: &Site) -> (usize, usize) {
+    let routes = site.sh("site", "ip -o route show root 10.200.0.0/16 proto bird");
+    let both = routes
+        .lines()
+        .filter(|l| l.contains("nexthop via 10.10.0.2") && l.contains("nexthop via 10.10.0.3"))
+        .count();
+    (both, routes.lines().count())
+}
+
+/// Resident memory (KiB) and CPU time (s) of `role`'s daemon.
+fn daemon_usage(site: &Site, role: &str) -> (u64, f64) {
+    let pid = daemon_pid(site, role);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    (rss, ticks / 100.0)
+}
+
+/// The routing plane at 250 nodes: the two real gateways (their policy, their session with each
+/// other and with bird) serve 3 real nodes and 247 simulated iBGP clients (a bird each, over a
+/// veth instead of tunnels), and node "big", which announces two /29s where its assignment is
+/// one /28, so its own max-prefix (1) trips every time it reconnects; nothing else does.
+#[test]
+fn the_routing_plane_holds_at_250_nodes() {
+    if !root_or_skip("site_scale") {
+        return;
+    }
+    let _one = LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let prefix = format!("ap-t-{}-scale", std::process::id());
+    let site = Site {
+        dir: std::env::temp_dir().join(&prefix),
+        prefix,
+        rtt_ms: 0,
+        router: "bird",
+        sim: 247,
+    };
+    let t = Instant::now();
+    let up = site.lab("up");
+    assert!(up.status.success(), "lab up:\n{}", text(&up));
+    let converged = t.elapsed();
+    let expect = 5 + site.sim as usize; // site router, the other gateway, c1..c3, the simulated
+    let check = |what: &str| {
+        for gw in ["gw1", "gw2"] {
+            let s = sessions(&site, gw);
+            assert_eq!(s.len(), expect + 1, "{gw}: {s:?}");
+            let down: Vec<_> = s
+                .iter()
+                .filter(|(n, v)| v.0 != "Established" && *n != "big")
+                .collect();
+            assert!(down.is_empty(), "{what}: {gw}: sessions down: {down:?}");
+            let big = &s["big"];
+            assert_ne!(
+                big.0, "Established",
+                "{gw}: big over its assignment: {big:?}"
+            );
+        }
+        let (both, all) = two_path_prefixes(&site);
+        assert_eq!(
+            (both, all),
+            (250, 250),
+            "{what}: the site router's node prefixes"
+        );
+        let birds = site.sh(
+            "site",
+            &format!(
+                "birdc -s {} show route count",
+                site.dir.join("bird.ctl").display()
+            ),
+        );
+        assert!(
+            birds.contains("500 of 500 routes for 250 networks in table master4"),
+            "{what}: two paths for each of the 250 node prefixes: {birds}"
+        );
+        let big = site.sh("site", "ip route show root 10.200.5.0/24");
+        assert!(
+            big.is_empty(),
+            "{what}: big's routes reached the site router: {big}"
+        );
+    };
+    check("after start");
+    let before: Vec<_> = ["gw1", "gw2"].map(|g| sessions(&site, g)).into();
+    let trips = |gw: &str| {
+        std::fs::read_to_string(site.dir.join(format!("{gw}.log")))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("max-prefix 1 exceeded") && l.contains("peer=big"))
+            .count()
+    };
+    let trips0 = trips("gw1");
+    let usage0 = daemon_usage(&site, "gw1");
+    std::thread::sleep(Duration::from_secs(20));
+    let usage1 = daemon_usage(&site, "gw1");
+    check("20 s later");
+    // Every session but big's is the same one as 20 s before, and big tripped again meanwhile.
+    for (i, gw) in ["gw1", "gw2"].iter().enumerate() {
+        let now = sessions(&site, gw);
+        for (name, v) in &before[i] {
+            if name != "big" {
+                assert_eq!(
+                    now[name].1, v.1,
+                    "{gw}: the session with {name} restarted: {:?}",
+                    now[name]
+                );
+            }
+        }
+    }
+    let tripped = trips("gw1") - trips0;
+    assert!(
+        tripped >= 2,
+        "big reconnects every 5 s and trips each time: {tripped}"
+    );
+    let cpu = (usage1.1 - usage0.1) / 20.0 * 100.0;
+    eprintln!(
+        "250 nodes: converged {converged:?} after lab up began; gw1 {} MiB resident, {cpu:.1} % of a core; big tripped {tripped} times in 20 s, nothing else restarted",
+        usage1.0 / 1024
+    );
+
+    // gw2's daemon restarted (SIGTERM, as an operator's restart): the site router and all 250
+    // nodes get it back, and nothing else moves.
+    let pid = daemon_pid(&site, "gw2");
+    run("kill", &["-TERM", &pid.to_string()]);
+    let t = Instant::now();
+    while two_path_prefixes(&site).0 > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "gw2's paths stayed after its stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let withdrawn = t.elapsed();
+    // Restarted once it has exited, as a supervisor does.
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "gw2's daemon ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let exited = t.elapsed();
+    restart_daemon(&site, "gw2");
+    let t = Instant::now();
+    loop {
+        let s = sessions(&site, "gw2");
+        let up = s.values().filter(|v| v.0 == "Established").count();
+        if up == expect && two_path_prefixes(&site).0 == 250 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "gw2 did not get its 250 nodes back: {up} sessions, {:?} prefixes",
+            two_path_prefixes(&site)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let back = t.elapsed();
+    let gw1_now = sessions(&site, "gw1");
+    for (name, v) in &before[0] {
+        if name != "big" && name != "gw2" {
+            assert_eq!(
+                gw1_now[name].1,
+                v.1,
+                "gw1's session with {name} restarted: {:?}\n{}",
+                gw1_now[name],
+                std::fs::read_to_string(site.dir.join(format!("{name}.log")))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| !l.contains("applied change"))
+                    .rev()
+                    .take(40)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+    }
+    eprintln!(
+        "250 nodes: gw2 stopped: its paths left the site router in {withdrawn:?}, it exited after {exited:?}; restarted: all 250 nodes and both paths each back in {back:?}"
+    );
+    check("after gw2's restart");
 }

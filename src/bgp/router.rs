@@ -201,7 +201,7 @@ impl Router {
                     o.events
                         .push((id, format!("prefix {prefix} rejected: {why}")));
                 }
-                if max_prefix_exceeded && self.up.contains_key(&id) {
+                if max_prefix_exceeded && self.up.remove(&id).is_some() {
                     o.events.push((
                         id,
                         format!(
@@ -211,6 +211,10 @@ impl Router {
                     ));
                     o.send
                         .push((id, Message::Notification(Notification::cease(1))));
+                    // Down now, before anything is exported: not one route of a session over
+                    // its limit reaches another peer (whose own limit counts on this one's).
+                    changed.extend(self.rib.sweep_stale(id));
+                    changed.extend(self.rib.peer_down(id));
                 }
                 o.changed = changed;
             }

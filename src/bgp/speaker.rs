@@ -73,6 +73,8 @@ pub struct Speaker {
     /// Per peer: wakes its connect loop out of the retry wait.
     retry: Vec<Arc<Notify>>,
     learned: watch::Receiver<Learned>,
+    /// Dropped with the speaker: its thread's runtime, and every task and socket on it, ends.
+    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Speaker {
@@ -133,7 +135,50 @@ enum ToRib {
 }
 
 /// Start the speaker; it runs until the runtime stops.
+/// Start the speaker on a thread of its own ("bgp", with its own single-threaded runtime), so
+/// routing work never delays the caller's loop: a burst of UPDATEs from hundreds of peers (a
+/// gateway with 250 nodes losing its partner re-exports every prefix to every peer) once held
+/// the daemon's loop, and with it every liveness probe and BFD packet, for half a second.
+/// The thread ends when the returned [`Speaker`] is dropped.
 pub async fn start(cfg: SpeakerConfig) -> std::io::Result<Speaker> {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("bgp".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+                match start_here(cfg, stop_tx) {
+                    Ok(s) => {
+                        if ready_tx.send(Ok(s)).is_ok() {
+                            let _ = stop_rx.await;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            });
+        })?;
+    ready_rx
+        .await
+        .map_err(|_| std::io::Error::other("the BGP thread ended while starting"))?
+}
+
+/// The speaker's tasks, on the current runtime.
+fn start_here(
+    cfg: SpeakerConfig,
+    stop: tokio::sync::oneshot::Sender<()>,
+) -> std::io::Result<Speaker> {
     let status: SharedStatus = Arc::new(Mutex::new(Status {
         sessions: cfg
             .peers
@@ -207,6 +252,7 @@ pub async fn start(cfg: SpeakerConfig) -> std::io::Result<Speaker> {
         names,
         retry,
         learned,
+        _stop: stop,
     })
 }
 

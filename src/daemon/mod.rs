@@ -43,6 +43,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 const TICK: Duration = Duration::from_millis(25);
+/// A tick this late is logged: a third of the shortest liveness deadline (100 ms x 2).
+const STALL: Duration = Duration::from_millis(100);
 const RATE_LIMIT_RESET: Duration = Duration::from_secs(1);
 const DRIFT_CHECK: Duration = Duration::from_secs(10);
 
@@ -63,6 +65,8 @@ struct Daemon {
     started: Instant,
     kernel: KernelStatus,
     bfd: Option<crate::bfd::driver::SharedBfd>,
+    /// When the last tick ran: a loop blocked past [`STALL`] delays every probe and keepalive.
+    last_tick: Option<Instant>,
 }
 
 async fn next_bfd(
@@ -152,6 +156,13 @@ impl Daemon {
     async fn tick(&mut self) {
         let policy = self.core.policy();
         let now = Instant::now();
+        if let Some(late) = self.last_tick.map(|t| now - t).filter(|d| *d > STALL) {
+            tracing::warn!(
+                ms = late.as_millis() as u64,
+                "the daemon loop was blocked: probes and keepalives went out late"
+            );
+        }
+        self.last_tick = Some(now);
         let current: Vec<_> = self.links.values().map(|rt| rt.current()).collect();
         for (rt, link) in self.links.values().zip(&current) {
             rt.send_all(&link.tick(policy, now));
@@ -383,6 +394,7 @@ pub async fn run(opts: Options) -> Result<(), String> {
         started: Instant::now(),
         kernel: KernelStatus::default(),
         bfd: None,
+        last_tick: None,
     };
     let plan = d.sync().await?;
     tracing::info!(host = %d.opts.host, %role, changes = plan.changes.len(), "host reconciled");

@@ -207,6 +207,18 @@ fn max_prefix_exceeded_stops_that_session_only() {
     ));
     assert_eq!(cease(&o, C1), Some(1));
     assert_eq!(cease(&o, SITE), None);
+    // Nothing of the session over its limit reaches anyone, not even for a moment: the other
+    // gateway's limit is the sum of the nodes' (found in the 250-node lab, where a node over
+    // its assignment tripped the gateways' session with each other), and what c1 announced
+    // before is withdrawn now, not when its session task reports it down.
+    assert_eq!(
+        told(&o, SITE),
+        (vec![net("10.200.0.1/32"), net("10.200.0.2/32")], vec![]),
+        "the site router hears only withdrawals"
+    );
+    assert!(!r.is_up(C1));
+    assert!(r.learned(&net("10.200.0.3/32")).is_empty());
+    assert!(r.learned(&net("10.200.0.1/32")).is_empty());
 }
 
 #[test]
