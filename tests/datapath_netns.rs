@@ -1063,3 +1063,159 @@ fn a_killed_node_daemon_fails_closed_and_its_restart_leaves_no_stale_routes() {
         text(&plan)
     );
 }
+
+/// A client of the control socket as an unprivileged user (nobody), in `ns`: runs `script`
+/// (Python; `conn()` connects to `@appliance-control`).
+fn unprivileged_client(ns: &Netns, dir: &std::path::Path, name: &str, script: &str) -> Proc {
+    let path = dir.join(format!("{name}.py"));
+    std::fs::write(
+        &path,
+        format!(
+            "import socket, sys, time\n\
+             def conn():\n    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n    s.connect('\\0appliance-control')\n    return s\n\
+             {script}"
+        ),
+    )
+    .unwrap();
+    run("chmod", &["644", path.to_str().unwrap()]);
+    Proc::spawn(
+        ns,
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            // Debian's, not a per-user shim on PATH that nobody may not read.
+            "/usr/bin/python3",
+            "-u",
+            path.to_str().unwrap(),
+        ],
+        dir.join(format!("{name}.log")),
+    )
+}
+
+/// Any local user can connect to the control socket. A request line of 1 MB, a client that
+/// sends nothing and a flood of 100 connections held open must cost the daemon's loop nothing:
+/// its links stay live, it logs no stall, and root's `appliance status` answers throughout.
+#[test]
+fn local_clients_that_stall_flood_or_send_a_megabyte_do_not_stall_the_daemon() {
+    if !root_or_skip("control_abuse") {
+        return;
+    }
+    let mut lab = appliances(2);
+    let _ = std::fs::set_permissions(
+        &lab.dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    );
+    let abuse = unprivileged_client(
+        &lab.gw,
+        &lab.dir,
+        "abuse",
+        "big = conn()\n\
+         try:\n    big.sendall(b'x' * (1 << 20))\nexcept OSError as e:\n    print('send:', e)\n\
+         big.settimeout(5)\n\
+         try:\n    print('reply:', big.recv(4096).decode(errors='replace').strip())\nexcept OSError as e:\n    print('recv:', e)\n\
+         quiet = conn()\n\
+         held = []\n\
+         for _ in range(100):\n    held.append(conn())\n\
+         print('holding', len(held) + 1, flush=True)\n\
+         time.sleep(6)\n\
+         print('done')\n",
+    );
+    let t0 = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut answers = 0;
+    while t0.elapsed() < Duration::from_secs(7) {
+        let t = Instant::now();
+        let s = status(&lab.gw);
+        slowest = slowest.max(t.elapsed());
+        answers += 1;
+        let live = |s: &serde_json::Value| {
+            s["links"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|l| l["alive"] == true)
+                .count()
+        };
+        assert_eq!(live(&s), 2, "gw1's links: {}", s["links"]);
+        assert_eq!(live(&status(&lab.node)), 2, "c1's links");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let said = abuse.log();
+    assert!(
+        said.contains("holding 101"),
+        "the abusive client ran: {said}"
+    );
+    assert!(
+        said.contains("request longer than 65536 bytes"),
+        "the 1 MB line is refused with a reason: {said}"
+    );
+    lab.procs.push(abuse);
+    let logs: String = lab.procs.iter().map(Proc::log).collect();
+    for bad in ["link down", "the daemon loop was blocked"] {
+        assert!(!logs.contains(bad), "{bad}:\n{logs}");
+    }
+    eprintln!("control socket abused by nobody: {answers} status answers in 7 s, slowest {slowest:?}; no link down, no stall");
+    assert!(slowest < Duration::from_secs(2), "{slowest:?}");
+}
+
+/// An unprivileged user who binds `@appliance-control` first: the daemon says who holds it and
+/// does not start; `appliance status` does not believe a server that is not root.
+#[test]
+fn a_squatter_on_the_control_socket_is_named_and_not_believed() {
+    if !root_or_skip("control_squat") {
+        return;
+    }
+    let ns = Netns::new();
+    let dir = std::env::temp_dir().join(format!("{}-squat", ns.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _ = std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755));
+    let gw_pub = genkey(&dir, "gw1");
+    std::fs::write(dir.join("site.kdl"), site(1, 200, 3, &gw_pub, &[])).unwrap();
+    let squatter = unprivileged_client(
+        &ns,
+        &dir,
+        "squat",
+        "l = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+         l.bind('\\0appliance-control')\n\
+         l.listen(8)\n\
+         print('bound', flush=True)\n\
+         while True:\n    c, _ = l.accept()\n    try:\n        c.sendall(b'{\"message\": \"all fine, trust me\"}\\n')\n    except OSError:\n        pass\n    c.close()\n",
+    );
+    let t = Instant::now();
+    while !squatter.log().contains("bound") {
+        assert!(t.elapsed() < Duration::from_secs(5), "{}", squatter.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let st = ns.appliance(&["status"]);
+    assert_ne!(st.status.code(), Some(0), "{}", text(&st));
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(
+        err.contains("uid 65534") && err.contains("not trusting it") && !err.contains("trust me"),
+        "{err}"
+    );
+    let key = dir.join("gw1.key");
+    let cfg = dir.join("site.kdl");
+    // Bounded, should it start after all.
+    let run_ = ns.exec(&[
+        "timeout",
+        "20",
+        BIN,
+        "run",
+        "-c",
+        cfg.to_str().unwrap(),
+        "--node",
+        "gw1",
+        "-k",
+        key.to_str().unwrap(),
+    ]);
+    assert_eq!(run_.status.code(), Some(1), "{}", text(&run_));
+    let err = String::from_utf8_lossy(&run_.stderr);
+    assert!(
+        err.contains("already bound") && err.contains("(uid 65534)"),
+        "the daemon names the holder: {err}"
+    );
+    drop(squatter);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -92,17 +92,16 @@ site_file() {
   } > "$DIR/site.kdl"
 }
 
-bird_conf() {
-  cat > "$DIR/bird.conf" <<'EOF'
-router id 10.10.0.1;
-protocol device {}
-protocol kernel { ipv4 { import none; export filter { if dest = RTD_UNICAST then accept; reject; }; }; merge paths on; }
-protocol bfd { interface "*" { min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }; }
-template bgp gateways { local 10.10.0.1 as 65010; neighbor as 65010; direct; hold time 30;
-  bfd on; error wait time 1, 10; ipv4 { import all; export none; }; }
-protocol bgp gw1 from gateways { neighbor 10.10.0.2; }
-protocol bgp gw2 from gateways { neighbor 10.10.0.3; }
-EOF
+readme_block() { # REGEX: the first ``` block after the README line matching it (the snippets
+  # the README gives site engineers are the lab's own configuration, so they are tested)
+  local b
+  b=$(awk -v h="$1" 'f==0 && $0 ~ h {f=1; next} f==1 && /^```/ {f=2; next} f==2 && /^```/ {exit} f==2 {print}' "$ROOT/README.md")
+  [ -n "$b" ] || { say "README.md has no snippet after /$1/" >&2; exit 1; }
+  printf '%s\n' "$b"
+}
+
+bird_conf() { # bird2 as the site router: the README's snippet
+  { printf 'router id 10.10.0.1;\nprotocol device {}\n'; readme_block '^A site router in bird2'; } > "$DIR/bird.conf"
 }
 
 sim_up() { # the simulated nodes: addresses, veths to both gateways, a bird each
@@ -139,25 +138,14 @@ sim_up() { # the simulated nodes: addresses, veths to both gateways, a bird each
   sim_bird big 10.200.5.1 "5, 10" 10.200.5.0/29 10.200.5.8/29
 }
 
-frr_conf() { # FRR as the site router: the README's snippet, with zebra and bfdd beside bgpd
+frr_conf() { # FRR as the site router: the README's snippet (its bfd block for bfdd, the rest
+  # for bgpd), with zebra beside them
+  local snippet
+  snippet=$(readme_block 'The same in FRR')
   mkdir -p "$DIR/frr"
   echo "hostname site" > "$DIR/frr/zebra.conf"
-  printf 'bfd\n profile fast\n  receive-interval 100\n  transmit-interval 100\n  detect-multiplier 3\n !\n!\n' > "$DIR/frr/bfdd.conf"
-  cat > "$DIR/frr/bgpd.conf" <<'EOF'
-frr defaults traditional
-hostname site
-router bgp 65010
- bgp router-id 10.10.0.1
- neighbor 10.10.0.2 remote-as 65010
- neighbor 10.10.0.2 bfd profile fast
- neighbor 10.10.0.2 timers connect 1
- neighbor 10.10.0.3 remote-as 65010
- neighbor 10.10.0.3 bfd profile fast
- neighbor 10.10.0.3 timers connect 1
- address-family ipv4 unicast
-  maximum-paths ibgp 4
- exit-address-family
-EOF
+  printf '%s\n' "$snippet" | awk '{print} /^!$/ {exit}' > "$DIR/frr/bfdd.conf"
+  { printf 'frr defaults traditional\nhostname site\n'; printf '%s\n' "$snippet" | awk 'f {print} /^!$/ {f=1}'; } > "$DIR/frr/bgpd.conf"
   chown -R frr:frr "$DIR/frr" # zebra and bfdd drop to FRR's user
 }
 

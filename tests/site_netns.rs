@@ -442,6 +442,14 @@ fn gw2_back(site: &Site, what: &str) -> Duration {
         std::thread::sleep(Duration::from_millis(20));
     }
     let back = t.elapsed();
+    // The other nodes' links too, before comparing gw2 with its plan (which routes every node).
+    while site.live("gw2") < 12 || ["c2", "c3"].iter().any(|c| site.live(c) < 8) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{what}: c2 and c3 did not get gw2 back"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let r = site.sh("site", "ip route show 10.200.0.11");
     assert_eq!(r.matches("via 10.10.0.3").count(), 1, "{what}: {r}");
     for role in ["gw2", "c1"] {

@@ -341,16 +341,12 @@ impl Daemon {
         }
     }
 
-    async fn control(&mut self, mut stream: tokio::net::UnixStream) {
-        let reply = match control::read_request(&mut stream).await {
-            Err(e) => {
-                tracing::debug!(error = %e, "control connection");
-                return;
-            }
-            Ok((Err(e), _)) => Reply::error(e),
-            Ok((Ok(Request::Status), _)) => Reply::status(self.status()),
-            Ok((Ok(Request::Reload { .. }), false)) => Reply::error("reload needs root"),
-            Ok((Ok(Request::Reload { config }), true)) => {
+    /// Answer a control request that arrived whole (the socket is served elsewhere).
+    async fn answer(&mut self, a: control::Asked) {
+        let reply = match (a.request, a.root) {
+            (Request::Status, _) => Reply::status(self.status()),
+            (Request::Reload { .. }, false) => Reply::error("reload needs root"),
+            (Request::Reload { config }, true) => {
                 match self.reload(config.map(PathBuf::from)).await {
                     Ok(msg) => Reply::message(msg),
                     Err(e) => {
@@ -360,7 +356,7 @@ impl Daemon {
                 }
             }
         };
-        let _ = control::reply(&mut stream, &reply).await;
+        let _ = a.reply.send(reply);
     }
 }
 
@@ -380,6 +376,7 @@ pub async fn run(opts: Options) -> Result<(), String> {
         Some(key)
     };
     let listener = control::bind().map_err(|e| format!("control socket: {e}"))?;
+    let mut asked = control::serve(listener);
     let nl = Netlink::connect().map_err(|e| format!("netlink: {e}"))?;
     let lock = reconcile::lock().map_err(|e| e.to_string())?;
     let role = core.role();
@@ -450,7 +447,7 @@ pub async fn run(opts: Options) -> Result<(), String> {
                     tracing::error!("reload on SIGHUP refused, keeping the running config:\n{e}");
                 }
             }
-            Ok((stream, _)) = listener.accept() => d.control(stream).await,
+            Some(a) = asked.recv() => d.answer(a).await,
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
