@@ -182,7 +182,11 @@ pub fn validate(file: &str, text: &str, fallback_host: Option<&str>) -> Result<A
         source: text.to_string(),
         diagnostics,
     };
-    // A syntax error is reported by the site parser, which renders KDL errors well.
+    // A syntax error (or nesting too deep for the parser) is reported by the site parser,
+    // which renders KDL errors well.
+    if config::too_deep(text).is_some() {
+        return Err(config::parse(file, text).expect_err("too deep is refused"));
+    }
     let Ok(doc) = KdlDocument::parse_v2(text) else {
         return Err(config::parse(file, text).expect_err("KDL that does not parse is refused"));
     };

@@ -221,6 +221,9 @@ pub fn parse(file: &str, source: &str) -> Result<Config, Report> {
         source: source.to_string(),
         diagnostics,
     };
+    if let Some(d) = too_deep(source) {
+        return Err(report(vec![d]));
+    }
     let doc = match KdlDocument::parse_v2(source) {
         Ok(doc) => doc,
         Err(e) => {
@@ -1151,6 +1154,67 @@ impl Loader<'_> {
     }
 }
 
+/// Blocks nested deeper than this are refused before the KDL parser sees them: it recurses
+/// per level, and 20,000 levels (40 KB) overflowed its stack and aborted the process (PID 1 in
+/// the image). A site file nests two (`bgp { neighbor { } }`).
+pub const MAX_DEPTH: usize = 16;
+
+/// The first `{` deeper than [`MAX_DEPTH`], outside strings and comments.
+pub fn too_deep(source: &str) -> Option<Diagnostic> {
+    let b = source.as_bytes();
+    let (mut i, mut depth, mut comment, mut in_str) = (0, 0usize, 0usize, false);
+    while i < b.len() {
+        let rest = &b[i..];
+        if comment > 0 {
+            if rest.starts_with(b"*/") {
+                comment -= 1;
+                i += 2;
+            } else if rest.starts_with(b"/*") {
+                comment += 1;
+                i += 2;
+            } else {
+                i += 1;
+            }
+            continue;
+        }
+        if in_str {
+            match b[i] {
+                b'\\' => i += 1,
+                b'"' => in_str = false,
+                _ => {}
+            }
+            i += 1;
+            continue;
+        }
+        if rest.starts_with(b"//") {
+            i += rest.iter().position(|c| *c == b'\n').unwrap_or(rest.len());
+            continue;
+        }
+        if rest.starts_with(b"/*") {
+            comment = 1;
+            i += 2;
+            continue;
+        }
+        match b[i] {
+            b'"' => in_str = true,
+            b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Some(
+                        Diagnostic::new((i, 1), format!("blocks nested deeper than {MAX_DEPTH}"))
+                            .label("too deep")
+                            .help("a site file nests two levels (`bgp { neighbor \"r\" { } }`): close the blocks"),
+                    );
+                }
+            }
+            b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
 /// Better help for the KDL syntax errors site engineers make most.
 fn syntax_hint(source: &str, offset: usize) -> Option<String> {
     let line_start = source[..offset.min(source.len())]
@@ -1855,5 +1919,58 @@ node "c1" {{
             "{}",
             err.render()
         );
+    }
+}
+
+#[cfg(test)]
+mod hostile {
+    use super::*;
+
+    /// 32 KB of `x;` (what user-data may hold): thousands of errors on one line. The report
+    /// stays small and fast to build, whatever the input.
+    #[test]
+    fn thousands_of_errors_on_one_long_line_render_a_bounded_report() {
+        let text = "x;".repeat(16_000);
+        let t = std::time::Instant::now();
+        let r = parse("user-data", &text).unwrap_err();
+        let out = r.render();
+        let took = t.elapsed();
+        assert!(out.len() < 64 * 1024, "{} bytes of diagnostics", out.len());
+        assert!(
+            out.contains("more errors not shown"),
+            "{}",
+            &out[out.len() - 300..]
+        );
+        assert!(
+            out.ends_with("errors found; nothing was applied\n"),
+            "{}",
+            &out[out.len() - 200..]
+        );
+        assert!(r.located().len() <= 100);
+        assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        for text in [
+            "a {".repeat(20_000),
+            "a { ".repeat(5_000) + &"}".repeat(5_000),
+        ] {
+            let r = std::thread::Builder::new()
+                .stack_size(2 << 20)
+                .spawn(move || {
+                    // The image's user-data path too (PID 1 reads it).
+                    let u = crate::image::userdata::validate("user-data", &text, Some("gw1"));
+                    assert!(u.unwrap_err().render().contains("nested deeper than 16"));
+                    parse("user-data", &text)
+                        .map(|_| ())
+                        .map_err(|r| r.render())
+                })
+                .unwrap()
+                .join();
+            let r = r.expect("the parser must not overflow its stack");
+            let e = r.unwrap_err();
+            assert!(e.len() < 64 * 1024, "{} bytes", e.len());
+        }
     }
 }

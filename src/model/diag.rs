@@ -78,9 +78,11 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
 }
 
 impl Report {
+    /// The first [`LOCATED_MAX`] diagnostics, positioned.
     pub fn located(&self) -> Vec<Located> {
         self.diagnostics
             .iter()
+            .take(LOCATED_MAX)
             .map(|d| {
                 let (line, column) = line_col(&self.source, d.offset);
                 Located {
@@ -95,14 +97,19 @@ impl Report {
             .collect()
     }
 
-    /// Human-readable report of every diagnostic, then a count line.
+    /// Human-readable report of the first [`RENDERED_MAX`] diagnostics, then a count line.
+    /// Bounded whatever the input: hostile user-data can hold thousands of errors on one
+    /// 32 KiB line, which rendered in full came to hundreds of MiB.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        for d in &self.diagnostics {
+        for d in self.diagnostics.iter().take(RENDERED_MAX) {
             self.render_one(d, &mut out);
             out.push('\n');
         }
         let n = self.diagnostics.len();
+        if n > RENDERED_MAX {
+            let _ = writeln!(out, "... {} more errors not shown\n", n - RENDERED_MAX);
+        }
         let _ = writeln!(
             out,
             "{}: {} error{} found; nothing was applied",
@@ -115,7 +122,10 @@ impl Report {
 
     fn render_one(&self, d: &Diagnostic, out: &mut String) {
         let (line, column) = line_col(&self.source, d.offset);
-        let text = self.source.lines().nth(line - 1).unwrap_or("");
+        let full = self.source.lines().nth(line - 1).unwrap_or("");
+        // A long line is shown as a window around the column.
+        let (text, column) = window(full, column);
+        let text = text.as_str();
         let gutter = line.to_string().len();
         let pad = " ".repeat(gutter);
         let _ = writeln!(out, "error: {}", d.message);
@@ -144,6 +154,35 @@ impl Report {
             let _ = writeln!(out, "{pad} = help: {help}");
         }
     }
+}
+
+/// Diagnostics rendered in full by [`Report::render`]; the rest are counted.
+pub const RENDERED_MAX: usize = 20;
+/// Diagnostics [`Report::located`] returns.
+pub const LOCATED_MAX: usize = 100;
+/// Characters of a source line shown; a longer line is cut around the column.
+const LINE_SHOWN: usize = 120;
+
+/// `line` cut to at most [`LINE_SHOWN`] characters around 1-based `column` (with `...` where
+/// it was cut), and the column within what is shown.
+fn window(line: &str, column: usize) -> (String, usize) {
+    let n = line.chars().count();
+    if n <= LINE_SHOWN {
+        return (line.to_string(), column);
+    }
+    let start = column
+        .saturating_sub(LINE_SHOWN / 3 + 1)
+        .min(n - LINE_SHOWN);
+    let mut shown: String = line.chars().skip(start).take(LINE_SHOWN).collect();
+    let mut col = column - start;
+    if start > 0 {
+        shown.insert_str(0, "...");
+        col += 3;
+    }
+    if start + LINE_SHOWN < n {
+        shown.push_str("...");
+    }
+    (shown, col)
 }
 
 /// Closest candidate by edit distance, for "did you mean" hints.
