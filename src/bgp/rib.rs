@@ -13,7 +13,7 @@
 //! use when we send it on ([`Rib::export_paths`]), unique per prefix and stable while the path
 //! lives.
 
-use super::wire::{Attributes, Nlri, Update};
+use super::wire::{self, Attributes, Nlri, Update};
 use ipnet::IpNet;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -116,6 +116,57 @@ pub struct Rib {
 
 const DEFAULT_LOCAL_PREF: u32 = 100;
 
+/// The length of the largest UPDATE that passing this path on could take: the reflector
+/// adds ORIGINATOR_ID, a CLUSTER_LIST entry and LOCAL_PREF, and a peer may want a path
+/// identifier, or 2-octet AS numbers with AS4_PATH beside them. One NLRI per UPDATE, as
+/// [`super::adj_rib_out`] sends announcements.
+pub fn reflected_len(prefix: &IpNet, a: &Attributes, cluster_id: Ipv4Addr) -> usize {
+    let mut out = a.clone();
+    out.originator_id = out.originator_id.or(Some(cluster_id));
+    out.cluster_list.insert(0, cluster_id);
+    out.local_pref = out.local_pref.or(Some(100));
+    let widest = |four_octet_as| wire::Context {
+        four_octet_as,
+        add_path_rx: wire::Families::NONE,
+        add_path_tx: wire::Families::BOTH,
+    };
+    let m = wire::Message::Update(Update {
+        announced: vec![Nlri {
+            prefix: *prefix,
+            path_id: 1,
+        }],
+        attributes: Some(out),
+        ..Default::default()
+    });
+    [true, false]
+        .into_iter()
+        .map(|f| wire::encode(&m, widest(f)).len())
+        .max()
+        .unwrap_or(0)
+}
+
+/// [`reflected_len`] when it exceeds 4096 bytes. Such a path is refused on arrival: re-sent
+/// too long, it would make bird or FRR reset the session, and the route would come back on
+/// every reconnect. Attributes that cannot reach 3000 bytes (counted roughly, from above) are
+/// not encoded to find out; the fuzz target checks that bound.
+pub fn too_long_to_pass_on(prefix: &IpNet, a: &Attributes, cluster_id: Ipv4Addr) -> Option<usize> {
+    let hops: usize = a
+        .as_path
+        .iter()
+        .map(|s| match s {
+            wire::AsSegment::Set(v) | wire::AsSegment::Sequence(v) => v.len() + 1,
+        })
+        .sum();
+    let rough = a.unknown.iter().map(|u| u.value.len() + 4).sum::<usize>()
+        + 4 * (a.communities.len() + a.cluster_list.len())
+        + 6 * hops;
+    if rough < 3000 {
+        return None;
+    }
+    let n = reflected_len(prefix, a, cluster_id);
+    (n > wire::MAX_LEN).then_some(n)
+}
+
 impl Rib {
     pub fn new(local_id: Ipv4Addr) -> Rib {
         Rib {
@@ -168,6 +219,11 @@ impl Rib {
         }
         if !p.allow.is_empty() && !p.allow.iter().any(|a| a.contains(prefix)) {
             return Err("outside the prefixes assigned to this peer".into());
+        }
+        if let Some(n) = too_long_to_pass_on(prefix, a, self.cluster_id) {
+            return Err(format!(
+                "attributes too long to pass on: {n} bytes once reflected (limit 4096)"
+            ));
         }
         Ok(())
     }

@@ -267,3 +267,54 @@ fn shutdown_tells_every_established_peer() {
     let o = r.handle(Input::Shutdown);
     assert_eq!((cease(&o, SITE), cease(&o, C1)), (Some(2), Some(2)));
 }
+
+/// A client's UPDATE just under 4096 bytes (a big unknown optional transitive attribute): the
+/// reflector adds ORIGINATOR_ID, CLUSTER_LIST and LOCAL_PREF, and the re-encoded UPDATE must
+/// still fit, or bird and FRR reset the session, and the route comes back on reconnect, forever.
+/// Such a path is not passed on (and counted as rejected); a smaller one is, whole.
+#[test]
+fn a_client_update_that_would_not_fit_once_reflected_is_not_passed_on() {
+    use crate::bgp::wire::{self, Context, Families, RawAttribute};
+    let ctx = Context {
+        four_octet_as: true,
+        add_path_rx: Families::NONE,
+        add_path_tx: Families::NONE,
+    };
+    let update = |len: usize| {
+        let mut a = attrs("10.200.0.11");
+        a.unknown = vec![RawAttribute {
+            flags: 0xc0 | 0x10, // optional, transitive, extended length
+            code: 99,
+            value: vec![0xab; len],
+        }];
+        Update {
+            announced: vec![Nlri::from(net("10.200.0.3/32"))],
+            attributes: Some(a),
+            ..Default::default()
+        }
+    };
+    // The client's message: 4095 bytes.
+    let mut len = 4000;
+    while wire::encode(&Message::Update(update(len)), ctx).len() < 4095 {
+        len += 1;
+    }
+    assert_eq!(wire::encode(&Message::Update(update(len)), ctx).len(), 4095);
+    let mut r = gateway();
+    let o = r.handle(Input::Update(C1, update(len)));
+    for (id, m) in &o.send {
+        let n = wire::encode(m, ctx).len();
+        assert!(n <= wire::MAX_LEN, "peer {id} is sent a {n}-byte message");
+    }
+    assert!(told(&o, SITE).1.is_empty(), "not passed on");
+    assert!(
+        o.events.iter().any(|e| e.1.contains("too long")),
+        "{:?}",
+        o.events
+    );
+    // 100 bytes smaller, it fits with what the reflector adds, and goes.
+    let o = r.handle(Input::Update(C1, update(len - 100)));
+    assert_eq!(told(&o, SITE).1, vec![net("10.200.0.3/32")]);
+    for (_, m) in &o.send {
+        assert!(wire::encode(m, ctx).len() <= wire::MAX_LEN);
+    }
+}
