@@ -396,7 +396,10 @@ impl Link {
         let mut spoofed = false;
         match tunn.decapsulate(Some(from.ip()), datagram, out) {
             TunnResult::WriteToNetwork(b) => {
-                authenticated = true;
+                // A handshake answered (a response, or a keepalive after one) proves the peer;
+                // a cookie reply (type 3), which boringtun sends under load before any
+                // crypto, proves nothing: the datagram may be a replay from anywhere.
+                authenticated = b.first() != Some(&3);
                 result.to_net.push((from, b.to_vec()));
                 // Packets queued behind the handshake go out now.
                 let mut buf = vec![0u8; MAX_PACKET];
@@ -424,8 +427,10 @@ impl Link {
                 spoofed = !allowed(&peer.spec.allowed, IpAddr::V6(src));
                 result.to_tun = (!spoofed).then_some(p.len());
             }
-            // A keepalive or a cookie reply: authenticated, nothing to deliver.
-            TunnResult::Done => authenticated = true,
+            // A keepalive (a data packet that decrypted) or a completed handshake: nothing to
+            // deliver. A cookie reply is consumed the same way but proves nothing (anyone who
+            // saw one can replay it).
+            TunnResult::Done => authenticated = datagram.first() != Some(&3),
             // Replays, bad tags, stale handshakes: counted, never fatal.
             TunnResult::Err(_) => {
                 self.stats.invalid.fetch_add(1, Ordering::Relaxed);
@@ -713,6 +718,57 @@ mod tests {
         assert_eq!(hello.len(), 1, "the node initiates");
         pump(gw, node, hello.into_iter().map(|(_, d)| d).collect());
         assert_eq!(gw.peers()[0].stats().handshakes.load(Ordering::Relaxed), 1);
+    }
+
+    /// Only a datagram that decrypted, or a handshake that completed, says where a peer is and
+    /// that it lives. Under load (more initiations in a second than the link's limit),
+    /// boringtun answers a handshake message with a cookie reply before any crypto: a replayed
+    /// handshake response from a forged address once moved the peer's endpoint there and
+    /// refreshed its liveness. Nor does a cookie reply, which anyone who saw one can replay.
+    #[test]
+    fn under_load_a_replayed_handshake_or_cookie_reply_moves_no_endpoint_and_proves_no_life() {
+        let attacker: SocketAddr = "198.51.100.66:9999".parse().unwrap();
+        let mut out = vec![0u8; MAX_PACKET];
+        let (gw, node) = pair();
+        let hello = node.tick(P, t0());
+        let r = gw.inbound(NODE.parse().unwrap(), &hello[0].1, &mut out, t0());
+        let response = r.to_net[0].1.clone();
+        assert_eq!(response[0], 2, "a handshake response");
+        node.inbound(GW.parse().unwrap(), &response, &mut out, t0());
+        let seen = node.last_rx(&node.peers()[0]);
+        assert!(seen.is_some());
+        // The node's link under load: more valid handshake messages than its limit.
+        for _ in 0..=HANDSHAKE_RATE_LIMIT {
+            let mut c = [0u8; 64];
+            let _ = node.rate_limiter.verify_packet(None, &response, &mut c);
+        }
+        let later = t0() + Duration::from_secs(5);
+        let r = node.inbound(attacker, &response, &mut out, later);
+        assert!(
+            r.to_net.iter().all(|(_, d)| d[0] == 3),
+            "at most a cookie reply goes back"
+        );
+        assert_eq!(node.endpoint(&node.peers()[0]), Some(GW.parse().unwrap()));
+        assert_eq!(node.last_rx(&node.peers()[0]), seen, "no life proven");
+
+        // A cookie reply from a gateway under load, then replayed from elsewhere.
+        let (gw, node) = pair();
+        let hello = node.tick(P, t0());
+        for _ in 0..=HANDSHAKE_RATE_LIMIT {
+            let mut c = [0u8; 64];
+            let _ = gw.rate_limiter.verify_packet(None, &hello[0].1, &mut c);
+        }
+        let r = gw.inbound(NODE.parse().unwrap(), &hello[0].1, &mut out, t0());
+        let cookie = r.to_net[0].1.clone();
+        assert_eq!(cookie[0], 3, "a cookie reply");
+        node.inbound(GW.parse().unwrap(), &cookie, &mut out, t0());
+        node.inbound(attacker, &cookie, &mut out, later);
+        assert_eq!(node.endpoint(&node.peers()[0]), Some(GW.parse().unwrap()));
+        assert_eq!(
+            node.last_rx(&node.peers()[0]),
+            None,
+            "a cookie proves no life"
+        );
     }
 
     #[test]
