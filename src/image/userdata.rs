@@ -173,22 +173,50 @@ struct HostBlock {
     install_root_hash: Option<String>,
 }
 
+/// `text` with the value of every `private-key "..."` replaced by as many `*` (offsets and
+/// lines stay where they were): no diagnostic may quote a private key, valid or not.
+pub fn redact_private_keys(text: &str) -> String {
+    let mut out = text.as_bytes().to_vec();
+    let mut from = 0;
+    while let Some(i) = text[from..].find("private-key") {
+        let mut j = from + i + "private-key".len();
+        let b = text.as_bytes();
+        while j < b.len() && matches!(b[j], b' ' | b'\t' | b'=') {
+            j += 1;
+        }
+        if j < b.len() && b[j] == b'"' {
+            j += 1;
+            while j < b.len() && b[j] != b'"' && b[j] != b'\n' {
+                if b[j].is_ascii() {
+                    out[j] = b'*';
+                }
+                j += 1;
+            }
+        }
+        from = j.max(from + i + 1);
+    }
+    String::from_utf8(out).expect("only ASCII bytes were replaced")
+}
+
 /// Validate decoded user-data. `file` names it in diagnostics (e.g. `user-data (cidata)`);
 /// `fallback_host` is used when the user-data names no host (`appliance.host=` on the kernel
 /// command line). Every problem is a positioned diagnostic; nothing is accepted partially.
 pub fn validate(file: &str, text: &str, fallback_host: Option<&str>) -> Result<Accepted, Report> {
+    // Diagnostics quote source lines: private keys are blanked in what they quote.
+    let shown = redact_private_keys(text);
     let report = |diagnostics: Vec<Diagnostic>| Report {
         file: file.to_string(),
-        source: text.to_string(),
+        source: shown.clone(),
         diagnostics,
     };
     // A syntax error (or nesting too deep for the parser) is reported by the site parser,
     // which renders KDL errors well.
-    if config::too_deep(text).is_some() {
-        return Err(config::parse(file, text).expect_err("too deep is refused"));
+    if config::too_deep(text).is_some() || KdlDocument::parse_v2(text).is_err() {
+        let r = config::parse(file, text).expect_err("KDL that does not parse is refused");
+        return Err(report(r.diagnostics));
     }
     let Ok(doc) = KdlDocument::parse_v2(text) else {
-        return Err(config::parse(file, text).expect_err("KDL that does not parse is refused"));
+        unreachable!("parsed above")
     };
     let mut diags = Vec::new();
     let mut block = HostBlock::default();
@@ -827,6 +855,18 @@ node "c1" {
             !r.contains("1nE7Va0QzFM6HwnWNX6LFyqkPZDBqPd1ib73nKyCE2Y= for"),
             "{r}"
         );
+        assert!(!r.contains(GW1_PRIVATE), "the key is quoted: {r}");
+        assert!(r.contains("private-key \"********"), "{r}");
+        // Nor when another error sits on its line, the key is invalid, or the text does not
+        // parse at all.
+        for text in [
+            format!("appliance {{ host \"gw1\"; private-key \"{GW1_PRIVATE}\"; health-check \"x\" }}\n{SITE}"),
+            format!("appliance {{ host \"gw1\"; private-key \"{}\" }}\n{SITE}", &GW1_PRIVATE[..40]),
+            format!("appliance {{ host \"gw1\"; private-key \"{GW1_PRIVATE}\" }} }}\n{SITE}"),
+        ] {
+            let r = validate("u", &text, None).unwrap_err().render();
+            assert!(!r.contains(&GW1_PRIVATE[..40]), "the key is quoted: {r}");
+        }
     }
 
     #[test]
