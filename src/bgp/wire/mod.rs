@@ -54,6 +54,9 @@ const ORIGINATOR_ID: u8 = 9;
 const CLUSTER_LIST: u8 = 10;
 const MP_REACH: u8 = 14;
 const MP_UNREACH: u8 = 15;
+const EXTENDED_COMMUNITIES: u8 = 16;
+const AS4_PATH: u8 = 17;
+const LARGE_COMMUNITY: u8 = 32;
 
 // Attribute flags.
 const OPTIONAL: u8 = 0x80;

@@ -388,3 +388,50 @@ fn decoding_never_panics_on_truncations_of_valid_messages() {
         }
     }
 }
+
+/// RFC 7607: AS 0 in AS_PATH makes the UPDATE malformed (treat-as-withdraw); in AS4_PATH or
+/// AGGREGATOR the attribute is discarded. RFC 7606 §7.14 and RFC 8092 §6: EXTENDED_COMMUNITIES
+/// whose length is not a multiple of 8, LARGE_COMMUNITY not a multiple of 12: treat-as-withdraw.
+/// None of them may be passed on as they came.
+#[test]
+fn as_zero_and_misaligned_community_attributes_are_not_passed_on() {
+    // GOOD's AS_PATH (0x40 2 0, empty) replaced by a sequence 65001 0.
+    let as0 = [
+        &GOOD[..4],
+        &[0x40, 2, 10, 2, 2, 0, 0, 0xfd, 0xe9, 0, 0, 0, 0],
+        &GOOD[7..],
+    ]
+    .concat();
+    let u = withdraws(&as0);
+    assert!(
+        u.errors.iter().any(|e| e.contains("AS 0")),
+        "{:?}",
+        u.errors
+    );
+    // EXTENDED_COMMUNITIES (16) of 7 bytes, LARGE_COMMUNITY (32) of 13.
+    withdraws(&[GOOD, &[0xc0, 16, 7, 0, 2, 0xfd, 0xe9, 0, 0, 1]].concat());
+    withdraws(&[GOOD, &[0xc0, 32, 13], &[1; 13]].concat());
+    // Well-formed ones are kept (and passed on).
+    for ok in [
+        [GOOD, &[0xc0, 16, 8, 0, 2, 0xfd, 0xe9, 0, 0, 0, 1]].concat(),
+        [GOOD, &[0xc0, 32, 12], &[1; 12]].concat(),
+    ] {
+        let Message::Update(u) = decode(&with_attr(&ok, NLRI), CTX).unwrap() else {
+            panic!()
+        };
+        assert!(!u.treat_as_withdraw, "{:?}", u.errors);
+        assert_eq!(u.attributes.unwrap().unknown.len(), 1);
+    }
+    // AS4_PATH (17) with AS 0 and an AGGREGATOR from AS 0: discarded, the route stays.
+    for discard in [
+        [GOOD, &[0xc0, 17, 6, 2, 1, 0, 0, 0, 0]].concat(),
+        [GOOD, &[0xc0, 7, 8, 0, 0, 0, 0, 10, 0, 0, 1]].concat(),
+    ] {
+        let Message::Update(u) = decode(&with_attr(&discard, NLRI), CTX).unwrap() else {
+            panic!()
+        };
+        assert!(!u.treat_as_withdraw, "{:?}", u.errors);
+        assert!(u.attributes.unwrap().unknown.is_empty(), "discarded");
+        assert!(!u.errors.is_empty());
+    }
+}

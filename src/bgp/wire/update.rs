@@ -243,6 +243,11 @@ pub(super) fn decode_update(b: &[u8], ctx: Context) -> Result<Update, DecodeErro
                 }
             }
             AS_PATH => match (well_known(flags), decode_as_path(value, ctx.four_octet_as)) {
+                // RFC 7607: AS 0 in AS_PATH makes the UPDATE malformed.
+                (true, Ok(path)) if has_as_zero(&path) => {
+                    withdraw("AS_PATH contains AS 0 (RFC 7607)".into());
+                    have_as_path = true;
+                }
                 (true, Ok(path)) => {
                     a.as_path = path;
                     have_as_path = true;
@@ -295,6 +300,9 @@ pub(super) fn decode_update(b: &[u8], ctx: Context) -> Result<Update, DecodeErro
                 let want = if ctx.four_octet_as { 8 } else { 6 };
                 if flags & (OPTIONAL | TRANSITIVE) != (OPTIONAL | TRANSITIVE) || len != want {
                     u.errors.push("malformed AGGREGATOR discarded".into());
+                } else if value[..want - 4].iter().all(|b| *b == 0) {
+                    u.errors
+                        .push("AGGREGATOR from AS 0 discarded (RFC 7607)".into());
                 } else {
                     a.unknown.push(RawAttribute {
                         flags,
@@ -344,6 +352,26 @@ pub(super) fn decode_update(b: &[u8], ctx: Context) -> Result<Update, DecodeErro
                     .map_err(|e| malformed(format!("MP_UNREACH_NLRI: {e}")))?;
                 u.withdrawn.extend(nlri);
             }
+            // RFC 6793 §6 and RFC 7607: a malformed AS4_PATH, or one holding AS 0, is discarded.
+            AS4_PATH => match decode_as_path(value, true) {
+                Ok(path) if !has_as_zero(&path) => a.unknown.push(RawAttribute {
+                    flags: flags | PARTIAL,
+                    code,
+                    value: value.to_vec(),
+                }),
+                Ok(_) => u
+                    .errors
+                    .push("AS4_PATH with AS 0 discarded (RFC 7607)".into()),
+                Err(e) => u.errors.push(format!("malformed AS4_PATH discarded: {e}")),
+            },
+            // RFC 7606 §7.14, RFC 8092 §6: a length that is no multiple of the entry size (or
+            // an empty LARGE_COMMUNITY) is treat-as-withdraw.
+            EXTENDED_COMMUNITIES if len % 8 != 0 => {
+                withdraw(format!("malformed EXTENDED_COMMUNITIES (length {len})"))
+            }
+            LARGE_COMMUNITY if len % 12 != 0 || len == 0 => {
+                withdraw(format!("malformed LARGE_COMMUNITY (length {len})"))
+            }
             _ if flags & OPTIONAL == 0 => {
                 // RFC 4271 §6.3: an unrecognized well-known attribute is a session error.
                 return Err(err(
@@ -383,6 +411,12 @@ pub(super) fn decode_update(b: &[u8], ctx: Context) -> Result<Update, DecodeErro
         u.attributes = Some(a);
     }
     Ok(u)
+}
+
+fn has_as_zero(path: &[AsSegment]) -> bool {
+    path.iter().any(|s| match s {
+        AsSegment::Set(v) | AsSegment::Sequence(v) => v.contains(&0),
+    })
 }
 
 pub(super) fn decode_as_path(mut v: &[u8], four: bool) -> Result<Vec<AsSegment>, String> {
