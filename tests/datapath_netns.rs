@@ -1157,6 +1157,20 @@ fn local_clients_that_stall_flood_or_send_a_megabyte_do_not_stall_the_daemon() {
         assert!(!logs.contains(bad), "{bad}:\n{logs}");
     }
     eprintln!("control socket abused by nobody: {answers} status answers in 7 s, slowest {slowest:?}; no link down, no stall");
+    // The daemon raised its open-file limit to the hard maximum (1024 runs out near 1000
+    // node sessions).
+    let limits =
+        std::fs::read_to_string(format!("/proc/{}/limits", lab.procs[0].child.id())).unwrap();
+    let nofile: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        nofile[3], nofile[4],
+        "soft limit raised to the hard one: {limits}"
+    );
     assert!(slowest < Duration::from_secs(2), "{slowest:?}");
 }
 

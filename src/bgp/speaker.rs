@@ -262,8 +262,14 @@ async fn accept_task(
     status: SharedStatus,
 ) {
     loop {
-        let Ok((stream, from)) = listener.accept().await else {
-            continue;
+        let (stream, from) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors, say: retrying at once would spin on the error.
+                tracing::warn!(error = %e, "BGP listener: accept failed; retrying in 100 ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let ip = match from.ip() {
             IpAddr::V6(v6) => v6

@@ -360,9 +360,24 @@ impl Daemon {
     }
 }
 
+/// Raise the open-file limit to its hard maximum: every BGP session, link socket and tun
+/// queue is a descriptor, and the usual soft limit of 1024 runs out near 1000 node sessions.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "open-file limit raised"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
+}
+
 /// Run until SIGTERM or SIGINT. Errors before the loop starts are returned (exit 1).
 pub async fn run(opts: Options) -> Result<(), String> {
     use tokio::signal::unix::{signal, SignalKind};
+    raise_open_file_limit();
     let cfg = load(&opts.config)?;
     // Nothing is learned yet: a gateway starts routing only the node addresses.
     let core = Core::new(cfg, &opts.host)?;
