@@ -202,10 +202,13 @@ fn main() -> ExitCode {
 /// Read and validate the config, printing diagnostics on failure.
 fn load(args: &ConfigArgs) -> Result<Config, ExitCode> {
     let file = args.file.config.display().to_string();
-    let text = match std::fs::read_to_string(&args.file.config) {
+    let text = match std::fs::read(&args.file.config)
+        .map_err(|e| format!("cannot read config {file}: {e}"))
+        .and_then(|b| config::text_of(&file, b))
+    {
         Ok(t) => t,
         Err(e) => {
-            fail(args.output, &format!("cannot read config {file}: {e}"));
+            fail(args.output, &e);
             return Err(ExitCode::from(EXIT_ERROR));
         }
     };

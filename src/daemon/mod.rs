@@ -80,8 +80,9 @@ async fn next_bfd(
 
 /// Read and validate a config file; the error is the rendered diagnostics.
 fn load(path: &std::path::Path) -> Result<Config, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+    let text = std::fs::read(path)
+        .map_err(|e| format!("cannot read config {}: {e}", path.display()))
+        .and_then(|b| config::text_of(&path.display().to_string(), b))?;
     config::parse(&path.display().to_string(), &text).map_err(|r| r.render())
 }
 

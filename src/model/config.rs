@@ -215,6 +215,22 @@ pub fn node_link_name(gw: &str, i: u32) -> String {
 }
 
 /// Parse and validate a config. `file` is only used in diagnostics.
+/// A config file's bytes as text, or where and why they are not UTF-8 (a file saved in
+/// Latin-1, say): `FILE:LINE:COL: ...`.
+pub fn text_of(file: &str, bytes: Vec<u8>) -> Result<String, String> {
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let bytes = e.as_bytes();
+        // Everything before `at` is valid UTF-8.
+        let before = std::str::from_utf8(&bytes[..at]).unwrap_or_default();
+        let (line, col) = crate::model::diag::line_col(before, at);
+        format!(
+            "{file}:{line}:{col}: not UTF-8 (byte {:#04x} at offset {at}); save the file as UTF-8",
+            bytes[at]
+        )
+    })
+}
+
 pub fn parse(file: &str, source: &str) -> Result<Config, Report> {
     let report = |diagnostics| Report {
         file: file.to_string(),
@@ -1948,6 +1964,19 @@ mod hostile {
         );
         assert!(r.located().len() <= 100);
         assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    }
+
+    #[test]
+    fn a_file_that_is_not_utf8_is_refused_with_its_position() {
+        let mut bytes = b"site \"lab\" {\n asn 65010\n // caf".to_vec();
+        bytes.push(0xe9); // Latin-1 e-acute
+        bytes.extend_from_slice(b"\n}\n");
+        let e = text_of("site.kdl", bytes).unwrap_err();
+        assert_eq!(
+            e,
+            "site.kdl:3:8: not UTF-8 (byte 0xe9 at offset 31); save the file as UTF-8"
+        );
+        assert_eq!(text_of("x", b"ok".to_vec()).unwrap(), "ok");
     }
 
     #[test]
