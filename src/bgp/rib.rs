@@ -240,8 +240,17 @@ impl Rib {
         if u.treat_as_withdraw {
             return out;
         }
-        let Some(a) = &u.attributes else { return out };
+        let Some(a4) = &u.attributes else { return out };
+        // IPv6 NLRI beside IPv4 NLRI in one UPDATE: theirs is the MP_REACH next hop.
+        let a6 = u.mp_next_hop.map(|nh| Attributes {
+            next_hop: Some(nh),
+            ..a4.clone()
+        });
         for n in &u.announced {
+            let a = match (&a6, n.prefix) {
+                (Some(a6), IpNet::V6(_)) => a6,
+                _ => a4,
+            };
             self.counters[peer].received += 1;
             match self.import_check(peer, &n.prefix, a) {
                 Ok(()) => {

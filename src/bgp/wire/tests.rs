@@ -435,3 +435,54 @@ fn as_zero_and_misaligned_community_attributes_are_not_passed_on() {
         assert!(!u.errors.is_empty());
     }
 }
+
+/// One UPDATE announcing IPv4 NLRI (NEXT_HOP) and IPv6 NLRI (MP_REACH): each family keeps its
+/// own next hop. The IPv4 NEXT_HOP used to be overwritten by the MP_REACH one, and the IPv4
+/// route was then passed on without a NEXT_HOP.
+#[test]
+fn an_update_with_both_families_keeps_each_next_hop() {
+    let mut a = ibgp_attrs("10.10.0.2");
+    a.next_hop = Some("10.10.0.2".parse().unwrap());
+    let u = Update {
+        announced: vec![nlri("10.200.0.11/32"), nlri("2001:db8:200::/48")],
+        attributes: Some(a),
+        mp_next_hop: Some("2001:db8:10::2".parse().unwrap()),
+        ..Default::default()
+    };
+    let m = encode(&Message::Update(u.clone()), CTX);
+    let Message::Update(back) = decode(&m, CTX).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        back.attributes.as_ref().unwrap().next_hop,
+        Some("10.10.0.2".parse().unwrap()),
+        "the IPv4 NEXT_HOP"
+    );
+    assert_eq!(back.mp_next_hop, Some("2001:db8:10::2".parse().unwrap()));
+    assert_eq!(back, u);
+    // Each path in the RIB with its own next hop.
+    let mut rib = crate::bgp::rib::Rib::new("10.10.0.9".parse().unwrap());
+    rib.add_peer(crate::bgp::rib::RibPeer {
+        name: "r".into(),
+        kind: crate::bgp::rib::PeerKind::NonClient,
+        policy: crate::bgp::rib::Policy {
+            allow: vec![],
+            deny: vec![],
+            max_prefix: 10,
+            next_hop_self: None,
+            next_hop_self_v6: None,
+        },
+        router_id: None,
+    });
+    rib.apply(0, &back);
+    let nh = |p: &str| {
+        rib.multipath(&p.parse().unwrap())
+            .first()
+            .and_then(|x| x.attributes.next_hop)
+    };
+    assert_eq!(nh("10.200.0.11/32"), Some("10.10.0.2".parse().unwrap()));
+    assert_eq!(
+        nh("2001:db8:200::/48"),
+        Some("2001:db8:10::2".parse().unwrap())
+    );
+}

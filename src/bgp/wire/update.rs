@@ -92,6 +92,9 @@ pub struct Update {
     pub treat_as_withdraw: bool,
     /// What was wrong (malformed or discarded attributes), for counters and logs.
     pub errors: Vec<String>,
+    /// The MP_REACH next hop, when the UPDATE also carries IPv4 NLRI whose NEXT_HOP is in
+    /// `attributes.next_hop` (one UPDATE may announce both families; each keeps its own).
+    pub mp_next_hop: Option<IpAddr>,
 }
 
 impl Update {
@@ -191,6 +194,7 @@ pub(super) fn decode_update(b: &[u8], ctx: Context) -> Result<Update, DecodeErro
     let mut a = Attributes::default();
     let mut seen = [false; 256];
     let (mut have_origin, mut have_as_path, mut have_v4_next_hop) = (false, false, false);
+    let (mut v4_next_hop, mut mp_next_hop) = (None, None);
     let mut p = attrs_raw;
     while !p.is_empty() {
         if p.len() < 3 {
@@ -265,7 +269,7 @@ pub(super) fn decode_update(b: &[u8], ctx: Context) -> Result<Update, DecodeErro
                     if nh.is_unspecified() || nh.is_multicast() || nh.is_broadcast() {
                         withdraw(format!("invalid NEXT_HOP {nh}"));
                     } else {
-                        a.next_hop.get_or_insert(IpAddr::V4(nh));
+                        v4_next_hop = Some(IpAddr::V4(nh));
                         have_v4_next_hop = true;
                     }
                 }
@@ -342,9 +346,7 @@ pub(super) fn decode_update(b: &[u8], ctx: Context) -> Result<Update, DecodeErro
                 // RFC 7606 §7.11: a malformed MP_REACH hides its NLRI: session reset.
                 let (nh, nlri) = decode_mp_reach(value, ctx.add_path_rx)
                     .map_err(|e| malformed(format!("MP_REACH_NLRI: {e}")))?;
-                if let Some(nh) = nh {
-                    a.next_hop = Some(nh);
-                }
+                mp_next_hop = nh.or(mp_next_hop);
                 u.announced.extend(nlri);
             }
             MP_UNREACH => {
@@ -390,6 +392,14 @@ pub(super) fn decode_update(b: &[u8], ctx: Context) -> Result<Update, DecodeErro
         }
     }
     let has_v4_nlri = u.announced.iter().any(|n| matches!(n.prefix, IpNet::V4(_)));
+    let has_v6_nlri = u.announced.iter().any(|n| matches!(n.prefix, IpNet::V6(_)));
+    // Each family its own next hop: NEXT_HOP for IPv4 NLRI, MP_REACH's for IPv6.
+    if has_v4_nlri {
+        a.next_hop = v4_next_hop;
+        u.mp_next_hop = if has_v6_nlri { mp_next_hop } else { None };
+    } else {
+        a.next_hop = mp_next_hop.or(v4_next_hop);
+    }
     if !u.announced.is_empty() {
         let mut missing = Vec::new();
         if !have_origin {
@@ -581,7 +591,7 @@ pub(super) fn encode_update(u: &Update, ctx: Context) -> Vec<u8> {
         if !a6.is_empty() {
             let mut v = AFI_IPV6.to_be_bytes().to_vec();
             v.push(SAFI_UNICAST);
-            match a.next_hop {
+            match u.mp_next_hop.or(a.next_hop) {
                 Some(IpAddr::V6(nh)) => {
                     v.push(16);
                     v.extend_from_slice(&nh.octets());
