@@ -41,7 +41,7 @@ pub enum Learn {
 #[derive(Debug)]
 pub enum Input {
     Up(PeerId, Negotiated),
-    Update(PeerId, Update),
+    Update(PeerId, Box<Update>),
     /// The peer asks for everything again (RFC 2918).
     Refresh(PeerId),
     /// Session down; with a duration the peer restarts gracefully and its routes stay stale.

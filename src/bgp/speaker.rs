@@ -124,7 +124,7 @@ impl Speaker {
 enum ToRib {
     Shutdown(tokio::sync::oneshot::Sender<()>),
     Up(PeerId, Negotiated, mpsc::UnboundedSender<Message>),
-    Update(PeerId, Update),
+    Update(PeerId, Box<Update>),
     Refresh(PeerId),
     /// Session down; with a duration the peer restarts gracefully and its routes stay stale.
     Down(PeerId, Option<Duration>),
@@ -453,7 +453,7 @@ async fn run_session(
                     if !u.errors.is_empty() {
                         tracing::warn!(peer = %p.peer.name, errors = ?u.errors, treat_as_withdraw = u.treat_as_withdraw, "malformed UPDATE attributes (RFC 7606)");
                     }
-                    let _ = rib.send(ToRib::Update(id, u));
+                    let _ = rib.send(ToRib::Update(id, Box::new(u)));
                 }
                 Action::RouteRefresh { .. } => {
                     let _ = rib.send(ToRib::Refresh(id));

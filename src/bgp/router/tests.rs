@@ -74,11 +74,11 @@ fn gateway() -> Router {
 fn announce(prefixes: &[&str], nh: &str) -> Input {
     Input::Update(
         C1,
-        Update {
+        Box::new(Update {
             announced: prefixes.iter().map(|p| Nlri::from(net(p))).collect(),
             attributes: Some(attrs(nh)),
             ..Default::default()
-        },
+        }),
     )
 }
 
@@ -124,7 +124,7 @@ fn a_gracefully_restarting_peer_keeps_its_routes_until_end_of_rib_sweeps_the_res
     // The restart timer of the earlier session runs out now: it no longer counts.
     let o = r.handle(Input::StaleExpired(C1, restart_timer.generation));
     assert!(o.changed.is_empty());
-    let o = r.handle(Input::Update(C1, Update::default()));
+    let o = r.handle(Input::Update(C1, Box::default()));
     assert_eq!(o.changed, vec![net("10.200.0.2/32")]);
     assert_eq!(told(&o, SITE), (vec![net("10.200.0.2/32")], vec![]));
     assert!(r.learned(&net("10.200.0.2/32")).is_empty());
@@ -248,7 +248,7 @@ fn a_gateway_routes_by_client_paths_only_and_a_node_by_all() {
         attributes: Some(attrs("10.10.0.1")),
         ..Default::default()
     };
-    r.handle(Input::Update(SITE, site_route.clone()));
+    r.handle(Input::Update(SITE, Box::new(site_route.clone())));
     assert!(r.learned(&net("10.12.0.0/16")).is_empty());
     assert_eq!(
         r.learned(&net("10.200.0.1/32")),
@@ -300,7 +300,7 @@ fn a_client_update_that_would_not_fit_once_reflected_is_not_passed_on() {
     }
     assert_eq!(wire::encode(&Message::Update(update(len)), ctx).len(), 4095);
     let mut r = gateway();
-    let o = r.handle(Input::Update(C1, update(len)));
+    let o = r.handle(Input::Update(C1, Box::new(update(len))));
     for (id, m) in &o.send {
         let n = wire::encode(m, ctx).len();
         assert!(n <= wire::MAX_LEN, "peer {id} is sent a {n}-byte message");
@@ -312,7 +312,7 @@ fn a_client_update_that_would_not_fit_once_reflected_is_not_passed_on() {
         o.events
     );
     // 100 bytes smaller, it fits with what the reflector adds, and goes.
-    let o = r.handle(Input::Update(C1, update(len - 100)));
+    let o = r.handle(Input::Update(C1, Box::new(update(len - 100))));
     assert_eq!(told(&o, SITE).1, vec![net("10.200.0.3/32")]);
     for (_, m) in &o.send {
         assert!(wire::encode(m, ctx).len() <= wire::MAX_LEN);
