@@ -107,6 +107,10 @@ pub struct Link {
     private: x25519::StaticSecret,
     public: x25519::PublicKey,
     rate_limiter: Arc<RateLimiter>,
+    /// What the peers' `Tunn`s check mac1 with: never under load, because every handshake
+    /// message is counted (and answered with a cookie under load) once, by `rate_limiter`,
+    /// before a session sees it.
+    tunn_limiter: Arc<RateLimiter>,
     peers: Vec<Peer>,
     by_key: HashMap<PublicKey, usize>,
     by_index: HashMap<u32, usize>,
@@ -153,6 +157,7 @@ impl Link {
         let secret = x25519::StaticSecret::from(private.0);
         let public = x25519::PublicKey::from(&secret);
         let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+        let tunn_limiter = Arc::new(RateLimiter::new(&public, u64::MAX));
         let mut link = Link {
             spec_dev: spec.dev.clone(),
             index: spec.index,
@@ -161,6 +166,7 @@ impl Link {
             private: secret,
             public,
             rate_limiter,
+            tunn_limiter,
             peers: Vec::new(),
             by_key: HashMap::new(),
             by_index: HashMap::new(),
@@ -187,6 +193,7 @@ impl Link {
             private: self.private.clone(),
             public: self.public,
             rate_limiter: self.rate_limiter.clone(),
+            tunn_limiter: self.tunn_limiter.clone(),
             peers: Vec::new(),
             by_key: HashMap::new(),
             by_index: HashMap::new(),
@@ -220,7 +227,7 @@ impl Link {
                 None,
                 None,
                 index,
-                Some(self.rate_limiter.clone()),
+                Some(self.tunn_limiter.clone()),
             );
             let state = PeerState {
                 endpoint: RwLock::new(spec.endpoint),
@@ -360,7 +367,22 @@ impl Link {
                     .copied()
                     .ok_or(None);
             }
-            Packet::HandshakeResponse(p) => p.receiver_idx,
+            Packet::HandshakeResponse(p) => {
+                // Counted (and, under load, answered with a cookie) here, once.
+                let mut cookie = [0u8; 64];
+                match self
+                    .rate_limiter
+                    .verify_packet(Some(from.ip()), datagram, &mut cookie)
+                {
+                    Ok(_) => {}
+                    Err(TunnResult::WriteToNetwork(c)) => {
+                        self.stats.cookies.fetch_add(1, Ordering::Relaxed);
+                        return Err(Some(c.to_vec()));
+                    }
+                    Err(_) => return Err(None),
+                }
+                p.receiver_idx
+            }
             Packet::PacketCookieReply(p) => p.receiver_idx,
             Packet::PacketData(p) => p.receiver_idx,
         };
@@ -768,6 +790,31 @@ mod tests {
             node.last_rx(&node.peers()[0]),
             None,
             "a cookie proves no life"
+        );
+    }
+
+    /// Each handshake message counts once against the link's limit: 60 initiations in a
+    /// second (limit 100) leave the link out of load. They used to be counted twice (once
+    /// before identifying the sender, once again inside boringtun), so 51 put it under load.
+    #[test]
+    fn a_handshake_initiation_counts_once_against_the_rate_limit() {
+        let (gw, node) = pair();
+        let hello = node.tick(P, t0());
+        let mut out = vec![0u8; MAX_PACKET];
+        for _ in 0..60 {
+            gw.inbound(NODE.parse().unwrap(), &hello[0].1, &mut out, t0());
+        }
+        assert_eq!(gw.stats.cookies.load(Ordering::Relaxed), 0);
+        let mut c = [0u8; 64];
+        assert!(
+            gw.rate_limiter
+                .verify_packet(
+                    Some(NODE.parse::<SocketAddr>().unwrap().ip()),
+                    &hello[0].1,
+                    &mut c
+                )
+                .is_ok(),
+            "the 61st is not asked for a cookie"
         );
     }
 
