@@ -1198,10 +1198,7 @@ fn a_squatter_on_the_control_socket_is_named_and_not_believed() {
     );
     let key = dir.join("gw1.key");
     let cfg = dir.join("site.kdl");
-    // Bounded, should it start after all.
-    let run_ = ns.exec(&[
-        "timeout",
-        "20",
+    let daemon_args = [
         BIN,
         "run",
         "-c",
@@ -1210,7 +1207,9 @@ fn a_squatter_on_the_control_socket_is_named_and_not_believed() {
         "gw1",
         "-k",
         key.to_str().unwrap(),
-    ]);
+    ];
+    // Bounded, should it start after all.
+    let run_ = ns.exec(&[&["timeout", "20"][..], &daemon_args].concat());
     assert_eq!(run_.status.code(), Some(1), "{}", text(&run_));
     let err = String::from_utf8_lossy(&run_.stderr);
     assert!(
@@ -1223,18 +1222,7 @@ fn a_squatter_on_the_control_socket_is_named_and_not_believed() {
     // node sessions).
     let d = Proc::spawn(
         &ns,
-        &[
-            "prlimit",
-            "--nofile=512:4096",
-            BIN,
-            "run",
-            "-c",
-            cfg.to_str().unwrap(),
-            "--node",
-            "gw1",
-            "-k",
-            key.to_str().unwrap(),
-        ],
+        &[&["prlimit", "--nofile=512:4096"][..], &daemon_args].concat(),
         dir.join("gw1.log"),
     );
     let t = Instant::now();

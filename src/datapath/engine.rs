@@ -343,22 +343,28 @@ impl Link {
     /// Which peer a datagram is for, without touching any session.
     fn classify(&self, from: SocketAddr, datagram: &[u8]) -> Result<usize, Option<Vec<u8>>> {
         let packet = Tunn::parse_incoming_packet(datagram).map_err(|_| None)?;
+        if matches!(
+            packet,
+            Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)
+        ) {
+            // Every handshake message is counted here, once: mac1 authenticated (and a cookie
+            // demanded under load) before the DH work of identifying the sender, so a flood of
+            // garbage handshakes costs a hash each.
+            let mut cookie = [0u8; 64];
+            match self
+                .rate_limiter
+                .verify_packet(Some(from.ip()), datagram, &mut cookie)
+            {
+                Ok(_) => {}
+                Err(TunnResult::WriteToNetwork(c)) => {
+                    self.stats.cookies.fetch_add(1, Ordering::Relaxed);
+                    return Err(Some(c.to_vec()));
+                }
+                Err(_) => return Err(None),
+            }
+        }
         let receiver = match &packet {
             Packet::HandshakeInit(init) => {
-                // Authenticate mac1 (and demand a cookie under load) before the DH work of
-                // identifying the sender: a flood of garbage initiations costs a hash each.
-                let mut cookie = [0u8; 64];
-                match self
-                    .rate_limiter
-                    .verify_packet(Some(from.ip()), datagram, &mut cookie)
-                {
-                    Ok(_) => {}
-                    Err(TunnResult::WriteToNetwork(c)) => {
-                        self.stats.cookies.fetch_add(1, Ordering::Relaxed);
-                        return Err(Some(c.to_vec()));
-                    }
-                    Err(_) => return Err(None),
-                }
                 let half =
                     parse_handshake_anon(&self.private, &self.public, init).map_err(|_| None)?;
                 return self
@@ -367,22 +373,7 @@ impl Link {
                     .copied()
                     .ok_or(None);
             }
-            Packet::HandshakeResponse(p) => {
-                // Counted (and, under load, answered with a cookie) here, once.
-                let mut cookie = [0u8; 64];
-                match self
-                    .rate_limiter
-                    .verify_packet(Some(from.ip()), datagram, &mut cookie)
-                {
-                    Ok(_) => {}
-                    Err(TunnResult::WriteToNetwork(c)) => {
-                        self.stats.cookies.fetch_add(1, Ordering::Relaxed);
-                        return Err(Some(c.to_vec()));
-                    }
-                    Err(_) => return Err(None),
-                }
-                p.receiver_idx
-            }
+            Packet::HandshakeResponse(p) => p.receiver_idx,
             Packet::PacketCookieReply(p) => p.receiver_idx,
             Packet::PacketData(p) => p.receiver_idx,
         };
