@@ -49,6 +49,22 @@ impl Site {
             .map_or(0, |l| l.iter().filter(|l| l["alive"] == true).count())
     }
 
+    /// A lab of its own (namespaces `ap-t-PID-TAG-*`), up; returns it and what `up` printed.
+    fn up(tag: &str, rtt_ms: u32, router: &'static str, sim: u32) -> (Site, String) {
+        let prefix = format!("ap-t-{}-{tag}", std::process::id());
+        let site = Site {
+            dir: std::env::temp_dir().join(&prefix),
+            prefix,
+            rtt_ms,
+            router,
+            sim,
+        };
+        let up = site.lab("up");
+        assert!(up.status.success(), "lab up:\n{}", text(&up));
+        let shown = String::from_utf8_lossy(&up.stdout).to_string();
+        (site, shown)
+    }
+
     fn lab(&self, cmd: &str) -> std::process::Output {
         Command::new("bash")
             .arg(repo("tests/lab.sh"))
@@ -664,17 +680,7 @@ fn the_site_end_to_end_nfs_routes_and_faults() {
         return;
     }
     let _one = LAB.lock().unwrap_or_else(|e| e.into_inner());
-    let prefix = format!("ap-t-{}-lab", std::process::id());
-    let site = Site {
-        dir: std::env::temp_dir().join(&prefix),
-        prefix,
-        rtt_ms: 0,
-        router: "bird",
-        sim: 0,
-    };
-    let up = site.lab("up");
-    assert!(up.status.success(), "lab up:\n{}", text(&up));
-    let shown = String::from_utf8_lossy(&up.stdout);
+    let (site, shown) = Site::up("lab", 0, "bird", 0);
     eprintln!("{shown}");
 
     // bird holds every node prefix with one nexthop per gateway.
@@ -896,16 +902,7 @@ fn nfs_through_the_site_at_20_ms_rtt() {
         return;
     }
     let _one = LAB.lock().unwrap_or_else(|e| e.into_inner());
-    let prefix = format!("ap-t-{}-wan", std::process::id());
-    let site = Site {
-        dir: std::env::temp_dir().join(&prefix),
-        prefix,
-        rtt_ms: 20,
-        router: "bird",
-        sim: 0,
-    };
-    let up = site.lab("up");
-    assert!(up.status.success(), "lab up:\n{}", text(&up));
+    let (site, _) = Site::up("wan", 20, "bird", 0);
     let ping = site.exec(
         "c1",
         &[
@@ -946,16 +943,7 @@ fn gateway_faults_with_frr_as_the_site_router() {
         return;
     }
     let _one = LAB.lock().unwrap_or_else(|e| e.into_inner());
-    let prefix = format!("ap-t-{}-frr", std::process::id());
-    let site = Site {
-        dir: std::env::temp_dir().join(&prefix),
-        prefix,
-        rtt_ms: 0,
-        router: "frr",
-        sim: 0,
-    };
-    let up = site.lab("up");
-    assert!(up.status.success(), "lab up:\n{}", text(&up));
+    let (site, _) = Site::up("frr", 0, "frr", 0);
     let bfd = site.sh(
         "site",
         &format!(
@@ -1038,17 +1026,8 @@ fn the_routing_plane_holds_at_250_nodes() {
         return;
     }
     let _one = LAB.lock().unwrap_or_else(|e| e.into_inner());
-    let prefix = format!("ap-t-{}-scale", std::process::id());
-    let site = Site {
-        dir: std::env::temp_dir().join(&prefix),
-        prefix,
-        rtt_ms: 0,
-        router: "bird",
-        sim: 247,
-    };
     let t = Instant::now();
-    let up = site.lab("up");
-    assert!(up.status.success(), "lab up:\n{}", text(&up));
+    let (site, _) = Site::up("scale", 0, "bird", 247);
     let converged = t.elapsed();
     let expect = 5 + site.sim as usize; // site router, the other gateway, c1..c3, the simulated
     let check = |what: &str| {
