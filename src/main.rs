@@ -457,20 +457,6 @@ fn reconcile_cmd(args: &ConfigArgs, node: Option<String>, dry_run: bool) -> Exit
                 return ExitCode::from(EXIT_ERROR);
             }
         };
-        let (plan, want) = match reconcile::plan(&nl, &cfg, &host).await {
-            Ok(p) => p,
-            Err(e) => {
-                fail(args.output, &e.to_string());
-                return ExitCode::from(EXIT_ERROR);
-            }
-        };
-        let status = if plan.is_empty() {
-            "unchanged"
-        } else if dry_run {
-            "planned"
-        } else {
-            "applied"
-        };
         if !dry_run {
             // A running daemon owns the links: hand it the config instead of racing it.
             let config =
@@ -510,8 +496,36 @@ fn reconcile_cmd(args: &ConfigArgs, node: Option<String>, dry_run: bool) -> Exit
                 }
             }
         }
-        if !plan.is_empty() && !dry_run {
-            if let Err(e) = reconcile::apply(&nl, &want, &plan).await {
+        // Plan under the lock, not before it: another reconcile may run while this one waits,
+        // and a plan read before it would then be stale (and its revert would undo the other's
+        // work). A dry run only reads, and needs no lock (nor privileges).
+        let lock = if dry_run {
+            None
+        } else {
+            match reconcile::lock() {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    fail(args.output, &e.to_string());
+                    return ExitCode::from(EXIT_ERROR);
+                }
+            }
+        };
+        let (plan, want) = match reconcile::plan(&nl, &cfg, &host).await {
+            Ok(p) => p,
+            Err(e) => {
+                fail(args.output, &e.to_string());
+                return ExitCode::from(EXIT_ERROR);
+            }
+        };
+        let status = if plan.is_empty() {
+            "unchanged"
+        } else if dry_run {
+            "planned"
+        } else {
+            "applied"
+        };
+        if let (false, Some(lock)) = (plan.is_empty(), &lock) {
+            if let Err(e) = reconcile::apply(&nl, lock, &want, &plan).await {
                 match args.output {
                     Output::Text => {
                         print!("{}", plan.render_text());

@@ -586,3 +586,64 @@ fn a_nat_table_no_longer_wanted_is_removed() {
     assert!(!nft(&ns, "list tables").contains("appliance"));
     let _ = std::fs::remove_file(cfg);
 }
+
+/// Two reconciles that start while a third party holds the lock: each must plan after it has
+/// the lock, so the second finds the first's work done and changes nothing. A plan read before
+/// the lock is stale by then, and applying it fails half-way (or undoes the first one's work).
+#[test]
+fn a_reconcile_waiting_for_the_lock_plans_only_once_it_holds_it() {
+    use std::os::unix::fs::MetadataExt as _;
+    if !root_or_skip("a_reconcile_waiting_for_the_lock") {
+        return;
+    }
+    let ns = Netns::new();
+    let ino = std::fs::metadata(format!("/run/netns/{}", ns.name))
+        .unwrap()
+        .ino();
+    std::fs::create_dir_all("/run/appliance").unwrap();
+    let path = format!("/run/appliance/reconcile-{ino}.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let held = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| e)
+        .expect("the namespace's reconcile lock is free");
+    let cfg = repo(TWO_GW);
+    let start = || {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.name, BIN, "reconcile", "-c", &cfg])
+            .args(["--node", "c1"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (start(), start());
+    // Both are waiting on the lock now (it is polled every 100 ms for 30 s).
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    drop(held);
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert_eq!(a.status.code(), Some(0), "first: {}", text(&a));
+    assert_eq!(b.status.code(), Some(0), "second: {}", text(&b));
+    let applied = [&a, &b]
+        .iter()
+        .filter(|o| String::from_utf8_lossy(&o.stdout).contains("Applied and verified."))
+        .count();
+    assert_eq!(
+        applied,
+        1,
+        "one applies, the other finds nothing to do:\n{}\n{}",
+        text(&a),
+        text(&b)
+    );
+    let again = reconcile(&ns, TWO_GW, "c1", &["--dry-run"]);
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("No changes"),
+        "{}",
+        text(&again)
+    );
+    let _ = std::fs::remove_file(&path);
+}

@@ -102,9 +102,14 @@ pub async fn plan_state(
 }
 
 /// Apply `plan`, verify that the host is now `want`, and revert on any failure (one-shot
-/// reconcile: takes the lock, and SIGINT/SIGTERM mid-way reverts).
-pub async fn apply(nl: &Netlink, want: &HostState, plan: &Plan) -> Result<(), ReconcileError> {
-    let _lock = lock().map_err(|e| *e)?;
+/// reconcile; SIGINT/SIGTERM mid-way reverts). The caller takes the [`lock`] before it
+/// plans: a plan read before the lock may be stale once another reconcile has run.
+pub async fn apply(
+    nl: &Netlink,
+    _lock: &Lock,
+    want: &HostState,
+    plan: &Plan,
+) -> Result<(), ReconcileError> {
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = {
         let stop = stop.clone();
