@@ -60,20 +60,76 @@ pub fn entry_name(e: &[u8]) -> String {
     String::from_utf16_lossy(&units)
 }
 
-/// Check a primary header and its entries: signature, header CRC, entries CRC.
-pub fn check(header: &[u8], entries: &[u8]) -> Result<(), String> {
+/// The most entry-array bytes a header may claim: 128 KiB is eight times what every tool
+/// writes (128 entries of 128 bytes). The array is allocated from these fields, so they are
+/// bounded before anything is read or allocated.
+pub const ENTRIES_MAX: usize = 128 * 1024;
+
+/// Where a header's entry array is and how big it is, after checking the header alone:
+/// signature, size, header CRC, and an entry geometry that every decoder below can trust
+/// (entries of 128..=1024 bytes, a multiple of 8; at most [`ENTRIES_MAX`] bytes in all; the
+/// array after LBA 1).
+pub fn entries_extent(header: &[u8]) -> Result<(u64, usize), String> {
     if header.len() < 92 || &header[0..8] != b"EFI PART" {
         return Err("no GPT header at LBA 1".into());
     }
     let size = u32_at(header, 12) as usize;
-    if !(92..=512).contains(&size) || header_crc(header) != u32_at(header, 16) {
+    if !(92..=512).contains(&size)
+        || size > header.len()
+        || header_crc(header) != u32_at(header, 16)
+    {
         return Err("GPT header CRC mismatch".into());
     }
-    let n = u32_at(header, 80) as usize * u32_at(header, 84) as usize;
+    let count = u32_at(header, 80) as usize;
+    let esize = u32_at(header, 84) as usize;
+    if !(128..=1024).contains(&esize) || esize % 8 != 0 {
+        return Err(format!(
+            "GPT header: partition entries of {esize} bytes (128 to 1024, a multiple of 8)"
+        ));
+    }
+    match count.checked_mul(esize) {
+        Some(n) if n <= ENTRIES_MAX => {}
+        _ => {
+            return Err(format!(
+                "GPT header: {count} partition entries of {esize} bytes is more than {ENTRIES_MAX} bytes"
+            ))
+        }
+    }
+    let lba = u64_at(header, 72);
+    if lba < 2 {
+        return Err(format!(
+            "GPT header: partition entries at LBA {lba}, inside the header"
+        ));
+    }
+    Ok((lba, count * esize))
+}
+
+/// Check a primary header and its entries: signature, header CRC, geometry, entries CRC.
+pub fn check(header: &[u8], entries: &[u8]) -> Result<(), String> {
+    let (_, n) = entries_extent(header)?;
     if entries.len() < n || crc32fast::hash(&entries[..n]) != u32_at(header, 88) {
         return Err("GPT partition entries CRC mismatch".into());
     }
     Ok(())
+}
+
+/// Read the primary GPT (header at LBA 1, then its entry array) from `disk`, checking the
+/// header before the entry array is allocated from its fields.
+pub fn read<D: std::io::Read + std::io::Seek>(disk: &mut D) -> Result<(Vec<u8>, Vec<u8>), String> {
+    let mut header = vec![0u8; SECTOR as usize];
+    disk.seek(SeekFrom::Start(SECTOR))
+        .and_then(|_| disk.read_exact(&mut header))
+        .map_err(|e| format!("reading the GPT header: {e}"))?;
+    let (lba, n) = entries_extent(&header)?;
+    let at = lba
+        .checked_mul(SECTOR)
+        .ok_or_else(|| format!("GPT header: partition entries at LBA {lba}, past any disk"))?;
+    let mut entries = vec![0u8; n];
+    disk.seek(SeekFrom::Start(at))
+        .and_then(|_| disk.read_exact(&mut entries))
+        .map_err(|e| format!("reading the GPT partition entries at LBA {lba}: {e}"))?;
+    check(&header, &entries)?;
+    Ok((header, entries))
 }
 
 /// Grow partition `name` (which must be the last on the disk) to the end of a disk of
@@ -89,10 +145,13 @@ pub fn grow(
     let count = u32_at(header, 80) as usize;
     let esize = u32_at(header, 84) as usize;
     let entries = entries[..count * esize].to_vec();
-    let entry_sectors = (count * esize) as u64 / SECTOR;
-    let backup_lba = disk_sectors - 1;
-    let backup_entries_lba = backup_lba - entry_sectors;
-    let last_usable = backup_entries_lba - 1;
+    let entry_sectors = ((count * esize) as u64).div_ceil(SECTOR);
+    let too_small = || format!("a disk of {disk_sectors} sectors cannot hold this GPT");
+    let backup_lba = disk_sectors.checked_sub(1).ok_or_else(too_small)?;
+    let backup_entries_lba = backup_lba
+        .checked_sub(entry_sectors)
+        .ok_or_else(too_small)?;
+    let last_usable = backup_entries_lba.checked_sub(1).ok_or_else(too_small)?;
     let mut found = None;
     let mut max_end = 0;
     for i in 0..count {
@@ -112,8 +171,13 @@ pub fn grow(
             "partition {name:?} is not the last one on the disk"
         ));
     }
-    let new_last = ((last_usable + 1) / ALIGN) * ALIGN - 1;
-    if new_last < old_last + ALIGN || last_usable <= u64_at(header, 48) {
+    if first > old_last {
+        return Err(format!("partition {name:?} ends before it starts"));
+    }
+    let Some(new_last) = ((last_usable + 1) / ALIGN * ALIGN).checked_sub(1) else {
+        return Ok(None);
+    };
+    if new_last < old_last.saturating_add(ALIGN) || last_usable <= u64_at(header, 48) {
         return Ok(None);
     }
     let mut entries = entries;
@@ -187,17 +251,9 @@ pub fn grow_disk(disk: &str, name: &str, mountpoint: &str) -> Result<Option<(u64
         .write(true)
         .open(disk)
         .map_err(|e| format!("{disk}: {e}"))?;
-    let mut head = vec![0u8; 34 * SECTOR as usize];
-    f.read_exact(&mut head)
-        .map_err(|e| format!("{disk}: {e}"))?;
-    let header = &head[512..1024];
-    let entries_lba = u64_at(header, 72) as usize;
-    let n = (u32_at(header, 80) * u32_at(header, 84)) as usize;
-    let mut entries = vec![0u8; n];
-    f.seek(SeekFrom::Start(entries_lba as u64 * SECTOR))
-        .and_then(|_| f.read_exact(&mut entries))
-        .map_err(|e| format!("{disk}: {e}"))?;
-    let Some(g) = grow(header, &entries, sectors, name).map_err(|e| format!("{disk}: {e}"))? else {
+    let (header, entries) = read(&mut f).map_err(|e| format!("{disk}: {e}"))?;
+    let Some(g) = grow(&header, &entries, sectors, name).map_err(|e| format!("{disk}: {e}"))?
+    else {
         return Ok(None);
     };
     let io = |e: std::io::Error| format!("{disk}: writing the GPT: {e}");
@@ -336,5 +392,65 @@ mod tests {
         assert!(grow(&badh, &e, 1 << 21, "state")
             .unwrap_err()
             .contains("header CRC"));
+    }
+    /// The header's entry count and size decide how much is allocated: a header that passes
+    /// its own CRC but claims 4 G entries of 4 GiB is refused before anything is allocated
+    /// (before, the product overflowed, or wrapped to an allocation of up to 16 EiB).
+    #[test]
+    fn a_header_claiming_a_huge_entry_array_is_refused_before_allocating() {
+        let (mut h, e) = gpt(10240);
+        put_u32(&mut h, 80, u32::MAX);
+        put_u32(&mut h, 84, u32::MAX);
+        let crc = header_crc(&h);
+        put_u32(&mut h, 16, crc);
+        let mut disk = vec![0u8; 10240 * 512];
+        disk[512..512 + 92].copy_from_slice(&h);
+        disk[1024..1024 + e.len()].copy_from_slice(&e);
+        let err = read(&mut std::io::Cursor::new(&disk)).unwrap_err();
+        assert!(
+            err.contains("partition entries of 4294967295 bytes"),
+            "{err}"
+        );
+        put_u32(&mut h, 84, 128);
+        let crc = header_crc(&h);
+        put_u32(&mut h, 16, crc);
+        disk[512..512 + 92].copy_from_slice(&h);
+        let err = read(&mut std::io::Cursor::new(&disk)).unwrap_err();
+        assert!(err.contains("more than 131072 bytes"), "{err}");
+        // The same disk with its own header reads back whole.
+        let (h, e) = gpt(10240);
+        disk[512..512 + 92].copy_from_slice(&h);
+        let (rh, re) = read(&mut std::io::Cursor::new(&disk)).unwrap();
+        assert_eq!((&rh[..92], re), (&h[..], e));
+    }
+
+    /// Fields no tool writes (tiny entries, a disk smaller than the GPT, a partition ending
+    /// before it starts) are errors, not panics in PID 1.
+    #[test]
+    fn nonsense_geometry_is_an_error_not_a_panic() {
+        let (h, e) = gpt(10240);
+        assert!(grow(&h, &e, 0, "state")
+            .unwrap_err()
+            .contains("cannot hold"));
+        assert!(grow(&h, &e, 20, "state")
+            .unwrap_err()
+            .contains("cannot hold"));
+        assert_eq!(grow(&h, &e, 40, "state"), Ok(None));
+        let mut small = h.clone();
+        put_u32(&mut small, 84, 16);
+        let crc = header_crc(&small);
+        put_u32(&mut small, 16, crc);
+        assert!(grow(&small, &e, 1 << 21, "state")
+            .unwrap_err()
+            .contains("entries of 16 bytes"));
+        let mut backwards = e.clone();
+        put_u64(&mut backwards[128..], 32, 9000);
+        let mut hb = h.clone();
+        put_u32(&mut hb, 88, crc32fast::hash(&backwards));
+        let crc = header_crc(&hb);
+        put_u32(&mut hb, 16, crc);
+        assert!(grow(&hb, &backwards, 1 << 21, "state")
+            .unwrap_err()
+            .contains("ends before"));
     }
 }
