@@ -6,7 +6,7 @@
 //! backup headers and entries, or `None` when there is nothing to grow. [`grow_disk`] does the
 //! I/O (write backup first, primary last; tell the kernel with BLKPG; resize ext4 by ioctl).
 
-use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+use std::io::{Seek as _, SeekFrom, Write as _};
 use std::os::fd::AsRawFd as _;
 
 const SECTOR: u64 = 512;

@@ -480,6 +480,7 @@ fn apply(source: Source, a: &Accepted, first_from: Option<Source>, net: &net::Ne
         say(&e);
     }
     net::apply_static(net, &a.interfaces);
+    net::protect(net, net::protected(&a.config));
     if let Err(e) = write_atomic(RUN_CONFIG, a.site_text.as_bytes(), 0o644) {
         say(&format!("cannot write {RUN_CONFIG}: {e}"));
     }

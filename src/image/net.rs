@@ -19,6 +19,112 @@ pub struct NetState {
     pub up: AtomicBool,
     /// Interfaces the user-data configures: DHCP leaves them alone.
     pub static_ifaces: Mutex<Vec<String>>,
+    /// What DHCP routes may not touch, and what each interface's lease installed. One lock:
+    /// a lease applied while the site file arrives is screened by one or the other.
+    routes: Mutex<LeaseRoutes>,
+}
+
+#[derive(Default)]
+struct LeaseRoutes {
+    /// None until a site file is accepted: until then nothing routes through tunnels, and the
+    /// routes may be needed to reach the metadata service.
+    protected: Option<Protected>,
+    installed: std::collections::BTreeMap<String, Vec<Route>>,
+    /// What was last said refused, per interface: a renewal that refuses the same says nothing.
+    refused: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+/// A DHCP route: destination, prefix length, router (0.0.0.0 for on-link).
+pub type Route = (Ipv4Addr, u8, Ipv4Addr);
+
+/// What a DHCP server's routes may not touch (TunnelVision, CVE-2024-3661): a classless
+/// static route (option 121) installed as given would take site traffic out of the tunnels by
+/// being more specific than the tunnels' routes, or lower in metric than an equal one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Protected {
+    /// A route equal to or inside one of these is refused; each says what it is. A route
+    /// that only covers one (a default route, say) is kept: the tunnels' longer routes win,
+    /// and the reconcile's blackhole on the same prefix keeps it closed when they are down.
+    pub inside: Vec<(ipnet::Ipv4Net, String)>,
+    /// The underlay addresses this host sends its tunnels to (the gateways' endpoints, the
+    /// relays): a route must cover all of them or none, so a DHCP server cannot steer a
+    /// chosen part of a node's links.
+    pub endpoints: Vec<Ipv4Addr>,
+}
+
+/// The protected set of a site file: its site prefixes and cloud blocks, the gateways' site
+/// addresses, and the underlay addresses of the gateways and relays.
+pub fn protected(cfg: &crate::model::config::Config) -> Protected {
+    let v4 = |n: &IpNet| match n {
+        IpNet::V4(n) => Some(n.trunc()),
+        IpNet::V6(_) => None,
+    };
+    let mut inside = Vec::new();
+    for n in cfg.site.site_prefixes.iter().filter_map(v4) {
+        inside.push((n, format!("site prefix {n}")));
+    }
+    for n in cfg.site.cloud_blocks.iter().filter_map(v4) {
+        inside.push((n, format!("the cloud block {n}")));
+    }
+    for g in &cfg.gateways {
+        if let IpAddr::V4(a) = g.site_address {
+            inside.push((a.into(), format!("{}'s site address {a}", g.name)));
+        }
+    }
+    let mut endpoints: Vec<Ipv4Addr> = cfg
+        .gateways
+        .iter()
+        .map(|g| g.endpoint)
+        .chain(
+            cfg.relays
+                .iter()
+                .flat_map(|r| std::iter::once(r.public_address).chain(r.private_address)),
+        )
+        .filter_map(|a| match a {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    endpoints.sort();
+    endpoints.dedup();
+    Protected { inside, endpoints }
+}
+
+/// Split a lease's routes into those to install and a reason for each refused one.
+pub fn screen(p: &Protected, routes: &[Route]) -> (Vec<Route>, Vec<String>) {
+    let mut keep = Vec::new();
+    let mut refused = Vec::new();
+    for &(dst, len, via) in routes {
+        let shown = format!("{dst}/{len} via {via}");
+        let Ok(net) = ipnet::Ipv4Net::new(dst, len).map(|n| n.trunc()) else {
+            refused.push(format!("{shown}: not a prefix"));
+            continue;
+        };
+        if let Some((_, what)) = p.inside.iter().find(|(n, _)| n.contains(&net)) {
+            refused.push(format!(
+                "{shown}: inside {what}, which goes through the tunnels"
+            ));
+            continue;
+        }
+        let covered = p.endpoints.iter().filter(|a| net.contains(*a)).count();
+        if covered > 0 && covered < p.endpoints.len() {
+            let some: Vec<String> = p
+                .endpoints
+                .iter()
+                .filter(|a| net.contains(*a))
+                .map(|a| a.to_string())
+                .collect();
+            refused.push(format!(
+                "{shown}: covers {} of the {} tunnel endpoints only ({})",
+                covered,
+                p.endpoints.len(),
+                some.join(", ")
+            ));
+            continue;
+        }
+        keep.push((dst, len, via));
+    }
+    (keep, refused)
 }
 
 fn rt() -> Result<tokio::runtime::Runtime, String> {
@@ -111,10 +217,11 @@ fn mac_of(name: &str) -> Option<[u8; 6]> {
     bytes.try_into().ok()
 }
 
-/// Apply a lease: address, routes (RFC 3442 routes replace the routers option), MTU.
-fn apply_lease(name: &str, l: &dhcp::Lease) -> Result<(), String> {
+/// Apply a lease: address, routes (RFC 3442 routes replace the routers option), MTU. Once a
+/// site file is known its routes are screened ([`screen`]) and what is refused is said.
+pub fn apply_lease(state: &NetState, name: &str, l: &dhcp::Lease) -> Result<(), String> {
     let addr = IpNet::new(IpAddr::V4(l.address), l.prefix_len).map_err(|e| e.to_string())?;
-    let routes: Vec<(Ipv4Addr, u8, Ipv4Addr)> = if !l.classless_routes.is_empty() {
+    let routes: Vec<Route> = if !l.classless_routes.is_empty() {
         l.classless_routes.clone()
     } else {
         l.routers
@@ -122,7 +229,67 @@ fn apply_lease(name: &str, l: &dhcp::Lease) -> Result<(), String> {
             .map(|r| vec![(Ipv4Addr::UNSPECIFIED, 0, *r)])
             .unwrap_or_default()
     };
-    configure(name, l.mtu.map(u32::from), &[addr], &routes)
+    let mut held = state.routes.lock().expect("not poisoned");
+    let (keep, refused) = match &held.protected {
+        Some(p) => screen(p, &routes),
+        None => (routes, Vec::new()),
+    };
+    say_refused(&mut held, name, refused);
+    configure(name, l.mtu.map(u32::from), &[addr], &keep)?;
+    held.installed.insert(name.to_string(), keep);
+    Ok(())
+}
+
+fn say_refused(held: &mut LeaseRoutes, name: &str, refused: Vec<String>) {
+    if held.refused.get(name) != Some(&refused) {
+        for r in &refused {
+            say(&format!("{name}: refused the DHCP route {r}"));
+        }
+        held.refused.insert(name.to_string(), refused);
+    }
+}
+
+/// The site file is known: screen every lease's routes from now on, and remove those already
+/// installed that it refuses, before the daemon starts routing into the tunnels.
+pub fn protect(state: &NetState, p: Protected) {
+    let mut held = state.routes.lock().expect("not poisoned");
+    let installed = std::mem::take(&mut held.installed);
+    for (name, routes) in installed {
+        let (keep, refused) = screen(&p, &routes);
+        let gone: Vec<Route> = routes.into_iter().filter(|r| !keep.contains(r)).collect();
+        if let Err(e) = unroute(&name, &gone) {
+            say(&format!("{name}: cannot remove a refused DHCP route: {e}"));
+        }
+        say_refused(&mut held, &name, refused);
+        held.installed.insert(name, keep);
+    }
+    held.protected = Some(p);
+}
+
+/// Remove routes [`configure`] added on `name`.
+fn unroute(name: &str, routes: &[Route]) -> Result<(), String> {
+    if routes.is_empty() {
+        return Ok(());
+    }
+    rt()?.block_on(async {
+        let (conn, h, _) = rtnetlink::new_connection().map_err(|e| format!("netlink: {e}"))?;
+        tokio::spawn(conn);
+        let ix = index_of(&h, name).await?;
+        for (dst, len, gw) in routes {
+            let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(*dst, *len)
+                .output_interface(ix);
+            if !gw.is_unspecified() {
+                msg = msg.gateway(*gw);
+            }
+            match h.route().del(msg.build()).execute().await {
+                Ok(()) => {}
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => {}
+                Err(e) => return Err(format!("route {dst}/{len} via {gw}: {e}")),
+            }
+        }
+        Ok(())
+    })
 }
 
 /// DHCP on one interface until it has a lease, then renew at half the lease time.
@@ -154,7 +321,7 @@ fn dhcp_loop(name: String, state: Arc<NetState>) {
                 if now_static() {
                     return;
                 }
-                match apply_lease(&name, &l) {
+                match apply_lease(&state, &name, &l) {
                     Ok(()) => {
                         if !announced {
                             say(&format!(
@@ -221,5 +388,76 @@ pub fn apply_static(state: &NetState, ifaces: &[Interface]) {
             }
             Err(e) => say(&format!("{}: static configuration failed: {e}", i.name)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn two_gateways() -> Protected {
+        let cfg = crate::model::config::parse(
+            "config.kdl",
+            include_str!("../../tests/golden/two-gateways/config.kdl"),
+        )
+        .unwrap();
+        protected(&cfg)
+    }
+
+    fn r(s: &str, via: &str) -> Route {
+        let n: ipnet::Ipv4Net = s.parse().unwrap();
+        (n.addr(), n.prefix_len(), via.parse().unwrap())
+    }
+
+    #[test]
+    fn the_protected_set_is_the_sites_prefixes_blocks_gateways_and_endpoints() {
+        let p = two_gateways();
+        let inside: Vec<String> = p.inside.iter().map(|(n, _)| n.to_string()).collect();
+        assert_eq!(
+            inside,
+            [
+                "10.10.0.0/16",
+                "10.200.0.0/16",
+                "10.10.0.2/32",
+                "10.10.0.3/32"
+            ]
+        );
+        assert_eq!(
+            p.endpoints,
+            [
+                "192.0.2.1".parse::<Ipv4Addr>().unwrap(),
+                "192.0.2.2".parse().unwrap()
+            ]
+        );
+    }
+
+    /// TunnelVision (CVE-2024-3661): option-121 routes into the site or the cloud block, or
+    /// onto part of the tunnels' endpoints, are refused with the reason; the default route
+    /// and routes elsewhere stay.
+    #[test]
+    fn dhcp_routes_into_the_site_or_onto_part_of_the_endpoints_are_refused() {
+        let p = two_gateways();
+        let routes = [
+            r("0.0.0.0/0", "172.31.0.1"),
+            r("169.254.169.254/32", "172.31.0.1"),
+            r("10.10.0.0/17", "172.31.0.1"),
+            r("10.10.0.0/16", "172.31.0.1"),
+            r("10.200.0.11/32", "172.31.0.1"),
+            r("10.0.0.0/8", "172.31.0.1"),
+            r("192.0.2.1/32", "172.31.0.1"),
+            r("192.0.2.0/24", "172.31.0.1"),
+        ];
+        let (keep, refused) = screen(&p, &routes);
+        assert_eq!(
+            keep,
+            [routes[0], routes[1], routes[5], routes[7]],
+            "{refused:?}"
+        );
+        assert_eq!(refused.len(), 4, "{refused:?}");
+        assert!(refused[0].contains("10.10.0.0/17 via 172.31.0.1: inside site prefix 10.10.0.0/16"));
+        assert!(refused[1].contains("10.10.0.0/16 via 172.31.0.1: inside site prefix"));
+        assert!(refused[2].contains("inside the cloud block 10.200.0.0/16"));
+        assert!(refused[3].contains("covers 1 of the 2 tunnel endpoints only (192.0.2.1)"));
+        assert!(screen(&Protected::default(), &routes).1.is_empty());
     }
 }
