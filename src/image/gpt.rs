@@ -82,7 +82,7 @@ pub fn entries_extent(header: &[u8]) -> Result<(u64, usize), String> {
     }
     let count = u32_at(header, 80) as usize;
     let esize = u32_at(header, 84) as usize;
-    if !(128..=1024).contains(&esize) || esize % 8 != 0 {
+    if !(128..=1024).contains(&esize) || !esize.is_multiple_of(8) {
         return Err(format!(
             "GPT header: partition entries of {esize} bytes (128 to 1024, a multiple of 8)"
         ));
