@@ -96,12 +96,6 @@ ID=appliance
 VERSION_ID=$version
 PRETTY_NAME="appliance $version (kernel $kver)"
 EOF
-touch_all "$root"
-mkfs.erofs --quiet -zlz4hc -T "$SOURCE_DATE_EPOCH" -U "$(uuid erofs)" --all-root "$work/root.erofs" "$root"
-veritysetup format "$work/root.erofs" "$work/verity.img" \
-  --salt="$(derive verity-salt)" --uuid="$(uuid verity)" --root-hash-file="$work/roothash" >/dev/null
-roothash=$(cat "$work/roothash")
-
 # ---- initramfs: the same binary as /init, and the modules in dependency order
 initrd=$work/initrd
 mkdir -p "$initrd/lib/modules"
@@ -153,8 +147,37 @@ with open(path, "r+b") as f:
     f.seek(0); f.write(b)
 EOF
 }
-make_uki A "$roothash" "$work/appliance-A.efi"
-make_uki B "$roothash" "$work/appliance-B.efi"
+# The root vouches for the boot files (boot/manifest, read by `appliance image install`): their
+# sha256, each UKI's with a placeholder for the root hash its command line names (the root hash
+# is known only once the root is made), and the command lines the stanzas are built from.
+placeholder=0000000000000000000000000000000000000000000000000000000000000000
+make_uki A "$placeholder" "$work/uki-A.in"
+make_uki B "$placeholder" "$work/uki-B.in"
+mkdir -p "$root/boot"
+{
+  echo "vmlinuz $(sha256sum < "$vmlinuz" | cut -c1-64)"
+  echo "initrd $(sha256sum < "$work/initrd.img" | cut -c1-64)"
+  for s in A B; do echo "uki-$s $(sha256sum < "$work/uki-$s.in" | cut -c1-64)"; done
+  for s in A B; do echo "cmdline-$s $(cmdline_for "$s" "$placeholder")"; done
+} > "$root/boot/manifest"
+
+touch_all "$root"
+mkfs.erofs --quiet -zlz4hc -T "$SOURCE_DATE_EPOCH" -U "$(uuid erofs)" --all-root "$work/root.erofs" "$root"
+veritysetup format "$work/root.erofs" "$work/verity.img" \
+  --salt="$(derive verity-salt)" --uuid="$(uuid verity)" --root-hash-file="$work/roothash" >/dev/null
+roothash=$(cat "$work/roothash")
+
+# The UKIs that boot: the placeheld ones with the root hash put in (same length, same layout).
+for s in A B; do
+  python3 - "$work/uki-$s.in" "$work/appliance-$s.efi" "$placeholder" "$roothash" <<'EOF'
+import sys
+src, dst, ph, h = sys.argv[1:]
+b = open(src, "rb").read()
+old, new = ("appliance.verity=" + ph).encode(), ("appliance.verity=" + h).encode()
+assert len(old) == len(new) and b.count(old) == 1, "one placeholder in the UKI"
+open(dst, "wb").write(b.replace(old, new))
+EOF
+done
 
 # ---- ESP: systemd-boot (UEFI) and syslinux (BIOS)
 mib=$((1024 * 1024))

@@ -1006,48 +1006,25 @@ fn a_good_update_fetched_over_http_boots_once_on_uefi_and_becomes_the_default_wh
     }
     let dir = Scratch::new("ab-uefi");
     let disk = copy_disk(&dir);
-    // Room on state for the download (state grows to the disk at first boot).
-    run("truncate", &["-s", "+512M", disk.to_str().unwrap()]);
     let next = dir.join("next");
     build_with(&next, TEST_WAIT, Some("0.1.0-next"));
-    let next_hash = std::fs::read_to_string(next.join("root-hash-A"))
-        .unwrap()
-        .trim()
-        .to_string();
-    let (private, public) = keypair();
-    let user_data = site_with_key("c1", &public, Some(&private)).replace(
-        "    host \"c1\"\n",
-        &format!("    host \"c1\"\n    install-image \"http://169.254.169.254/appliance.raw.gz\"\n    install-root-hash \"{next_hash}\"\n"),
-    );
-    let seed = seed(&dir, "seed", user_data.as_bytes(), false);
-    // The update comes over HTTP (gzip), pinned by its root hash, from a guestfwd server.
-    let empty = dir.join("no-user-data");
-    std::fs::write(&empty, "").unwrap();
-    let netdev = format!(
-        "user,id=n0,net=169.254.169.0/24,host=169.254.169.2,dhcpstart=169.254.169.15,restrict=on,guestfwd=tcp:169.254.169.254:80-cmd:python3 {} {} appliance /appliance.raw.gz={}",
-        root().join("tests/image/metadata-server.py").display(),
-        empty.display(),
-        next.join("appliance.raw.gz").display()
-    );
-    let extra = [
-        ro_drive(&seed),
-        vec![
-            "-action".into(),
-            "reboot=reset".into(),
-            "-netdev".into(),
-            netdev,
-            "-device".into(),
-            "virtio-net-pci,netdev=n0".into(),
-        ],
-    ]
-    .concat();
-    let mut vm = start_vm(
+    // Whoever can alter the download rewrites its boot entry: the install must not believe it
+    // (it builds the entry from the verified root's manifest).
+    tamper_esp(&next, "slots/syslinux-B.cfg", |b| {
+        String::from_utf8(b)
+            .unwrap()
+            .replace(
+                "panic=10",
+                "appliance.config=http://192.0.2.66/evil panic=10",
+            )
+            .into_bytes()
+    });
+    let (mut vm, next_hash) = update_vm(
         &dir,
+        &disk,
+        &next,
         "ab-uefi",
         Firmware::Uefi(dir.join("vars.fd")),
-        &disk,
-        &extra,
-        true,
     );
     vm.wait_for("downloading http://169.254.169.254/appliance.raw.gz");
     vm.wait_for("(gunzipped)");
@@ -1074,7 +1051,135 @@ fn a_good_update_fetched_over_http_boots_once_on_uefi_and_becomes_the_default_wh
         syslinux.contains(&format!("appliance.verity={next_hash}")),
         "{syslinux}"
     );
+    assert!(
+        !syslinux.contains("appliance.config="),
+        "the download's boot entry was believed: {syslinux}"
+    );
     eprintln!("A/B on UEFI: slot B installed {t_installed:.1} s, default after its healthy trial {t_default:.1} s after qemu start");
+}
+
+/// Rewrite one file of the ESP of the image built in `dir` (its appliance.raw), and gzip the
+/// disk again into appliance.raw.gz: what an attacker on the download path could do.
+fn tamper_esp(dir: &Path, file: &str, f: impl FnOnce(Vec<u8>) -> Vec<u8>) {
+    let raw = dir.join("appliance.raw");
+    let table: serde_json::Value =
+        serde_json::from_str(&run("sfdisk", &["-J", raw.to_str().unwrap()])).unwrap();
+    let offset = table["partitiontable"]["partitions"][0]["start"]
+        .as_u64()
+        .unwrap()
+        * 512;
+    let image = format!("{}@@{offset}", raw.display());
+    let local = dir.join("tampered");
+    run(
+        "mcopy",
+        &[
+            "-n",
+            "-i",
+            &image,
+            &format!("::/{file}"),
+            local.to_str().unwrap(),
+        ],
+    );
+    let bytes = f(std::fs::read(&local).unwrap());
+    std::fs::write(&local, bytes).unwrap();
+    run(
+        "mcopy",
+        &[
+            "-o",
+            "-i",
+            &image,
+            local.to_str().unwrap(),
+            &format!("::/{file}"),
+        ],
+    );
+    let gz = std::fs::File::create(dir.join("appliance.raw.gz")).unwrap();
+    let ok = Command::new("gzip")
+        .args(["-1n", "-c"])
+        .arg(&raw)
+        .stdout(gz)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "gzip");
+}
+
+/// A VM booted from `disk` whose user-data installs `next` (built by images/build.sh) over
+/// HTTP, pinned by its root hash, from a guestfwd server; returns it and the pinned hash.
+fn update_vm(dir: &Path, disk: &Path, next: &Path, name: &str, fw: Firmware) -> (Vm, String) {
+    // Room on state for the download (state grows to the disk at first boot).
+    run("truncate", &["-s", "+512M", disk.to_str().unwrap()]);
+    let next_hash = std::fs::read_to_string(next.join("root-hash-A"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let (private, public) = keypair();
+    let user_data = site_with_key("c1", &public, Some(&private)).replace(
+        "    host \"c1\"\n",
+        &format!("    host \"c1\"\n    install-image \"http://169.254.169.254/appliance.raw.gz\"\n    install-root-hash \"{next_hash}\"\n"),
+    );
+    let seed = seed(dir, "seed", user_data.as_bytes(), false);
+    let empty = dir.join("no-user-data");
+    std::fs::write(&empty, "").unwrap();
+    let netdev = format!(
+        "user,id=n0,net=169.254.169.0/24,host=169.254.169.2,dhcpstart=169.254.169.15,restrict=on,guestfwd=tcp:169.254.169.254:80-cmd:python3 {} {} appliance /appliance.raw.gz={}",
+        root().join("tests/image/metadata-server.py").display(),
+        empty.display(),
+        next.join("appliance.raw.gz").display()
+    );
+    let extra = [
+        ro_drive(&seed),
+        vec![
+            "-action".into(),
+            "reboot=reset".into(),
+            "-netdev".into(),
+            netdev,
+            "-device".into(),
+            "virtio-net-pci,netdev=n0".into(),
+        ],
+    ]
+    .concat();
+    (start_vm(dir, name, fw, disk, &extra, true), next_hash)
+}
+
+/// An update whose kernel was swapped on the way (its root, and so its root hash, intact):
+/// the install refuses it before anything is written or armed, and the machine stays on A.
+#[test]
+fn an_update_whose_kernel_was_swapped_on_the_way_is_refused_and_nothing_changes() {
+    if !ready("A/B tampered kernel") {
+        return;
+    }
+    let dir = Scratch::new("ab-tampered");
+    let disk = copy_disk(&dir);
+    let next = dir.join("next");
+    build_with(&next, TEST_WAIT, Some("0.1.0-next"));
+    tamper_esp(&next, "A/vmlinuz", |mut b| {
+        let n = b.len();
+        b[n - 1] ^= 0xff;
+        b
+    });
+    let (mut vm, _) = update_vm(&dir, &disk, &next, "ab-tampered", Firmware::Bios);
+    vm.wait_for("(gunzipped)");
+    vm.wait_for("its vmlinuz (sha256");
+    vm.wait_for("is not the one its root vouches for");
+    std::thread::sleep(Duration::from_secs(2));
+    let text = vm.text();
+    assert!(!text.contains("on trial"), "{}", tail(&text));
+    assert!(!text.contains("rebooting to try"), "{}", tail(&text));
+    drop(vm);
+    let table: serde_json::Value =
+        serde_json::from_str(&run("sfdisk", &["-J", disk.to_str().unwrap()])).unwrap();
+    let offset = table["partitiontable"]["partitions"][0]["start"]
+        .as_u64()
+        .unwrap()
+        * 512;
+    let image = format!("{}@@{offset}", disk.display());
+    let syslinux = run("mtype", &["-i", &image, "::/syslinux/syslinux.cfg"]);
+    assert!(!syslinux.contains("LABEL B"), "{syslinux}");
+    let listing = run("mdir", &["-i", &image, "::/"]);
+    assert!(
+        !listing.contains(" B "),
+        "nothing written for slot B: {listing}"
+    );
 }
 
 #[test]

@@ -139,6 +139,150 @@ pub fn verity_of(text: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+// ------------------------------------------------------------------------ boot manifest
+
+/// Inside every image's root, so under its root hash: the hashes of the boot files and the
+/// kernel command lines. An install takes from the download only what this file vouches for,
+/// and builds the syslinux stanza itself: the pinned root hash authenticates everything that
+/// boots (the kernel, the initrd, the UKI and the command line with its `appliance.config=`).
+pub const MANIFEST: &str = "boot/manifest";
+/// Stands for the root hash in the manifest: a UKI's command line names the root hash, which
+/// is computed after the root (and so the manifest) is made. The manifest hashes each UKI with
+/// the placeholder in place of the hash; an install puts it back to compare.
+pub const HASH_PLACEHOLDER: &str =
+    "0000000000000000000000000000000000000000000000000000000000000000";
+const MANIFEST_MAX: usize = 16 * 1024;
+
+/// A parsed [`MANIFEST`]: `vmlinuz`, `initrd`, `uki-A`, `uki-B` (sha256) and `cmdline-A`,
+/// `cmdline-B`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    sha256: std::collections::BTreeMap<String, String>,
+    cmdline: std::collections::BTreeMap<String, String>,
+}
+
+fn verity_arg(hash: &str) -> String {
+    format!("appliance.verity={hash}")
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest as _;
+    super::userdata::hex(&sha2::Sha256::digest(b))
+}
+
+/// `hay` with every `from` replaced by `to` (of the same length).
+fn replace_all(hay: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    debug_assert_eq!(from.len(), to.len());
+    let mut out = hay.to_vec();
+    for at in memchr::memmem::find_iter(hay, from) {
+        out[at..at + to.len()].copy_from_slice(to);
+    }
+    out
+}
+
+impl Manifest {
+    pub fn parse(text: &str) -> Result<Manifest, String> {
+        if text.len() > MANIFEST_MAX {
+            return Err(format!("{MANIFEST}: more than {MANIFEST_MAX} bytes"));
+        }
+        let mut m = Manifest {
+            sha256: Default::default(),
+            cmdline: Default::default(),
+        };
+        for (n, line) in text.lines().enumerate() {
+            let at = || format!("{MANIFEST}:{}", n + 1);
+            let (key, value) = line
+                .split_once(' ')
+                .ok_or_else(|| format!("{}: not KEY VALUE", at()))?;
+            match key {
+                "vmlinuz" | "initrd" | "uki-A" | "uki-B" => {
+                    if value.len() != 64 || !value.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(format!("{}: {key}: not a sha256", at()));
+                    }
+                    m.sha256.insert(key.into(), value.to_ascii_lowercase());
+                }
+                "cmdline-A" | "cmdline-B" => {
+                    let slot = &key[8..];
+                    let words: Vec<&str> = value.split_whitespace().collect();
+                    let has = |w: &str| words.iter().filter(|x| **x == w).count() == 1;
+                    if !has(&verity_arg(HASH_PLACEHOLDER))
+                        || !has(&format!("appliance.slot={slot}"))
+                        || words
+                            .iter()
+                            .filter(|w| w.starts_with("appliance.verity="))
+                            .count()
+                            != 1
+                    {
+                        return Err(format!(
+                            "{}: {key} must name appliance.slot={slot} and the root hash placeholder once",
+                            at()
+                        ));
+                    }
+                    m.cmdline.insert(slot.into(), value.into());
+                }
+                _ => return Err(format!("{}: unknown key {key:?}", at())),
+            }
+        }
+        for k in ["vmlinuz", "initrd", "uki-A", "uki-B"] {
+            if !m.sha256.contains_key(k) {
+                return Err(format!("{MANIFEST}: no {k}"));
+            }
+        }
+        for s in ["A", "B"] {
+            if !m.cmdline.contains_key(s) {
+                return Err(format!("{MANIFEST}: no cmdline-{s}"));
+            }
+        }
+        Ok(m)
+    }
+
+    /// Slot `slot`'s kernel command line with root hash `hash`.
+    pub fn cmdline(&self, slot: &str, hash: &str) -> String {
+        self.cmdline[slot].replace(&verity_arg(HASH_PLACEHOLDER), &verity_arg(hash))
+    }
+
+    /// The syslinux stanza for `slot`, built here rather than taken from the download.
+    pub fn stanza(&self, slot: &str, hash: &str) -> String {
+        format!(
+            "LABEL {slot}\n  LINUX /{slot}/vmlinuz\n  INITRD /{slot}/initrd\n  APPEND {}\n",
+            self.cmdline(slot, hash)
+        )
+    }
+
+    /// `bytes` (the file the download calls `name`: vmlinuz or initrd) is the one vouched for.
+    pub fn check(&self, name: &str, bytes: &[u8]) -> Result<(), String> {
+        let got = sha256_hex(bytes);
+        if got != self.sha256[name] {
+            return Err(format!(
+                "its {name} (sha256 {got}) is not the one its root vouches for ({}): not installed",
+                self.sha256[name]
+            ));
+        }
+        Ok(())
+    }
+
+    /// Slot `slot`'s UKI as it is to be written: the download's, once it matches the
+    /// manifest with the placeholder for the root hash, with `hash` put back everywhere the
+    /// vouched-for file has the placeholder.
+    pub fn uki(&self, slot: &str, hash: &str, bytes: &[u8]) -> Result<Vec<u8>, String> {
+        let (real, placeholder) = (verity_arg(hash), verity_arg(HASH_PLACEHOLDER));
+        let vouched = replace_all(bytes, real.as_bytes(), placeholder.as_bytes());
+        let key = format!("uki-{slot}");
+        let got = sha256_hex(&vouched);
+        if got != self.sha256[&key] {
+            return Err(format!(
+                "its slot-{slot} UKI is not the one its root vouches for (sha256 {got} with the root hash placeheld, not {}): not installed",
+                self.sha256[&key]
+            ));
+        }
+        Ok(replace_all(
+            &vouched,
+            placeholder.as_bytes(),
+            real.as_bytes(),
+        ))
+    }
+}
+
 const ADV_MAGIC1: u32 = 0x5a2d_2fa5;
 const ADV_MAGIC2: u32 = 0xa304_1767;
 const ADV_MAGIC3: u32 = 0xdd28_bf64;
@@ -280,11 +424,65 @@ fn read_file(path: &str) -> Result<String, String> {
     std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))
 }
 
-fn copy_file(from: &str, to: &str) -> Result<(), String> {
+/// The boot files an image may carry are tens of MiB; more is not a boot file.
+const BOOT_FILE_MAX: u64 = 256 << 20;
+
+fn read_bytes(path: &str) -> Result<Vec<u8>, String> {
+    let f = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
+    let mut out = Vec::new();
+    f.take(BOOT_FILE_MAX + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("{path}: {e}"))?;
+    if out.len() as u64 > BOOT_FILE_MAX {
+        return Err(format!("{path}: more than {} MiB", BOOT_FILE_MAX >> 20));
+    }
+    Ok(out)
+}
+
+fn write_boot_file(to: &str, bytes: &[u8]) -> Result<(), String> {
     if let Some(dir) = std::path::Path::new(to).parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    std::fs::copy(from, to).map_err(|e| format!("copying {from} to {to}: {e}"))?;
+    super::write_atomic(to, bytes, 0o644).map_err(|e| format!("writing {to}: {e}"))
+}
+
+const NEW_ROOT_MOUNT: &str = "/run/appliance/new-root";
+
+/// The [`MANIFEST`] of the verified root on `dev`.
+fn read_manifest(dev: &str) -> Result<Manifest, String> {
+    std::fs::create_dir_all(NEW_ROOT_MOUNT).map_err(|e| e.to_string())?;
+    sys::mount(dev, NEW_ROOT_MOUNT, "erofs", libc::MS_RDONLY, "")?;
+    let path = format!("{NEW_ROOT_MOUNT}/{MANIFEST}");
+    let text = std::fs::File::open(&path)
+        .and_then(|f| {
+            let mut t = String::new();
+            f.take(MANIFEST_MAX as u64 + 1).read_to_string(&mut t)?;
+            Ok(t)
+        })
+        .map_err(|e| {
+            format!("{path}: {e} (an image built before boot manifests cannot be installed)")
+        });
+    sys::umount(NEW_ROOT_MOUNT);
+    Manifest::parse(&text?)
+}
+
+/// Arm the one-shot boot of `target`: syslinux's ADV, and on UEFI systemd-boot's variable.
+fn arm_once(target: &str) -> Result<(), String> {
+    let adv = adv_boot_once(target);
+    let ld = format!("{ESP_MOUNT}/syslinux/ldlinux.sys");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&ld)
+        .map_err(|e| format!("{ld}: {e}"))?;
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(len.saturating_sub(1024)))
+        .map_err(|e| e.to_string())?;
+    f.write_all(&adv)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| format!("{ld}: {e}"))?;
+    if is_efi() {
+        efi_oneshot(&format!("appliance-{target}.efi"))?;
+    }
     Ok(())
 }
 
@@ -301,6 +499,10 @@ fn efi_oneshot(entry: &str) -> Result<(), String> {
 }
 
 const DOWNLOAD: &str = "/state/appliance/update.raw";
+/// An image is a few hundred MiB unpacked; a download that grows past this is refused.
+pub const DOWNLOAD_MAX: u64 = 2 << 30;
+/// A download that takes longer than this, however slowly the bytes trickle in, is abandoned.
+pub const DOWNLOAD_DEADLINE: Duration = Duration::from_secs(20 * 60);
 
 /// Fetch a raw image over HTTP into the state partition (gunzipped when it starts with the gzip
 /// magic; runs of zeros are skipped, so the file stays sparse).
@@ -311,6 +513,7 @@ fn download(url: &str) -> Result<String, String> {
         .timeout_connect(Some(Duration::from_secs(10)))
         .timeout_recv_response(Some(Duration::from_secs(30)))
         .timeout_per_read(Some(Duration::from_secs(60)))
+        .timeout_global(Some(DOWNLOAD_DEADLINE))
         .build()
         .into();
     let mut resp = agent.get(url).call().map_err(|e| format!("{url}: {e}"))?;
@@ -347,6 +550,12 @@ fn download(url: &str) -> Result<String, String> {
                 .map_err(|e| format!("{DOWNLOAD}: {e}"))?;
         }
         total += n as u64;
+        if total > DOWNLOAD_MAX {
+            return Err(format!(
+                "{url}: more than {} MiB unpacked: not an image; abandoned",
+                DOWNLOAD_MAX >> 20
+            ));
+        }
     }
     out.set_len(total)
         .and_then(|_| out.sync_all())
@@ -363,11 +572,14 @@ fn is_efi() -> bool {
     std::path::Path::new("/sys/firmware/efi").exists()
 }
 
+/// What [`install`] did: the slot and root hash it installed, None when `image` is running.
+pub type Installed = Result<Option<(String, String)>, String>;
+
 /// Install `image` (a disk image file, block device or http:// URL of one built by
 /// images/build.sh) into the inactive slot and arm a one-shot boot of it. `pin`: the root hash
 /// the image must have. Returns (slot, root hash), or None when the
 /// image is the one running.
-pub fn install(image: &str, pin: Option<&str>) -> Result<Option<(String, String)>, String> {
+pub fn install(image: &str, pin: Option<&str>) -> Installed {
     let current = super::cmdline()
         .slot
         .ok_or("no appliance.slot= on the kernel command line: not booted from the image")?;
@@ -455,62 +667,69 @@ pub fn install(image: &str, pin: Option<&str>) -> Result<Option<(String, String)
         let (sectors, table) = dm::verity_table(&sb, &root_mm, &verity_mm, &hash);
         let name = format!("verify-{target}");
         let dev = dm::create_verity(&name, sectors, &table)?;
-        let verified = super::verify_all(&dev);
+        // Read the manifest through verity: what it says is under the root hash.
+        let manifest = super::verify_all(&dev).and_then(|()| read_manifest(&dev));
         dm::remove(&name)?;
-        verified.map_err(|e| {
+        let manifest = manifest.map_err(|e| {
             format!("slot {target} does not verify against root hash {hash}: {e}; not installed")
         })?;
-        // Boot files, then the one-shot.
+        // Boot files only as the manifest vouches for them; the stanza is built here.
+        let vmlinuz = read_bytes(&format!("{NEW_ESP_MOUNT}/A/vmlinuz"))?;
+        manifest
+            .check("vmlinuz", &vmlinuz)
+            .map_err(|e| format!("{image}: {e}"))?;
+        let initrd = read_bytes(&format!("{NEW_ESP_MOUNT}/A/initrd"))?;
+        manifest
+            .check("initrd", &initrd)
+            .map_err(|e| format!("{image}: {e}"))?;
+        // The image keeps slot A's UKI where systemd-boot finds it, slot B's in slots/.
+        let uki = read_bytes(&if target == "A" {
+            format!("{NEW_ESP_MOUNT}/EFI/Linux/appliance-A.efi")
+        } else {
+            format!("{NEW_ESP_MOUNT}/slots/appliance-B.efi")
+        })?;
+        let uki = manifest
+            .uki(&target, &hash, &uki)
+            .map_err(|e| format!("{image}: {e}"))?;
+        let stanza_text = manifest.stanza(&target, &hash);
         std::fs::create_dir_all(ESP_MOUNT).map_err(|e| e.to_string())?;
         sys::mount(&esp, ESP_MOUNT, "vfat", 0, "")?;
         let boot = (|| {
-            copy_file(
-                &format!("{NEW_ESP_MOUNT}/A/vmlinuz"),
-                &format!("{ESP_MOUNT}/{target}/vmlinuz"),
-            )?;
-            copy_file(
-                &format!("{NEW_ESP_MOUNT}/A/initrd"),
-                &format!("{ESP_MOUNT}/{target}/initrd"),
-            )?;
-            // The image keeps slot A's UKI where systemd-boot finds it, slot B's in slots/.
-            let uki = if target == "A" {
-                format!("{NEW_ESP_MOUNT}/EFI/Linux/appliance-A.efi")
-            } else {
-                format!("{NEW_ESP_MOUNT}/slots/appliance-B.efi")
-            };
-            copy_file(
-                &uki,
-                &format!("{ESP_MOUNT}/EFI/Linux/appliance-{target}.efi"),
-            )?;
+            // Each file by temp-and-rename: a crash leaves the old file or the new, whole.
+            for (bytes, to) in [
+                (&vmlinuz, format!("{ESP_MOUNT}/{target}/vmlinuz")),
+                (&initrd, format!("{ESP_MOUNT}/{target}/initrd")),
+                (
+                    &uki,
+                    format!("{ESP_MOUNT}/EFI/Linux/appliance-{target}.efi"),
+                ),
+            ] {
+                write_boot_file(&to, bytes)?;
+            }
             let cfg_path = format!("{ESP_MOUNT}/syslinux/syslinux.cfg");
             let cfg = read_file(&cfg_path)?;
-            std::fs::write(&cfg_path, set_stanza(&cfg, &target, &stanza_text))
-                .map_err(|e| format!("{cfg_path}: {e}"))?;
-            let adv = adv_boot_once(&target);
-            let ld = format!("{ESP_MOUNT}/syslinux/ldlinux.sys");
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&ld)
-                .map_err(|e| format!("{ld}: {e}"))?;
-            let len = f.metadata().map_err(|e| e.to_string())?.len();
-            std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(len - 1024))
-                .map_err(|e| e.to_string())?;
-            f.write_all(&adv)
-                .and_then(|_| f.sync_all())
-                .map_err(|e| format!("{ld}: {e}"))?;
-            if is_efi() {
-                efi_oneshot(&format!("appliance-{target}.efi"))?;
+            write_boot_file(
+                &cfg_path,
+                set_stanza(&cfg, &target, &stanza_text).as_bytes(),
+            )?;
+            // The trial is recorded before the one-shot is armed: a boot of the new slot
+            // always finds itself on trial (and is rolled back if it is not healthy).
+            save_record(&Record {
+                good: rec.good.clone(),
+                trial: Some(target.clone()),
+                trial_hash: Some(hash.clone()),
+                failed: rec.failed.clone(),
+            })?;
+            let armed = arm_once(&target);
+            if armed.is_err() {
+                if let Err(e) = save_record(&rec) {
+                    say(&e);
+                }
             }
-            Ok::<(), String>(())
+            armed
         })();
         sys::umount(ESP_MOUNT);
         boot?;
-        save_record(&Record {
-            good: rec.good.clone(),
-            trial: Some(target.clone()),
-            trial_hash: Some(hash.clone()),
-            failed: rec.failed.clone(),
-        })?;
         Ok(Some((target.clone(), hash)))
     })();
     sys::umount(NEW_ESP_MOUNT);
@@ -528,15 +747,13 @@ fn make_default(slot: &str) -> Result<(), String> {
     let r = (|| {
         let cfg_path = format!("{ESP_MOUNT}/syslinux/syslinux.cfg");
         let cfg = read_file(&cfg_path)?;
-        std::fs::write(&cfg_path, set_default(&cfg, slot))
-            .map_err(|e| format!("{cfg_path}: {e}"))?;
+        write_boot_file(&cfg_path, set_default(&cfg, slot).as_bytes())?;
         let loader = format!("{ESP_MOUNT}/loader/loader.conf");
         let conf = read_file(&loader)?;
-        std::fs::write(
+        write_boot_file(
             &loader,
-            loader_default(&conf, &format!("appliance-{slot}.efi")),
+            loader_default(&conf, &format!("appliance-{slot}.efi")).as_bytes(),
         )
-        .map_err(|e| format!("{loader}: {e}"))
     })();
     sys::umount(ESP_MOUNT);
     r
@@ -671,5 +888,102 @@ mod tests {
         assert_eq!(back, r);
         assert_eq!(other("A"), "B");
         assert_eq!(other("B"), "A");
+    }
+    fn manifest_for(vmlinuz: &[u8], initrd: &[u8], uki_a: &[u8], uki_b: &[u8]) -> String {
+        let cmd = |s: &str| {
+            format!("console=ttyS0,115200 appliance.slot={s} appliance.verity={HASH_PLACEHOLDER} panic=10")
+        };
+        format!(
+            "vmlinuz {}\ninitrd {}\nuki-A {}\nuki-B {}\ncmdline-A {}\ncmdline-B {}\n",
+            sha256_hex(vmlinuz),
+            sha256_hex(initrd),
+            sha256_hex(uki_a),
+            sha256_hex(uki_b),
+            cmd("A"),
+            cmd("B")
+        )
+    }
+
+    fn uki(slot: &str, hash: &str) -> Vec<u8> {
+        let mut b = b"MZ stub .osrel .cmdline console=ttyS0,115200 appliance.slot=".to_vec();
+        b.extend_from_slice(slot.as_bytes());
+        b.extend_from_slice(
+            format!(" appliance.verity={hash} panic=10 .linux KERNEL .initrd").as_bytes(),
+        );
+        b
+    }
+
+    /// The root's manifest vouches for the kernel, the initrd, each slot's UKI (whose
+    /// command line names the root hash) and the command line; nothing else of the download
+    /// is believed. A download that swaps any of them is refused.
+    #[test]
+    fn boot_files_are_installed_only_as_the_verified_root_vouches_for_them() {
+        let hash = "ab".repeat(32);
+        let m = Manifest::parse(&manifest_for(
+            b"KERNEL",
+            b"INITRD",
+            &uki("A", HASH_PLACEHOLDER),
+            &uki("B", HASH_PLACEHOLDER),
+        ))
+        .unwrap();
+        m.check("vmlinuz", b"KERNEL").unwrap();
+        let e = m.check("vmlinuz", b"KERNEL + a rootkit").unwrap_err();
+        assert!(e.contains("its vmlinuz (sha256"), "{e}");
+        assert!(m.check("initrd", b"INITRD").is_ok());
+        assert!(m.check("initrd", b"KERNEL").is_err());
+        // The real UKI passes and is written as it came.
+        assert_eq!(
+            m.uki("B", &hash, &uki("B", &hash)).unwrap(),
+            uki("B", &hash)
+        );
+        // Slot A's UKI is not slot B's; a changed command line is refused.
+        assert!(m.uki("B", &hash, &uki("A", &hash)).is_err());
+        let evil = String::from_utf8(uki("B", &hash))
+            .unwrap()
+            .replace("panic=10", "appliance.config=http://evil/ panic=10");
+        let e = m.uki("B", &hash, evil.as_bytes()).unwrap_err();
+        assert!(
+            e.contains("slot-B UKI is not the one its root vouches for"),
+            "{e}"
+        );
+        // A UKI naming another root hash is refused too.
+        assert!(m.uki("B", &hash, &uki("B", &"cd".repeat(32))).is_err());
+        // The stanza is built from the manifest, whatever the download's says.
+        let st = m.stanza("B", &hash);
+        assert_eq!(
+            st,
+            format!("LABEL B\n  LINUX /B/vmlinuz\n  INITRD /B/initrd\n  APPEND console=ttyS0,115200 appliance.slot=B appliance.verity={hash} panic=10\n")
+        );
+        assert_eq!(verity_of(&st).as_deref(), Some(hash.as_str()));
+    }
+
+    #[test]
+    fn a_manifest_missing_a_file_or_with_a_loose_command_line_is_refused() {
+        let good = manifest_for(b"k", b"i", b"a", b"b");
+        assert!(Manifest::parse(&good).is_ok());
+        let no_initrd: String = good
+            .lines()
+            .filter(|l| !l.starts_with("initrd"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(Manifest::parse(&no_initrd)
+            .unwrap_err()
+            .contains("no initrd"));
+        let two_hashes = good.replace(
+            "panic=10",
+            &format!("appliance.verity={} panic=10", "ab".repeat(32)),
+        );
+        assert!(Manifest::parse(&two_hashes)
+            .unwrap_err()
+            .contains("placeholder once"));
+        let wrong_slot = good.replace(
+            "cmdline-B console=ttyS0,115200 appliance.slot=B",
+            "cmdline-B console=ttyS0,115200 appliance.slot=A",
+        );
+        assert!(Manifest::parse(&wrong_slot).is_err());
+        assert!(Manifest::parse(&"x".repeat(MANIFEST_MAX + 1)).is_err());
+        assert!(Manifest::parse("vmlinuz xyz\n")
+            .unwrap_err()
+            .contains(":1: vmlinuz: not a sha256"));
     }
 }

@@ -610,6 +610,7 @@ fn supervise(a: &Accepted, slot: &str) -> ! {
     let mut backoff = Duration::from_secs(1);
     let mut restart_at = Instant::now();
     let mut healthy = false;
+    let mut installing: Option<std::sync::mpsc::Receiver<(String, ab::Installed)>> = None;
     let mut health = Health {
         target: a.health_check,
         answered: false,
@@ -677,20 +678,44 @@ fn supervise(a: &Accepted, slot: &str) -> ! {
             healthy = true;
             say("healthy: the daemon is up and the health check (if any) answers");
             ab::on_healthy(slot);
-            if let Some(image) = &a.install_image {
-                match ab::install(image, a.install_root_hash.as_deref()) {
-                    Ok(Some((target, hash))) => {
-                        say(&format!(
-                            "slot {target} installed and verified (root hash {hash}); rebooting to try it once"
-                        ));
-                        power::shutdown(
-                            power::Action::Reboot,
-                            &format!("trying slot {target}"),
-                            child.map(|c| c.0),
-                        );
-                    }
-                    Ok(None) => {}
-                    Err(e) => say(&format!("install-image {image}: {e}")),
+            if let Some(image) = a.install_image.clone() {
+                // On a thread of its own: a download that takes minutes must not stop this
+                // loop reaping, restarting the daemon or hearing the power button.
+                let pin = a.install_root_hash.clone();
+                let (tx, rx) = std::sync::mpsc::channel();
+                let spawned = std::thread::Builder::new()
+                    .name("install".into())
+                    .spawn(move || {
+                        let r = ab::install(&image, pin.as_deref());
+                        let _ = tx.send((image, r));
+                    });
+                match spawned {
+                    Ok(_) => installing = Some(rx),
+                    Err(e) => say(&format!("cannot start the install: {e}")),
+                }
+            }
+        }
+        if let Some(rx) = &installing {
+            match rx.try_recv() {
+                Ok((_, Ok(Some((target, hash))))) => {
+                    say(&format!(
+                        "slot {target} installed and verified (root hash {hash}); rebooting to try it once"
+                    ));
+                    power::shutdown(
+                        power::Action::Reboot,
+                        &format!("trying slot {target}"),
+                        child.map(|c| c.0),
+                    );
+                }
+                Ok((_, Ok(None))) => installing = None,
+                Ok((image, Err(e))) => {
+                    say(&format!("install-image {image}: {e}"));
+                    installing = None;
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    say("install-image: the install thread died");
+                    installing = None;
                 }
             }
         }
