@@ -471,3 +471,84 @@ fn bird_drops_a_silently_dead_gateway_by_bfd_in_under_a_second() {
     drop(procs);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A misbehaving site router (tests/bgp/flood.py) floods gw1 with 20,000 ROUTE-REFRESH
+/// messages it never announced the capability for and 200 UPDATEs of 500 prefixes each, all
+/// refused by policy. The refreshes are ignored (RFC 2918 §4: one End-of-RIB, the first, comes
+/// back, not one per refresh), the 100,000 refusals are counted but logged at most ten times a
+/// minute, the session stays up and `status` answers meanwhile.
+#[test]
+fn a_site_router_flooding_refreshes_and_refused_prefixes_costs_a_few_log_lines() {
+    if !root_or_skip("a_site_router_flooding") {
+        return;
+    }
+    let (site, gw1, _gw2, _inet, _c1, dir) = two_gateways("flood");
+    let stats = dir.join("flood.json");
+    let mut flood = Proc::spawn(
+        &site,
+        &[
+            "python3",
+            &repo("tests/bgp/flood.py"),
+            "10.10.0.1",
+            "65010",
+            "10.10.0.1",
+            stats.to_str().unwrap(),
+            "20000",
+            "200",
+            "500",
+        ],
+        dir.join("flood.log"),
+    );
+    let gw = daemon(&gw1, &dir, "gw1");
+    let start = Instant::now();
+    let mut answered = 0;
+    while !stats.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "the flood did not finish: {}\n{}",
+            flood.log(),
+            gw.log()
+        );
+        if gw1
+            .appliance(&["status", "--output", "json"])
+            .status
+            .success()
+        {
+            answered += 1;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    let st = gw1.appliance(&["status", "--output", "json"]);
+    assert!(st.status.success(), "{}", text(&st));
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    let sessions = st["bgp"]["sessions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let router = sessions
+        .iter()
+        .find(|x| x["name"] == "site-router")
+        .unwrap_or_else(|| panic!("no site-router session: {st}"));
+    let log = gw.log();
+    let _ = flood.child.kill();
+    let _ = flood.child.wait();
+    assert_eq!(router["state"], "Established", "{router}\n{log}");
+    assert_eq!(router["prefixes"]["rejected"], 100_000, "{router}");
+    assert_eq!(
+        s["eor"], 1,
+        "refreshes without the capability were honoured: {s}"
+    );
+    let logged = log.lines().filter(|l| l.contains("rejected:")).count();
+    assert!(
+        (1..=10).contains(&logged),
+        "{logged} rejected-prefix lines:\n{}",
+        log.lines().take(40).collect::<Vec<_>>().join("\n")
+    );
+    assert!(answered > 0, "status never answered during the flood");
+    eprintln!(
+        "flood: 20000 refreshes, 100000 refused prefixes in {:.1} s; {logged} log lines; status answered {answered} times",
+        start.elapsed().as_secs_f64()
+    );
+}

@@ -368,7 +368,20 @@ impl Session {
             }
             (Established, Event::Received(Message::RouteRefresh { afi, safi })) => {
                 let mut out = self.refresh_hold();
-                out.push(Action::RouteRefresh { afi, safi });
+                // RFC 2918 §4: only from a peer that announced the capability, and only for a
+                // family both sides announced; anything else is ignored (it would otherwise
+                // buy a full re-export per 23-byte message).
+                let honoured = self.negotiated.as_ref().is_some_and(|n| {
+                    n.route_refresh
+                        && match (afi, safi) {
+                            (1, 1) => n.ipv4,
+                            (2, 1) => n.ipv6,
+                            _ => false,
+                        }
+                });
+                if honoured {
+                    out.push(Action::RouteRefresh { afi, safi });
+                }
                 out
             }
             (OpenConfirm | Established, Event::KeepaliveTimerExpired) => {
@@ -665,10 +678,29 @@ mod tests {
     }
 
     #[test]
-    fn a_route_refresh_request_is_passed_up() {
+    fn a_route_refresh_request_is_passed_up_only_with_the_capability_and_for_a_negotiated_family() {
+        let refresh = |afi, safi| Event::Received(Message::RouteRefresh { afi, safi });
+        let asked = |out: &[Action]| out.iter().any(|a| matches!(a, Action::RouteRefresh { .. }));
+        // The peer did not announce route refresh: ignored (RFC 2918 §4), the session lives.
         let mut s = established(90);
-        let out = s.handle(Event::Received(Message::RouteRefresh { afi: 1, safi: 1 }));
-        assert!(out.contains(&Action::RouteRefresh { afi: 1, safi: 1 }));
+        let out = s.handle(refresh(1, 1));
+        assert!(!asked(&out), "{out:?}");
+        assert_eq!(s.state, State::Established);
+        // It did: IPv4 unicast is honoured, IPv6 (not negotiated) and odd families are not.
+        let mut s = Session::new(cfg());
+        s.start();
+        s.handle(Event::Connected);
+        let Message::Open(mut o) = peer_open(90) else {
+            unreachable!()
+        };
+        o.capabilities.push(Capability::RouteRefresh);
+        s.handle(Event::Received(Message::Open(o)));
+        s.handle(Event::Received(Message::Keepalive));
+        assert!(s
+            .handle(refresh(1, 1))
+            .contains(&Action::RouteRefresh { afi: 1, safi: 1 }));
+        assert!(!asked(&s.handle(refresh(2, 1))));
+        assert!(!asked(&s.handle(refresh(1, 128))));
     }
 
     #[test]

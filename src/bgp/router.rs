@@ -71,6 +71,8 @@ pub struct Output {
     pub changed: Vec<IpNet>,
     /// Why, for the log: (peer, what happened).
     pub events: Vec<(PeerId, String)>,
+    /// Prefixes refused by policy, and why: a peer decides how many, so the log rations them.
+    pub rejected: Vec<(PeerId, IpNet, String)>,
 }
 
 struct Established {
@@ -197,10 +199,8 @@ impl Router {
                     // RFC 4724: after End-of-RIB, what the peer did not re-announce is gone.
                     changed.extend(self.rib.sweep_stale(id));
                 }
-                for (prefix, why) in rejected {
-                    o.events
-                        .push((id, format!("prefix {prefix} rejected: {why}")));
-                }
+                o.rejected
+                    .extend(rejected.into_iter().map(|(prefix, why)| (id, prefix, why)));
                 if max_prefix_exceeded && self.up.remove(&id).is_some() {
                     o.events.push((
                         id,

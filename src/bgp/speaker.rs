@@ -28,6 +28,18 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch, Notify};
 
 const CONNECT_RETRY: Duration = Duration::from_secs(2);
+/// Messages the sessions may have on their way to the RIB task. A session waits for room (and
+/// stops reading its socket meanwhile, so TCP pushes back on the peer): a peer flooding
+/// UPDATEs cannot grow the speaker's memory.
+const RIB_QUEUE: usize = 256;
+/// Messages the RIB may have queued for one session. A peer that lets more pile up does not
+/// read: its session is reset (Cease, out of resources) and re-syncs when it reconnects.
+const OUT_QUEUE_MAX: usize = 65_536;
+/// A peer asking for ROUTE-REFRESH gets at most one re-export per interval.
+const REFRESH_EVERY: Duration = Duration::from_secs(1);
+/// Log lines per peer and kind (rejected prefixes, malformed attributes) per minute.
+const LOG_LINES: u32 = 10;
+const LOG_WINDOW: Duration = Duration::from_secs(60);
 /// Backlog for the listener: a thousand clients may connect at once after a gateway restart.
 const BACKLOG: u32 = 4096;
 
@@ -83,9 +95,6 @@ impl Speaker {
         self.learned.clone()
     }
 
-    /// Tell every established peer we are going away on purpose (Cease, administrative
-    /// shutdown): they withdraw our routes at once. A crash or SIGKILL sends nothing, so peers
-    /// keep our routes for the graceful-restart time instead (RFC 4724).
     /// The datapath says whether `peer` (a node) can be reached at all. When it cannot (every
     /// tunnel link dead), its session is reset and its routes withdrawn at once, instead of
     /// waiting out the hold timer: the site router stops sending traffic this way within a
@@ -111,6 +120,9 @@ impl Speaker {
         }
     }
 
+    /// Tell every established peer we are going away on purpose (Cease, administrative
+    /// shutdown): they withdraw our routes at once. A crash or SIGKILL sends nothing, so peers
+    /// keep our routes for the graceful-restart time instead (RFC 4724).
     pub async fn shutdown(&self) {
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         if self.tx.send(ToRib::Shutdown(done_tx)).is_ok() {
@@ -123,7 +135,7 @@ impl Speaker {
 
 enum ToRib {
     Shutdown(tokio::sync::oneshot::Sender<()>),
-    Up(PeerId, Negotiated, mpsc::UnboundedSender<Message>),
+    Up(PeerId, Negotiated, Outbox),
     Update(PeerId, Box<Update>),
     Refresh(PeerId),
     /// Session down; with a duration the peer restarts gracefully and its routes stay stale.
@@ -134,7 +146,14 @@ enum ToRib {
     Reachable(PeerId, bool, Lost),
 }
 
-/// Start the speaker; it runs until the runtime stops.
+/// The RIB's way to one session: what it sends, and how much of it the session has not taken
+/// yet (the session counts down as it takes).
+#[derive(Clone)]
+struct Outbox {
+    tx: mpsc::UnboundedSender<Message>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+}
+
 /// Start the speaker on a thread of its own ("bgp", with its own single-threaded runtime), so
 /// routing work never delays the caller's loop: a burst of UPDATEs from hundreds of peers (a
 /// gateway with 250 nodes losing its partner re-exports every prefix to every peer) once held
@@ -192,11 +211,15 @@ fn start_here(
             .collect(),
         ..Default::default()
     }));
-    let (rib_tx, rib_rx) = mpsc::unbounded_channel();
+    // Sessions reach the RIB by a bounded channel; the daemon and the RIB's own timers by an
+    // unbounded one (their rate is the daemon's, not a peer's).
+    let (rib_tx, rib_rx) = mpsc::channel(RIB_QUEUE);
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
     let mut accept_txs = BTreeMap::new();
     let retry: Vec<Arc<Notify>> = cfg.peers.iter().map(|_| Arc::new(Notify::new())).collect();
     for (id, p) in cfg.peers.iter().enumerate() {
-        let (tx, rx) = mpsc::unbounded_channel::<TcpStream>();
+        // A connection or two may wait for its session; more from the same address are closed.
+        let (tx, rx) = mpsc::channel::<TcpStream>(2);
         accept_txs.insert(p.address, tx);
         let fsm = SessionConfig {
             local_as: cfg.local_as,
@@ -239,16 +262,17 @@ fn start_here(
     }
     let names = cfg.peers.iter().map(|p| p.peer.name.clone()).collect();
     let (learned_tx, learned) = watch::channel(Learned::new());
+    drop(rib_tx);
     tokio::spawn(rib_task(
         Router::new(rib, cfg.learn),
-        rib_rx,
-        rib_tx.clone(),
+        (rib_rx, control_rx),
+        control_tx.clone(),
         status.clone(),
         learned_tx,
     ));
     Ok(Speaker {
         status,
-        tx: rib_tx,
+        tx: control_tx,
         names,
         retry,
         learned,
@@ -258,7 +282,7 @@ fn start_here(
 
 async fn accept_task(
     listener: TcpListener,
-    peers: BTreeMap<IpAddr, mpsc::UnboundedSender<TcpStream>>,
+    peers: BTreeMap<IpAddr, mpsc::Sender<TcpStream>>,
     status: SharedStatus,
 ) {
     loop {
@@ -280,7 +304,9 @@ async fn accept_task(
         };
         match peers.get(&ip) {
             Some(tx) => {
-                let _ = tx.send(stream);
+                if tx.try_send(stream).is_err() {
+                    tracing::debug!(%from, "BGP connection while two from that peer wait: closed");
+                }
             }
             None => {
                 status.lock().expect("not poisoned").refused_connections += 1;
@@ -336,8 +362,8 @@ async fn peer_task(
     p: PeerConfig,
     dial: Dial,
     fsm: SessionConfig,
-    mut accepted: mpsc::UnboundedReceiver<TcpStream>,
-    rib: mpsc::UnboundedSender<ToRib>,
+    mut accepted: mpsc::Receiver<TcpStream>,
+    rib: mpsc::Sender<ToRib>,
     status: SharedStatus,
 ) {
     let Dial { local, retry } = dial;
@@ -380,7 +406,7 @@ async fn peer_task(
             run_session(id, &p, stream, fsm.clone(), &rib, &status, &mut accepted).await;
         tracing::info!(peer = %p.peer.name, %reason, ?keep_stale, "BGP session down");
         set_state(&status, id, "Active", Some(reason.clone()));
-        let _ = rib.send(ToRib::Down(id, keep_stale));
+        let _ = rib.send(ToRib::Down(id, keep_stale)).await;
         tokio::select! {
             _ = tokio::time::sleep(CONNECT_RETRY) => {}
             _ = retry.notified() => {}
@@ -398,15 +424,28 @@ async fn run_session(
     p: &PeerConfig,
     stream: TcpStream,
     fsm: SessionConfig,
-    rib: &mpsc::UnboundedSender<ToRib>,
+    rib: &mpsc::Sender<ToRib>,
     status: &SharedStatus,
-    accepted: &mut mpsc::UnboundedReceiver<TcpStream>,
+    accepted: &mut mpsc::Receiver<TcpStream>,
 ) -> (String, Option<Duration>) {
+    use std::sync::atomic::Ordering;
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();
+    // A write that the peer does not take within the hold time ends the session: a peer that
+    // sends KEEPALIVEs but never reads would otherwise hold it (and its queue) for ever.
+    let write_timeout = Duration::from_secs(u64::from(fsm.hold_time.max(3)));
     let mut s = Session::new(fsm);
     s.start();
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
+    let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Handed to the RIB once established; when the RIB drops it (this peer let too much pile
+    // up) the channel closes and the session ends.
+    let mut outbox = Some(Outbox {
+        tx: out_tx,
+        queued: queued.clone(),
+    });
+    let mut refresh = super::pace::Coalesce::new(REFRESH_EVERY);
+    let mut malformed_log = super::pace::LogBudget::new(LOG_LINES, LOG_WINDOW);
     let far = Instant::now() + Duration::from_secs(86400 * 365);
     let mut hold_deadline = far;
     let mut keepalive_deadline = far;
@@ -421,8 +460,18 @@ async fn run_session(
             match action {
                 Action::Send(m) => {
                     let bytes = wire::encode(&m, s.context());
-                    if let Err(e) = wr.write_all(&bytes).await {
-                        return (format!("write: {e}"), None);
+                    match tokio::time::timeout(write_timeout, wr.write_all(&bytes)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return (format!("write: {e}"), None),
+                        Err(_) => {
+                            return (
+                                format!(
+                                    "write: the peer has not read for {} s",
+                                    write_timeout.as_secs()
+                                ),
+                                None,
+                            )
+                        }
                     }
                     if let Some(k) = keepalive_every {
                         keepalive_deadline = Instant::now() + k;
@@ -436,7 +485,7 @@ async fn run_session(
                     keepalive_deadline = d.map(|d| Instant::now() + d).unwrap_or(far);
                 }
                 Action::Close => {
-                    let _ = wr.shutdown().await;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
                 }
                 Action::Established(n) => {
                     tracing::info!(peer = %p.peer.name, id = %n.peer_id, hold = n.hold_time, "BGP session established");
@@ -446,17 +495,28 @@ async fn run_session(
                         s.sessions[id].add_path_rx = n.add_path_rx;
                         s.sessions[id].add_path_tx = n.add_path_tx;
                     }
-                    let _ = rib.send(ToRib::Up(id, n, out_tx.clone()));
+                    if let Some(o) = outbox.take() {
+                        let _ = rib.send(ToRib::Up(id, n, o)).await;
+                    }
                 }
                 Action::Down { reason, keep_stale } => return (reason, keep_stale),
                 Action::Update(u) => {
                     if !u.errors.is_empty() {
-                        tracing::warn!(peer = %p.peer.name, errors = ?u.errors, treat_as_withdraw = u.treat_as_withdraw, "malformed UPDATE attributes (RFC 7606)");
+                        let v = malformed_log.line(Instant::now());
+                        if v.held_back > 0 {
+                            tracing::warn!(peer = %p.peer.name, "{} more malformed UPDATEs in the last minute (not logged)", v.held_back);
+                        }
+                        if v.log {
+                            tracing::warn!(peer = %p.peer.name, errors = ?u.errors, treat_as_withdraw = u.treat_as_withdraw, "malformed UPDATE attributes (RFC 7606)");
+                        }
                     }
-                    let _ = rib.send(ToRib::Update(id, Box::new(u)));
+                    // Waits for room: meanwhile this session reads nothing more.
+                    let _ = rib.send(ToRib::Update(id, Box::new(u))).await;
                 }
                 Action::RouteRefresh { .. } => {
-                    let _ = rib.send(ToRib::Refresh(id));
+                    if refresh.ask(Instant::now()) {
+                        let _ = rib.send(ToRib::Refresh(id)).await;
+                    }
                 }
             }
         }
@@ -488,15 +548,30 @@ async fn run_session(
             },
             Some(mut extra) = accepted.recv() => {
                 let cease = wire::encode(&Message::Notification(Notification::cease(7)), Context::default());
-                let _ = extra.write_all(&cease).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), extra.write_all(&cease)).await;
                 tracing::debug!(peer = %p.peer.name, "second connection refused (collision)");
             }
-            Some(m) = out_rx.recv() => {
-                if let Message::Notification(n) = &m {
-                    pending = s.handle(FsmEvent::Stop { subcode: n.subcode });
-                } else {
-                    pending = vec![Action::Send(m)];
+            m = out_rx.recv(), if outbox.is_none() => match m {
+                Some(m) => {
+                    queued.fetch_sub(1, Ordering::Relaxed);
+                    if let Message::Notification(n) = &m {
+                        pending = s.handle(FsmEvent::Stop { subcode: n.subcode });
+                    } else {
+                        pending = vec![Action::Send(m)];
+                    }
                 }
+                None => {
+                    // Cease 8, out of resources (RFC 4486).
+                    pending = s.handle(FsmEvent::Stop { subcode: 8 });
+                    pending.push(Action::Down {
+                        reason: format!("the peer does not read: more than {OUT_QUEUE_MAX} messages queued for it"),
+                        keep_stale: None,
+                    });
+                }
+            },
+            _ = tokio::time::sleep_until(refresh.due().unwrap_or(far).into()) => {
+                refresh.fire(Instant::now());
+                let _ = rib.send(ToRib::Refresh(id)).await;
             }
             _ = tokio::time::sleep_until(hold_deadline.into()) => {
                 hold_deadline = far;
@@ -515,17 +590,24 @@ async fn run_session(
 /// the daemon waits on.
 async fn rib_task(
     mut router: Router,
-    mut rx: mpsc::UnboundedReceiver<ToRib>,
+    (mut peers, mut control): (mpsc::Receiver<ToRib>, mpsc::UnboundedReceiver<ToRib>),
     me: mpsc::UnboundedSender<ToRib>,
     status: SharedStatus,
     learned: watch::Sender<Learned>,
 ) {
-    let mut sessions: BTreeMap<PeerId, mpsc::UnboundedSender<Message>> = BTreeMap::new();
-    while let Some(ev) = rx.recv().await {
+    let mut sessions: BTreeMap<PeerId, Outbox> = BTreeMap::new();
+    let mut logs = Logs::default();
+    loop {
+        let ev = tokio::select! {
+            biased;
+            Some(ev) = control.recv() => ev,
+            Some(ev) = peers.recv() => ev,
+            else => return,
+        };
         let input = match ev {
             ToRib::Shutdown(done) => {
-                let mut out = router_handle(&mut router, Input::Shutdown);
-                perform(&router, &sessions, &me, &mut out);
+                let mut out = router_handle(&mut router, Input::Shutdown, &mut logs);
+                perform(&router, &mut sessions, &me, &mut out);
                 let _ = done.send(());
                 continue;
             }
@@ -542,16 +624,37 @@ async fn rib_task(
             ToRib::StaleExpired(id, g) => Input::StaleExpired(id, g),
             ToRib::Reachable(id, r, l) => Input::Reachable(id, r, l),
         };
-        let mut out = router_handle(&mut router, input);
-        perform(&router, &sessions, &me, &mut out);
+        let mut out = router_handle(&mut router, input, &mut logs);
+        perform(&router, &mut sessions, &me, &mut out);
         publish(&router, &status, &learned, &out.changed);
     }
 }
 
-fn router_handle(router: &mut Router, input: Input) -> Output {
+/// Per-peer log budgets for what a peer can make us say per message.
+#[derive(Default)]
+struct Logs {
+    rejected: BTreeMap<PeerId, super::pace::LogBudget>,
+}
+
+fn router_handle(router: &mut Router, input: Input, logs: &mut Logs) -> Output {
     let out = router.handle(input);
+    let now = Instant::now();
     for (id, what) in &out.events {
         tracing::info!(peer = %router.rib.peers[*id].name, "{what}");
+    }
+    for (id, prefix, why) in &out.rejected {
+        let v = logs
+            .rejected
+            .entry(*id)
+            .or_insert_with(|| super::pace::LogBudget::new(LOG_LINES, LOG_WINDOW))
+            .line(now);
+        let peer = &router.rib.peers[*id].name;
+        if v.held_back > 0 {
+            tracing::info!(peer = %peer, "{} more prefixes rejected in the last minute (not logged; counted in status)", v.held_back);
+        }
+        if v.log {
+            tracing::info!(peer = %peer, "prefix {prefix} rejected: {why}");
+        }
     }
     out
 }
@@ -559,13 +662,20 @@ fn router_handle(router: &mut Router, input: Input) -> Output {
 /// Send what the router decided and start its timers.
 fn perform(
     router: &Router,
-    sessions: &BTreeMap<PeerId, mpsc::UnboundedSender<Message>>,
+    sessions: &mut BTreeMap<PeerId, Outbox>,
     me: &mpsc::UnboundedSender<ToRib>,
     out: &mut Output,
 ) {
+    use std::sync::atomic::Ordering;
     for (id, m) in out.send.drain(..) {
-        if let Some(tx) = sessions.get(&id) {
-            let _ = tx.send(m);
+        if let Some(o) = sessions.get(&id) {
+            if o.queued.fetch_add(1, Ordering::Relaxed) >= OUT_QUEUE_MAX {
+                // Dropping its sender closes the session's queue: it resets (Cease 8).
+                tracing::warn!(peer = %router.rib.peers[id].name, "the peer does not read: more than {OUT_QUEUE_MAX} messages queued; resetting its session");
+                sessions.remove(&id);
+                continue;
+            }
+            let _ = o.tx.send(m);
         } else {
             tracing::debug!(peer = %router.rib.peers[id].name, "message for a session that is gone");
         }

@@ -307,9 +307,9 @@ fn a_client_update_that_would_not_fit_once_reflected_is_not_passed_on() {
     }
     assert!(told(&o, SITE).1.is_empty(), "not passed on");
     assert!(
-        o.events.iter().any(|e| e.1.contains("too long")),
+        o.rejected.iter().any(|e| e.2.contains("too long")),
         "{:?}",
-        o.events
+        o.rejected
     );
     // 100 bytes smaller, it fits with what the reflector adds, and goes.
     let o = r.handle(Input::Update(C1, Box::new(update(len - 100))));
