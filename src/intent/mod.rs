@@ -14,8 +14,8 @@
 //! that device, and the reverse holds for every live link (a property test checks both).
 //!
 //! - gateway: tun `ap-l{i}` per link index (shared by all nodes). Node n is sent its address
-//!   (its iBGP session runs from it) and each assigned prefix it announces ([`node_routes`]);
-//!   it may send from any assigned prefix. Forwarding on.
+//!   (its iBGP session runs from it) and each prefix it announces inside its assignment
+//!   ([`node_routes`]); it may send from any assigned prefix. Forwarding on.
 //! - node: tun `ap-{gw}-{i}` per (gateway, link); its address on `ap-lo` (see
 //!   [`state::ADDRESS_DEVICE`]). Gateway g is sent its own site address (so its BGP session
 //!   uses its own links), the site prefixes, the cloud block, and each learned prefix g
@@ -129,16 +129,21 @@ pub fn one_shot(cfg: &Config, name: &str, underlay: &[IpNet]) -> Result<HostInte
 }
 
 /// The prefixes a gateway routes to node `n`: its address (the iBGP session runs from it, so
-/// it is routed before any route is learned), then each assigned prefix the node announces.
+/// it is routed before any route is learned), then each prefix the node announces inside its
+/// assignment: an assigned prefix, or a more specific part of one. The RIB accepts and reflects
+/// a part as readily as the whole, so the gateway must route it too: before, only exact
+/// assignments were routed, and a node announcing half its /28 had the site send that half to
+/// a gateway whose only route for it was the fail-closed blackhole.
 pub fn node_routes(n: &Node, learned: &Learned) -> Vec<IpNet> {
     let own = IpNet::from(n.address);
     let mut v = vec![own];
-    v.extend(
-        n.prefixes
-            .iter()
-            .copied()
-            .filter(|p| *p != own && learned.get(p).is_some_and(|by| by.contains(&n.name))),
-    );
+    for p in &n.prefixes {
+        for (l, by) in learned {
+            if *l != own && p.contains(l) && by.contains(&n.name) && !v.contains(l) {
+                v.push(*l);
+            }
+        }
+    }
     v
 }
 

@@ -219,6 +219,25 @@ fn a_gateway_routes_a_node_prefix_only_while_that_node_announces_it() {
         ],
         "a one-shot reconcile plans every assignment"
     );
+    // A more specific part of an assignment, announced by its node, is routed as the whole
+    // would be (the RIB reflects it to the site router: unrouted, it was a blackhole); a part
+    // of someone else's assignment is not.
+    let l = learned(&[
+        ("10.200.1.0/29", &["c1"]),
+        ("10.200.1.24/30", &["c1"]),
+        ("10.200.1.64/29", &["c1"]),
+        ("10.200.1.8/29", &["c2"]),
+    ]);
+    assert_eq!(
+        routes(&l),
+        [
+            "10.200.0.11/32",
+            "10.200.0.12/32",
+            "10.200.1.0/29",
+            "10.200.1.24/30"
+        ],
+        "parts of c1's assignment are routed to c1"
+    );
 }
 
 #[test]
