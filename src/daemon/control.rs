@@ -123,7 +123,7 @@ async fn client(mut stream: tokio::net::UnixStream, root: bool, tx: mpsc::Sender
             return;
         }
         Ok(Ok(None)) => Err(format!("request longer than {LINE_MAX} bytes")),
-        Ok(Ok(Some(line))) => serde_json::from_str(&line).map_err(|e| format!("bad request: {e}")),
+        Ok(Ok(Some(line))) => parse_request(&line),
     };
     let reply = match request {
         Err(e) => Reply::error(e),
@@ -146,6 +146,11 @@ async fn client(mut stream: tokio::net::UnixStream, root: bool, tx: mpsc::Sender
     let mut line = serde_json::to_string(&reply).expect("a reply serialises");
     line.push('\n');
     let _ = tokio::time::timeout(CLIENT_TIMEOUT, stream.write_all(line.as_bytes())).await;
+}
+
+/// A request line as a client sent it (the decoder of what any local user can send).
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))
 }
 
 /// One line of at most [`LINE_MAX`] bytes; `None` when it is longer.
