@@ -37,7 +37,9 @@ fn a_hostile_dhcp_servers_routes_into_the_site_are_removed_and_refused() {
     }
     let ns = Netns::new();
     // No dummy module here: a veth pair, the far end up so eth0 has a carrier.
-    ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth1"]);
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+    ]);
     ns.ip(&["link", "set", "eth1", "up"]);
     let via = "198.18.0.1".parse().unwrap();
     let route = |s: &str| {
