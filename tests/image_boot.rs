@@ -1106,12 +1106,30 @@ fn tamper_esp(dir: &Path, file: &str, f: impl FnOnce(Vec<u8>) -> Vec<u8>) {
 /// A VM booted from `disk` whose user-data installs `next` (built by images/build.sh) over
 /// HTTP, pinned by its root hash, from a guestfwd server; returns it and the pinned hash.
 fn update_vm(dir: &Path, disk: &Path, next: &Path, name: &str, fw: Firmware) -> (Vm, String) {
-    // Room on state for the download (state grows to the disk at first boot).
-    run("truncate", &["-s", "+512M", disk.to_str().unwrap()]);
     let next_hash = std::fs::read_to_string(next.join("root-hash-A"))
         .unwrap()
         .trim()
         .to_string();
+    let served = next.join("appliance.raw.gz").display().to_string();
+    (
+        serving_update(dir, disk, &served, &next_hash, name, fw),
+        next_hash,
+    )
+}
+
+/// A VM booted from `disk` whose user-data installs http://169.254.169.254/appliance.raw.gz,
+/// pinned to `hash`, served from `served` (a file, or the metadata server's "@trickle"); its
+/// QMP socket is DIR/qmp.sock.
+fn serving_update(
+    dir: &Path,
+    disk: &Path,
+    served: &str,
+    next_hash: &str,
+    name: &str,
+    fw: Firmware,
+) -> Vm {
+    // Room on state for the download (state grows to the disk at first boot).
+    run("truncate", &["-s", "+512M", disk.to_str().unwrap()]);
     let (private, public) = keypair();
     let user_data = site_with_key("c1", &public, Some(&private)).replace(
         "    host \"c1\"\n",
@@ -1124,7 +1142,7 @@ fn update_vm(dir: &Path, disk: &Path, next: &Path, name: &str, fw: Firmware) -> 
         "user,id=n0,net=169.254.169.0/24,host=169.254.169.2,dhcpstart=169.254.169.15,restrict=on,guestfwd=tcp:169.254.169.254:80-cmd:python3 {} {} appliance /appliance.raw.gz={}",
         root().join("tests/image/metadata-server.py").display(),
         empty.display(),
-        next.join("appliance.raw.gz").display()
+        served
     );
     let extra = [
         ro_drive(&seed),
@@ -1135,10 +1153,46 @@ fn update_vm(dir: &Path, disk: &Path, next: &Path, name: &str, fw: Firmware) -> 
             netdev,
             "-device".into(),
             "virtio-net-pci,netdev=n0".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()),
         ],
     ]
     .concat();
-    (start_vm(dir, name, fw, disk, &extra, true), next_hash)
+    start_vm(dir, name, fw, disk, &extra, true)
+}
+
+/// A download that never ends (one byte a second of a claimed 1 GiB) runs beside the
+/// supervisor, not inside it: the power button pressed meanwhile powers the machine off in
+/// order, while the download is still running (it once ran inside PID 1's loop, which heard
+/// nothing until the download failed).
+#[test]
+fn the_power_button_works_while_an_update_trickles_in() {
+    if !ready("A/B trickling download") {
+        return;
+    }
+    let dir = Scratch::new("ab-trickle");
+    let disk = copy_disk(&dir);
+    let mut vm = serving_update(
+        &dir,
+        &disk,
+        "@trickle",
+        &"ab".repeat(32),
+        "ab-trickle",
+        Firmware::Bios,
+    );
+    vm.wait_for("downloading http://169.254.169.254/appliance.raw.gz");
+    std::thread::sleep(Duration::from_secs(5));
+    qmp_command(&dir.join("qmp.sock"), "system_powerdown");
+    vm.wait_for("shutdown requested (power button or SIGTERM)");
+    vm.wait_for("state remounted read-only");
+    let status = vm.wait_exit(Duration::from_secs(120));
+    assert!(status.success(), "qemu ended with {status}");
+    let text = vm.text();
+    assert!(
+        !text.contains("install-image http://"),
+        "the download ended before the power-off was heard: {}",
+        tail(&text)
+    );
 }
 
 /// An update whose kernel was swapped on the way (its root, and so its root hash, intact):

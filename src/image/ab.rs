@@ -408,6 +408,7 @@ fn copy_partition(from: &str, to: &str) -> Result<(), String> {
         .map_err(|e| format!("{to}: {e}"))?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
+        cancelled()?;
         let n = src
             .read(&mut buf)
             .map_err(|e| format!("reading {from}: {e}"))?;
@@ -499,6 +500,32 @@ fn efi_oneshot(entry: &str) -> Result<(), String> {
 }
 
 const DOWNLOAD: &str = "/state/appliance/update.raw";
+
+/// Set by a shutdown: the install stops at its next chunk and lets go of its files on state.
+static CANCEL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// An install holds files on state.
+static BUSY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Ask an install in progress to stop, and wait up to `wait` for it; true when none runs.
+pub fn cancel(wait: Duration) -> bool {
+    use std::sync::atomic::Ordering;
+    CANCEL.store(true, Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + wait;
+    while BUSY.load(Ordering::SeqCst) {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
+fn cancelled() -> Result<(), String> {
+    if CANCEL.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err("cancelled: the machine is shutting down".into());
+    }
+    Ok(())
+}
 /// An image is a few hundred MiB unpacked; a download that grows past this is refused.
 pub const DOWNLOAD_MAX: u64 = 2 << 30;
 /// A download that takes longer than this, however slowly the bytes trickle in, is abandoned.
@@ -533,6 +560,7 @@ fn download(url: &str) -> Result<String, String> {
     loop {
         let mut n = 0;
         while n < buf.len() {
+            cancelled()?;
             match reader.read(&mut buf[n..]) {
                 Ok(0) => break,
                 Ok(k) => n += k,
@@ -595,8 +623,11 @@ pub fn install(image: &str, pin: Option<&str>) -> Installed {
         }
     }
     if image.starts_with("http://") {
+        use std::sync::atomic::Ordering;
+        BUSY.store(true, Ordering::SeqCst);
         let r = download(image).and_then(|file| install(&file, pin));
         let _ = std::fs::remove_file(DOWNLOAD);
+        BUSY.store(false, Ordering::SeqCst);
         return r;
     }
     let target = other(&current).to_string();

@@ -115,6 +115,10 @@ pub fn shutdown(action: Action, why: &str, daemon: Option<i32>) -> ! {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     }
+    // An install in progress holds files open on state: stop it, so state can go read-only.
+    if !super::ab::cancel(std::time::Duration::from_secs(5)) {
+        say("the install in progress did not stop within 5 s");
+    }
     // SAFETY: sync takes nothing.
     unsafe { libc::sync() };
     let flags = libc::MS_REMOUNT | libc::MS_RDONLY;
