@@ -19,6 +19,9 @@ pub struct Superblock {
     pub salt: Vec<u8>,
 }
 
+/// The largest data device a superblock may describe.
+const MAX_DATA_BYTES: u64 = 1 << 50;
+
 /// Parse the first 512 bytes of a verity hash device.
 pub fn parse_superblock(b: &[u8]) -> Result<Superblock, String> {
     if b.len() < 512 {
@@ -52,6 +55,17 @@ pub fn parse_superblock(b: &[u8]) -> Result<Superblock, String> {
         }
     }
     let data_blocks = u64::from_le_bytes(b[72..80].try_into().expect("8 bytes"));
+    // The table's length is data_blocks × block size in sectors: a count that does not fit a
+    // disk (here: 1 PiB) is refused rather than overflowing into a short mapping.
+    if data_blocks == 0
+        || data_blocks
+            .checked_mul(u64::from(data_block_size))
+            .is_none_or(|n| n > MAX_DATA_BYTES)
+    {
+        return Err(format!(
+            "verity superblock: {data_blocks} data blocks of {data_block_size} bytes is no disk"
+        ));
+    }
     let salt_size = u16::from_le_bytes([b[80], b[81]]) as usize;
     if salt_size > 256 {
         return Err(format!("verity salt of {salt_size} bytes (at most 256)"));
@@ -196,6 +210,22 @@ mod tests {
         b[80..82].copy_from_slice(&4u16.to_le_bytes());
         b[88..92].copy_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
         b
+    }
+
+    /// Found by the verity_superblock fuzz target: a block count whose size in sectors
+    /// overflowed (a panic in stage 1's debug build, a short mapping in release).
+    #[test]
+    fn a_block_count_no_disk_can_hold_is_refused() {
+        for blocks in [0u64, u64::MAX, (1 << 50) / 4096 + 1] {
+            let mut b = superblock();
+            b[72..80].copy_from_slice(&blocks.to_le_bytes());
+            let e = parse_superblock(&b).unwrap_err();
+            assert!(e.contains("is no disk"), "{blocks}: {e}");
+        }
+        let mut b = superblock();
+        b[72..80].copy_from_slice(&((1u64 << 50) / 4096).to_le_bytes());
+        let sb = parse_superblock(&b).unwrap();
+        assert_eq!(verity_table(&sb, "1:1", "1:2", "ab").0, (1 << 50) / 512);
     }
 
     #[test]
