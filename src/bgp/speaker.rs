@@ -154,6 +154,35 @@ struct Outbox {
     queued: Arc<std::sync::atomic::AtomicUsize>,
 }
 
+impl Outbox {
+    /// Queue `m` for the session; false when [`OUT_QUEUE_MAX`] messages already wait (the
+    /// session does not read them: the caller drops the outbox, which ends the session).
+    fn offer(&self, m: Message) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.queued.fetch_add(1, Ordering::Relaxed) >= OUT_QUEUE_MAX {
+            return false;
+        }
+        let _ = self.tx.send(m);
+        true
+    }
+}
+
+/// Write `bytes` whole within `deadline`, or say why not.
+async fn write_within<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    bytes: &[u8],
+    deadline: Duration,
+) -> Result<(), String> {
+    match tokio::time::timeout(deadline, w.write_all(bytes)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("write: {e}")),
+        Err(_) => Err(format!(
+            "write: the peer has not read for {} s",
+            deadline.as_secs()
+        )),
+    }
+}
+
 /// Start the speaker on a thread of its own ("bgp", with its own single-threaded runtime), so
 /// routing work never delays the caller's loop: a burst of UPDATEs from hundreds of peers (a
 /// gateway with 250 nodes losing its partner re-exports every prefix to every peer) once held
@@ -460,18 +489,8 @@ async fn run_session(
             match action {
                 Action::Send(m) => {
                     let bytes = wire::encode(&m, s.context());
-                    match tokio::time::timeout(write_timeout, wr.write_all(&bytes)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => return (format!("write: {e}"), None),
-                        Err(_) => {
-                            return (
-                                format!(
-                                    "write: the peer has not read for {} s",
-                                    write_timeout.as_secs()
-                                ),
-                                None,
-                            )
-                        }
+                    if let Err(e) = write_within(&mut wr, &bytes, write_timeout).await {
+                        return (e, None);
                     }
                     if let Some(k) = keepalive_every {
                         keepalive_deadline = Instant::now() + k;
@@ -669,13 +688,11 @@ fn perform(
     use std::sync::atomic::Ordering;
     for (id, m) in out.send.drain(..) {
         if let Some(o) = sessions.get(&id) {
-            if o.queued.fetch_add(1, Ordering::Relaxed) >= OUT_QUEUE_MAX {
+            if !o.offer(m) {
                 // Dropping its sender closes the session's queue: it resets (Cease 8).
                 tracing::warn!(peer = %router.rib.peers[id].name, "the peer does not read: more than {OUT_QUEUE_MAX} messages queued; resetting its session");
                 sessions.remove(&id);
-                continue;
             }
-            let _ = o.tx.send(m);
         } else {
             tracing::debug!(peer = %router.rib.peers[id].name, "message for a session that is gone");
         }
@@ -805,5 +822,50 @@ pub async fn bench_reflector(
         std::fs::write(&tmp, format!("{n}\n"))?;
         std::fs::rename(&tmp, &count_file)?;
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer that never reads: the write gives up at the deadline (the session then ends)
+    /// instead of blocking the session, and its hold timer, for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_the_peer_never_reads_gives_up_at_the_deadline() {
+        let (mut ours, _theirs) = tokio::io::duplex(64);
+        let t = tokio::time::Instant::now();
+        let e = write_within(&mut ours, &[0u8; 4096], Duration::from_secs(30))
+            .await
+            .unwrap_err();
+        assert_eq!(e, "write: the peer has not read for 30 s");
+        assert_eq!(t.elapsed(), Duration::from_secs(30));
+        let (mut ours, mut theirs) = tokio::io::duplex(8192);
+        write_within(&mut ours, &[1u8; 4096], Duration::from_secs(30))
+            .await
+            .unwrap();
+        let mut got = vec![0u8; 4096];
+        theirs.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, vec![1u8; 4096]);
+    }
+
+    /// The RIB's queue to one session is capped: past [`OUT_QUEUE_MAX`] waiting messages an
+    /// offer is refused (the RIB then drops the outbox and the session resets); what the
+    /// session takes makes room again.
+    #[test]
+    fn a_sessions_queue_is_capped() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let o = Outbox {
+            tx,
+            queued: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        };
+        for _ in 0..OUT_QUEUE_MAX {
+            assert!(o.offer(Message::Keepalive));
+        }
+        assert!(!o.offer(Message::Keepalive), "one too many");
+        assert!(rx.try_recv().is_ok());
+        o.queued
+            .store(OUT_QUEUE_MAX - 1, std::sync::atomic::Ordering::Relaxed);
+        assert!(o.offer(Message::Keepalive));
     }
 }
