@@ -685,7 +685,6 @@ fn perform(
     me: &mpsc::UnboundedSender<ToRib>,
     out: &mut Output,
 ) {
-    use std::sync::atomic::Ordering;
     for (id, m) in out.send.drain(..) {
         if let Some(o) = sessions.get(&id) {
             if !o.offer(m) {
