@@ -547,6 +547,8 @@ fn a_site_router_flooding_refreshes_and_refused_prefixes_costs_a_few_log_lines()
         log.lines().take(40).collect::<Vec<_>>().join("\n")
     );
     assert!(answered > 0, "status never answered during the flood");
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
     eprintln!(
         "flood: 20000 refreshes, 100000 refused prefixes in {:.1} s; {logged} log lines; status answered {answered} times",
         start.elapsed().as_secs_f64()
