@@ -29,7 +29,11 @@ struct LeaseRoutes {
     /// None until a site file is accepted: until then nothing routes through tunnels, and the
     /// routes may be needed to reach the metadata service.
     protected: Option<Protected>,
+    /// Every route and address a lease on the interface asked for, kept across renewals and
+    /// recorded before they are installed: one that failed half-way or that a later lease no
+    /// longer names is still known here when [`protect`] screens.
     installed: std::collections::BTreeMap<String, Vec<Route>>,
+    addresses: std::collections::BTreeMap<String, Vec<IpNet>>,
     /// What was last said refused, per interface: a renewal that refuses the same says nothing.
     refused: std::collections::BTreeMap<String, Vec<String>>,
 }
@@ -88,6 +92,23 @@ pub fn protected(cfg: &crate::model::config::Config) -> Protected {
     endpoints.sort();
     endpoints.dedup();
     Protected { inside, endpoints }
+}
+
+/// Why a lease's address is refused, if it is: its subnet (the connected route the kernel adds
+/// with it) is equal to or inside a protected prefix, which would put that part of the site on
+/// the underlay's link. Only the inside rule applies: gateways and relays on the lease's own
+/// subnet are the usual case (a private network), not an attack.
+pub fn screen_address(p: &Protected, addr: IpNet) -> Option<String> {
+    let IpNet::V4(a) = addr else {
+        return None;
+    };
+    let net = a.trunc();
+    p.inside
+        .iter()
+        .find(|(n, _)| n.contains(&net))
+        .map(|(_, what)| {
+            format!("{addr}: its subnet {net} is inside {what}, which goes through the tunnels")
+        })
 }
 
 /// Split a lease's routes into those to install and a reason for each refused one.
@@ -230,20 +251,45 @@ pub fn apply_lease(state: &NetState, name: &str, l: &dhcp::Lease) -> Result<(), 
             .unwrap_or_default()
     };
     let mut held = state.routes.lock().expect("not poisoned");
+    if let Some(why) = held
+        .protected
+        .as_ref()
+        .and_then(|p| screen_address(p, addr))
+    {
+        say_refused(&mut held, name, vec![format!("lease {why}")]);
+        return Err(format!("refused the lease {why}"));
+    }
     let (keep, refused) = match &held.protected {
         Some(p) => screen(p, &routes),
         None => (routes, Vec::new()),
     };
     say_refused(&mut held, name, refused);
-    configure(name, l.mtu.map(u32::from), &[addr], &keep)?;
-    held.installed.insert(name.to_string(), keep);
-    Ok(())
+    // Recorded before they go in: a lease whose third route fails leaves the first two in the
+    // kernel, and they must still be screened.
+    let known = held.installed.entry(name.to_string()).or_default();
+    for r in &keep {
+        if !known.contains(r) {
+            known.push(*r);
+        }
+    }
+    let known = held.addresses.entry(name.to_string()).or_default();
+    if !known.contains(&addr) {
+        known.push(addr);
+    }
+    configure(name, l.mtu.map(u32::from), &[addr], &keep)
 }
 
 fn say_refused(held: &mut LeaseRoutes, name: &str, refused: Vec<String>) {
     if held.refused.get(name) != Some(&refused) {
         for r in &refused {
-            say(&format!("{name}: refused the DHCP route {r}"));
+            say(&format!(
+                "{name}: refused the DHCP {}{r}",
+                if r.starts_with("lease ") {
+                    ""
+                } else {
+                    "route "
+                }
+            ));
         }
         held.refused.insert(name.to_string(), refused);
     }
@@ -253,6 +299,22 @@ fn say_refused(held: &mut LeaseRoutes, name: &str, refused: Vec<String>) {
 /// installed that it refuses, before the daemon starts routing into the tunnels.
 pub fn protect(state: &NetState, p: Protected) {
     let mut held = state.routes.lock().expect("not poisoned");
+    let addresses = std::mem::take(&mut held.addresses);
+    for (name, addrs) in addresses {
+        let mut keep = Vec::new();
+        for a in addrs {
+            match screen_address(&p, a) {
+                None => keep.push(a),
+                Some(why) => {
+                    say(&format!("{name}: removed the DHCP lease {why}"));
+                    if let Err(e) = unaddress(&name, a) {
+                        say(&format!("{name}: cannot remove the address {a}: {e}"));
+                    }
+                }
+            }
+        }
+        held.addresses.insert(name, keep);
+    }
     let installed = std::mem::take(&mut held.installed);
     for (name, routes) in installed {
         let (keep, refused) = screen(&p, &routes);
@@ -264,6 +326,30 @@ pub fn protect(state: &NetState, p: Protected) {
         held.installed.insert(name, keep);
     }
     held.protected = Some(p);
+}
+
+/// Remove address `a` from `name` (and with it the routes through its subnet).
+fn unaddress(name: &str, a: IpNet) -> Result<(), String> {
+    rt()?.block_on(async {
+        let (conn, h, _) = rtnetlink::new_connection().map_err(|e| format!("netlink: {e}"))?;
+        tokio::spawn(conn);
+        let ix = index_of(&h, name).await?;
+        let mut addrs = h
+            .address()
+            .get()
+            .set_link_index_filter(ix)
+            .set_address_filter(a.addr())
+            .set_prefix_length_filter(a.prefix_len())
+            .execute();
+        while let Some(m) = addrs.try_next().await.map_err(|e| e.to_string())? {
+            h.address()
+                .del(m)
+                .execute()
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })
 }
 
 /// Remove routes [`configure`] added on `name`.
@@ -355,8 +441,18 @@ fn dhcp_loop(name: String, state: Arc<NetState>) {
     }
 }
 
-/// Loopback up, then a DHCP thread per physical interface.
+/// Loopback up, then a DHCP thread per physical interface. IPv6 router advertisements are
+/// ignored on them: an advertised on-link prefix inside an IPv6 site prefix would take that
+/// traffic out of the tunnels as a DHCP route would, and nothing here needs SLAAC.
 pub fn start(state: Arc<NetState>) {
+    for name in physical_interfaces() {
+        for key in ["accept_ra", "autoconf"] {
+            let path = format!("/proc/sys/net/ipv6/conf/{name}/{key}");
+            if let Err(e) = std::fs::write(&path, "0") {
+                say(&format!("{path}: {e}"));
+            }
+        }
+    }
     if let Err(e) = configure("lo", None, &[], &[]) {
         say(&format!("lo: {e}"));
     }
