@@ -32,9 +32,12 @@ const CONNECT_RETRY: Duration = Duration::from_secs(2);
 /// stops reading its socket meanwhile, so TCP pushes back on the peer): a peer flooding
 /// UPDATEs cannot grow the speaker's memory.
 const RIB_QUEUE: usize = 256;
-/// Messages the RIB may have queued for one session. A peer that lets more pile up does not
-/// read: its session is reset (Cease, out of resources) and re-syncs when it reconnects.
-const OUT_QUEUE_MAX: usize = 65_536;
+/// Messages the RIB may have queued for one session (at most 4 KiB each, typically under 100
+/// bytes). A peer that lets more pile up does not read: the RIB takes it down at once, its
+/// session is reset before its next write (Cease, out of resources), and it re-syncs when it
+/// reconnects. A full export to one peer is one message per path: 16,384 covers thousands of
+/// nodes.
+const OUT_QUEUE_MAX: usize = 16_384;
 /// A peer asking for ROUTE-REFRESH gets at most one re-export per interval.
 const REFRESH_EVERY: Duration = Duration::from_secs(1);
 /// Log lines per peer and kind (rejected prefixes, malformed attributes) per minute.
@@ -152,6 +155,8 @@ enum ToRib {
 struct Outbox {
     tx: mpsc::UnboundedSender<Message>,
     queued: Arc<std::sync::atomic::AtomicUsize>,
+    /// Set by the RIB when the queue overflowed: the session resets before its next write.
+    overflowed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Outbox {
@@ -160,6 +165,7 @@ impl Outbox {
     fn offer(&self, m: Message) -> bool {
         use std::sync::atomic::Ordering;
         if self.queued.fetch_add(1, Ordering::Relaxed) >= OUT_QUEUE_MAX {
+            self.overflowed.store(true, Ordering::Relaxed);
             return false;
         }
         let _ = self.tx.send(m);
@@ -467,11 +473,13 @@ async fn run_session(
     s.start();
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
     let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let overflowed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Handed to the RIB once established; when the RIB drops it (this peer let too much pile
     // up) the channel closes and the session ends.
     let mut outbox = Some(Outbox {
         tx: out_tx,
         queued: queued.clone(),
+        overflowed: overflowed.clone(),
     });
     let mut refresh = super::pace::Coalesce::new(REFRESH_EVERY);
     let mut malformed_log = super::pace::LogBudget::new(LOG_LINES, LOG_WINDOW);
@@ -488,6 +496,16 @@ async fn run_session(
         for action in std::mem::take(&mut pending) {
             match action {
                 Action::Send(m) => {
+                    if overflowed.load(Ordering::Relaxed) {
+                        // The RIB has taken this peer down: not one more of the queue.
+                        let cease = Notification::cease(8);
+                        let bytes = wire::encode(&Message::Notification(cease), s.context());
+                        let _ = write_within(&mut wr, &bytes, Duration::from_secs(1)).await;
+                        return (
+                            format!("the peer does not read: more than {OUT_QUEUE_MAX} messages queued for it"),
+                            None,
+                        );
+                    }
                     let bytes = wire::encode(&m, s.context());
                     if let Err(e) = write_within(&mut wr, &bytes, write_timeout).await {
                         return (e, None);
@@ -626,7 +644,7 @@ async fn rib_task(
         let input = match ev {
             ToRib::Shutdown(done) => {
                 let mut out = router_handle(&mut router, Input::Shutdown, &mut logs);
-                perform(&router, &mut sessions, &me, &mut out);
+                let _ = perform(&router, &mut sessions, &me, &mut out);
                 let _ = done.send(());
                 continue;
             }
@@ -635,7 +653,17 @@ async fn rib_task(
                 Input::Up(id, n)
             }
             ToRib::Update(id, u) => Input::Update(id, u),
-            ToRib::Refresh(id) => Input::Refresh(id),
+            ToRib::Refresh(id) => {
+                // The last re-export has not been taken yet: another adds nothing but queue.
+                if sessions
+                    .get(&id)
+                    .is_some_and(|o| o.queued.load(std::sync::atomic::Ordering::Relaxed) > 0)
+                {
+                    tracing::debug!(peer = %router.rib.peers[id].name, "ROUTE-REFRESH while the last export is still queued: skipped");
+                    continue;
+                }
+                Input::Refresh(id)
+            }
             ToRib::Down(id, restart) => {
                 sessions.remove(&id);
                 Input::Down(id, restart)
@@ -644,8 +672,15 @@ async fn rib_task(
             ToRib::Reachable(id, r, l) => Input::Reachable(id, r, l),
         };
         let mut out = router_handle(&mut router, input, &mut logs);
-        perform(&router, &mut sessions, &me, &mut out);
+        let mut gone = perform(&router, &mut sessions, &me, &mut out);
         publish(&router, &status, &learned, &out.changed);
+        // A peer whose queue overflowed is down now, not when its session notices: what it
+        // was sent is withdrawn from the others, and nothing more piles up for it.
+        while let Some(id) = gone.pop() {
+            let mut out = router_handle(&mut router, Input::Down(id, None), &mut logs);
+            gone.extend(perform(&router, &mut sessions, &me, &mut out));
+            publish(&router, &status, &learned, &out.changed);
+        }
     }
 }
 
@@ -679,18 +714,21 @@ fn router_handle(router: &mut Router, input: Input, logs: &mut Logs) -> Output {
 }
 
 /// Send what the router decided and start its timers.
+/// Returns the peers whose queue overflowed (their outbox is dropped: they are down).
 fn perform(
     router: &Router,
     sessions: &mut BTreeMap<PeerId, Outbox>,
     me: &mpsc::UnboundedSender<ToRib>,
     out: &mut Output,
-) {
+) -> Vec<PeerId> {
+    let mut gone = Vec::new();
     for (id, m) in out.send.drain(..) {
         if let Some(o) = sessions.get(&id) {
             if !o.offer(m) {
                 // Dropping its sender closes the session's queue: it resets (Cease 8).
                 tracing::warn!(peer = %router.rib.peers[id].name, "the peer does not read: more than {OUT_QUEUE_MAX} messages queued; resetting its session");
                 sessions.remove(&id);
+                gone.push(id);
             }
         } else {
             tracing::debug!(peer = %router.rib.peers[id].name, "message for a session that is gone");
@@ -703,6 +741,7 @@ fn perform(
             let _ = me.send(ToRib::StaleExpired(t.peer, t.generation));
         });
     }
+    gone
 }
 
 /// Refresh the shared status (every peer's counters, the changed routes' paths) and the
@@ -857,11 +896,17 @@ mod tests {
         let o = Outbox {
             tx,
             queued: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            overflowed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         for _ in 0..OUT_QUEUE_MAX {
             assert!(o.offer(Message::Keepalive));
         }
+        assert!(!o.overflowed.load(std::sync::atomic::Ordering::Relaxed));
         assert!(!o.offer(Message::Keepalive), "one too many");
+        assert!(
+            o.overflowed.load(std::sync::atomic::Ordering::Relaxed),
+            "the session is told"
+        );
         assert!(rx.try_recv().is_ok());
         o.queued
             .store(OUT_QUEUE_MAX - 1, std::sync::atomic::Ordering::Relaxed);
