@@ -645,5 +645,9 @@ fn a_reconcile_waiting_for_the_lock_plans_only_once_it_holds_it() {
         "{}",
         text(&again)
     );
+    // Only root may open the lock file: anyone who can open it can hold it.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "lock file mode {mode:o}");
     let _ = std::fs::remove_file(&path);
 }

@@ -260,13 +260,31 @@ pub fn lock() -> Result<Lock, Box<ReconcileError>> {
             error,
         })
     };
-    std::fs::create_dir_all(dir).map_err(locked)?;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(locked)?;
+    // Root's alone: flock works on any descriptor, so a lock file others may open is one any
+    // local user can hold, and the daemon would not start.
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(locked)?;
+    }
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(locked)?
+    };
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        // One made before this (0644) is narrowed too.
+        let _ = file.set_permissions(std::fs::Permissions::from_mode(0o600));
+    }
     // Wait a while for a reconcile in progress, not for ever: the holder may be a running
     // daemon, which keeps the lock for its life.
     let mut file = file;

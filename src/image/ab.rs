@@ -34,6 +34,35 @@ pub struct Record {
     /// Root hashes that were tried and failed: not installed again.
     #[serde(default)]
     pub failed: Vec<String>,
+    /// The trial's one-shot boot was armed. A trial found not armed at boot was an install
+    /// interrupted between recording it and arming it: it never booted, so it did not fail.
+    /// (Records from before this field armed first and recorded after: armed.)
+    #[serde(default = "armed_by_default")]
+    pub armed: bool,
+}
+
+fn armed_by_default() -> bool {
+    true
+}
+
+impl Record {
+    /// The record after booting `slot`, and what to say about it.
+    pub fn after_boot(&self, slot: &str) -> (Record, Option<String>) {
+        let mut r = self.clone();
+        match r.trial.clone() {
+            Some(trial) if trial != slot => {
+                let hash = r.trial_hash.take();
+                r.trial = None;
+                if r.armed {
+                    r.failed.extend(hash);
+                    (r, Some(format!("slot {trial} did not come up healthy: back on slot {slot}; it will not be tried again")))
+                } else {
+                    (r, Some(format!("the install into slot {trial} was interrupted before its one-shot boot was armed: it will be installed again")))
+                }
+            }
+            _ => (r, None),
+        }
+    }
 }
 
 pub fn other(slot: &str) -> &'static str {
@@ -467,6 +496,26 @@ fn read_manifest(dev: &str) -> Result<Manifest, String> {
     Manifest::parse(&text?)
 }
 
+/// Clear syslinux's boot-once record (an empty ADV).
+fn disarm() -> Result<(), String> {
+    let mut a = [0u8; 512];
+    a[0..4].copy_from_slice(&ADV_MAGIC1.to_le_bytes());
+    a[4..8].copy_from_slice(&ADV_MAGIC2.to_le_bytes());
+    a[508..512].copy_from_slice(&ADV_MAGIC3.to_le_bytes());
+    let ld = format!("{ESP_MOUNT}/syslinux/ldlinux.sys");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&ld)
+        .map_err(|e| format!("{ld}: {e}"))?;
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(len.saturating_sub(1024)))
+        .map_err(|e| e.to_string())?;
+    f.write_all(&a)
+        .and_then(|_| f.write_all(&a))
+        .and_then(|_| f.sync_all())
+        .map_err(|e| format!("{ld}: {e}"))
+}
+
 /// Arm the one-shot boot of `target`: syslinux's ADV, and on UEFI systemd-boot's variable.
 fn arm_once(target: &str) -> Result<(), String> {
     let adv = adv_boot_once(target);
@@ -608,6 +657,15 @@ pub type Installed = Result<Option<(String, String)>, String>;
 /// the image must have. Returns (slot, root hash), or None when the
 /// image is the one running.
 pub fn install(image: &str, pin: Option<&str>) -> Installed {
+    use std::sync::atomic::Ordering;
+    // Held for the whole install (a shutdown waits for it to let go of state and the ESP).
+    BUSY.store(true, Ordering::SeqCst);
+    let r = install_any(image, pin);
+    BUSY.store(false, Ordering::SeqCst);
+    r
+}
+
+fn install_any(image: &str, pin: Option<&str>) -> Installed {
     let current = super::cmdline()
         .slot
         .ok_or("no appliance.slot= on the kernel command line: not booted from the image")?;
@@ -623,11 +681,8 @@ pub fn install(image: &str, pin: Option<&str>) -> Installed {
         }
     }
     if image.starts_with("http://") {
-        use std::sync::atomic::Ordering;
-        BUSY.store(true, Ordering::SeqCst);
-        let r = download(image).and_then(|file| install(&file, pin));
+        let r = download(image).and_then(|file| install_any(&file, pin));
         let _ = std::fs::remove_file(DOWNLOAD);
-        BUSY.store(false, Ordering::SeqCst);
         return r;
     }
     let target = other(&current).to_string();
@@ -635,6 +690,14 @@ pub fn install(image: &str, pin: Option<&str>) -> Installed {
         good: current.clone(),
         ..Record::default()
     });
+    // The other slot is overwritten: it must not be the one that boots by default (a trial
+    // that could not be made the default runs here while the other still is).
+    if rec.good != current {
+        return Err(format!(
+            "slot {current} is running but slot {} boots by default: not overwriting the default slot",
+            rec.good
+        ));
+    }
     // A file goes through a loop device so its partitions appear like a disk's.
     let is_block = std::fs::metadata(image)
         .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
@@ -745,19 +808,30 @@ pub fn install(image: &str, pin: Option<&str>) -> Installed {
             )?;
             // The trial is recorded before the one-shot is armed: a boot of the new slot
             // always finds itself on trial (and is rolled back if it is not healthy).
-            save_record(&Record {
+            let mut trial = Record {
                 good: rec.good.clone(),
                 trial: Some(target.clone()),
                 trial_hash: Some(hash.clone()),
                 failed: rec.failed.clone(),
-            })?;
-            let armed = arm_once(&target);
-            if armed.is_err() {
-                if let Err(e) = save_record(&rec) {
-                    say(&e);
+                armed: false,
+            };
+            save_record(&trial)?;
+            match arm_once(&target) {
+                Ok(()) => {
+                    trial.armed = true;
+                    save_record(&trial)
+                }
+                Err(e) => {
+                    // Half armed (syslinux's record written, the EFI variable not): disarm.
+                    if let Err(d) = disarm() {
+                        say(&format!("cannot clear syslinux's boot-once record: {d}"));
+                    }
+                    if let Err(r) = save_record(&rec) {
+                        say(&r);
+                    }
+                    Err(e)
                 }
             }
-            armed
         })();
         sys::umount(ESP_MOUNT);
         boot?;
@@ -818,21 +892,16 @@ pub fn on_healthy(slot: &str) {
 
 /// At boot: a trial that came back to the old slot failed; say so and remember its hash.
 pub fn on_boot(slot: &str) {
-    let Some(mut rec) = load_record() else {
+    let Some(rec) = load_record() else {
         return;
     };
-    if let Some(trial) = rec.trial.clone() {
-        if trial != slot {
-            say(&format!(
-                "slot {trial} did not come up healthy: back on slot {slot}; it will not be tried again"
-            ));
-            if let Some(h) = rec.trial_hash.take() {
-                rec.failed.push(h);
-            }
-            rec.trial = None;
-            if let Err(e) = save_record(&rec) {
-                say(&e);
-            }
+    let (after, note) = rec.after_boot(slot);
+    if let Some(n) = note {
+        say(&n);
+    }
+    if after != rec {
+        if let Err(e) = save_record(&after) {
+            say(&e);
         }
     }
 }
@@ -914,6 +983,7 @@ mod tests {
             trial: Some("B".into()),
             trial_hash: Some("ab".into()),
             failed: vec![],
+            armed: true,
         };
         let back: Record = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
@@ -1016,5 +1086,35 @@ mod tests {
         assert!(Manifest::parse("vmlinuz xyz\n")
             .unwrap_err()
             .contains(":1: vmlinuz: not a sha256"));
+    }
+
+    /// A trial found on the old slot failed only if its one-shot was armed: an install cut
+    /// between recording and arming never booted, and its image may be installed again. A
+    /// record written before `armed` existed counts as armed (it was armed first).
+    #[test]
+    fn a_trial_counts_as_failed_only_once_it_was_armed() {
+        let trial = |armed| Record {
+            good: "A".into(),
+            trial: Some("B".into()),
+            trial_hash: Some("ab".into()),
+            failed: vec![],
+            armed,
+        };
+        let (after, note) = trial(true).after_boot("A");
+        assert_eq!(after.failed, ["ab"]);
+        assert_eq!(after.trial, None);
+        assert!(note.unwrap().contains("did not come up healthy"));
+        let (after, note) = trial(false).after_boot("A");
+        assert!(after.failed.is_empty());
+        assert_eq!(after.trial, None);
+        assert!(note
+            .unwrap()
+            .contains("interrupted before its one-shot boot was armed"));
+        let (after, note) = trial(true).after_boot("B");
+        assert_eq!((after, note), (trial(true), None), "the trial itself boots");
+        let old: Record =
+            serde_json::from_str(r#"{"good":"A","trial":"B","trial_hash":"ab","failed":[]}"#)
+                .unwrap();
+        assert!(old.armed);
     }
 }
