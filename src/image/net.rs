@@ -50,10 +50,11 @@ pub struct Protected {
     /// that only covers one (a default route, say) is kept: the tunnels' longer routes win,
     /// and the reconcile's blackhole on the same prefix keeps it closed when they are down.
     pub inside: Vec<(ipnet::Ipv4Net, String)>,
-    /// The underlay addresses this host sends its tunnels to (the gateways' endpoints, the
-    /// relays): a route must cover all of them or none, so a DHCP server cannot steer a
-    /// chosen part of a node's links.
-    pub endpoints: Vec<Ipv4Addr>,
+    /// The underlay addresses tunnels go to, in groups that serve one purpose: the gateways'
+    /// endpoints, the relays' private addresses (what a node without a public IP sends to),
+    /// the relays' public ones. A route must cover all of a group or none of it, so a DHCP
+    /// server cannot steer a chosen part of a node's links; a route to the relays only is fine.
+    pub endpoints: Vec<(&'static str, Vec<Ipv4Addr>)>,
 }
 
 /// The protected set of a site file: its site prefixes and cloud blocks, the gateways' site
@@ -75,22 +76,34 @@ pub fn protected(cfg: &crate::model::config::Config) -> Protected {
             inside.push((a.into(), format!("{}'s site address {a}", g.name)));
         }
     }
-    let mut endpoints: Vec<Ipv4Addr> = cfg
-        .gateways
-        .iter()
-        .map(|g| g.endpoint)
-        .chain(
-            cfg.relays
-                .iter()
-                .flat_map(|r| std::iter::once(r.public_address).chain(r.private_address)),
-        )
-        .filter_map(|a| match a {
-            IpAddr::V4(a) => Some(a),
-            IpAddr::V6(_) => None,
-        })
-        .collect();
-    endpoints.sort();
-    endpoints.dedup();
+    let v4s = |it: &mut dyn Iterator<Item = IpAddr>| {
+        let mut v: Vec<Ipv4Addr> = it
+            .filter_map(|a| match a {
+                IpAddr::V4(a) => Some(a),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let endpoints = [
+        (
+            "gateway endpoints",
+            v4s(&mut cfg.gateways.iter().map(|g| g.endpoint)),
+        ),
+        (
+            "relays' private addresses",
+            v4s(&mut cfg.relays.iter().filter_map(|r| r.private_address)),
+        ),
+        (
+            "relays' public addresses",
+            v4s(&mut cfg.relays.iter().map(|r| r.public_address)),
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, v)| !v.is_empty())
+    .collect();
     Protected { inside, endpoints }
 }
 
@@ -127,20 +140,23 @@ pub fn screen(p: &Protected, routes: &[Route]) -> (Vec<Route>, Vec<String>) {
             ));
             continue;
         }
-        let covered = p.endpoints.iter().filter(|a| net.contains(*a)).count();
-        if covered > 0 && covered < p.endpoints.len() {
-            let some: Vec<String> = p
-                .endpoints
+        let partly = p.endpoints.iter().find_map(|(what, group)| {
+            let some: Vec<String> = group
                 .iter()
                 .filter(|a| net.contains(*a))
                 .map(|a| a.to_string())
                 .collect();
-            refused.push(format!(
-                "{shown}: covers {} of the {} tunnel endpoints only ({})",
-                covered,
-                p.endpoints.len(),
-                some.join(", ")
-            ));
+            (!some.is_empty() && some.len() < group.len()).then(|| {
+                format!(
+                    "{shown}: covers {} of the {} {what} only ({})",
+                    some.len(),
+                    group.len(),
+                    some.join(", ")
+                )
+            })
+        });
+        if let Some(why) = partly {
+            refused.push(why);
             continue;
         }
         keep.push((dst, len, via));
@@ -520,10 +536,13 @@ mod tests {
         );
         assert_eq!(
             p.endpoints,
-            [
-                "192.0.2.1".parse::<Ipv4Addr>().unwrap(),
-                "192.0.2.2".parse().unwrap()
-            ]
+            [(
+                "gateway endpoints",
+                vec![
+                    "192.0.2.1".parse::<Ipv4Addr>().unwrap(),
+                    "192.0.2.2".parse().unwrap()
+                ]
+            )]
         );
     }
 
@@ -553,7 +572,47 @@ mod tests {
         assert!(refused[0].contains("10.10.0.0/17 via 172.31.0.1: inside site prefix 10.10.0.0/16"));
         assert!(refused[1].contains("10.10.0.0/16 via 172.31.0.1: inside site prefix"));
         assert!(refused[2].contains("inside the cloud block 10.200.0.0/16"));
-        assert!(refused[3].contains("covers 1 of the 2 tunnel endpoints only (192.0.2.1)"));
+        assert!(refused[3].contains("covers 1 of the 2 gateway endpoints only (192.0.2.1)"));
         assert!(screen(&Protected::default(), &routes).1.is_empty());
+    }
+
+    /// A node behind relays sends only to the relays' private addresses: a route to all of
+    /// them is its underlay and stays; one to some of them steers part of its links and goes.
+    #[test]
+    fn the_partial_rule_holds_per_group_of_endpoints() {
+        let a = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let p = Protected {
+            inside: vec![],
+            endpoints: vec![
+                (
+                    "gateway endpoints",
+                    vec![a("198.51.100.10"), a("198.51.100.11")],
+                ),
+                (
+                    "relays' private addresses",
+                    vec![a("172.16.0.5"), a("172.16.0.6")],
+                ),
+            ],
+        };
+        let (keep, refused) = screen(
+            &p,
+            &[
+                r("172.16.0.0/24", "0.0.0.0"),
+                r("172.16.0.5/32", "172.16.0.1"),
+                r("198.51.100.0/24", "172.16.0.1"),
+            ],
+        );
+        assert_eq!(
+            keep,
+            [
+                r("172.16.0.0/24", "0.0.0.0"),
+                r("198.51.100.0/24", "172.16.0.1")
+            ]
+        );
+        assert_eq!(refused.len(), 1);
+        assert!(
+            refused[0].contains("covers 1 of the 2 relays' private addresses only"),
+            "{refused:?}"
+        );
     }
 }
