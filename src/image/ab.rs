@@ -320,11 +320,22 @@ const ADV_BOOTONCE: u8 = 1;
 /// syslinux's auxiliary data vector (the last 1024 bytes of ldlinux.sys: two identical
 /// 512-byte copies) holding one "boot once" command.
 pub fn adv_boot_once(command: &str) -> [u8; 1024] {
+    adv(Some(command))
+}
+
+/// An ADV with no record: no boot-once command.
+pub fn adv_empty() -> [u8; 1024] {
+    adv(None)
+}
+
+fn adv(boot_once: Option<&str>) -> [u8; 1024] {
     let mut a = [0u8; 512];
     a[0..4].copy_from_slice(&ADV_MAGIC1.to_le_bytes());
-    a[8] = ADV_BOOTONCE;
-    a[9] = command.len() as u8;
-    a[10..10 + command.len()].copy_from_slice(command.as_bytes());
+    if let Some(command) = boot_once {
+        a[8] = ADV_BOOTONCE;
+        a[9] = command.len() as u8;
+        a[10..10 + command.len()].copy_from_slice(command.as_bytes());
+    }
     a[508..512].copy_from_slice(&ADV_MAGIC3.to_le_bytes());
     let sum = a[8..508].chunks(4).fold(0u32, |s, w| {
         s.wrapping_add(u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
@@ -496,12 +507,8 @@ fn read_manifest(dev: &str) -> Result<Manifest, String> {
     Manifest::parse(&text?)
 }
 
-/// Clear syslinux's boot-once record (an empty ADV).
-fn disarm() -> Result<(), String> {
-    let mut a = [0u8; 512];
-    a[0..4].copy_from_slice(&ADV_MAGIC1.to_le_bytes());
-    a[4..8].copy_from_slice(&ADV_MAGIC2.to_le_bytes());
-    a[508..512].copy_from_slice(&ADV_MAGIC3.to_le_bytes());
+/// Write `adv` over the last 1024 bytes of the ESP's ldlinux.sys, where syslinux keeps it.
+fn write_adv(adv: &[u8; 1024]) -> Result<(), String> {
     let ld = format!("{ESP_MOUNT}/syslinux/ldlinux.sys");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -510,26 +517,19 @@ fn disarm() -> Result<(), String> {
     let len = f.metadata().map_err(|e| e.to_string())?.len();
     std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(len.saturating_sub(1024)))
         .map_err(|e| e.to_string())?;
-    f.write_all(&a)
-        .and_then(|_| f.write_all(&a))
+    f.write_all(adv)
         .and_then(|_| f.sync_all())
         .map_err(|e| format!("{ld}: {e}"))
 }
 
+/// Clear syslinux's boot-once record.
+fn disarm() -> Result<(), String> {
+    write_adv(&adv_empty())
+}
+
 /// Arm the one-shot boot of `target`: syslinux's ADV, and on UEFI systemd-boot's variable.
 fn arm_once(target: &str) -> Result<(), String> {
-    let adv = adv_boot_once(target);
-    let ld = format!("{ESP_MOUNT}/syslinux/ldlinux.sys");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&ld)
-        .map_err(|e| format!("{ld}: {e}"))?;
-    let len = f.metadata().map_err(|e| e.to_string())?.len();
-    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(len.saturating_sub(1024)))
-        .map_err(|e| e.to_string())?;
-    f.write_all(&adv)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| format!("{ld}: {e}"))?;
+    write_adv(&adv_boot_once(target))?;
     if is_efi() {
         efi_oneshot(&format!("appliance-{target}.efi"))?;
     }
@@ -974,6 +974,9 @@ mod tests {
         };
         assert_eq!(sum(&a[..512]), ADV_MAGIC2);
         assert_eq!(sum(&empty), ADV_MAGIC2);
+        // What a disarm writes is that empty vector, twice.
+        assert_eq!(&adv_empty()[..512], &empty[..]);
+        assert_eq!(&adv_empty()[512..], &empty[..]);
     }
 
     #[test]
