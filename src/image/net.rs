@@ -29,9 +29,9 @@ struct LeaseRoutes {
     /// None until a site file is accepted: until then nothing routes through tunnels, and the
     /// routes may be needed to reach the metadata service.
     protected: Option<Protected>,
-    /// Every route and address a lease on the interface asked for, kept across renewals and
-    /// recorded before they are installed: one that failed half-way or that a later lease no
-    /// longer names is still known here when [`protect`] screens.
+    /// The routes and address the interface's current lease asked for, recorded before they
+    /// are installed: one that went in before a later one failed is still known here when
+    /// [`protect`] screens. A renewal removes what it no longer names.
     installed: std::collections::BTreeMap<String, Vec<Route>>,
     addresses: std::collections::BTreeMap<String, Vec<IpNet>>,
     /// What was last said refused, per interface: a renewal that refuses the same says nothing.
@@ -180,6 +180,17 @@ async fn index_of(h: &rtnetlink::Handle, name: &str) -> Result<u32, String> {
     }
 }
 
+/// The netlink message for `route` on interface `ix` (on-link when its router is 0.0.0.0).
+fn route_message(ix: u32, (dst, len, gw): Route) -> rtnetlink::packet_route::route::RouteMessage {
+    let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(dst, len)
+        .output_interface(ix);
+    if !gw.is_unspecified() {
+        msg = msg.gateway(gw);
+    }
+    msg.build()
+}
+
 /// Bring `name` up, optionally set its MTU, add addresses and routes (dst, prefix, gateway).
 pub fn configure(
     name: &str,
@@ -213,14 +224,8 @@ pub fn configure(
             }
         }
         for (dst, len, gw) in routes {
-            let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(*dst, *len)
-                .output_interface(ix);
-            if !gw.is_unspecified() {
-                msg = msg.gateway(*gw);
-            }
             h.route()
-                .add(msg.build())
+                .add(route_message(ix, (*dst, *len, *gw)))
                 .replace()
                 .execute()
                 .await
@@ -281,18 +286,33 @@ pub fn apply_lease(state: &NetState, name: &str, l: &dhcp::Lease) -> Result<(), 
     };
     say_refused(&mut held, name, refused);
     // Recorded before they go in: a lease whose third route fails leaves the first two in the
-    // kernel, and they must still be screened.
-    let known = held.installed.entry(name.to_string()).or_default();
-    for r in &keep {
-        if !known.contains(r) {
-            known.push(*r);
+    // kernel, and they must still be screened. A renewal replaces the lease before it: what
+    // it no longer names leaves the kernel, so a server that answers differently at every
+    // renewal cannot pile up routes or addresses.
+    let old_routes = held
+        .installed
+        .insert(name.to_string(), keep.clone())
+        .unwrap_or_default();
+    let old_addrs = held
+        .addresses
+        .insert(name.to_string(), vec![addr])
+        .unwrap_or_default();
+    let applied = configure(name, l.mtu.map(u32::from), &[addr], &keep);
+    let stale: Vec<Route> = old_routes
+        .into_iter()
+        .filter(|r| !keep.contains(r))
+        .collect();
+    if let Err(e) = unroute(name, &stale) {
+        say(&format!(
+            "{name}: cannot remove a route of the last lease: {e}"
+        ));
+    }
+    for a in old_addrs.into_iter().filter(|a| *a != addr) {
+        if let Err(e) = unaddress(name, a) {
+            say(&format!("{name}: cannot remove {a} of the last lease: {e}"));
         }
     }
-    let known = held.addresses.entry(name.to_string()).or_default();
-    if !known.contains(&addr) {
-        known.push(addr);
-    }
-    configure(name, l.mtu.map(u32::from), &[addr], &keep)
+    applied
 }
 
 fn say_refused(held: &mut LeaseRoutes, name: &str, refused: Vec<String>) {
@@ -378,13 +398,12 @@ fn unroute(name: &str, routes: &[Route]) -> Result<(), String> {
         tokio::spawn(conn);
         let ix = index_of(&h, name).await?;
         for (dst, len, gw) in routes {
-            let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(*dst, *len)
-                .output_interface(ix);
-            if !gw.is_unspecified() {
-                msg = msg.gateway(*gw);
-            }
-            match h.route().del(msg.build()).execute().await {
+            match h
+                .route()
+                .del(route_message(ix, (*dst, *len, *gw)))
+                .execute()
+                .await
+            {
                 Ok(()) => {}
                 Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => {}
                 Err(e) => return Err(format!("route {dst}/{len} via {gw}: {e}")),
