@@ -96,6 +96,10 @@ enum Command {
             default_value = "/var/lib/appliance/private.key"
         )]
         key_file: PathBuf,
+        /// Serve Prometheus `/metrics` on ADDR:PORT (e.g. 127.0.0.1:9477), instead of the site
+        /// file's `metrics-port` on this host's own address.
+        #[arg(long, value_name = "ADDR:PORT", env = "APPLIANCE_METRICS")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Show the running daemon's links: peer, endpoint, handshake age, last packet, bytes,
     /// live or dead.
@@ -183,7 +187,8 @@ fn main() -> ExitCode {
             file,
             host,
             key_file,
-        } => run_cmd(file.config, host.node, key_file),
+            metrics,
+        } => run_cmd(file.config, host.node, key_file, metrics),
         Command::Status { output } => status_cmd(output),
         Command::BgpReflector => bench_reflector(),
         Command::Reconcile {
@@ -241,7 +246,12 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
-fn run_cmd(config: PathBuf, node: Option<String>, key_file: PathBuf) -> ExitCode {
+fn run_cmd(
+    config: PathBuf,
+    node: Option<String>,
+    key_file: PathBuf,
+    metrics: Option<std::net::SocketAddr>,
+) -> ExitCode {
     let Some(host) = host_name(node) else {
         eprintln!("error: cannot tell which host this is: pass --node NAME or set APPLIANCE_NODE");
         return ExitCode::from(EXIT_USAGE);
@@ -254,6 +264,7 @@ fn run_cmd(config: PathBuf, node: Option<String>, key_file: PathBuf) -> ExitCode
         config,
         host,
         key_file,
+        metrics,
     };
     match rt.block_on(appliance::daemon::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,9 +9,18 @@ cd "$(dirname "$0")/.."
 need=(iproute2 iputils-ping util-linux file bc nftables python3 wireguard-go wireguard-tools iperf3 bird2 gobgpd frr
       linux-image-amd64 erofs-utils cryptsetup-bin syslinux syslinux-common systemd-boot-efi mtools dosfstools
       e2fsprogs fdisk zstd cpio kmod qemu-utils qemu-system-x86 ovmf xorriso binutils gzip nix-bin
-      nfs-ganesha nfs-ganesha-vfs libnfs-utils rpcbind)
+      nfs-ganesha nfs-ganesha-vfs libnfs-utils rpcbind curl man-db dpkg)
+# Without its recommends (node exporter, smartmontools): the tests start their own Prometheus.
+lean=(prometheus)
 missing=()
 for p in "${need[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
+missing_lean=()
+for p in "${lean[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing_lean+=("$p"); done
+if [ ${#missing_lean[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then echo "missing packages: ${missing_lean[*]} (run as root to install them)" >&2; exit 1; fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing_lean[@]}" >/dev/null
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then echo "missing packages: ${missing[*]} (run as root to install them)" >&2; exit 1; fi
   apt-get update -qq

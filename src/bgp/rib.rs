@@ -55,6 +55,9 @@ pub struct RibPeer {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Counters {
+    /// UPDATE messages applied.
+    #[serde(default)]
+    pub updates: u64,
     pub received: u64,
     pub accepted: u64,
     pub rejected: u64,
@@ -231,6 +234,7 @@ impl Rib {
     /// Apply an UPDATE from `peer` to its Adj-RIB-In.
     pub fn apply(&mut self, peer: PeerId, u: &Update) -> Applied {
         let mut out = Applied::default();
+        self.counters[peer].updates += 1;
         for n in u.effective_withdrawn() {
             self.counters[peer].withdrawn += 1;
             if self.remove(peer, &n) {

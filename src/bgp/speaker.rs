@@ -60,6 +60,9 @@ pub struct SessionStatus {
     /// families we send it several paths in.
     pub add_path_rx: Families,
     pub add_path_tx: Families,
+    /// Times the session left Established.
+    #[serde(default)]
+    pub flaps: u64,
 }
 
 #[derive(Debug, Default)]
@@ -356,6 +359,9 @@ fn set_state(status: &SharedStatus, id: PeerId, state: &str, error: Option<Strin
     let mut s = status.lock().expect("not poisoned");
     let e = &mut s.sessions[id];
     if e.state != state {
+        if e.state == "Established" {
+            e.flaps += 1;
+        }
         e.state = state.to_string();
         e.since_unix_s = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -76,10 +76,14 @@ pub fn bind() -> io::Result<tokio::net::UnixListener> {
     tokio::net::UnixListener::from_std(l)
 }
 
-/// Serve the control socket on tasks of their own; requests that arrived whole come out of
-/// the returned channel.
-pub fn serve(listener: tokio::net::UnixListener) -> mpsc::Receiver<Asked> {
-    let (tx, rx) = mpsc::channel(CLIENTS_MAX);
+/// The channel requests that arrived whole reach the daemon's loop by (the control socket's
+/// clients and the `/metrics` listener share it).
+pub fn channel() -> (mpsc::Sender<Asked>, mpsc::Receiver<Asked>) {
+    mpsc::channel(CLIENTS_MAX)
+}
+
+/// Serve the control socket on tasks of their own; requests that arrived whole go to `tx`.
+pub fn serve(listener: tokio::net::UnixListener, tx: mpsc::Sender<Asked>) {
     let slots = Arc::new(Semaphore::new(CLIENTS_MAX));
     tokio::spawn(async move {
         loop {
@@ -110,7 +114,6 @@ pub fn serve(listener: tokio::net::UnixListener) -> mpsc::Receiver<Asked> {
             });
         }
     });
-    rx
 }
 
 /// One client: its request line (bounded in length and time), the loop's answer, the reply

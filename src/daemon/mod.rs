@@ -21,6 +21,8 @@
 
 pub mod control;
 pub mod core;
+pub mod http;
+pub mod metrics;
 pub mod status;
 
 use crate::bgp::router::Learned;
@@ -52,6 +54,8 @@ pub struct Options {
     pub config: PathBuf,
     pub host: String,
     pub key_file: PathBuf,
+    /// Where to serve `/metrics`, over the site file's `metrics-port` on the host's address.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 struct Daemon {
@@ -67,6 +71,8 @@ struct Daemon {
     bfd: Option<crate::bfd::driver::SharedBfd>,
     /// When the last tick ran: a loop blocked past [`STALL`] delays every probe and keepalive.
     last_tick: Option<Instant>,
+    /// Liveness transitions so far, per (peer, link index).
+    flips: BTreeMap<(String, u32), u64>,
 }
 
 async fn next_bfd(
@@ -198,6 +204,7 @@ impl Daemon {
             }
         };
         for ((peer, link), alive) in &r.transitions {
+            *self.flips.entry((peer.clone(), *link)).or_default() += 1;
             if *alive {
                 tracing::info!(%peer, link, "link up");
             } else {
@@ -230,6 +237,7 @@ impl Daemon {
                     return;
                 }
                 Err(e) => {
+                    self.kernel.errors += 1;
                     tracing::warn!(error = %e, "route update failed; reconciling in full");
                     self.core.forget_installed();
                 }
@@ -243,7 +251,10 @@ impl Daemon {
                 took_ms = t.elapsed().as_millis() as u64,
                 "{why} (full reconcile)"
             ),
-            Err(e) => tracing::error!(error = %e, "route update failed"),
+            Err(e) => {
+                self.kernel.errors += 1;
+                tracing::error!(error = %e, "route update failed")
+            }
         }
     }
 
@@ -310,10 +321,24 @@ impl Daemon {
             uptime_s: self.started.elapsed().as_secs(),
             keepalive_ms: cfg.site.keepalive_ms,
             dead_after: cfg.site.dead_after,
+            version: env!("CARGO_PKG_VERSION").to_string(),
             links: self
                 .links
                 .values()
                 .flat_map(|rt| rt.current().status(&alive, now))
+                .map(|mut p| {
+                    p.transitions = self
+                        .flips
+                        .get(&(p.peer.clone(), p.link_index))
+                        .copied()
+                        .unwrap_or(0);
+                    p
+                })
+                .collect(),
+            devices: self
+                .links
+                .values()
+                .map(|rt| rt.current().device_status())
                 .collect(),
             bgp: self.bgp.as_ref().map(|b| {
                 let s = b.status.lock().expect("not poisoned");
@@ -392,7 +417,14 @@ pub async fn run(opts: Options) -> Result<(), String> {
         Some(key)
     };
     let listener = control::bind().map_err(|e| format!("control socket: {e}"))?;
-    let mut asked = control::serve(listener);
+    let (ask, mut asked) = control::channel();
+    control::serve(listener, ask.clone());
+    if let Some(addr) = opts
+        .metrics
+        .or_else(|| crate::intent::metrics_listen(core.cfg(), &opts.host))
+    {
+        http::serve(addr, ask);
+    }
     let nl = Netlink::connect().map_err(|e| format!("netlink: {e}"))?;
     let lock = reconcile::lock().map_err(|e| e.to_string())?;
     let role = core.role();
@@ -408,6 +440,7 @@ pub async fn run(opts: Options) -> Result<(), String> {
         kernel: KernelStatus::default(),
         bfd: None,
         last_tick: None,
+        flips: BTreeMap::new(),
     };
     let plan = d.sync().await?;
     tracing::info!(host = %d.opts.host, %role, changes = plan.changes.len(), "host reconciled");
@@ -454,9 +487,15 @@ pub async fn run(opts: Options) -> Result<(), String> {
             }
             _ = limiter.tick() => d.reset_rate_limiters(),
             _ = drift.tick() => match d.sync().await {
-                Ok(p) if !p.is_empty() => tracing::warn!(changes = p.changes.len(), "repaired drift:\n{}", p.render_text()),
+                Ok(p) if !p.is_empty() => {
+                    d.kernel.drift_repaired += p.changes.len() as u64;
+                    tracing::warn!(changes = p.changes.len(), "repaired drift:\n{}", p.render_text())
+                }
                 Ok(_) => {}
-                Err(e) => tracing::error!(error = %e, "drift repair failed"),
+                Err(e) => {
+                    d.kernel.errors += 1;
+                    tracing::error!(error = %e, "drift repair failed")
+                }
             },
             _ = hup.recv() => {
                 if let Err(e) = d.reload(None).await {

@@ -2,7 +2,7 @@
 //! deserialised by the CLI, which prints it as JSON or renders it as text ([`Status::render`]).
 
 use crate::bgp::speaker::{LearnedPath, SessionStatus};
-use crate::datapath::engine::PeerStatus;
+use crate::datapath::engine::{DeviceStatus, PeerStatus};
 use crate::host::netlink::NetlinkCounters;
 use crate::model::config::Role;
 use ipnet::IpNet;
@@ -18,8 +18,14 @@ pub struct Status {
     pub uptime_s: u64,
     pub keepalive_ms: u32,
     pub dead_after: u32,
+    /// The binary's version.
+    #[serde(default)]
+    pub version: String,
     /// One entry per (link, peer).
     pub links: Vec<PeerStatus>,
+    /// One entry per link device: drops no peer is charged with.
+    #[serde(default)]
+    pub devices: Vec<DeviceStatus>,
     pub bgp: Option<BgpStatus>,
     pub kernel: KernelStatus,
 }
@@ -54,6 +60,12 @@ pub struct KernelStatus {
     /// Changes the last update applied, and how long it took.
     pub last_update_changes: usize,
     pub last_update_us: Option<u64>,
+    /// Changes the periodic drift check found and repaired.
+    #[serde(default)]
+    pub drift_repaired: u64,
+    /// Full reconciles or route updates that failed.
+    #[serde(default)]
+    pub errors: u64,
 }
 
 /// One reply on the control socket.
@@ -241,10 +253,10 @@ impl Status {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn sample() -> Status {
+    pub(crate) fn sample() -> Status {
         Status {
             host: "gw1".into(),
             role: Role::Gateway,
@@ -252,6 +264,14 @@ mod tests {
             uptime_s: 12,
             keepalive_ms: 200,
             dead_after: 3,
+            version: "0.1.0".into(),
+            devices: vec![DeviceStatus {
+                link: "ap-l0".into(),
+                invalid: 7,
+                replayed: 2,
+                no_route: 1,
+                cookies: 0,
+            }],
             links: vec![PeerStatus {
                 link: "ap-l0".into(),
                 link_index: 0,
@@ -269,6 +289,7 @@ mod tests {
                 alive: true,
                 routes: vec!["10.200.0.11/32".into()],
                 mss_clamped: 1,
+                transitions: 1,
             }],
             bgp: Some(BgpStatus {
                 sessions: vec![SessionStatus {

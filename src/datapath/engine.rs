@@ -16,6 +16,7 @@ use crate::datapath::liveness::Liveness;
 use crate::datapath::mss;
 use crate::intent::links::{LinkSpec, PeerSpec};
 use crate::model::key::{PrivateKey, PublicKey};
+use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
@@ -97,6 +98,9 @@ pub struct LinkStats {
     pub no_route: AtomicU64,
     /// Cookie replies sent because handshakes arrived faster than the rate limit.
     pub cookies: AtomicU64,
+    /// Data packets dropped as replays (a counter already seen, or behind the window);
+    /// also counted in `invalid`.
+    pub replayed: AtomicU64,
 }
 
 pub struct Link {
@@ -445,7 +449,13 @@ impl Link {
             // saw one can replay it).
             TunnResult::Done => authenticated = datagram.first() != Some(&3),
             // Replays, bad tags, stale handshakes: counted, never fatal.
-            TunnResult::Err(_) => {
+            TunnResult::Err(e) => {
+                if matches!(
+                    e,
+                    WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter
+                ) {
+                    self.stats.replayed.fetch_add(1, Ordering::Relaxed);
+                }
                 self.stats.invalid.fetch_add(1, Ordering::Relaxed);
                 result.dropped = Some(DropReason::Invalid);
             }
@@ -576,6 +586,23 @@ pub struct PeerStatus {
     /// TCP SYNs whose MSS was clamped to fit the tunnel (both directions).
     #[serde(default)]
     pub mss_clamped: u64,
+    /// Times this (link, peer) went live or dead (filled in by the daemon, which tracks it).
+    #[serde(default)]
+    pub transitions: u64,
+}
+
+/// A link device's own counters: what no peer is charged with.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct DeviceStatus {
+    pub link: String,
+    /// Datagrams dropped as not WireGuard, failing authentication or naming no peer.
+    pub invalid: u64,
+    /// Of those, data packets dropped as replays.
+    pub replayed: u64,
+    /// Packets from the tun device with no peer for their destination.
+    pub no_route: u64,
+    /// Handshakes answered with a cookie instead (rate-limited).
+    pub cookies: u64,
 }
 
 impl Link {
@@ -601,8 +628,20 @@ impl Link {
                 alive: alive(&p.spec.name, self.index),
                 routes: p.spec.routes.iter().map(|r| r.to_string()).collect(),
                 mss_clamped: p.stats().mss_clamped.load(Ordering::Relaxed),
+                transitions: 0,
             })
             .collect()
+    }
+
+    pub fn device_status(&self) -> DeviceStatus {
+        let s = &self.stats;
+        DeviceStatus {
+            link: self.spec_dev.clone(),
+            invalid: s.invalid.load(Ordering::Relaxed),
+            replayed: s.replayed.load(Ordering::Relaxed),
+            no_route: s.no_route.load(Ordering::Relaxed),
+            cookies: s.cookies.load(Ordering::Relaxed),
+        }
     }
 }
 

@@ -515,3 +515,21 @@ fn tunnel_sysctls(s: &mut HostState, devs: &[String], routed: &[IpNet]) {
 
 #[cfg(test)]
 mod tests;
+
+/// Where `host` serves `/metrics`, from the site file's `metrics-port`: on its own address
+/// (a gateway's site address, a node's cloud address, a relay's private address), which the
+/// site reaches and the internet does not. `None`: off, or a relay without a private address.
+pub fn metrics_listen(cfg: &Config, host: &str) -> Option<SocketAddr> {
+    let port = cfg.site.metrics_port?;
+    let addr = match cfg.role_of(host)? {
+        Role::Gateway => cfg.gateways.iter().find(|g| g.name == host)?.site_address,
+        Role::Node => cfg.nodes.iter().find(|n| n.name == host)?.address,
+        Role::Relay => {
+            cfg.relays
+                .iter()
+                .find(|r| r.name == host)?
+                .private_address?
+        }
+    };
+    Some(SocketAddr::new(addr, port))
+}

@@ -62,6 +62,8 @@ pub struct Site {
     pub dead_after: u32,
     /// Clamp the MSS of TCP SYNs crossing a tunnel to what its MTU carries (both directions).
     pub clamp_mss: bool,
+    /// Serve Prometheus metrics on this TCP port of each host's own address (off when unset).
+    pub metrics_port: Option<u16>,
 }
 
 impl Site {
@@ -304,6 +306,7 @@ const SITE: &[&str] = &[
     "keepalive-ms",
     "dead-after",
     "clamp-mss",
+    "metrics-port",
 ];
 const GATEWAY: &[&str] = &["endpoint", "site-address", "public-key"];
 const NODE: &[&str] = &["address", "prefix", "public-key", "bgp-speaker"];
@@ -853,6 +856,19 @@ impl Loader<'_> {
             Some(n) => self.boolean(n),
             None => Some(true),
         };
+        let metrics_port = match f.by_name.get("metrics-port").and_then(|v| v.first()) {
+            None => None,
+            Some(n) => self
+                .int(n, 1, 65535, "the TCP port /metrics is served on: 1..=65535")
+                .map(|p| (p as u16, span_of(n))),
+        };
+        if let Some((179, span)) = metrics_port {
+            self.err(
+                Diagnostic::new(span, "metrics-port 179 is BGP's port")
+                    .label("already in use by the iBGP speaker")
+                    .help("pick a free TCP port, e.g. 9477"),
+            );
+        }
         // A bad field is reported above; keep a placeholder so the checks across blocks still
         // run and report everything at once. The config is never returned with a diagnostic.
         Some(Site {
@@ -866,6 +882,7 @@ impl Loader<'_> {
             keepalive_ms: keepalive.unwrap_or(DEFAULT_KEEPALIVE_MS as i128) as u32,
             dead_after: dead_after.unwrap_or(DEFAULT_DEAD_AFTER as i128) as u32,
             clamp_mss: clamp_mss.unwrap_or(true),
+            metrics_port: metrics_port.map(|m| m.0),
         })
     }
 
@@ -1874,6 +1891,28 @@ node "c1" {{
         );
         assert_eq!(cfg.role_of("gw1"), Some(Role::Gateway));
         assert_eq!(cfg.role_of("c1"), Some(Role::Node));
+    }
+
+    #[test]
+    fn metrics_are_off_unless_a_port_is_set_and_never_on_bgps() {
+        let cfg = parse("t.kdl", &minimal("")).unwrap();
+        assert_eq!(cfg.site.metrics_port, None);
+        assert_eq!(crate::intent::metrics_listen(&cfg, "gw1"), None);
+        let on = minimal("").replace("links 2\n", "links 2\n    metrics-port 9477\n");
+        let cfg = parse("t.kdl", &on).unwrap_or_else(|r| panic!("{}", r.render()));
+        assert_eq!(
+            crate::intent::metrics_listen(&cfg, "gw1"),
+            Some("10.10.0.2:9477".parse().unwrap()),
+            "a gateway serves on its site address"
+        );
+        assert_eq!(
+            crate::intent::metrics_listen(&cfg, "c1"),
+            Some("10.200.0.11:9477".parse().unwrap()),
+            "a node on its cloud address"
+        );
+        let bgp = minimal("").replace("links 2\n", "links 2\n    metrics-port 179\n");
+        let err = parse("t.kdl", &bgp).unwrap_err().render();
+        assert!(err.contains("t.kdl:6:") && err.contains("metrics-port 179 is BGP's port"), "{err}");
     }
 
     #[test]
