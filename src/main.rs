@@ -131,6 +131,18 @@ enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// Print the completion script for SHELL, generated from this command line
+    /// (bash: `source <(appliance completions bash)`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page appliance(1), generated from this command line; with --dir, write
+    /// it and one page per subcommand (appliance-reconcile.1, ...) into DIR.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -182,6 +194,17 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Pubkey => pubkey(),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "appliance",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Man { dir } => man(dir),
         Command::Check { args } => check(&args),
         Command::Run {
             file,
@@ -244,6 +267,26 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
             eprintln!("error: cannot start the runtime: {e}");
             ExitCode::from(EXIT_ERROR)
         })
+}
+
+fn man(dir: Option<PathBuf>) -> ExitCode {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let r = match &dir {
+        None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout()),
+        Some(d) => std::fs::create_dir_all(d).and_then(|()| clap_mangen::generate_to(cmd, d)),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "error: writing the man page{}: {e}",
+                dir.map(|d| format!("s into {}", d.display()))
+                    .unwrap_or_default()
+            );
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
 }
 
 fn run_cmd(

@@ -1912,7 +1912,10 @@ node "c1" {{
         );
         let bgp = minimal("").replace("links 2\n", "links 2\n    metrics-port 179\n");
         let err = parse("t.kdl", &bgp).unwrap_err().render();
-        assert!(err.contains("t.kdl:6:") && err.contains("metrics-port 179 is BGP's port"), "{err}");
+        assert!(
+            err.contains("t.kdl:6:") && err.contains("metrics-port 179 is BGP's port"),
+            "{err}"
+        );
     }
 
     #[test]
