@@ -29,3 +29,4 @@ pub mod host;
 pub mod image;
 pub mod intent;
 pub mod model;
+pub mod provision;

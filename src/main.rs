@@ -100,6 +100,13 @@ enum Command {
         /// file's `metrics-port` on this host's own address.
         #[arg(long, value_name = "ADDR:PORT", env = "APPLIANCE_METRICS")]
         metrics: Option<std::net::SocketAddr>,
+        /// Take the site file, the host and its key from a user-data file instead (as the
+        /// image does: a pool user-data picks the slot of this machine's address).
+        #[arg(long, value_name = "FILE", conflicts_with = "config")]
+        user_data: Option<PathBuf>,
+        /// With a pool user-data: take this slot, whatever this machine's addresses are.
+        #[arg(long, requires = "user_data")]
+        slot: Option<u32>,
     },
     /// Show the running daemon's links: peer, endpoint, handshake age, last packet, bytes,
     /// live or dead.
@@ -130,6 +137,34 @@ enum Command {
     Image {
         #[command(subcommand)]
         command: ImageCommand,
+    },
+    /// Key every slot of an instance pool and write the one user-data all its instances boot:
+    /// DIR/site.kdl (the site file with the slots' public keys: deploy it to the gateways),
+    /// DIR/POOL.user-data (or .user-data.gz when gzip is needed to fit Exoscale's 32 KiB),
+    /// DIR/POOL.secret (keep it: re-running with it changes nothing). Prints the exo command.
+    Provision {
+        #[command(flatten)]
+        file: ConfigFile,
+        /// The pool block's name.
+        #[arg(long)]
+        pool: String,
+        /// Where the files go (created 0700).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// For the printed exo command: zone, template, instance type, private network and
+        /// security group.
+        #[arg(long, default_value = "ch-gva-2")]
+        zone: String,
+        #[arg(long, default_value = concat!("appliance-", env!("CARGO_PKG_VERSION")))]
+        template: String,
+        #[arg(long, default_value = "standard.medium")]
+        instance_type: String,
+        #[arg(long, default_value = "appliance-private")]
+        private_network: String,
+        #[arg(long, default_value = "appliance-nodes")]
+        security_group: String,
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
     },
     /// Print the completion script for SHELL, generated from this command line
     /// (bash: `source <(appliance completions bash)`).
@@ -205,13 +240,49 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Man { dir } => man(dir),
+        Command::Provision {
+            file,
+            pool,
+            out,
+            zone,
+            template,
+            instance_type,
+            private_network,
+            security_group,
+            output,
+        } => provision(
+            &file.config,
+            &pool,
+            &out,
+            &[
+                ("zone", zone),
+                ("template", template),
+                ("instance-type", instance_type),
+                ("private-network", private_network),
+                ("security-group", security_group),
+            ],
+            output,
+        ),
         Command::Check { args } => check(&args),
         Command::Run {
             file,
             host,
             key_file,
             metrics,
-        } => run_cmd(file.config, host.node, key_file, metrics),
+            user_data,
+            slot,
+        } => match user_data {
+            None => run_cmd(file.config, host.node, key_file, metrics),
+            Some(u) => match from_user_data(&u, host.node.as_deref(), slot) {
+                Ok((config, host, key)) => {
+                    run_cmd(config, Some(host), key.unwrap_or(key_file), metrics)
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(EXIT_ERROR)
+                }
+            },
+        },
         Command::Status { output } => status_cmd(output),
         Command::BgpReflector => bench_reflector(),
         Command::Reconcile {
@@ -267,6 +338,231 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
             eprintln!("error: cannot start the runtime: {e}");
             ExitCode::from(EXIT_ERROR)
         })
+}
+
+/// Resolve a user-data file as the image does (this machine's addresses choose a pool slot):
+/// the site file and the key go to /run/appliance/HOST.{kdl,key} (0600), for `run`.
+fn from_user_data(
+    path: &std::path::Path,
+    node: Option<&str>,
+    slot: Option<u32>,
+) -> Result<(PathBuf, String, Option<PathBuf>), String> {
+    use appliance::image::userdata;
+    let raw =
+        std::fs::read(path).map_err(|e| format!("error: cannot read {}: {e}", path.display()))?;
+    let text = userdata::decode(&raw).map_err(|e| format!("error: {}: {e}", path.display()))?;
+    let addresses: Vec<std::net::IpAddr> = nix::ifaddrs::getifaddrs()
+        .map_err(|e| format!("error: cannot list this machine's addresses: {e}"))?
+        .filter_map(|i| {
+            let a = i.address?;
+            a.as_sockaddr_in()
+                .map(|v| std::net::IpAddr::V4(v.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|v| std::net::IpAddr::V6(v.ip())))
+        })
+        .collect();
+    let who = userdata::Who {
+        host: node,
+        addresses: &addresses,
+        slot,
+    };
+    let a = userdata::validate(&path.display().to_string(), &text, &who).map_err(|r| r.render())?;
+    let dir = std::path::Path::new("/run/appliance");
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("error: cannot create {}: {e}", dir.display()))?;
+    }
+    let config = dir.join(format!("{}.kdl", a.host));
+    write_if_changed(&config, a.site_text.as_bytes(), 0o600)
+        .map_err(|e| format!("error: cannot write {}: {e}", config.display()))?;
+    let key = match &a.private_key {
+        Some(k) => {
+            let p = dir.join(format!("{}.key", a.host));
+            write_if_changed(&p, format!("{}\n", k.to_base64()).as_bytes(), 0o600)
+                .map_err(|e| format!("error: cannot write {}: {e}", p.display()))?;
+            Some(p)
+        }
+        None => None,
+    };
+    eprintln!(
+        "{}: this machine is {} ({}), hash {}",
+        path.display(),
+        a.host,
+        a.role,
+        a.sha256
+    );
+    Ok((config, a.host, key))
+}
+
+/// Write `bytes` to `path` with `mode`, replacing it only when it differs (a re-run that
+/// changes nothing touches nothing). Returns whether it wrote.
+fn write_if_changed(path: &std::path::Path, bytes: &[u8], mode: u32) -> std::io::Result<bool> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if std::fs::read(path).ok().as_deref() == Some(bytes) {
+        return Ok(false);
+    }
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
+    std::io::Write::write_all(&mut f, bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(true)
+}
+
+fn provision(
+    config: &std::path::Path,
+    pool: &str,
+    out: &std::path::Path,
+    exo: &[(&str, String)],
+    output: Output,
+) -> ExitCode {
+    use base64::Engine as _;
+    use std::os::unix::fs::DirBuilderExt;
+    let fail = |e: String| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_ERROR)
+    };
+    let text = match std::fs::read(config)
+        .map_err(|e| format!("cannot read {}: {e}", config.display()))
+        .and_then(|b| config::text_of(&config.display().to_string(), b))
+    {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    if let Err(e) = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(out)
+    {
+        return fail(format!("cannot create {}: {e}", out.display()));
+    }
+    // The pool secret: kept in DIR and reused, so a re-run derives the same keys.
+    let secret_path = out.join(format!("{pool}.secret"));
+    let secret: [u8; 32] = match std::fs::read_to_string(&secret_path) {
+        Ok(s) => match appliance::model::key::decode_key(s.trim()) {
+            Ok(k) => k,
+            Err(e) => return fail(format!("{}: {e}", secret_path.display())),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            appliance::model::key::PrivateKey::generate().0
+        }
+        Err(e) => return fail(format!("cannot read {}: {e}", secret_path.display())),
+    };
+    let p = match appliance::provision::provision(
+        &config.display().to_string(),
+        &text,
+        pool,
+        &secret,
+    ) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    let plain = out.join(format!("{pool}.user-data"));
+    let gz = out.join(format!("{pool}.user-data.gz"));
+    let site = out.join("site.kdl");
+    let secret_b64 = format!(
+        "{}\n",
+        base64::engine::general_purpose::STANDARD.encode(secret)
+    );
+    let mut files = vec![
+        (secret_path.clone(), secret_b64.into_bytes(), 0o600),
+        (site.clone(), p.site_text.clone().into_bytes(), 0o644),
+        (plain.clone(), p.user_data.clone().into_bytes(), 0o600),
+    ];
+    if let Some(z) = &p.user_data_gz {
+        files.push((gz.clone(), z.clone(), 0o600));
+    } else {
+        let _ = std::fs::remove_file(&gz);
+    }
+    let mut written = vec![];
+    for (path, bytes, mode) in &files {
+        match write_if_changed(path, bytes, *mode) {
+            Ok(true) => written.push(path.display().to_string()),
+            Ok(false) => {}
+            Err(e) => return fail(format!("cannot write {}: {e}", path.display())),
+        }
+    }
+    let cloud_init = if p.user_data_gz.is_some() {
+        &gz
+    } else {
+        &plain
+    };
+    let arg = |k: &str| {
+        exo.iter()
+            .find(|(n, _)| *n == k)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_default()
+    };
+    let command = format!(
+        "exo compute instance-pool create {pool} --size {} --zone {} --template {} --template-visibility private --instance-type {} --private-network {} --security-group {} --public-ip none --cloud-init {}",
+        p.slots - p.own_key.len() as u32,
+        arg("zone"),
+        arg("template"),
+        arg("instance-type"),
+        arg("private-network"),
+        arg("security-group"),
+        cloud_init.display()
+    );
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({
+                "ok": true,
+                "provisioned": p,
+                "written": written,
+                "user_data": cloud_init.display().to_string(),
+                "site_file": site.display().to_string(),
+                "command": command,
+            })
+        ),
+        Output::Text => {
+            println!(
+                "pool {pool}: {} slots, {} key(s) added, {} kept{}; {} slot(s) validated as the image will (dhcp-start {} + slot)",
+                p.slots,
+                p.added.len(),
+                p.slots as usize - p.added.len() - p.own_key.len(),
+                if p.own_key.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        ", slot(s) {:?} keyed by hand (not for the pool's instances)",
+                        p.own_key
+                    )
+                },
+                p.validated,
+                p.dhcp_start
+            );
+            println!(
+                "user-data: {} ({} bytes of base64, limit {})",
+                cloud_init.display(),
+                p.user_data_b64_bytes,
+                appliance::provision::EXOSCALE_LIMIT_B64
+            );
+            if !p.own_key.is_empty() {
+                println!(
+                    "warning: slots keyed by hand lie in the DHCP range: an instance that leases one is refused (move dhcp-start past them, or drop their keys)"
+                );
+            }
+            if written.is_empty() {
+                println!("nothing changed");
+            } else {
+                println!("wrote: {}", written.join(", "));
+            }
+            println!(
+                "deploy {} to the gateways (appliance reconcile, or SIGHUP), then:\n  {command}",
+                site.display()
+            );
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn man(dir: Option<PathBuf>) -> ExitCode {

@@ -112,7 +112,12 @@ fn every_kdl_block_in_the_readme_validates() {
         // A user-data example (site file plus the `appliance` host block) goes through the
         // image's user-data validation, which parses its site part with the same parser.
         let result = if text.lines().any(|l| l.starts_with("appliance {")) {
-            appliance::image::userdata::validate(&file, &text, None).map(|_| ())
+            appliance::image::userdata::validate(
+                &file,
+                &text,
+                &appliance::image::userdata::Who::default(),
+            )
+            .map(|_| ())
         } else {
             config::parse(&file, &text).map(|_| ())
         };

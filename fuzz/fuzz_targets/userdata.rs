@@ -8,7 +8,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = userdata::decode(data) {
-        match userdata::validate("user-data", &text, Some("c1")) {
+        match userdata::validate("user-data", &text, &userdata::Who::named(Some("c1"))) {
             Ok(a) => assert!(!a.host.is_empty()),
             Err(report) => {
                 let r = report.render();

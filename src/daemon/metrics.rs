@@ -122,7 +122,7 @@ pub fn render(s: &Status) -> String {
     );
     let dropped = o.counter(
         "link_dropped_packets",
-        "Packets dropped on the link, by cause: spoofed (inner source not the peer's), no_route (no peer for the destination), replay, invalid (other failed datagrams), rate_limited (handshakes answered with a cookie)",
+        "Packets dropped on the link, by cause: spoofed (inner source not the peer's), claimed (handshakes for a live peer's key from another address: a second instance), no_route (no peer for the destination), replay, invalid (other failed datagrams), rate_limited (handshakes answered with a cookie)",
         None,
     );
     for l in &s.links {
@@ -140,14 +140,12 @@ pub fn render(s: &Status) -> String {
         }
     }
     for d in &s.devices {
-        let spoofed: u64 = s
-            .links
-            .iter()
-            .filter(|l| l.link == d.link)
-            .map(|l| l.spoofed)
-            .sum();
+        let on = || s.links.iter().filter(|l| l.link == d.link);
+        let spoofed: u64 = on().map(|l| l.spoofed).sum();
+        let claimed: u64 = on().map(|l| l.claims_refused).sum();
         for (cause, n) in [
             ("spoofed", spoofed),
+            ("claimed", claimed),
             ("no_route", d.no_route),
             ("replay", d.replayed),
             ("invalid", d.invalid.saturating_sub(d.replayed)),

@@ -73,6 +73,8 @@ struct Daemon {
     last_tick: Option<Instant>,
     /// Liveness transitions so far, per (peer, link index).
     flips: BTreeMap<(String, u32), u64>,
+    /// Refused claims already reported, per (peer, link index).
+    claims: BTreeMap<(String, u32), u64>,
 }
 
 async fn next_bfd(
@@ -264,6 +266,32 @@ impl Daemon {
         }
     }
 
+    /// Say once a second, per (link, peer), that handshakes were refused because another
+    /// instance claims a live peer's key (see `Link::inbound`).
+    fn report_claims(&mut self) {
+        let now = Instant::now();
+        let always = |_: &str, _: u32| true;
+        for rt in self.links.values() {
+            for p in rt.current().status(&always, now) {
+                let seen = self
+                    .claims
+                    .entry((p.peer.clone(), p.link_index))
+                    .or_default();
+                if p.claims_refused > *seen {
+                    tracing::warn!(
+                        peer = %p.peer,
+                        link = %p.link,
+                        refused = p.claims_refused - *seen,
+                        claimant = p.claimant.as_deref().unwrap_or("?"),
+                        holder = p.endpoint.as_deref().unwrap_or("?"),
+                        "a second instance claims this peer's key (slot) while it is live: its handshakes are refused"
+                    );
+                    *seen = p.claims_refused;
+                }
+            }
+        }
+    }
+
     /// Re-read the config; on any error keep running on the last good one.
     async fn reload(&mut self, path: Option<PathBuf>) -> Result<String, String> {
         let path = path.unwrap_or_else(|| self.opts.config.clone());
@@ -441,6 +469,7 @@ pub async fn run(opts: Options) -> Result<(), String> {
         bfd: None,
         last_tick: None,
         flips: BTreeMap::new(),
+        claims: BTreeMap::new(),
     };
     let plan = d.sync().await?;
     tracing::info!(host = %d.opts.host, %role, changes = plan.changes.len(), "host reconciled");
@@ -485,7 +514,10 @@ pub async fn run(opts: Options) -> Result<(), String> {
                     b.set_bfd(&c.peer, c.up);
                 }
             }
-            _ = limiter.tick() => d.reset_rate_limiters(),
+            _ = limiter.tick() => {
+                d.reset_rate_limiters();
+                d.report_claims();
+            }
             _ = drift.tick() => match d.sync().await {
                 Ok(p) if !p.is_empty() => {
                     d.kernel.drift_repaired += p.changes.len() as u64;

@@ -185,6 +185,17 @@ impl Status {
                 ],
             );
         }
+        for l in self.links.iter().filter(|l| l.claims_refused > 0) {
+            let _ = writeln!(
+                out,
+                "{} on {}: {} handshake(s) refused from {}: another instance claims this key while it is live at {}",
+                l.peer,
+                l.link,
+                l.claims_refused,
+                l.claimant.as_deref().unwrap_or("?"),
+                l.endpoint.as_deref().unwrap_or("?")
+            );
+        }
         if let Some(b) = &self.bgp {
             let row = |out: &mut String, c: [&str; 8]| {
                 let _ = writeln!(
@@ -290,6 +301,8 @@ pub(crate) mod tests {
                 routes: vec!["10.200.0.11/32".into()],
                 mss_clamped: 1,
                 transitions: 1,
+                claims_refused: 4,
+                claimant: Some("192.0.2.9:40001".into()),
             }],
             bgp: Some(BgpStatus {
                 sessions: vec![SessionStatus {

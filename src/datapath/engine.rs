@@ -61,6 +61,9 @@ pub struct PeerStats {
     pub mss_clamped: AtomicU64,
     /// When we last started a new handshake because the link had gone silent.
     pub last_rehandshake: AtomicU64,
+    /// Handshakes refused because they came from elsewhere while the peer was live at its
+    /// endpoint: a second instance claiming the same slot (key).
+    pub claims_refused: AtomicU64,
 }
 
 /// How often the side that dials (a node) starts a new handshake on a link it no longer hears.
@@ -81,6 +84,8 @@ struct PeerState {
     tunn: Mutex<Tunn>,
     endpoint: RwLock<Option<SocketAddr>>,
     stats: PeerStats,
+    /// Where the last refused claim came from (for the daemon's log and status).
+    claimant: Mutex<Option<SocketAddr>>,
 }
 
 impl Peer {
@@ -107,6 +112,7 @@ pub struct Link {
     pub spec_dev: String,
     pub index: u32,
     clamp_mtu: Option<u32>,
+    keepalive_ms: u32,
     pub listen_port: Option<u16>,
     private: x25519::StaticSecret,
     public: x25519::PublicKey,
@@ -141,6 +147,8 @@ pub enum DropReason {
     NotIp,
     Spoofed,
     Invalid,
+    /// A handshake for a live roaming peer from another address.
+    Claimed,
 }
 
 /// What to do with a received datagram.
@@ -166,6 +174,7 @@ impl Link {
             spec_dev: spec.dev.clone(),
             index: spec.index,
             clamp_mtu: spec.clamp_mtu,
+            keepalive_ms: spec.keepalive_ms,
             listen_port: spec.listen_port,
             private: secret,
             public,
@@ -193,6 +202,7 @@ impl Link {
             spec_dev: spec.dev.clone(),
             index: spec.index,
             clamp_mtu: spec.clamp_mtu,
+            keepalive_ms: spec.keepalive_ms,
             listen_port: spec.listen_port,
             private: self.private.clone(),
             public: self.public,
@@ -237,6 +247,7 @@ impl Link {
                 endpoint: RwLock::new(spec.endpoint),
                 tunn: Mutex::new(tunn),
                 stats: PeerStats::default(),
+                claimant: Mutex::new(None),
             };
             (index, Arc::new(state))
         });
@@ -407,6 +418,23 @@ impl Link {
             }
         };
         let peer = &self.peers[idx];
+        // A roaming peer (a node, seen from a gateway) heard within two keepalives holds its
+        // endpoint: a handshake initiation for its key from anywhere else is a second instance
+        // claiming the same slot, refused before its session could displace the live one.
+        // Data from a new address still roams (NAT rebinding, a relay change), and once the
+        // holder falls silent the claimant's next handshake is taken.
+        if datagram.first() == Some(&1) && peer.spec.endpoint.is_none() {
+            let held = *peer.state.endpoint.read().expect("not poisoned");
+            let heard = peer.stats().last_rx.load(Ordering::Relaxed);
+            let fresh = heard != 0
+                && self.ns(now).saturating_sub(heard) < 2 * self.keepalive_ms as u64 * 1_000_000;
+            if held.is_some_and(|h| h != from) && fresh {
+                peer.stats().claims_refused.fetch_add(1, Ordering::Relaxed);
+                *peer.state.claimant.lock().expect("not poisoned") = Some(from);
+                result.dropped = Some(DropReason::Claimed);
+                return result;
+            }
+        }
         let is_handshake = matches!(datagram.first(), Some(1) | Some(2));
         let mut tunn = peer.state.tunn.lock().expect("not poisoned");
         let mut authenticated = false;
@@ -589,6 +617,11 @@ pub struct PeerStatus {
     /// Times this (link, peer) went live or dead (filled in by the daemon, which tracks it).
     #[serde(default)]
     pub transitions: u64,
+    /// Handshakes refused while the peer was live elsewhere, and the last claimant's address.
+    #[serde(default)]
+    pub claims_refused: u64,
+    #[serde(default)]
+    pub claimant: Option<String>,
 }
 
 /// A link device's own counters: what no peer is charged with.
@@ -629,6 +662,13 @@ impl Link {
                 routes: p.spec.routes.iter().map(|r| r.to_string()).collect(),
                 mss_clamped: p.stats().mss_clamped.load(Ordering::Relaxed),
                 transitions: 0,
+                claims_refused: p.stats().claims_refused.load(Ordering::Relaxed),
+                claimant: p
+                    .state
+                    .claimant
+                    .lock()
+                    .expect("not poisoned")
+                    .map(|a| a.to_string()),
             })
             .collect()
     }
@@ -670,6 +710,16 @@ mod tests {
 
     fn pair_with(gw_clamp: Option<u32>, node_clamp: Option<u32>) -> (Link, Link) {
         let (gk, nk) = (PrivateKey::generate(), PrivateKey::generate());
+        links(&gk, &nk, gw_clamp, node_clamp)
+    }
+
+    /// A gateway link with key `gk` and a node link with key `nk`.
+    fn links(
+        gk: &PrivateKey,
+        nk: &PrivateKey,
+        gw_clamp: Option<u32>,
+        node_clamp: Option<u32>,
+    ) -> (Link, Link) {
         let gw = Link::new(
             &LinkSpec {
                 dev: "ap-l0".into(),
@@ -677,6 +727,7 @@ mod tests {
                 listen_port: Some(51820),
                 v6_underlay: false,
                 clamp_mtu: gw_clamp,
+                keepalive_ms: 300,
                 peers: vec![PeerSpec {
                     name: "c1".into(),
                     public_key: nk.public(),
@@ -685,7 +736,7 @@ mod tests {
                     routes: vec!["10.200.0.11/32".parse().unwrap()],
                 }],
             },
-            &gk,
+            gk,
             t0(),
         );
         let node = Link::new(
@@ -695,6 +746,7 @@ mod tests {
                 listen_port: None,
                 v6_underlay: false,
                 clamp_mtu: node_clamp,
+                keepalive_ms: 300,
                 peers: vec![PeerSpec {
                     name: "gw1".into(),
                     public_key: gk.public(),
@@ -703,7 +755,7 @@ mod tests {
                     routes: vec!["10.10.0.0/16".parse().unwrap()],
                 }],
             },
-            &nk,
+            nk,
             t0(),
         );
         (gw, node)
@@ -846,6 +898,52 @@ mod tests {
                 .is_ok(),
             "the 61st is not asked for a cookie"
         );
+    }
+
+    /// Two instances with one slot's key: the second one's handshakes are refused while the
+    /// first is live (it would displace the live session), counted with the claimant's
+    /// address; once the first has been silent for two keepalives, the second takes over.
+    #[test]
+    fn a_second_instance_with_a_live_slots_key_is_refused_until_the_slot_falls_silent() {
+        let (gk, nk) = (PrivateKey::generate(), PrivateKey::generate());
+        let (gw, node) = links(&gk, &nk, None, None);
+        let (_, twin) = links(&gk, &nk, None, None);
+        connect(&gw, &node);
+        let claimant: SocketAddr = "203.0.113.99:40000".parse().unwrap();
+        let mut out = vec![0u8; MAX_PACKET];
+        let hello = twin.tick(P, t0());
+        let soon = t0() + Duration::from_millis(100);
+        let r = gw.inbound(claimant, &hello[0].1, &mut out, soon);
+        assert!(matches!(r.dropped, Some(DropReason::Claimed)), "{r:?}");
+        assert!(
+            r.to_net.is_empty(),
+            "no handshake response goes to the claimant"
+        );
+        let p = &gw.peers()[0];
+        assert_eq!(p.stats().claims_refused.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            gw.endpoint(p),
+            Some(NODE.parse().unwrap()),
+            "the holder keeps it"
+        );
+        let st = gw.status(&|_, _| true, soon);
+        assert_eq!(st[0].claimant.as_deref(), Some("203.0.113.99:40000"));
+        // The holder's traffic still flows.
+        let (at_gw, _) = pump(
+            &gw,
+            &node,
+            vec![seal(
+                &node,
+                &ipv4_packet([10, 200, 0, 11], [10, 10, 0, 1], b"x"),
+            )],
+        );
+        assert_eq!(at_gw.len(), 1);
+        // Silent for more than two keepalives (600 ms): the slot is free.
+        let later = t0() + Duration::from_millis(700);
+        let r = gw.inbound(claimant, &hello[0].1, &mut out, later);
+        assert!(r.dropped.is_none(), "{r:?}");
+        assert_eq!(r.to_net[0].1[0], 2, "answered with a handshake response");
+        assert_eq!(gw.endpoint(p), Some(claimant));
     }
 
     #[test]

@@ -329,7 +329,7 @@ pub fn stage2() -> ! {
     supervise(&accepted, &slot)
 }
 
-fn load_cache(fallback_host: Option<&str>) -> Option<(CacheRecord, Accepted)> {
+fn load_cache(who: &userdata::Who) -> Option<(CacheRecord, Accepted)> {
     let bytes = match std::fs::read(CACHE) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
@@ -345,7 +345,7 @@ fn load_cache(fallback_host: Option<&str>) -> Option<(CacheRecord, Accepted)> {
             return None;
         }
     };
-    match userdata::validate("user-data (cache)", &rec.user_data, fallback_host) {
+    match userdata::validate("user-data (cache)", &rec.user_data, who) {
         Ok(a) => Some((rec, a)),
         Err(r) => {
             say(&format!("cached config refused:\n{}", r.render()));
@@ -366,17 +366,29 @@ fn discover(c: &Cmdline, net: &net::NetState, trial: bool) -> Accepted {
     let start = Instant::now();
     let mut reported: HashSet<String> = HashSet::new();
     let mut last_note = Instant::now();
-    let mut cache = load_cache(host);
+    let leased = net.lease_addresses();
+    let mut cache = load_cache(&userdata::Who {
+        host,
+        addresses: &leased,
+        slot: None,
+    });
     loop {
+        // A pool user-data's slot follows the private network's lease.
+        let leased = net.lease_addresses();
+        let who = userdata::Who {
+            host,
+            addresses: &leased,
+            slot: None,
+        };
         let round = vec![
-            (Source::Cmdline, sources::cmdline(c.config.as_deref(), host)),
-            (Source::Cidata, sources::cidata(host)),
+            (Source::Cmdline, sources::cmdline(c.config.as_deref(), &who)),
+            (Source::Cidata, sources::cidata(&who)),
             (
                 Source::Metadata,
                 sources::metadata(
                     &metadata_base,
                     net.up.load(std::sync::atomic::Ordering::SeqCst),
-                    host,
+                    &who,
                 ),
             ),
         ];
@@ -431,7 +443,7 @@ fn discover(c: &Cmdline, net: &net::NetState, trial: bool) -> Accepted {
                 if notes.is_empty() { String::new() } else { format!(" ({})", notes.join("; ")) }
             ));
             last_note = Instant::now();
-            cache = cache.or_else(|| load_cache(host));
+            cache = cache.or_else(|| load_cache(&who));
         }
         std::thread::sleep(POLL);
     }

@@ -24,6 +24,18 @@ pub struct NetState {
     routes: Mutex<LeaseRoutes>,
 }
 
+impl NetState {
+    /// The addresses DHCP leased so far (a pool user-data's slot is chosen from them).
+    pub fn lease_addresses(&self) -> Vec<IpAddr> {
+        let held = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        held.addresses
+            .values()
+            .flatten()
+            .map(|a| a.addr())
+            .collect()
+    }
+}
+
 #[derive(Default)]
 struct LeaseRoutes {
     /// None until a site file is accepted: until then nothing routes through tunnels, and the

@@ -3,7 +3,7 @@
 //! full reason for the console. Label probing is pure and tested; the rest is thin I/O.
 
 use super::sys;
-use crate::image::userdata::{self, cmdline_config, CmdlineConfig, Found, USER_DATA_LIMIT};
+use crate::image::userdata::{self, cmdline_config, CmdlineConfig, Found, Who, USER_DATA_LIMIT};
 use std::time::Duration;
 
 /// Filesystems a seed may use.
@@ -64,29 +64,27 @@ fn refused(sha: Option<String>, reason: String) -> Found {
 }
 
 /// Decode and validate raw bytes; `what` names them in diagnostics.
-pub fn judge(what: &str, raw: &[u8], fallback_host: Option<&str>) -> Found {
+pub fn judge(what: &str, raw: &[u8], who: &Who) -> Found {
     let text = match userdata::decode(raw) {
         Ok(t) => t,
         Err(e) => return refused(None, format!("{what}: {e}")),
     };
-    match userdata::validate(what, &text, fallback_host) {
+    match userdata::validate(what, &text, who) {
         Ok(a) => Found::Valid(Box::new(a)),
         Err(report) => refused(Some(userdata::sha256_hex(&text)), report.render()),
     }
 }
 
 /// `appliance.config=` on the kernel command line.
-pub fn cmdline(value: Option<&str>, fallback_host: Option<&str>) -> Found {
+pub fn cmdline(value: Option<&str>, who: &Who) -> Found {
     let Some(v) = value else {
         return Found::Absent;
     };
     match cmdline_config(v) {
         Err(e) => refused(None, e),
-        Ok(CmdlineConfig::Inline(raw)) => {
-            judge("user-data (appliance.config=)", &raw, fallback_host)
-        }
+        Ok(CmdlineConfig::Inline(raw)) => judge("user-data (appliance.config=)", &raw, who),
         Ok(CmdlineConfig::Url(url)) => match http_get(&url) {
-            Ok(Some(raw)) => judge(&format!("user-data ({url})"), &raw, fallback_host),
+            Ok(Some(raw)) => judge(&format!("user-data ({url})"), &raw, who),
             Ok(None) => Found::Absent,
             Err(e) => refused(None, format!("{url}: {e}")),
         },
@@ -122,7 +120,7 @@ fn seed_devices() -> Vec<(String, SeedFs, String)> {
 }
 
 /// A NoCloud (`cidata`) or config drive (`config-2`) seed.
-pub fn cidata(fallback_host: Option<&str>) -> Found {
+pub fn cidata(who: &Who) -> Found {
     let Some((dev, fs, label)) = seed_devices().into_iter().next() else {
         return Found::Absent;
     };
@@ -141,11 +139,7 @@ pub fn cidata(fallback_host: Option<&str>) -> Found {
     let raw = read_limited(&path);
     sys::umount(dir);
     match raw {
-        Ok(raw) => judge(
-            &format!("user-data ({label} on {dev})"),
-            &raw,
-            fallback_host,
-        ),
+        Ok(raw) => judge(&format!("user-data ({label} on {dev})"), &raw, who),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => refused(
             None,
             format!(
@@ -196,7 +190,7 @@ pub fn http_get(url: &str) -> Result<Option<Vec<u8>>, String> {
 }
 
 /// The Exoscale metadata service: `/1.0/user-data`, then `/latest/user-data`.
-pub fn metadata(base: &str, network_up: bool, fallback_host: Option<&str>) -> Found {
+pub fn metadata(base: &str, network_up: bool, who: &Who) -> Found {
     if !network_up {
         return Found::Unavailable("no network address yet".into());
     }
@@ -205,7 +199,7 @@ pub fn metadata(base: &str, network_up: bool, fallback_host: Option<&str>) -> Fo
     for path in ["/1.0/user-data", "/latest/user-data"] {
         let url = format!("{base}{path}");
         match http_get(&url) {
-            Ok(Some(raw)) => return judge(&format!("user-data ({url})"), &raw, fallback_host),
+            Ok(Some(raw)) => return judge(&format!("user-data ({url})"), &raw, who),
             Ok(None) => why.push(format!("{url}: no user-data")),
             Err(e) => why.push(format!("{url}: {e}")),
         }
@@ -291,7 +285,7 @@ mod tests {
             vec![("/latest/user-data", 200, SITE.as_bytes().to_vec())],
             2,
         );
-        match metadata(&base, true, Some("gw1")) {
+        match metadata(&base, true, &Who::named(Some("gw1"))) {
             Found::Valid(a) => assert_eq!(a.host, "gw1"),
             other => panic!("{other:?}"),
         }
@@ -301,7 +295,7 @@ mod tests {
     fn metadata_over_the_limit_is_refused_as_too_large() {
         let big = vec![b'#'; USER_DATA_LIMIT + 100];
         let base = serve(vec![("/1.0/user-data", 200, big)], 1);
-        match metadata(&base, true, Some("gw1")) {
+        match metadata(&base, true, &Who::named(Some("gw1"))) {
             Found::Refused { reason, .. } => assert!(reason.contains("limit"), "{reason}"),
             other => panic!("{other:?}"),
         }
@@ -310,13 +304,16 @@ mod tests {
     #[test]
     fn an_unreachable_or_empty_service_is_unavailable_not_refused() {
         let base = serve(vec![("/1.0/user-data", 200, Vec::new())], 2);
-        assert!(matches!(metadata(&base, true, None), Found::Unavailable(_)));
         assert!(matches!(
-            metadata("http://127.0.0.1:9", true, None),
+            metadata(&base, true, &Who::default()),
             Found::Unavailable(_)
         ));
         assert!(matches!(
-            metadata(&base, false, None),
+            metadata("http://127.0.0.1:9", true, &Who::default()),
+            Found::Unavailable(_)
+        ));
+        assert!(matches!(
+            metadata(&base, false, &Who::default()),
             Found::Unavailable(_)
         ));
     }
@@ -324,9 +321,9 @@ mod tests {
     #[test]
     fn a_bad_cmdline_config_is_refused_not_ignored() {
         assert!(matches!(
-            cmdline(Some("ftp://x"), None),
+            cmdline(Some("ftp://x"), &Who::default()),
             Found::Refused { .. }
         ));
-        assert!(matches!(cmdline(None, None), Found::Absent));
+        assert!(matches!(cmdline(None, &Who::default()), Found::Absent));
     }
 }

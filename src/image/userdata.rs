@@ -152,9 +152,32 @@ pub struct Accepted {
     pub original: String,
 }
 
+/// Who this machine may be: what the user-data's host is resolved with.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Who<'a> {
+    /// The host name when the user-data names none (`appliance.host=`, `--node`).
+    pub host: Option<&'a str>,
+    /// This machine's addresses (DHCP leases): a pool user-data's slot is the one whose
+    /// range holds one of them.
+    pub addresses: &'a [IpAddr],
+    /// A pool slot chosen explicitly (`appliance run --user-data F --slot N`).
+    pub slot: Option<u32>,
+}
+
+impl<'a> Who<'a> {
+    pub fn named(host: Option<&'a str>) -> Who<'a> {
+        Who {
+            host,
+            ..Who::default()
+        }
+    }
+}
+
 const BLOCK: &str = "appliance";
 const BLOCK_FIELDS: &[&str] = &[
     "host",
+    "pool",
+    "pool-secret",
     "private-key",
     "interface",
     "health-check",
@@ -166,6 +189,8 @@ const INTERFACE_FIELDS: &[&str] = &["address", "gateway"];
 #[derive(Default)]
 struct HostBlock {
     host: Option<(String, (usize, usize))>,
+    pool: Option<(String, (usize, usize))>,
+    pool_secret: Option<([u8; 32], (usize, usize))>,
     private_key: Option<(PrivateKey, (usize, usize))>,
     interfaces: Vec<Interface>,
     health_check: Option<std::net::Ipv4Addr>,
@@ -201,7 +226,7 @@ pub fn redact_private_keys(text: &str) -> String {
 /// Validate decoded user-data. `file` names it in diagnostics (e.g. `user-data (cidata)`);
 /// `fallback_host` is used when the user-data names no host (`appliance.host=` on the kernel
 /// command line). Every problem is a positioned diagnostic; nothing is accepted partially.
-pub fn validate(file: &str, text: &str, fallback_host: Option<&str>) -> Result<Accepted, Report> {
+pub fn validate(file: &str, text: &str, who: &Who) -> Result<Accepted, Report> {
     // Diagnostics quote source lines: private keys are blanked in what they quote.
     let shown = redact_private_keys(text);
     let report = |diagnostics: Vec<Diagnostic>| Report {
@@ -246,15 +271,18 @@ pub fn validate(file: &str, text: &str, fallback_host: Option<&str>) -> Result<A
     };
     let mut host = None;
     if let Some(cfg) = &cfg {
-        host = check_host(cfg, &block, fallback_host, &doc, &mut diags);
+        host = match block.pool.is_some() {
+            true => check_slot(cfg, &block, who, &mut diags),
+            false => check_host(cfg, &block, who.host, &doc, &mut diags),
+        };
     }
     match (cfg, host) {
-        (Some(config), Some((host, role))) if diags.is_empty() => Ok(Accepted {
+        (Some(config), Some((host, role, key))) if diags.is_empty() => Ok(Accepted {
             host,
             role,
             config,
             site_text,
-            private_key: block.private_key.map(|(k, _)| k),
+            private_key: key.or(block.private_key.map(|(k, _)| k)),
             interfaces: block.interfaces,
             health_check: block.health_check,
             install_image: block.install_image.map(|(s, _)| s),
@@ -332,7 +360,7 @@ fn host_block(node: &KdlNode, diags: &mut Vec<Diagnostic>) -> HostBlock {
     for field in children.nodes() {
         let name = field.name().value();
         match name {
-            "host" | "private-key" | "health-check" | "install-image"
+            "host" | "pool" | "pool-secret" | "private-key" | "health-check" | "install-image"
                 if field.children().is_some() =>
             {
                 diags.push(
@@ -347,6 +375,19 @@ fn host_block(node: &KdlNode, diags: &mut Vec<Diagnostic>) -> HostBlock {
                     );
                 } else {
                     b.host = only_string(field, diags);
+                }
+            }
+            "pool" => b.pool = only_string(field, diags),
+            "pool-secret" => {
+                if let Some((s, span)) = only_string(field, diags) {
+                    match crate::model::key::decode_key(&s) {
+                        Ok(k) => b.pool_secret = Some((k, span)),
+                        Err(e) => diags.push(
+                            Diagnostic::new(span, format!("invalid pool secret: {e}"))
+                                .label("not a pool secret")
+                                .help("the secret is 44 characters of base64, as `appliance provision` writes it"),
+                        ),
+                    }
                 }
             }
             "private-key" => {
@@ -495,13 +536,113 @@ fn interface(node: &KdlNode, diags: &mut Vec<Diagnostic>) -> Option<Interface> {
     Some(i)
 }
 
+/// A pool user-data: the slot from this machine's address (or `who.slot`), its key derived
+/// from the pool secret and checked against the key the site file enrolled for the slot.
+fn check_slot(
+    cfg: &Config,
+    block: &HostBlock,
+    who: &Who,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<(String, Role, Option<PrivateKey>)> {
+    let (name, at) = block.pool.clone()?;
+    for (what, given) in [
+        ("host", block.host.as_ref().map(|h| h.1)),
+        ("private-key", block.private_key.as_ref().map(|k| k.1)),
+    ] {
+        if let Some(span) = given {
+            diags.push(
+                Diagnostic::new(span, format!("a pool user-data has no `{what}`"))
+                    .label("not with `pool`")
+                    .help("every instance of the pool boots the same user-data; each takes the slot of its private-network address and derives that slot's key"),
+            );
+            return None;
+        }
+    }
+    let Some((secret, _)) = block.pool_secret else {
+        diags.push(
+            Diagnostic::new(at, format!("pool {name:?} without `pool-secret`"))
+                .label("no secret to derive the slot key from")
+                .help("write the user-data with `appliance provision --pool NAME`"),
+        );
+        return None;
+    };
+    let Some(pool) = cfg.pools.iter().find(|p| p.name == name) else {
+        let names: Vec<&str> = cfg.pools.iter().map(|p| p.name.as_str()).collect();
+        diags.push(
+            Diagnostic::new(at, format!("pool {name:?} is not in the site file"))
+                .label("unknown pool")
+                .help(match suggest(&name, &names) {
+                    Some(s) => format!("did you mean {s:?}?"),
+                    None => format!("the site file's pools: {}", names.join(", ")),
+                }),
+        );
+        return None;
+    };
+    let slot = match who.slot {
+        Some(s) if s < pool.count => s,
+        Some(s) => {
+            diags.push(
+                Diagnostic::new(at, format!("slot {s} is outside pool {name:?}"))
+                    .label(format!("the pool has slots 0..={}", pool.count - 1)),
+            );
+            return None;
+        }
+        None => match who.addresses.iter().find_map(|a| pool.slot_of(*a)) {
+            Some(s) => s,
+            None => {
+                let range = match pool.dhcp_start {
+                    Some(a) => format!(
+                        "{a} .. {}",
+                        std::net::Ipv4Addr::from(u32::from(a).saturating_add(pool.count - 1))
+                    ),
+                    None => "none: the pool sets no dhcp-start".into(),
+                };
+                let have: Vec<String> = who.addresses.iter().map(|a| a.to_string()).collect();
+                diags.push(
+                    Diagnostic::new(at, format!("no address of this machine is in pool {name:?}'s DHCP range ({range})"))
+                        .label("cannot tell which slot this is")
+                        .help(format!(
+                            "this machine has {}; the slot is the private-network lease minus dhcp-start",
+                            if have.is_empty() { "no address yet".to_string() } else { have.join(", ") }
+                        )),
+                );
+                return None;
+            }
+        },
+    };
+    let key = PrivateKey::for_slot(&secret, &name, slot);
+    let host = format!("{name}-{slot}");
+    match pool.keys.get(&slot) {
+        None => {
+            diags.push(
+                Diagnostic::new(at, format!("slot {slot} of pool {name:?} is not enrolled in the site file"))
+                    .label(format!("{host} has no key"))
+                    .help("run `appliance provision --pool NAME` and deploy its site file to the gateways"),
+            );
+            None
+        }
+        Some(k) if *k != key.public() => {
+            diags.push(
+                Diagnostic::new(at, format!("slot {slot} of pool {name:?} is enrolled with a key this pool secret does not derive"))
+                    .label(format!("{host} keeps its own key"))
+                    .help(format!(
+                        "the site file lists {k} for {host}; the secret derives {}: a slot keyed by hand is not for the pool's instances",
+                        key.public()
+                    )),
+            );
+            None
+        }
+        Some(_) => Some((host, Role::Node, Some(key))),
+    }
+}
+
 fn check_host(
     cfg: &Config,
     block: &HostBlock,
     fallback: Option<&str>,
     doc: &KdlDocument,
     diags: &mut Vec<Diagnostic>,
-) -> Option<(String, Role)> {
+) -> Option<(String, Role, Option<PrivateKey>)> {
     let at = block
         .host
         .as_ref()
@@ -547,7 +688,7 @@ fn check_host(
             }
         }
     }
-    Some((host.to_string(), role))
+    Some((host.to_string(), role, None))
 }
 
 /// The last good config as kept on the state partition: one JSON file, replaced atomically.
@@ -799,7 +940,7 @@ node "c1" {
     #[test]
     fn the_appliance_block_names_the_host_and_is_blanked_for_the_site_parser() {
         let text = format!("appliance {{\n    host \"c1\"\n}}\n{SITE}");
-        let a = validate("user-data", &text, None).unwrap();
+        let a = validate("user-data", &text, &Who::default()).unwrap();
         assert_eq!((a.host.as_str(), a.role), ("c1", Role::Node));
         assert_eq!(a.site_text.len(), text.len());
         assert!(!a.site_text.contains("appliance"));
@@ -814,7 +955,7 @@ node "c1" {
             "appliance {{ host \"c1\" }}\n{}",
             SITE.replace("links 2", "links 0")
         );
-        let r = validate("user-data", &text, None).unwrap_err();
+        let r = validate("user-data", &text, &Who::default()).unwrap_err();
         let loc = r.located();
         assert_eq!(loc[0].line, 6, "{}", r.render());
     }
@@ -822,10 +963,10 @@ node "c1" {
     #[test]
     fn without_a_block_the_kernel_command_line_host_is_used() {
         assert_eq!(
-            validate("u", SITE, Some("gw1")).unwrap().role,
+            validate("u", SITE, &Who::named(Some("gw1"))).unwrap().role,
             Role::Gateway
         );
-        let r = validate("u", SITE, None).unwrap_err();
+        let r = validate("u", SITE, &Who::default()).unwrap_err();
         assert!(
             r.render().contains("does not say which host"),
             "{}",
@@ -836,7 +977,7 @@ node "c1" {
     #[test]
     fn an_unknown_host_is_refused_with_a_suggestion() {
         let text = format!("appliance {{ host \"c2\" }}\n{SITE}");
-        let r = validate("u", &text, None).unwrap_err().render();
+        let r = validate("u", &text, &Who::default()).unwrap_err().render();
         assert!(
             r.contains("host \"c2\" is not in the site file") && r.contains("did you mean \"c1\""),
             "{r}"
@@ -846,10 +987,10 @@ node "c1" {
     #[test]
     fn a_private_key_must_match_the_site_files_public_key() {
         let ok = format!("appliance {{ host \"gw1\"; private-key \"{GW1_PRIVATE}\" }}\n{SITE}");
-        let a = validate("u", &ok, None).unwrap();
+        let a = validate("u", &ok, &Who::default()).unwrap();
         assert_eq!(a.private_key.unwrap().to_base64(), GW1_PRIVATE);
         let wrong = format!("appliance {{ host \"c1\"; private-key \"{GW1_PRIVATE}\" }}\n{SITE}");
-        let r = validate("u", &wrong, None).unwrap_err().render();
+        let r = validate("u", &wrong, &Who::default()).unwrap_err().render();
         assert!(r.contains("does not belong to c1"), "{r}");
         assert!(
             !r.contains("1nE7Va0QzFM6HwnWNX6LFyqkPZDBqPd1ib73nKyCE2Y= for"),
@@ -864,7 +1005,7 @@ node "c1" {
             format!("appliance {{ host \"gw1\"; private-key \"{}\" }}\n{SITE}", &GW1_PRIVATE[..40]),
             format!("appliance {{ host \"gw1\"; private-key \"{GW1_PRIVATE}\" }} }}\n{SITE}"),
         ] {
-            let r = validate("u", &text, None).unwrap_err().render();
+            let r = validate("u", &text, &Who::default()).unwrap_err().render();
             assert!(!r.contains(&GW1_PRIVATE[..40]), "the key is quoted: {r}");
         }
     }
@@ -874,12 +1015,12 @@ node "c1" {
         let text = format!(
             "appliance {{ host \"c1\"; interface \"eth1\" {{ address \"192.0.2.5/24\"; gateway \"192.0.2.1\" }} }}\n{SITE}"
         );
-        let a = validate("u", &text, None).unwrap();
+        let a = validate("u", &text, &Who::default()).unwrap();
         assert_eq!(a.interfaces[0].addresses[0].to_string(), "192.0.2.5/24");
         let bad = format!(
             "appliance {{ host \"c1\"; interface \"eth1\" {{ address \"192.0.2.5\" }} }}\n{SITE}"
         );
-        assert!(validate("u", &bad, None)
+        assert!(validate("u", &bad, &Who::default())
             .unwrap_err()
             .render()
             .contains("ADDRESS/PREFIX"));
@@ -889,11 +1030,11 @@ node "c1" {
     fn a_health_check_names_an_ipv4_address() {
         let text = format!("appliance {{ host \"c1\"; health-check \"10.10.0.2\" }}\n{SITE}");
         assert_eq!(
-            validate("u", &text, None).unwrap().health_check,
+            validate("u", &text, &Who::default()).unwrap().health_check,
             Some("10.10.0.2".parse().unwrap())
         );
         let bad = format!("appliance {{ host \"c1\"; health-check \"gw1\" }}\n{SITE}");
-        assert!(validate("u", &bad, None)
+        assert!(validate("u", &bad, &Who::default())
             .unwrap_err()
             .render()
             .contains("not an IPv4 address"));
@@ -904,7 +1045,7 @@ node "c1" {
         let url = format!(
             "appliance {{ host \"c1\"; install-image \"http://10.0.0.5/a.raw.gz\" }}\n{SITE}"
         );
-        assert!(validate("u", &url, None)
+        assert!(validate("u", &url, &Who::default())
             .unwrap_err()
             .render()
             .contains("needs install-root-hash"));
@@ -912,10 +1053,10 @@ node "c1" {
             "a.raw.gz\"",
             &format!("a.raw.gz\"; install-root-hash \"{}\"", "AB".repeat(32)),
         );
-        let a = validate("u", &pinned, None).unwrap();
+        let a = validate("u", &pinned, &Who::default()).unwrap();
         assert_eq!(a.install_root_hash, Some("ab".repeat(32)));
         let relative = format!("appliance {{ host \"c1\"; install-image \"vdb\" }}\n{SITE}");
-        assert!(validate("u", &relative, None)
+        assert!(validate("u", &relative, &Who::default())
             .unwrap_err()
             .render()
             .contains("neither an absolute path"));
@@ -924,12 +1065,12 @@ node "c1" {
     #[test]
     fn unknown_and_duplicate_block_fields_are_refused() {
         let text = format!("appliance {{ hots \"c1\" }}\n{SITE}");
-        assert!(validate("u", &text, None)
+        assert!(validate("u", &text, &Who::default())
             .unwrap_err()
             .render()
             .contains("did you mean `host`"));
         let text = format!("appliance {{ host \"c1\" }}\nappliance {{ host \"c1\" }}\n{SITE}");
-        assert!(validate("u", &text, None)
+        assert!(validate("u", &text, &Who::default())
             .unwrap_err()
             .render()
             .contains("duplicate `appliance` block"));
@@ -937,7 +1078,12 @@ node "c1" {
 
     #[test]
     fn kdl_syntax_errors_are_reported_with_their_position() {
-        let r = validate("user-data (cidata)", "site \"s\" {\n  asn 1\n", None).unwrap_err();
+        let r = validate(
+            "user-data (cidata)",
+            "site \"s\" {\n  asn 1\n",
+            &Who::default(),
+        )
+        .unwrap_err();
         assert!(r.render().contains("user-data (cidata)"), "{}", r.render());
     }
 
@@ -979,7 +1125,7 @@ node "c1" {
     }
 
     fn accepted() -> Box<Accepted> {
-        Box::new(validate("u", SITE, Some("c1")).unwrap())
+        Box::new(validate("u", SITE, &Who::named(Some("c1"))).unwrap())
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct LinkSpec {
     /// Clamp the MSS of TCP SYNs in both directions to what this tunnel MTU carries; None:
     /// clamping is off (`clamp-mss #false`).
     pub clamp_mtu: Option<u32>,
+    /// The site's keepalive interval: a roaming peer heard within two of them holds its
+    /// endpoint, and a handshake for it from elsewhere is refused (a second instance).
+    pub keepalive_ms: u32,
     pub peers: Vec<PeerSpec>,
 }
 

@@ -254,6 +254,7 @@ fn gateway(cfg: &Config, name: &str, inputs: Inputs<'_>) -> (HostState, Vec<Link
             listen_port: Some(cfg.site.link_port(t.index)),
             v6_underlay: me.endpoint.is_ipv6(),
             clamp_mtu: cfg.site.clamp_mss.then_some(cfg.site.mtu),
+            keepalive_ms: cfg.site.keepalive_ms,
             peers: cfg
                 .nodes
                 .iter()
@@ -391,6 +392,7 @@ fn node(
                 listen_port: None,
                 v6_underlay: g.endpoint.is_ipv6(),
                 clamp_mtu: cfg.site.clamp_mss.then_some(cfg.site.mtu),
+                keepalive_ms: cfg.site.keepalive_ms,
                 peers: vec![PeerSpec {
                     name: g.name.clone(),
                     public_key: g.public_key,

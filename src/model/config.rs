@@ -124,6 +124,20 @@ pub struct Pool {
     pub count: u32,
     /// Enrolled slots: index → public key. Slot i is `{name}-{i}` at `prefix.addr + i`.
     pub keys: BTreeMap<u32, PublicKey>,
+    /// The first address of the private network's managed DHCP range: an instance whose
+    /// lease is `dhcp-start + i` takes slot i (`appliance provision`, pool user-data).
+    pub dhcp_start: Option<std::net::Ipv4Addr>,
+}
+
+impl Pool {
+    /// The slot an instance holding `addr` on its private network takes.
+    pub fn slot_of(&self, addr: IpAddr) -> Option<u32> {
+        let (IpAddr::V4(a), Some(start)) = (addr, self.dhcp_start) else {
+            return None;
+        };
+        let i = u32::from(a).checked_sub(u32::from(start))?;
+        (i < self.count).then_some(i)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -311,7 +325,7 @@ const SITE: &[&str] = &[
 const GATEWAY: &[&str] = &["endpoint", "site-address", "public-key"];
 const NODE: &[&str] = &["address", "prefix", "public-key", "bgp-speaker"];
 const RELAY: &[&str] = &["public-address", "private-address"];
-const POOL: &[&str] = &["prefix", "count", "key"];
+const POOL: &[&str] = &["prefix", "count", "key", "dhcp-start"];
 const BGP: &[&str] = &[
     "hold-time",
     "max-prefix",
@@ -1051,6 +1065,32 @@ impl Loader<'_> {
             }
             keys.insert(idx, key);
         }
+        let dhcp_start = match f.by_name.get("dhcp-start").and_then(|v| v.first()) {
+            None => None,
+            Some(n) => match self.ip(n) {
+                Some(IpAddr::V4(a)) => {
+                    if let Some(c) = count {
+                        if u32::from(a) as i128 + c - 1 > u32::MAX as i128 {
+                            self.err(
+                                Diagnostic::new(span_of(n), "the DHCP range runs past 255.255.255.255")
+                                    .label(format!("{c} slots from here"))
+                                    .help("dhcp-start is the first address of the private network's DHCP range"),
+                            );
+                        }
+                    }
+                    Some(a)
+                }
+                Some(IpAddr::V6(_)) => {
+                    self.err(
+                        Diagnostic::new(span_of(n), "dhcp-start must be an IPv4 address")
+                            .label("IPv6")
+                            .help("Exoscale's managed private networks lease IPv4 addresses"),
+                    );
+                    None
+                }
+                None => None,
+            },
+        };
         let (prefix, count) = (prefix?, count? as u32);
         let size: u128 = match prefix {
             IpNet::V4(p) => 1u128 << (32 - p.prefix_len()),
@@ -1075,6 +1115,7 @@ impl Loader<'_> {
             prefix,
             count,
             keys,
+            dhcp_start,
         })
     }
 
@@ -2031,7 +2072,11 @@ mod hostile {
                 .stack_size(2 << 20)
                 .spawn(move || {
                     // The image's user-data path too (PID 1 reads it).
-                    let u = crate::image::userdata::validate("user-data", &text, Some("gw1"));
+                    let u = crate::image::userdata::validate(
+                        "user-data",
+                        &text,
+                        &crate::image::userdata::Who::named(Some("gw1")),
+                    );
                     assert!(u.unwrap_err().render().contains("nested deeper than 16"));
                     parse("user-data", &text)
                         .map(|_| ())

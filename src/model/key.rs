@@ -84,6 +84,25 @@ impl PrivateKey {
     pub fn to_base64(&self) -> String {
         encode_key(&self.0)
     }
+
+    /// The key of slot `slot` of pool `pool`, derived from the pool's 32-byte secret (what
+    /// `appliance provision` keeps and the pool's user-data carries): SHA-256 over a label,
+    /// the secret, the pool name and the slot, clamped. Every member of the pool can derive
+    /// every slot key of its pool, and no key of anything else (README "Trust model").
+    pub fn for_slot(secret: &[u8; 32], pool: &str, slot: u32) -> PrivateKey {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"appliance pool slot key v1\0");
+        h.update(secret);
+        h.update(pool.as_bytes());
+        h.update([0]);
+        h.update(slot.to_be_bytes());
+        let mut k: [u8; 32] = h.finalize().into();
+        k[0] &= 248;
+        k[31] &= 127;
+        k[31] |= 64;
+        PrivateKey(k)
+    }
 }
 
 impl FromStr for PrivateKey {
