@@ -166,6 +166,26 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// Take a gateway out of service: set `drain #true` in its block of the site file and hand
+    /// the file to the daemon running here, if any. Its paths leave the site routers, the
+    /// nodes route around it (their probes tell them), its tunnels and sessions stay up, and
+    /// running connections move to the other gateways. Survives restarts (it is in the file).
+    Drain {
+        #[command(flatten)]
+        file: ConfigFile,
+        /// The gateway's name.
+        host: String,
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Put a drained gateway back in service (removes `drain` from its block).
+    Undrain {
+        #[command(flatten)]
+        file: ConfigFile,
+        host: String,
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+    },
     /// Print the completion script for SHELL, generated from this command line
     /// (bash: `source <(appliance completions bash)`).
     Completions {
@@ -240,6 +260,8 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Man { dir } => man(dir),
+        Command::Drain { file, host, output } => drain(&file.config, &host, true, output),
+        Command::Undrain { file, host, output } => drain(&file.config, &host, false, output),
         Command::Provision {
             file,
             pool,
@@ -560,6 +582,112 @@ fn provision(
                 "deploy {} to the gateways (appliance reconcile, or SIGHUP), then:\n  {command}",
                 site.display()
             );
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `drain` / `undrain`: edit the gateway's block in the site file (formatting and comments
+/// kept), check the result as a whole, write it atomically, then hand it to a daemon running
+/// in this network namespace.
+fn drain(path: &std::path::Path, host: &str, on: bool, output: Output) -> ExitCode {
+    let name = path.display().to_string();
+    let err = |msg: String| {
+        fail(output, &msg);
+        ExitCode::from(EXIT_ERROR)
+    };
+    let text = match std::fs::read(path)
+        .map_err(|e| format!("cannot read {name}: {e}"))
+        .and_then(|b| config::text_of(&name, b))
+    {
+        Ok(t) => t,
+        Err(e) => return err(e),
+    };
+    let cfg = match config::parse(&name, &text) {
+        Ok(c) => c,
+        Err(r) => return err(r.render()),
+    };
+    let Some(g) = cfg.gateways.iter().find(|g| g.name == host) else {
+        return err(match cfg.role_of(host) {
+            Some(role) => format!(
+                "{host} is a {role}: only gateways are drained (a node leaves by eviction: its routes leave the site within the dead interval)"
+            ),
+            None => format!("{name}: no gateway {host:?} (gateways: {})", cfg.gateways.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(", ")),
+        });
+    };
+    let what = if on { "drained" } else { "in service" };
+    let changed = g.drain != on;
+    if changed {
+        let mut doc: kdl::KdlDocument = match text.parse() {
+            Ok(d) => d,
+            Err(e) => return err(format!("{name}: {e}")),
+        };
+        let Some(node) = doc.nodes_mut().iter_mut().find(|n| {
+            n.name().value() == "gateway"
+                && n.entries().first().and_then(|e| e.value().as_string()) == Some(host)
+        }) else {
+            return err(format!("{name}: gateway {host:?} not found"));
+        };
+        let kids = node.ensure_children();
+        kids.nodes_mut().retain(|n| n.name().value() != "drain");
+        if on {
+            let add: kdl::KdlDocument = "    drain #true\n".parse().expect("a valid node");
+            kids.nodes_mut().extend(add.nodes().iter().cloned());
+        }
+        let new = doc.to_string();
+        match config::parse(&name, &new) {
+            Ok(c) if c.gateways.iter().any(|g| g.name == host && g.drain == on) => {}
+            Ok(_) => {
+                return err(format!(
+                    "{name}: the edit did not take; change `drain` by hand"
+                ))
+            }
+            Err(r) => return err(r.render()),
+        }
+        let mode = {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(path)
+                .map(|m| m.permissions().mode() & 0o7777)
+                .unwrap_or(0o644)
+        };
+        if let Err(e) = write_if_changed(path, new.as_bytes(), mode) {
+            return err(format!("cannot write {name}: {e}"));
+        }
+    }
+    // A daemon running here picks the file up now; elsewhere, deploy it and reload.
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let config = std::fs::canonicalize(path).unwrap_or(path.to_path_buf());
+    let req = appliance::daemon::control::Request::Reload {
+        config: Some(config.display().to_string()),
+    };
+    let daemon = match rt.block_on(appliance::daemon::control::request(&req)) {
+        Ok(r) if r.ok => Some(r.message.unwrap_or_default()),
+        Ok(r) => {
+            return err(format!(
+                "the daemon refused the file: {}",
+                r.error.unwrap_or_default()
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return err(format!("cannot reach the daemon: {e}")),
+    };
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({ "ok": true, "host": host, "drained": on, "changed": changed, "daemon": daemon })
+        ),
+        Output::Text => {
+            println!(
+                "{host}: {}{what} in {name}",
+                if changed { "now " } else { "already " }
+            );
+            match daemon {
+                Some(m) => println!("daemon: {m}"),
+                None => println!("no daemon runs here: deploy {name} to {host} and reload it (`appliance reconcile -c FILE` or SIGHUP)"),
+            }
         }
     }
     ExitCode::SUCCESS

@@ -52,6 +52,10 @@ pub enum Input {
     Reachable(PeerId, bool, Lost),
     /// Going away on purpose: tell every established peer (Cease, administrative shutdown).
     Shutdown,
+    /// Drained (true) or back in service: a drained gateway announces nothing to anyone, so
+    /// the site routers drop its paths and the nodes its reflected routes, while every
+    /// session stays up to carry them again the moment it is undrained.
+    Drain(bool),
 }
 
 /// Why a peer cannot be reached: every tunnel link to it is dead, or its BFD session went down.
@@ -85,6 +89,7 @@ pub struct Router {
     up: BTreeMap<PeerId, Established>,
     restarts: Restarts,
     learn: Learn,
+    drained: bool,
 }
 
 impl Router {
@@ -95,7 +100,14 @@ impl Router {
             up: BTreeMap::new(),
             restarts,
             learn,
+            drained: false,
         }
+    }
+
+    /// Start drained (the site file says so).
+    pub fn drained(mut self, on: bool) -> Router {
+        self.drained = on;
+        self
     }
 
     pub fn is_up(&self, peer: PeerId) -> bool {
@@ -116,6 +128,16 @@ impl Router {
                         .push((*id, Message::Notification(Notification::cease(2))));
                 }
             }
+            Input::Drain(on) if on != self.drained => {
+                self.drained = on;
+                let ids: Vec<PeerId> = self.up.keys().copied().collect();
+                for prefix in self.rib.prefixes() {
+                    for id in &ids {
+                        self.export_one(*id, &prefix, &mut o);
+                    }
+                }
+            }
+            Input::Drain(_) => {}
             Input::Up(id, n) => {
                 self.restarts.session_up(id);
                 self.rib.peers[id].router_id = Some(n.peer_id);
@@ -236,7 +258,9 @@ impl Router {
             return;
         };
         // (our path identifier, attributes); 0 for the one path of a session without ADD-PATH.
-        let want = if e.ctx.add_path_tx.has(matches!(prefix, IpNet::V6(_))) {
+        let want = if self.drained {
+            Vec::new()
+        } else if e.ctx.add_path_tx.has(matches!(prefix, IpNet::V6(_))) {
             self.rib.export_paths(to, prefix)
         } else {
             self.rib

@@ -35,4 +35,6 @@ pub struct SpeakerConfig {
     pub client_to_client: bool,
     /// Whose paths the host routes by.
     pub learn: Learn,
+    /// A drained gateway: it announces nothing (sessions stay up; see `Router::drain`).
+    pub drained: bool,
 }

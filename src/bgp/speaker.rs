@@ -111,6 +111,12 @@ impl Speaker {
         self.reach(peer, reachable, Lost::Tunnel);
     }
 
+    /// Drain (or undrain) this gateway: every path it announces is withdrawn (or announced
+    /// again); sessions stay up.
+    pub fn set_drained(&self, on: bool) {
+        let _ = self.tx.send(ToRib::Drain(on));
+    }
+
     /// A BFD session with `peer` went down (or came back up): as [`Self::set_reachable`], with
     /// Cease 10 ("BFD Down", RFC 9384) in the NOTIFICATION.
     pub fn set_bfd(&self, peer: &str, up: bool) {
@@ -150,6 +156,8 @@ enum ToRib {
     StaleExpired(PeerId, u64),
     /// The datapath can (or can no longer) reach this peer.
     Reachable(PeerId, bool, Lost),
+    /// The gateway was drained or put back in service.
+    Drain(bool),
 }
 
 /// The RIB's way to one session: what it sends, and how much of it the session has not taken
@@ -302,7 +310,7 @@ fn start_here(
     let (learned_tx, learned) = watch::channel(Learned::new());
     drop(rib_tx);
     tokio::spawn(rib_task(
-        Router::new(rib, cfg.learn),
+        Router::new(rib, cfg.learn).drained(cfg.drained),
         (rib_rx, control_rx),
         control_tx.clone(),
         status.clone(),
@@ -676,6 +684,7 @@ async fn rib_task(
             }
             ToRib::StaleExpired(id, g) => Input::StaleExpired(id, g),
             ToRib::Reachable(id, r, l) => Input::Reachable(id, r, l),
+            ToRib::Drain(on) => Input::Drain(on),
         };
         let mut out = router_handle(&mut router, input, &mut logs);
         let mut gone = perform(&router, &mut sessions, &me, &mut out);
@@ -858,6 +867,7 @@ pub async fn bench_reflector(
         originate: vec![],
         client_to_client: false,
         learn: Learn::FromClients,
+        drained: false,
     })
     .await?;
     loop {

@@ -39,6 +39,8 @@ pub struct Core {
     learned: Learned,
     underlay: Vec<IpNet>,
     tracker: Tracker<LinkKey>,
+    /// Gateways whose probes say they are drained (a node routes around them).
+    draining: BTreeSet<String>,
     /// The datapath tables last handed out (one spec per device), so a reaction names only
     /// the devices whose table changed.
     tables: Vec<LinkSpec>,
@@ -104,6 +106,7 @@ impl Core {
             learned: Learned::new(),
             underlay: Vec::new(),
             tracker: Tracker::default(),
+            draining: BTreeSet::new(),
             tables: Vec::new(),
             installed: None,
         };
@@ -138,6 +141,7 @@ impl Core {
             &self.host,
             Inputs {
                 live,
+                draining: &self.draining,
                 learned: &self.learned,
                 underlay: &self.underlay,
             },
@@ -189,6 +193,21 @@ impl Core {
             r.kernel = Some((plan, want));
         }
         Ok(())
+    }
+
+    /// The gateways that say they are drained, as the links' probes last told.
+    pub fn draining_changed(&mut self, now: BTreeSet<String>) -> Result<Reaction, String> {
+        let mut r = Reaction::default();
+        if now == self.draining {
+            return Ok(r);
+        }
+        self.draining = now;
+        self.kernel(&mut r)?;
+        Ok(r)
+    }
+
+    pub fn draining(&self) -> &BTreeSet<String> {
+        &self.draining
     }
 
     /// New liveness verdicts (every running link's, see [`verdicts`]).

@@ -72,6 +72,12 @@ pub fn render(s: &Status) -> String {
             ("role", s.role.to_string()),
         ])
         .set(1);
+    o.gauge(
+        "drained",
+        "1 while this gateway is drained (announces nothing; nodes route around it)",
+    )
+    .get_or_create(&vec![])
+    .set(s.drained as i64);
     o.gauge("uptime_seconds", "Seconds since the daemon started")
         .get_or_create(&vec![])
         .set(s.uptime_s as i64);

@@ -179,6 +179,20 @@ impl Daemon {
         let seen = verdicts(current.iter().map(|l| &**l), policy, now);
         let r = self.core.verdicts(seen);
         self.react(r, "routes follow link liveness").await;
+        if self.core.role() == config::Role::Node {
+            let draining: std::collections::BTreeSet<String> = current
+                .iter()
+                .flat_map(|l| l.draining_peers().map(String::from).collect::<Vec<_>>())
+                .collect();
+            if &draining != self.core.draining() {
+                tracing::info!(
+                    ?draining,
+                    "gateways drained (routed around while another is live)"
+                );
+                let r = self.core.draining_changed(draining);
+                self.react(r, "routes follow gateway drains").await;
+            }
+        }
     }
 
     async fn learned(&mut self, learned: Learned) {
@@ -300,6 +314,10 @@ impl Daemon {
             check_key(&cfg, &self.opts.host, key)?;
         }
         let specs = self.core.reload(cfg)?.links;
+        let drained = self.drained();
+        if let Some(b) = &self.bgp {
+            b.set_drained(drained);
+        }
         let wanted: BTreeMap<&str, &LinkSpec> = specs.iter().map(|s| (s.dev.as_str(), s)).collect();
         let gone: Vec<String> = self
             .links
@@ -337,6 +355,15 @@ impl Daemon {
         Ok(msg)
     }
 
+    /// This host is a gateway the site file drains.
+    fn drained(&self) -> bool {
+        self.core
+            .cfg()
+            .gateways
+            .iter()
+            .any(|g| g.name == self.opts.host && g.drain)
+    }
+
     fn status(&self) -> Status {
         let now = Instant::now();
         let core = &self.core;
@@ -350,6 +377,7 @@ impl Daemon {
             keepalive_ms: cfg.site.keepalive_ms,
             dead_after: cfg.site.dead_after,
             version: env!("CARGO_PKG_VERSION").to_string(),
+            drained: self.drained(),
             links: self
                 .links
                 .values()

@@ -21,6 +21,9 @@ pub struct Status {
     /// The binary's version.
     #[serde(default)]
     pub version: String,
+    /// A gateway out of service (`appliance drain`): it announces nothing, nodes route around it.
+    #[serde(default)]
+    pub drained: bool,
     /// One entry per (link, peer).
     pub links: Vec<PeerStatus>,
     /// One entry per link device: drops no peer is charged with.
@@ -145,8 +148,13 @@ impl Status {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{} {} (up {}s, keepalive {} ms, dead after {})",
-            self.role, self.host, self.uptime_s, self.keepalive_ms, self.dead_after
+            "{} {}{} (up {}s, keepalive {} ms, dead after {})",
+            self.role,
+            self.host,
+            if self.drained { ", DRAINED" } else { "" },
+            self.uptime_s,
+            self.keepalive_ms,
+            self.dead_after
         );
         let row = |out: &mut String, c: [&str; 9]| {
             let _ = writeln!(
@@ -181,7 +189,11 @@ impl Status {
                     &bytes(l.rx_bytes),
                     &bytes(l.tx_bytes),
                     &l.handshakes.to_string(),
-                    if l.alive { "live" } else { "dead" },
+                    match (l.alive, l.draining) {
+                        (true, false) => "live",
+                        (true, true) => "live, drained",
+                        (false, _) => "dead",
+                    },
                 ],
             );
         }
@@ -276,6 +288,7 @@ pub(crate) mod tests {
             keepalive_ms: 200,
             dead_after: 3,
             version: "0.1.0".into(),
+            drained: false,
             devices: vec![DeviceStatus {
                 link: "ap-l0".into(),
                 invalid: 7,
@@ -303,6 +316,7 @@ pub(crate) mod tests {
                 transitions: 1,
                 claims_refused: 4,
                 claimant: Some("192.0.2.9:40001".into()),
+                draining: false,
             }],
             bgp: Some(BgpStatus {
                 sessions: vec![SessionStatus {

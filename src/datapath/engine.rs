@@ -57,6 +57,8 @@ pub struct PeerStats {
     pub last_probe: AtomicU64,
     /// What that probe said: whether the peer hears us on this link.
     pub peer_hears_us: AtomicBool,
+    /// The peer's last probe said it is a drained gateway.
+    pub peer_draining: AtomicBool,
     /// TCP SYNs to or from this peer whose MSS was lowered to fit the tunnel.
     pub mss_clamped: AtomicU64,
     /// When we last started a new handshake because the link had gone silent.
@@ -113,6 +115,7 @@ pub struct Link {
     pub index: u32,
     clamp_mtu: Option<u32>,
     keepalive_ms: u32,
+    draining: bool,
     pub listen_port: Option<u16>,
     private: x25519::StaticSecret,
     public: x25519::PublicKey,
@@ -175,6 +178,7 @@ impl Link {
             index: spec.index,
             clamp_mtu: spec.clamp_mtu,
             keepalive_ms: spec.keepalive_ms,
+            draining: spec.draining,
             listen_port: spec.listen_port,
             private: secret,
             public,
@@ -203,6 +207,7 @@ impl Link {
             index: spec.index,
             clamp_mtu: spec.clamp_mtu,
             keepalive_ms: spec.keepalive_ms,
+            draining: spec.draining,
             listen_port: spec.listen_port,
             private: self.private.clone(),
             public: self.public,
@@ -454,10 +459,13 @@ impl Link {
             }
             TunnResult::WriteToTunnelV4(p, _) if crate::datapath::probe::parse(p).is_some() => {
                 authenticated = true;
-                let hears_us = crate::datapath::probe::parse(p) == Some(true);
+                let probe = crate::datapath::probe::parse(p).expect("matched above");
                 peer.stats()
                     .peer_hears_us
-                    .store(hears_us, Ordering::Relaxed);
+                    .store(probe.hears_you, Ordering::Relaxed);
+                peer.stats()
+                    .peer_draining
+                    .store(probe.draining, Ordering::Relaxed);
                 peer.stats()
                     .last_probe
                     .store(self.ns(now), Ordering::Relaxed);
@@ -555,7 +563,10 @@ impl Link {
                         .store(now_ns, Ordering::Relaxed);
                     tunn.format_handshake_initiation(&mut buf, true)
                 } else {
-                    tunn.encapsulate(&crate::datapath::probe::packet(hears), &mut buf)
+                    tunn.encapsulate(
+                        &crate::datapath::probe::packet(hears, self.draining),
+                        &mut buf,
+                    )
                 };
                 if let TunnResult::WriteToNetwork(b) = res {
                     out.push((ep, b.to_vec()));
@@ -622,6 +633,9 @@ pub struct PeerStatus {
     pub claims_refused: u64,
     #[serde(default)]
     pub claimant: Option<String>,
+    /// The peer says it is a drained gateway.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// A link device's own counters: what no peer is charged with.
@@ -669,8 +683,17 @@ impl Link {
                     .lock()
                     .expect("not poisoned")
                     .map(|a| a.to_string()),
+                draining: p.stats().peer_draining.load(Ordering::Relaxed),
             })
             .collect()
+    }
+
+    /// The peers whose last probe on this link said they are drained.
+    pub fn draining_peers(&self) -> impl Iterator<Item = &str> {
+        self.peers
+            .iter()
+            .filter(|p| p.stats().peer_draining.load(Ordering::Relaxed))
+            .map(|p| p.spec.name.as_str())
     }
 
     pub fn device_status(&self) -> DeviceStatus {
@@ -728,6 +751,7 @@ mod tests {
                 v6_underlay: false,
                 clamp_mtu: gw_clamp,
                 keepalive_ms: 300,
+                draining: false,
                 peers: vec![PeerSpec {
                     name: "c1".into(),
                     public_key: nk.public(),
@@ -747,6 +771,7 @@ mod tests {
                 v6_underlay: false,
                 clamp_mtu: node_clamp,
                 keepalive_ms: 300,
+                draining: false,
                 peers: vec![PeerSpec {
                     name: "gw1".into(),
                     public_key: gk.public(),

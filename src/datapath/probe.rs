@@ -7,7 +7,16 @@
 const MAGIC: &[u8; 4] = b"APLV";
 const LEN: usize = 20 + 8;
 
-pub fn packet(hears_you: bool) -> [u8; LEN] {
+/// What a probe says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    /// The sender hears us.
+    pub hears_you: bool,
+    /// The sender is a drained gateway: route through it only when nothing else is live.
+    pub draining: bool,
+}
+
+pub fn packet(hears_you: bool, draining: bool) -> [u8; LEN] {
     let mut p = [0u8; LEN];
     p[0] = 0x45;
     p[3] = LEN as u8;
@@ -16,14 +25,18 @@ pub fn packet(hears_you: bool) -> [u8; LEN] {
     let sum = checksum(&p[..20]);
     p[10..12].copy_from_slice(&sum.to_be_bytes());
     p[20..24].copy_from_slice(MAGIC);
-    p[24] = u8::from(hears_you);
+    p[24] = u8::from(hears_you) | (u8::from(draining) << 1);
     p
 }
 
-/// `Some(hears_you)` if `p` is a probe.
-pub fn parse(p: &[u8]) -> Option<bool> {
+/// What `p` says, if it is a probe. (Bit 1 was always 0 before draining existed: an older
+/// peer never looks drained.)
+pub fn parse(p: &[u8]) -> Option<Probe> {
     (p.len() == LEN && p[0] == 0x45 && p[9] == 253 && p[12..20] == [0; 8] && &p[20..24] == MAGIC)
-        .then(|| p[24] & 1 == 1)
+        .then(|| Probe {
+            hears_you: p[24] & 1 == 1,
+            draining: p[24] & 2 == 2,
+        })
 }
 
 fn checksum(h: &[u8]) -> u16 {

@@ -117,6 +117,7 @@ pub fn sessions(cfg: &Config, host: &str) -> Result<Option<SpeakerConfig>, Strin
             originate: Vec::new(),
             client_to_client: false,
             learn: Learn::FromClients,
+            drained: g.drain,
         }));
     }
     if let Some(n) = cfg.nodes.iter().find(|n| n.name == host) {
@@ -161,6 +162,7 @@ pub fn sessions(cfg: &Config, host: &str) -> Result<Option<SpeakerConfig>, Strin
             originate: n.prefixes.iter().map(|p| (*p, own.clone())).collect(),
             client_to_client: false,
             learn: Learn::FromAll,
+            drained: false,
         }));
     }
     Ok(None)

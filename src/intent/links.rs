@@ -32,6 +32,8 @@ pub struct LinkSpec {
     /// The site's keepalive interval: a roaming peer heard within two of them holds its
     /// endpoint, and a handshake for it from elsewhere is refused (a second instance).
     pub keepalive_ms: u32,
+    /// This host is a drained gateway: its probes say so (nodes then route around it).
+    pub draining: bool,
     pub peers: Vec<PeerSpec>,
 }
 

@@ -68,6 +68,9 @@ pub type Learned = BTreeMap<IpNet, BTreeSet<String>>;
 #[derive(Clone, Copy)]
 pub struct Inputs<'a> {
     pub live: Live<'a>,
+    /// Gateways whose probes say they are drained: a node routes through them only what no
+    /// other gateway's live link carries.
+    pub draining: &'a BTreeSet<String>,
     pub learned: &'a Learned,
     /// The networks of the host's own (non-appliance) interfaces: a node never routes a
     /// learned prefix inside one of them into the tunnels.
@@ -122,6 +125,7 @@ pub fn one_shot(cfg: &Config, name: &str, underlay: &[IpNet]) -> Result<HostInte
         name,
         Inputs {
             live: &|_, _| true,
+            draining: &BTreeSet::new(),
             learned: &learned,
             underlay,
         },
@@ -190,20 +194,28 @@ fn tunnel_routes(
     s: &mut HostState,
     tunnels: &[Tunnel<'_>],
     live: Live<'_>,
+    draining: &BTreeSet<String>,
     src: Option<std::net::IpAddr>,
 ) {
-    let mut via: BTreeMap<IpNet, Vec<String>> = BTreeMap::new();
+    // Per prefix: the live links to peers in service, and those to drained peers (used only
+    // when there is nothing else: a drained gateway still beats a blackhole).
+    let mut via: BTreeMap<IpNet, (Vec<String>, Vec<String>)> = BTreeMap::new();
     for t in tunnels {
         for p in &t.peers {
             if !live(&p.peer, t.index) {
                 continue;
             }
             for prefix in &p.sends {
-                via.entry(*prefix).or_default().push(t.dev.clone());
+                let e = via.entry(*prefix).or_default();
+                match draining.contains(&p.peer) {
+                    false => e.0.push(t.dev.clone()),
+                    true => e.1.push(t.dev.clone()),
+                }
             }
         }
     }
-    for (prefix, devs) in via {
+    for (prefix, (active, drained)) in via {
+        let devs = if active.is_empty() { drained } else { active };
         match src {
             Some(src) => s.add_route_from(prefix, devs, src),
             None => s.add_route(prefix, TUNNEL_METRIC, devs, false),
@@ -237,7 +249,7 @@ fn gateway(cfg: &Config, name: &str, inputs: Inputs<'_>) -> (HostState, Vec<Link
     for t in &tunnels {
         s.add_device(&t.dev, DeviceKind::Tun, cfg.site.mtu);
     }
-    tunnel_routes(&mut s, &tunnels, inputs.live, None);
+    tunnel_routes(&mut s, &tunnels, inputs.live, inputs.draining, None);
     let mut routed: Vec<IpNet> = cfg.nodes.iter().flat_map(|n| n.prefixes.clone()).collect();
     for cb in &cfg.site.cloud_blocks {
         s.add_route(*cb, BLACKHOLE_METRIC, vec![], true);
@@ -255,6 +267,7 @@ fn gateway(cfg: &Config, name: &str, inputs: Inputs<'_>) -> (HostState, Vec<Link
             v6_underlay: me.endpoint.is_ipv6(),
             clamp_mtu: cfg.site.clamp_mss.then_some(cfg.site.mtu),
             keepalive_ms: cfg.site.keepalive_ms,
+            draining: me.drain,
             peers: cfg
                 .nodes
                 .iter()
@@ -350,7 +363,13 @@ fn node(
     for t in &tunnels {
         s.add_device(&t.dev, DeviceKind::Tun, cfg.site.mtu);
     }
-    tunnel_routes(&mut s, &tunnels, inputs.live, Some(me.address));
+    tunnel_routes(
+        &mut s,
+        &tunnels,
+        inputs.live,
+        inputs.draining,
+        Some(me.address),
+    );
     let mut routed: Vec<IpNet> = cfg.gateways.iter().map(|g| g.site_address.into()).collect();
     for p in cfg
         .site
@@ -393,6 +412,7 @@ fn node(
                 v6_underlay: g.endpoint.is_ipv6(),
                 clamp_mtu: cfg.site.clamp_mss.then_some(cfg.site.mtu),
                 keepalive_ms: cfg.site.keepalive_ms,
+                draining: false,
                 peers: vec![PeerSpec {
                     name: g.name.clone(),
                     public_key: g.public_key,

@@ -16,6 +16,7 @@ fn with(cfg: &Config, host: &str, live: Live<'_>, learned: &Learned) -> HostInte
         host,
         Inputs {
             live,
+            draining: &std::collections::BTreeSet::new(),
             learned,
             underlay: &[],
         },
@@ -162,6 +163,7 @@ fn a_refused_learned_prefix_is_neither_routed_nor_sent_and_says_why() {
         &cfg,
         "c1",
         Inputs {
+            draining: &std::collections::BTreeSet::new(),
             live: &|_, _| true,
             learned: &l,
             underlay: &underlay,
@@ -405,7 +407,7 @@ proptest! {
                     .collect();
                 l.insert(POOL[*p].parse().unwrap(), by);
             }
-            let i = derive(&cfg, host, Inputs { live: &live, learned: &l, underlay: &[] }).unwrap();
+            let i = derive(&cfg, host, Inputs { live: &live, draining: &BTreeSet::new(), learned: &l, underlay: &[] }).unwrap();
             check_agreement(&i, &live)?;
         }
     }
@@ -429,6 +431,7 @@ fn a_relay_translates_its_private_networks_udp_to_each_ipv4_gateway_endpoint_onl
         &cfg,
         "r1",
         Inputs {
+            draining: &std::collections::BTreeSet::new(),
             live: &|_, _| true,
             learned: &Learned::new(),
             underlay: &[other, private],
@@ -511,4 +514,49 @@ fn a_nat_table_is_planned_as_one_item_and_reverted_as_one() {
         plan::diff("r1", Role::Relay, &want, &foreign).unwrap_err(),
         plan::Conflict::ForeignNat
     );
+}
+
+/// A node routes around a drained gateway while another one has a live link, keeps the
+/// drained gateway's own address on it (its BGP session), and falls back to it when it is
+/// the only gateway left: a drained gateway beats a blackhole.
+#[test]
+fn a_node_routes_around_a_drained_gateway_unless_it_is_the_only_one_left() {
+    let cfg = cfg();
+    let none = Learned::new();
+    let drained = BTreeSet::from(["gw1".to_string()]);
+    let derive_with = |live: Live<'_>| {
+        derive(
+            &cfg,
+            "c1",
+            Inputs {
+                live,
+                draining: &drained,
+                learned: &none,
+                underlay: &[],
+            },
+        )
+        .unwrap()
+    };
+    let i = derive_with(&|_, _| true);
+    let site = tunnel_route(&i.kernel, "10.10.0.0/16").unwrap();
+    assert!(
+        site.via.iter().all(|d| d.starts_with("ap-gw2-")),
+        "{:?}",
+        site.via
+    );
+    assert_eq!(site.via.len(), 4);
+    let own = tunnel_route(&i.kernel, "10.10.0.2/32").unwrap();
+    assert!(
+        own.via.iter().all(|d| d.starts_with("ap-gw1-")),
+        "{:?}",
+        own.via
+    );
+    let i = derive_with(&|peer, _| peer == "gw1");
+    let site = tunnel_route(&i.kernel, "10.10.0.0/16").unwrap();
+    assert_eq!(
+        site.via.len(),
+        4,
+        "gw2 dead: through the drained gw1 after all"
+    );
+    assert!(site.via.iter().all(|d| d.starts_with("ap-gw1-")));
 }

@@ -84,6 +84,9 @@ pub struct Gateway {
     /// router gets for IPv6 routes.
     pub site_address_v6: Option<IpAddr>,
     pub public_key: PublicKey,
+    /// Out of service (`drain #true`, `appliance drain`): its paths leave the site routers and
+    /// the nodes stop sending through it, while its tunnels and sessions stay up.
+    pub drain: bool,
 }
 
 /// Who speaks iBGP for a node.
@@ -322,7 +325,7 @@ const SITE: &[&str] = &[
     "clamp-mss",
     "metrics-port",
 ];
-const GATEWAY: &[&str] = &["endpoint", "site-address", "public-key"];
+const GATEWAY: &[&str] = &["endpoint", "site-address", "public-key", "drain"];
 const NODE: &[&str] = &["address", "prefix", "public-key", "bgp-speaker"];
 const RELAY: &[&str] = &["public-address", "private-address"];
 const POOL: &[&str] = &["prefix", "count", "key", "dhcp-start"];
@@ -939,12 +942,17 @@ impl Loader<'_> {
         let public_key = self
             .required(&f, "public-key")
             .and_then(|n| self.field_key(n));
+        let drain = match f.by_name.get("drain").and_then(|v| v.first()) {
+            Some(n) => self.boolean(n)?,
+            None => false,
+        };
         Some(Gateway {
             name: name?,
             endpoint: endpoint?,
             site_address: first?,
             site_address_v6,
             public_key: public_key?,
+            drain,
         })
     }
 

@@ -318,3 +318,41 @@ fn a_client_update_that_would_not_fit_once_reflected_is_not_passed_on() {
         assert!(wire::encode(m, ctx).len() <= wire::MAX_LEN);
     }
 }
+
+/// A drained gateway withdraws every path it announced, keeps its sessions and what it
+/// learned (it still routes to its nodes), and announces everything again when undrained.
+#[test]
+fn a_drained_gateway_withdraws_everything_and_announces_it_again_when_undrained() {
+    let mut r = gateway();
+    let both = vec![net("10.200.0.1/32"), net("10.200.0.2/32")];
+    let o = r.handle(Input::Drain(true));
+    assert_eq!(
+        told(&o, SITE),
+        (both.clone(), vec![]),
+        "the site router drops our paths"
+    );
+    assert!(
+        cease(&o, SITE).is_none() && cease(&o, C1).is_none(),
+        "sessions stay"
+    );
+    assert_eq!(r.learned(&both[0]), BTreeSet::from(["c1".to_string()]));
+    assert!(
+        r.handle(Input::Drain(true)).send.is_empty(),
+        "draining twice says nothing"
+    );
+    // A new announcement while drained goes nowhere.
+    let o = r.handle(announce(&["10.200.0.3/32"], "10.200.0.11"));
+    assert!(told(&o, SITE).1.is_empty());
+    let o = r.handle(Input::Drain(false));
+    let (w, mut a) = told(&o, SITE);
+    a.sort();
+    assert!(w.is_empty());
+    assert_eq!(
+        a,
+        vec![
+            net("10.200.0.1/32"),
+            net("10.200.0.2/32"),
+            net("10.200.0.3/32")
+        ]
+    );
+}
