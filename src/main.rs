@@ -426,7 +426,9 @@ fn write_if_changed(path: &std::path::Path, bytes: &[u8], mode: u32) -> std::io:
     if std::fs::read(path).ok().as_deref() == Some(bytes) {
         return Ok(false);
     }
-    let tmp = path.with_extension("tmp");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)

@@ -271,6 +271,25 @@ pool "burst" {
     }
 
     #[test]
+    fn no_diagnostic_quotes_the_pool_secret() {
+        let p = provision("site.kdl", SITE, "burst", &[9; 32]).unwrap();
+        let secret = base64::engine::general_purpose::STANDARD.encode([9u8; 32]);
+        // A typo in the secret and an unknown field, both reported with their lines.
+        let bad = p
+            .user_data
+            .replacen(&secret, &format!("{}x", &secret[..43]), 1);
+        let bad = bad.replacen("    pool \"burst\"", "    pool \"burst\"\n    frob 1", 1);
+        let e = userdata::validate("u", &bad, &Who::default())
+            .unwrap_err()
+            .render();
+        assert!(
+            e.contains("invalid pool secret") && e.contains("frob"),
+            "{e}"
+        );
+        assert!(!e.contains(&secret[..40]), "{e}");
+    }
+
+    #[test]
     fn a_pool_without_a_dhcp_range_or_an_unknown_pool_is_an_error_that_says_what_to_add() {
         let e = provision(
             "site.kdl",

@@ -298,7 +298,7 @@ impl Daemon {
                         refused = p.claims_refused - *seen,
                         claimant = p.claimant.as_deref().unwrap_or("?"),
                         holder = p.endpoint.as_deref().unwrap_or("?"),
-                        "a second instance claims this peer's key (slot) while it is live: its handshakes are refused"
+                        "a second instance claims this peer's key (slot) while it is live, or someone forges its handshakes: refused"
                     );
                     *seen = p.claims_refused;
                 }

@@ -198,13 +198,21 @@ struct HostBlock {
     install_root_hash: Option<String>,
 }
 
-/// `text` with the value of every `private-key "..."` replaced by as many `*` (offsets and
-/// lines stay where they were): no diagnostic may quote a private key, valid or not.
+/// `text` with the value of every `private-key "..."` and `pool-secret "..."` replaced by as
+/// many `*` (offsets and lines stay where they were): no diagnostic may quote a secret, valid
+/// or not.
 pub fn redact_private_keys(text: &str) -> String {
     let mut out = text.as_bytes().to_vec();
+    for word in ["private-key", "pool-secret"] {
+        redact_after(text, word, &mut out);
+    }
+    String::from_utf8(out).expect("only ASCII bytes were replaced")
+}
+
+fn redact_after(text: &str, word: &str, out: &mut [u8]) {
     let mut from = 0;
-    while let Some(i) = text[from..].find("private-key") {
-        let mut j = from + i + "private-key".len();
+    while let Some(i) = text[from..].find(word) {
+        let mut j = from + i + word.len();
         let b = text.as_bytes();
         while j < b.len() && matches!(b[j], b' ' | b'\t' | b'=') {
             j += 1;
@@ -220,7 +228,6 @@ pub fn redact_private_keys(text: &str) -> String {
         }
         from = j.max(from + i + 1);
     }
-    String::from_utf8(out).expect("only ASCII bytes were replaced")
 }
 
 /// Validate decoded user-data. `file` names it in diagnostics (e.g. `user-data (cidata)`);
