@@ -170,6 +170,8 @@ enum Command {
     /// the file to the daemon running here, if any. Its paths leave the site routers, the
     /// nodes route around it (their probes tell them), its tunnels and sessions stay up, and
     /// running connections move to the other gateways. Survives restarts (it is in the file).
+    /// Run on a node (HOST = the node), it drains the node: new connections from the tunnels
+    /// are refused at once, its prefixes withdrawn once its tunnels are quiet.
     Drain {
         #[command(flatten)]
         file: ConfigFile,
@@ -178,7 +180,8 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "text")]
         output: Output,
     },
-    /// Put a drained gateway back in service (removes `drain` from its block).
+    /// Put a drained gateway back in service (removes `drain` from its block), or end a node's
+    /// drain (run on the node).
     Undrain {
         #[command(flatten)]
         file: ConfigFile,
@@ -593,6 +596,9 @@ fn provision(
 /// kept), check the result as a whole, write it atomically, then hand it to a daemon running
 /// in this network namespace.
 fn drain(path: &std::path::Path, host: &str, on: bool, output: Output) -> ExitCode {
+    if let Some(code) = drain_this_node(host, on, output) {
+        return code;
+    }
     let name = path.display().to_string();
     let err = |msg: String| {
         fail(output, &msg);
@@ -612,7 +618,7 @@ fn drain(path: &std::path::Path, host: &str, on: bool, output: Output) -> ExitCo
     let Some(g) = cfg.gateways.iter().find(|g| g.name == host) else {
         return err(match cfg.role_of(host) {
             Some(role) => format!(
-                "{host} is a {role}: only gateways are drained (a node leaves by eviction: its routes leave the site within the dead interval)"
+                "{host} is a {role}: a node is drained on the node itself (`appliance drain {host}` where its daemon runs); only gateways are drained in the site file"
             ),
             None => format!("{name}: no gateway {host:?} (gateways: {})", cfg.gateways.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(", ")),
         });
@@ -693,6 +699,38 @@ fn drain(path: &std::path::Path, host: &str, on: bool, output: Output) -> ExitCo
         }
     }
     ExitCode::SUCCESS
+}
+
+/// When the daemon running here is node `host`: drain it (or end its drain) at run time. A
+/// node's site file is its user-data, so its drain is not written anywhere: it ends with the
+/// node (evicted) or with `undrain`.
+fn drain_this_node(host: &str, on: bool, output: Output) -> Option<ExitCode> {
+    use appliance::daemon::control::{request, Request};
+    let rt = runtime().ok()?;
+    let status = rt.block_on(request(&Request::Status)).ok()?.status?;
+    if status.host != host || status.role != config::Role::Node {
+        return None;
+    }
+    let reply = match rt.block_on(request(&Request::Drain { on })) {
+        Ok(r) => r,
+        Err(e) => {
+            fail(output, &format!("cannot reach the daemon: {e}"));
+            return Some(ExitCode::from(EXIT_ERROR));
+        }
+    };
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string(&reply).expect("a reply serialises")
+        ),
+        Output::Text if reply.ok => println!("{}", reply.message.as_deref().unwrap_or("")),
+        Output::Text => eprintln!("error: {}", reply.error.as_deref().unwrap_or("")),
+    }
+    Some(if reply.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_ERROR)
+    })
 }
 
 fn man(dir: Option<PathBuf>) -> ExitCode {

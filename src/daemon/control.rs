@@ -39,6 +39,10 @@ pub enum Request {
     Reload {
         config: Option<String>,
     },
+    /// Drain this node (`on`), or take it back into service: see `Daemon::node_drain`.
+    Drain {
+        on: bool,
+    },
 }
 
 /// A request that arrived whole, for the daemon's loop to answer on `reply`.

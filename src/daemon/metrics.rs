@@ -74,10 +74,16 @@ pub fn render(s: &Status) -> String {
         .set(1);
     o.gauge(
         "drained",
-        "1 while this gateway is drained (announces nothing; nodes route around it)",
+        "1 while this gateway is drained (announces nothing; nodes route around it), or this node has withdrawn after draining",
     )
     .get_or_create(&vec![])
-    .set(s.drained as i64);
+    .set((s.drained || s.node_drain.as_ref().is_some_and(|d| d.withdrawn)) as i64);
+    o.gauge(
+        "draining",
+        "1 while this node drains (new connections refused; withdrawn once quiet)",
+    )
+    .get_or_create(&vec![])
+    .set(s.node_drain.is_some() as i64);
     o.gauge("uptime_seconds", "Seconds since the daemon started")
         .get_or_create(&vec![])
         .set(s.uptime_s as i64);
@@ -128,7 +134,7 @@ pub fn render(s: &Status) -> String {
     );
     let dropped = o.counter(
         "link_dropped_packets",
-        "Packets dropped on the link, by cause: spoofed (inner source not the peer's), claimed (handshakes for a live peer's key from another address: a second instance), no_route (no peer for the destination), replay, invalid (other failed datagrams), rate_limited (handshakes answered with a cookie)",
+        "Packets dropped on the link, by cause: spoofed (inner source not the peer's), claimed (handshakes for a live peer's key from another address: a second instance), no_route (no peer for the destination), replay, invalid (other failed datagrams), rate_limited (handshakes answered with a cookie), draining (new TCP connections to a draining node)",
         None,
     );
     for l in &s.links {
@@ -156,6 +162,7 @@ pub fn render(s: &Status) -> String {
             ("replay", d.replayed),
             ("invalid", d.invalid.saturating_sub(d.replayed)),
             ("rate_limited", d.cookies),
+            ("draining", d.refused_syns),
         ] {
             set(
                 &dropped,

@@ -75,7 +75,22 @@ struct Daemon {
     flips: BTreeMap<(String, u32), u64>,
     /// Refused claims already reported, per (peer, link index).
     claims: BTreeMap<(String, u32), u64>,
+    /// A node being drained (`appliance drain` on the node).
+    node_drain: Option<NodeDrain>,
 }
+
+/// A node drains in three steps: it refuses new TCP connections from the tunnels at once; it
+/// waits until its tunnels carry less than [`QUIET_BYTES`] a second for [`QUIET_FOR`]; then it
+/// withdraws its prefixes (the site stops routing to it) and says it can be evicted.
+struct NodeDrain {
+    started: Instant,
+    last_bytes: u64,
+    quiet_since: Option<Instant>,
+    withdrawn: bool,
+}
+
+const QUIET_BYTES: u64 = 16 * 1024;
+const QUIET_FOR: Duration = Duration::from_secs(5);
 
 async fn next_bfd(
     rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<crate::bfd::driver::Change>>,
@@ -148,6 +163,9 @@ impl Daemon {
         let key = self.key.as_ref().ok_or("no private key")?;
         let rt = LinkRuntime::start(Link::new(spec, key, Instant::now()), spec.v6_underlay)
             .map_err(|e| format!("{}: {e}", spec.dev))?;
+        if self.node_drain.is_some() {
+            rt.current().refuse_new_connections(true);
+        }
         tracing::info!(dev = %spec.dev, port = rt.local_port(), peers = spec.peers.len(), "link started");
         self.links.insert(spec.dev.clone(), rt);
         Ok(())
@@ -280,6 +298,82 @@ impl Daemon {
         }
     }
 
+    fn tunnel_bytes(&self) -> u64 {
+        let now = Instant::now();
+        let always = |_: &str, _: u32| true;
+        self.links
+            .values()
+            .flat_map(|rt| rt.current().status(&always, now))
+            .map(|p| p.rx_bytes + p.tx_bytes)
+            .sum()
+    }
+
+    /// Start or end a node's drain.
+    fn set_node_drain(&mut self, on: bool) -> Result<String, String> {
+        if self.core.role() != config::Role::Node {
+            return Err("only a node drains this way; a gateway is drained in the site file (appliance drain GATEWAY -c FILE)".into());
+        }
+        for rt in self.links.values() {
+            rt.current().refuse_new_connections(on);
+        }
+        match (on, self.node_drain.take()) {
+            (true, Some(d)) => {
+                self.node_drain = Some(d);
+                Ok(format!("{} is already draining", self.opts.host))
+            }
+            (true, None) => {
+                self.node_drain = Some(NodeDrain {
+                    started: Instant::now(),
+                    last_bytes: self.tunnel_bytes(),
+                    quiet_since: None,
+                    withdrawn: false,
+                });
+                tracing::warn!("draining: new connections from the tunnels refused; the prefixes are withdrawn once the tunnels are quiet");
+                Ok(format!(
+                    "{} draining: new connections refused; withdrawn once its tunnels carry under {} KiB/s for {}s",
+                    self.opts.host,
+                    QUIET_BYTES / 1024,
+                    QUIET_FOR.as_secs()
+                ))
+            }
+            (false, d) => {
+                if d.is_some_and(|d| d.withdrawn) {
+                    if let Some(b) = &self.bgp {
+                        b.set_drained(false);
+                    }
+                }
+                tracing::info!("back in service: prefixes announced, new connections taken");
+                Ok(format!("{} back in service", self.opts.host))
+            }
+        }
+    }
+
+    /// Once a second while a node drains: is it quiet yet, and long enough to withdraw?
+    fn node_drain_tick(&mut self) {
+        let bytes = self.tunnel_bytes();
+        let Some(d) = &mut self.node_drain else {
+            return;
+        };
+        let now = Instant::now();
+        let rate = bytes.saturating_sub(d.last_bytes);
+        d.last_bytes = bytes;
+        if rate >= QUIET_BYTES {
+            d.quiet_since = None;
+            return;
+        }
+        let since = *d.quiet_since.get_or_insert(now);
+        if !d.withdrawn && now - since >= QUIET_FOR {
+            d.withdrawn = true;
+            tracing::warn!(
+                quiet_s = (now - since).as_secs(),
+                "drained: the tunnels are quiet; prefixes withdrawn, ready to evict"
+            );
+            if let Some(b) = &self.bgp {
+                b.set_drained(true);
+            }
+        }
+    }
+
     /// Say once a second, per (link, peer), that handshakes were refused because another
     /// instance claims a live peer's key (see `Link::inbound`).
     fn report_claims(&mut self) {
@@ -378,6 +472,11 @@ impl Daemon {
             dead_after: cfg.site.dead_after,
             version: env!("CARGO_PKG_VERSION").to_string(),
             drained: self.drained(),
+            node_drain: self.node_drain.as_ref().map(|d| status::NodeDrainStatus {
+                since_s: d.started.elapsed().as_secs(),
+                quiet_s: d.quiet_since.map(|q| q.elapsed().as_secs()),
+                withdrawn: d.withdrawn,
+            }),
             links: self
                 .links
                 .values()
@@ -428,6 +527,11 @@ impl Daemon {
         let reply = match (a.request, a.root) {
             (Request::Status, _) => Reply::status(self.status()),
             (Request::Reload { .. }, false) => Reply::error("reload needs root"),
+            (Request::Drain { .. }, false) => Reply::error("drain needs root"),
+            (Request::Drain { on }, true) => match self.set_node_drain(on) {
+                Ok(m) => Reply::message(m),
+                Err(e) => Reply::error(e),
+            },
             (Request::Reload { config }, true) => {
                 match self.reload(config.map(PathBuf::from)).await {
                     Ok(msg) => Reply::message(msg),
@@ -498,6 +602,7 @@ pub async fn run(opts: Options) -> Result<(), String> {
         last_tick: None,
         flips: BTreeMap::new(),
         claims: BTreeMap::new(),
+        node_drain: None,
     };
     let plan = d.sync().await?;
     tracing::info!(host = %d.opts.host, %role, changes = plan.changes.len(), "host reconciled");
@@ -545,6 +650,7 @@ pub async fn run(opts: Options) -> Result<(), String> {
             _ = limiter.tick() => {
                 d.reset_rate_limiters();
                 d.report_claims();
+                d.node_drain_tick();
             }
             _ = drift.tick() => match d.sync().await {
                 Ok(p) if !p.is_empty() => {

@@ -24,6 +24,9 @@ pub struct Status {
     /// A gateway out of service (`appliance drain`): it announces nothing, nodes route around it.
     #[serde(default)]
     pub drained: bool,
+    /// A node being drained: new connections refused, then withdrawn once quiet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_drain: Option<NodeDrainStatus>,
     /// One entry per (link, peer).
     pub links: Vec<PeerStatus>,
     /// One entry per link device: drops no peer is charged with.
@@ -49,6 +52,17 @@ pub struct BgpStatus {
 pub struct LearnedRoute {
     pub prefix: IpNet,
     pub paths: Vec<LearnedPath>,
+}
+
+/// Where a node's drain stands.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeDrainStatus {
+    /// Seconds since `appliance drain`.
+    pub since_s: u64,
+    /// Seconds its tunnels have been quiet (below the threshold), if they are.
+    pub quiet_s: Option<u64>,
+    /// Its prefixes are withdrawn: the site no longer routes to it; it can be evicted.
+    pub withdrawn: bool,
 }
 
 /// How the daemon keeps the kernel in step.
@@ -151,7 +165,19 @@ impl Status {
             "{} {}{} (up {}s, keepalive {} ms, dead after {})",
             self.role,
             self.host,
-            if self.drained { ", DRAINED" } else { "" },
+            match (&self.node_drain, self.drained) {
+                (_, true) => ", DRAINED".to_string(),
+                (Some(d), _) if d.withdrawn => ", DRAINED: withdrawn, ready to evict".to_string(),
+                (Some(d), _) => format!(
+                    ", DRAINING for {}s: new connections refused, {}",
+                    d.since_s,
+                    match d.quiet_s {
+                        Some(q) => format!("quiet for {q}s"),
+                        None => "flows still running".to_string(),
+                    }
+                ),
+                (None, false) => String::new(),
+            },
             self.uptime_s,
             self.keepalive_ms,
             self.dead_after
@@ -289,12 +315,14 @@ pub(crate) mod tests {
             dead_after: 3,
             version: "0.1.0".into(),
             drained: false,
+            node_drain: None,
             devices: vec![DeviceStatus {
                 link: "ap-l0".into(),
                 invalid: 7,
                 replayed: 2,
                 no_route: 1,
                 cookies: 0,
+                refused_syns: 0,
             }],
             links: vec![PeerStatus {
                 link: "ap-l0".into(),

@@ -108,6 +108,8 @@ pub struct LinkStats {
     /// Data packets dropped as replays (a counter already seen, or behind the window);
     /// also counted in `invalid`.
     pub replayed: AtomicU64,
+    /// New TCP connections (SYN without ACK) from the tunnel refused while the node drains.
+    pub refused_syns: AtomicU64,
 }
 
 pub struct Link {
@@ -116,6 +118,9 @@ pub struct Link {
     clamp_mtu: Option<u32>,
     keepalive_ms: u32,
     draining: bool,
+    /// A draining node refuses new TCP connections from the tunnel (shared by the link's
+    /// rebuilds: it is runtime state, not config).
+    refuse_new: Arc<AtomicBool>,
     pub listen_port: Option<u16>,
     private: x25519::StaticSecret,
     public: x25519::PublicKey,
@@ -152,6 +157,8 @@ pub enum DropReason {
     Invalid,
     /// A handshake for a live roaming peer from another address.
     Claimed,
+    /// A new TCP connection to a draining node.
+    Draining,
 }
 
 /// What to do with a received datagram.
@@ -179,6 +186,7 @@ impl Link {
             clamp_mtu: spec.clamp_mtu,
             keepalive_ms: spec.keepalive_ms,
             draining: spec.draining,
+            refuse_new: Arc::default(),
             listen_port: spec.listen_port,
             private: secret,
             public,
@@ -208,6 +216,7 @@ impl Link {
             clamp_mtu: spec.clamp_mtu,
             keepalive_ms: spec.keepalive_ms,
             draining: spec.draining,
+            refuse_new: self.refuse_new.clone(),
             listen_port: spec.listen_port,
             private: self.private.clone(),
             public: self.public,
@@ -473,12 +482,12 @@ impl Link {
             TunnResult::WriteToTunnelV4(p, src) => {
                 authenticated = true;
                 spoofed = !allowed(&peer.spec.allowed, IpAddr::V4(src));
-                result.to_tun = (!spoofed).then_some(p.len());
+                result.to_tun = (!spoofed && !self.refused(p)).then_some(p.len());
             }
             TunnResult::WriteToTunnelV6(p, src) => {
                 authenticated = true;
                 spoofed = !allowed(&peer.spec.allowed, IpAddr::V6(src));
-                result.to_tun = (!spoofed).then_some(p.len());
+                result.to_tun = (!spoofed && !self.refused(p)).then_some(p.len());
             }
             // A keepalive (a data packet that decrypted) or a completed handshake: nothing to
             // deliver. A cookie reply is consumed the same way but proves nothing (anyone who
@@ -650,6 +659,9 @@ pub struct DeviceStatus {
     pub no_route: u64,
     /// Handshakes answered with a cookie instead (rate-limited).
     pub cookies: u64,
+    /// New TCP connections refused while the node drains.
+    #[serde(default)]
+    pub refused_syns: u64,
 }
 
 impl Link {
@@ -688,6 +700,21 @@ impl Link {
             .collect()
     }
 
+    /// While `on`, new TCP connections arriving through this link are dropped (a draining
+    /// node takes no new work); running ones and the node's own new connections are not.
+    pub fn refuse_new_connections(&self, on: bool) {
+        self.refuse_new.store(on, Ordering::Relaxed);
+    }
+
+    /// A packet from the tunnel that a draining node refuses (counted).
+    fn refused(&self, p: &[u8]) -> bool {
+        let refuse = self.refuse_new.load(Ordering::Relaxed) && mss::is_new_connection(p);
+        if refuse {
+            self.stats.refused_syns.fetch_add(1, Ordering::Relaxed);
+        }
+        refuse
+    }
+
     /// The peers whose last probe on this link said they are drained.
     pub fn draining_peers(&self) -> impl Iterator<Item = &str> {
         self.peers
@@ -704,6 +731,7 @@ impl Link {
             replayed: s.replayed.load(Ordering::Relaxed),
             no_route: s.no_route.load(Ordering::Relaxed),
             cookies: s.cookies.load(Ordering::Relaxed),
+            refused_syns: s.refused_syns.load(Ordering::Relaxed),
         }
     }
 }
@@ -1010,6 +1038,48 @@ mod tests {
         tcp[13] = 0x02; // SYN
         tcp[20..24].copy_from_slice(&[2, 4, 0x05, 0xb4]);
         p
+    }
+
+    /// A draining node drops new connections from the tunnel (a SYN without ACK) and counts
+    /// them; a SYN-ACK (its own new connection) and data still pass.
+    #[test]
+    fn a_draining_node_refuses_new_connections_from_the_tunnel_only() {
+        let (gw, node) = pair_with(None, None);
+        connect(&gw, &node);
+        node.refuse_new_connections(true);
+        let mut out = vec![0u8; MAX_PACKET];
+        let deliver = |p: &[u8], out: &mut [u8]| {
+            node.inbound(GW.parse().unwrap(), &seal(&gw, p), out, t0())
+                .to_tun
+        };
+        let new = syn([10, 10, 0, 1], [10, 200, 0, 11]);
+        assert_eq!(deliver(&new, &mut out), None);
+        assert_eq!(node.stats.refused_syns.load(Ordering::Relaxed), 1);
+        let mut syn_ack = new.clone();
+        syn_ack[20 + 13] = 0x12;
+        assert!(deliver(&syn_ack, &mut out).is_some());
+        assert!(deliver(
+            &ipv4_packet([10, 10, 0, 1], [10, 200, 0, 11], b"data"),
+            &mut out
+        )
+        .is_some());
+        // Kept across a rebuild (a reload), lifted by undrain.
+        let node = node.rebuild(&LinkSpec {
+            dev: "ap-gw1-0".into(),
+            index: 0,
+            listen_port: None,
+            v6_underlay: false,
+            clamp_mtu: None,
+            keepalive_ms: 300,
+            draining: false,
+            peers: node.peers().iter().map(|p| p.spec.clone()).collect(),
+        });
+        assert!(node.refuse_new.load(Ordering::Relaxed));
+        node.refuse_new_connections(false);
+        assert!(node
+            .inbound(GW.parse().unwrap(), &seal(&gw, &new), &mut out, t0())
+            .to_tun
+            .is_some());
     }
 
     fn mss(p: &[u8]) -> u16 {

@@ -74,6 +74,12 @@ pub fn is_syn(packet: &[u8]) -> bool {
     matches!(tcp_offset(packet, 0), Some((at, _)) if packet.get(at + 13).is_some_and(|f| f & SYN != 0))
 }
 
+/// Is `packet` the first SYN of a new TCP connection (SYN without ACK)?
+pub fn is_new_connection(packet: &[u8]) -> bool {
+    const ACK: u8 = 0x10;
+    matches!(tcp_offset(packet, 0), Some((at, _)) if packet.get(at + 13).is_some_and(|f| f & SYN != 0 && f & ACK == 0))
+}
+
 /// Where the TCP header starts and the largest MSS for this family, if `packet` is an
 /// unfragmented (or first-fragment) TCP packet.
 fn tcp_offset(p: &[u8], mtu: u32) -> Option<(usize, u32)> {
