@@ -66,11 +66,16 @@ pub fn parse_head(head: &[u8]) -> Asks {
 /// Serve `/metrics` on `addr` for as long as the daemon runs; binds again until it can.
 pub fn serve(addr: SocketAddr, ask: mpsc::Sender<Asked>) {
     tokio::spawn(async move {
+        let mut said = false;
         let listener = loop {
             match TcpListener::bind(addr).await {
                 Ok(l) => break l,
                 Err(e) => {
-                    tracing::warn!(%addr, error = %e, "cannot serve /metrics yet; trying again");
+                    // Said once (the address may just not be up yet), then quietly retried.
+                    if !said {
+                        tracing::warn!(%addr, error = %e, "cannot serve /metrics yet; trying again every 2 s");
+                        said = true;
+                    }
                     tokio::time::sleep(REBIND).await;
                 }
             }

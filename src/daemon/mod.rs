@@ -350,6 +350,9 @@ impl Daemon {
 
     /// Once a second while a node drains: is it quiet yet, and long enough to withdraw?
     fn node_drain_tick(&mut self) {
+        if self.node_drain.is_none() {
+            return;
+        }
         let bytes = self.tunnel_bytes();
         let Some(d) = &mut self.node_drain else {
             return;
@@ -380,7 +383,11 @@ impl Daemon {
         let now = Instant::now();
         let always = |_: &str, _: u32| true;
         for rt in self.links.values() {
-            for p in rt.current().status(&always, now) {
+            let link = rt.current();
+            if !link.any_claims() {
+                continue;
+            }
+            for p in link.status(&always, now) {
                 let seen = self
                     .claims
                     .entry((p.peer.clone(), p.link_index))

@@ -700,6 +700,13 @@ impl Link {
             .collect()
     }
 
+    /// Whether any peer's handshakes were refused as claims (cheap: no status is built).
+    pub fn any_claims(&self) -> bool {
+        self.peers
+            .iter()
+            .any(|p| p.stats().claims_refused.load(Ordering::Relaxed) > 0)
+    }
+
     /// While `on`, new TCP connections arriving through this link are dropped (a draining
     /// node takes no new work); running ones and the node's own new connections are not.
     pub fn refuse_new_connections(&self, on: bool) {
