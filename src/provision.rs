@@ -217,6 +217,18 @@ pool "burst" {
         assert_eq!(fresh.site_text, p.site_text);
     }
 
+    /// The report refusing `user_data` on a machine whose only address is `addr`.
+    fn refusal(user_data: &str, addr: &str) -> String {
+        let addr = [addr.parse::<IpAddr>().unwrap()];
+        let who = Who {
+            addresses: &addr,
+            ..Who::default()
+        };
+        userdata::validate("u", user_data, &who)
+            .unwrap_err()
+            .render()
+    }
+
     #[test]
     fn a_slot_keyed_by_hand_keeps_its_key_and_is_not_for_the_pools_instances() {
         let own = PrivateKey::generate().public();
@@ -226,14 +238,7 @@ pool "burst" {
         assert_eq!(p.validated, 63);
         assert!(p.site_text.contains(&own.to_string()));
         // An instance leasing slot 5's address is refused, and says why.
-        let addr = [IpAddr::V4("172.31.0.105".parse().unwrap())];
-        let who = Who {
-            addresses: &addr,
-            ..Who::default()
-        };
-        let e = userdata::validate("u", &p.user_data, &who)
-            .unwrap_err()
-            .render();
+        let e = refusal(&p.user_data, "172.31.0.105");
         assert!(
             e.contains(
                 "slot 5 of pool \"burst\" is enrolled with a key this pool secret does not derive"
@@ -241,14 +246,7 @@ pool "burst" {
             "{e}"
         );
         // One outside the range is told which range it is not in.
-        let addr = [IpAddr::V4("172.31.0.99".parse().unwrap())];
-        let who = Who {
-            addresses: &addr,
-            ..Who::default()
-        };
-        let e = userdata::validate("u", &p.user_data, &who)
-            .unwrap_err()
-            .render();
+        let e = refusal(&p.user_data, "172.31.0.99");
         assert!(
             e.contains("172.31.0.100 .. 172.31.0.163") && e.contains("172.31.0.99"),
             "{e}"

@@ -145,18 +145,6 @@ fn live_links(ns: &Netns) -> usize {
         .count()
 }
 
-fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Duration {
-    let t0 = Instant::now();
-    while !ok() {
-        assert!(
-            t0.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    t0.elapsed()
-}
-
 fn nexthops(ns: &Netns, dst: &str) -> usize {
     ns.our_routes()
         .into_iter()

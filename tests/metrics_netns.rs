@@ -45,15 +45,6 @@ fn scalar(site: &Netns, q: &str) -> Option<f64> {
     r.first()?["value"][1].as_str()?.parse().ok()
 }
 
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Duration {
-    let t = Instant::now();
-    while !ok() {
-        assert!(t.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    t.elapsed()
-}
-
 #[test]
 fn prometheus_scrapes_a_gateway_and_a_node_and_sees_bytes_grow_and_a_link_die() {
     if !root_or_skip("metrics_prometheus") {
@@ -67,17 +58,7 @@ fn prometheus_scrapes_a_gateway_and_a_node_and_sees_bytes_grow_and_a_link_die() 
         kdl.replacen("dead-after 3\n", "dead-after 3\n metrics-port 9477\n", 1),
     )
     .unwrap();
-    let (bird_proc, _) = bird(
-        &site,
-        &dir,
-        "bird",
-        "router id 10.10.0.1;\n\
-         protocol device {}\n\
-         protocol kernel { ipv4 { import none; export all; }; merge paths on; }\n\
-         template bgp gateways { local 10.10.0.1 as 65010; neighbor as 65010; direct; hold time 30; ipv4 { import all; export none; }; }\n\
-         protocol bgp gw1 from gateways { neighbor 10.10.0.2; }\n\
-         protocol bgp gw2 from gateways { neighbor 10.10.0.3; }\n",
-    );
+    let bird_proc = bird_site_router(&site, &dir);
     let mut procs = vec![bird_proc];
     for (ns, host) in [(&gw1, "gw1"), (&gw2, "gw2"), (&c1, "c1")] {
         procs.push(daemon(ns, &dir, host));

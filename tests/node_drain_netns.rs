@@ -21,32 +21,13 @@ fn connects(ns: &Netns, addr: &str, port: u16) -> bool {
     .success()
 }
 
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Duration {
-    let t = Instant::now();
-    while !ok() {
-        assert!(t.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    t.elapsed()
-}
-
 #[test]
 fn a_draining_node_refuses_new_connections_keeps_running_ones_and_withdraws_once_quiet() {
     if !root_or_skip("node_drain") {
         return;
     }
     let (site, gw1, gw2, _inet, c1, dir) = two_gateways("ndrain");
-    let (bird_proc, _) = bird(
-        &site,
-        &dir,
-        "bird",
-        "router id 10.10.0.1;\n\
-         protocol device {}\n\
-         protocol kernel { ipv4 { import none; export all; }; merge paths on; }\n\
-         template bgp gateways { local 10.10.0.1 as 65010; neighbor as 65010; direct; hold time 30; ipv4 { import all; export none; }; }\n\
-         protocol bgp gw1 from gateways { neighbor 10.10.0.2; }\n\
-         protocol bgp gw2 from gateways { neighbor 10.10.0.3; }\n",
-    );
+    let bird_proc = bird_site_router(&site, &dir);
     let mut procs = vec![bird_proc];
     for (ns, host) in [(&gw1, "gw1"), (&gw2, "gw2"), (&c1, "c1")] {
         procs.push(daemon(ns, &dir, host));

@@ -67,17 +67,7 @@ fn instances_of_one_pool_user_data_become_distinct_nodes_and_a_second_claim_is_r
     std::fs::copy(prov.join("site.kdl"), &conf).unwrap();
     let user_data = prov.join("burst.user-data");
 
-    let (bird_proc, _) = bird(
-        &site,
-        &dir,
-        "bird",
-        "router id 10.10.0.1;\n\
-         protocol device {}\n\
-         protocol kernel { ipv4 { import none; export all; }; merge paths on; }\n\
-         template bgp gateways { local 10.10.0.1 as 65010; neighbor as 65010; direct; hold time 30; ipv4 { import all; export none; }; }\n\
-         protocol bgp gw1 from gateways { neighbor 10.10.0.2; }\n\
-         protocol bgp gw2 from gateways { neighbor 10.10.0.3; }\n",
-    );
+    let bird_proc = bird_site_router(&site, &dir);
     let mut procs = vec![bird_proc];
     for (ns, host) in [(&gw1, "gw1"), (&gw2, "gw2")] {
         procs.push(daemon(ns, &dir, host));

@@ -1277,15 +1277,6 @@ fn c1_site_devs(site: &Site) -> Vec<String> {
     devs.into_iter().collect()
 }
 
-fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) -> Duration {
-    let t = Instant::now();
-    while !ok() {
-        assert!(t.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    t.elapsed()
-}
-
 /// `appliance drain gw1`, during an iperf3 run from the site to c1 (4 streams, spread over
 /// both gateways) and an NFS copy from c1: the site router drops gw1's paths, c1 routes the
 /// site around gw1 while its links to gw1 stay live, no TCP connection is reset anywhere and
@@ -1330,10 +1321,10 @@ fn a_drained_gateway_cuts_no_connection_and_stays_drained_through_a_restart() {
             said.contains("now drained") && said.contains("daemon: config reloaded"),
             "{said}"
         );
-        let left = wait_until("the site router drops gw1", Duration::from_secs(5), || {
+        let left = wait_for("the site router drops gw1", Duration::from_secs(5), || {
             site_paths(site, "10.200.0.11") == ["gw2"]
         });
-        let around = wait_until("c1 routes around gw1", Duration::from_secs(5), || {
+        let around = wait_for("c1 routes around gw1", Duration::from_secs(5), || {
             c1_site_devs(site).iter().all(|d| d.starts_with("ap-gw2-"))
         });
         assert_eq!(site.live("c1"), 8, "c1's links to gw1 stay up");
@@ -1345,11 +1336,11 @@ fn a_drained_gateway_cuts_no_connection_and_stays_drained_through_a_restart() {
         // Stop and start gw1's daemon: still drained.
         let pid = daemon_pid(site, "gw1");
         run("kill", &["-TERM", &pid.to_string()]);
-        wait_until("gw1's daemon exits", Duration::from_secs(10), || {
+        wait_for("gw1's daemon exits", Duration::from_secs(10), || {
             !Path::new(&format!("/proc/{pid}")).exists()
         });
         restart_daemon(site, "gw1");
-        let back = wait_until("gw1's links back", Duration::from_secs(20), || {
+        let back = wait_for("gw1's links back", Duration::from_secs(20), || {
             site.status("gw1")["links"].as_array().is_some_and(|l| {
                 l.iter()
                     .filter(|l| l["alive"] == true && l["peer"] == "c1")
@@ -1370,12 +1361,12 @@ fn a_drained_gateway_cuts_no_connection_and_stays_drained_through_a_restart() {
         // Undrain.
         let said = drain("undrain");
         assert!(said.contains("now in service"), "{said}");
-        let again = wait_until(
+        let again = wait_for(
             "the site router takes gw1 back",
             Duration::from_secs(10),
             || site_paths(site, "10.200.0.11") == ["gw1", "gw2"],
         );
-        let spread = wait_until(
+        let spread = wait_for(
             "c1 routes over both gateways",
             Duration::from_secs(5),
             || c1_site_devs(site).len() == 8,

@@ -6,6 +6,7 @@
 
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_appliance");
 
@@ -604,4 +605,34 @@ pub fn dual_stack_bird_conf(statics: &str, export4: &str) -> String {
          protocol bgp gw1 from gateways {{ neighbor 10.10.0.2; }}\n\
          protocol bgp gw2 from gateways {{ neighbor 10.10.0.3; }}\n"
     )
+}
+
+/// Poll `ok` until it holds; fails the test after `timeout`. Returns how long it took.
+pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Duration {
+    let t0 = std::time::Instant::now();
+    while !ok() {
+        assert!(
+            t0.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t0.elapsed()
+}
+
+/// The two-gateway lab's site router: bird in `site`, iBGP with gw1 and gw2, installing what
+/// it learns (merged into multipath routes) and announcing nothing.
+pub fn bird_site_router(site: &Netns, dir: &std::path::Path) -> Proc {
+    bird(
+        site,
+        dir,
+        "bird",
+        "router id 10.10.0.1;\n\
+         protocol device {}\n\
+         protocol kernel { ipv4 { import none; export all; }; merge paths on; }\n\
+         template bgp gateways { local 10.10.0.1 as 65010; neighbor as 65010; direct; hold time 30; ipv4 { import all; export none; }; }\n\
+         protocol bgp gw1 from gateways { neighbor 10.10.0.2; }\n\
+         protocol bgp gw2 from gateways { neighbor 10.10.0.3; }\n",
+    )
+    .0
 }
