@@ -33,6 +33,7 @@ fn link() -> &'static (Link, Instant, Vec<u8>) {
                 peers: vec![PeerSpec {
                     name: "gw1".into(),
                     public_key: gw.public(),
+                    next_key: None,
                     endpoint: Some("192.0.2.1:51820".parse().unwrap()),
                     allowed: vec!["10.10.0.0/16".parse().unwrap()],
                     routes: vec!["10.10.0.0/16".parse().unwrap()],
@@ -57,6 +58,8 @@ fn link() -> &'static (Link, Instant, Vec<u8>) {
             peers: vec![PeerSpec {
                 name: "c1".into(),
                 public_key: node.public(),
+                // A rotating node: two sessions, the path a key rotation adds.
+                next_key: Some(PrivateKey::generate().public()),
                 endpoint: None,
                 allowed: vec!["10.200.0.11/32".parse().unwrap()],
                 routes: vec!["10.200.0.11/32".parse().unwrap()],

@@ -26,7 +26,7 @@ use prefix_trie::PrefixMap;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -73,17 +73,47 @@ pub struct PeerStats {
 /// restarted (its sessions gone) would drop every packet of the old session for that long.
 pub const REHANDSHAKE_DEAD: Duration = Duration::from_secs(1);
 
-/// A peer on a link. Its session state lives behind an `Arc` so a reload that keeps the peer
-/// (same public key) keeps the session, the learned endpoint and the counters.
+/// A peer on a link: one Noise session per key the site file lists for it (its current key,
+/// and its next one while it rotates). Sessions, the learned endpoint and the counters live
+/// behind `Arc`s, so a reload that keeps a key keeps its session, and a link that moves to a
+/// new key of its own ([`Link::rekeyed`]) keeps the endpoints and counters.
 pub struct Peer {
     pub spec: PeerSpec,
-    /// Our session index for this peer (the top 24 bits of boringtun's receiver index).
-    index: u32,
-    state: Arc<PeerState>,
+    sessions: Vec<Arc<Session>>,
+    /// The session packets go out on: the one the peer last proved live with (data, or a
+    /// handshake it answered). A rotating peer moves from one key's session to the other.
+    active: AtomicUsize,
+    shared: Arc<PeerShared>,
 }
 
-struct PeerState {
+/// One Noise state machine, for one of the peer's keys.
+struct Session {
+    key: PublicKey,
+    /// Our session index (the top 24 bits of boringtun's receiver index).
+    index: u32,
     tunn: Mutex<Tunn>,
+}
+
+/// What a rebuilt link takes over from a running peer.
+struct Kept<'a> {
+    shared: Arc<PeerShared>,
+    sessions: &'a [Arc<Session>],
+    /// The key of the session packets went out on.
+    active: Option<PublicKey>,
+}
+
+impl<'a> From<&'a Peer> for Kept<'a> {
+    fn from(p: &'a Peer) -> Kept<'a> {
+        Kept {
+            shared: p.shared.clone(),
+            sessions: &p.sessions,
+            active: Some(p.active().key),
+        }
+    }
+}
+
+/// What a peer's sessions share: where it is and what it did.
+struct PeerShared {
     endpoint: RwLock<Option<SocketAddr>>,
     stats: PeerStats,
     /// Where the last refused claim came from (for the daemon's log and status).
@@ -92,7 +122,12 @@ struct PeerState {
 
 impl Peer {
     pub fn stats(&self) -> &PeerStats {
-        &self.state.stats
+        &self.shared.stats
+    }
+
+    fn active(&self) -> &Session {
+        let i = self.active.load(Ordering::Relaxed);
+        &self.sessions[i.min(self.sessions.len() - 1)]
     }
 }
 
@@ -130,8 +165,10 @@ pub struct Link {
     /// before a session sees it.
     tunn_limiter: Arc<RateLimiter>,
     peers: Vec<Peer>,
-    by_key: HashMap<PublicKey, usize>,
-    by_index: HashMap<u32, usize>,
+    /// Peer key → (peer, session); a rotating peer has two.
+    by_key: HashMap<PublicKey, (usize, usize)>,
+    /// Our session index → (peer, session).
+    by_index: HashMap<u32, (usize, usize)>,
     next_index: u32,
     lpm4: PrefixMap<Ipv4Net, usize>,
     lpm6: PrefixMap<Ipv6Net, usize>,
@@ -176,41 +213,109 @@ pub struct Inbound {
 impl Link {
     /// A link from its spec, with a fresh session state for every peer.
     pub fn new(spec: &LinkSpec, private: &PrivateKey, now: Instant) -> Link {
-        let secret = x25519::StaticSecret::from(private.0);
-        let public = x25519::PublicKey::from(&secret);
-        let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
-        let tunn_limiter = Arc::new(RateLimiter::new(&public, u64::MAX));
-        let mut link = Link {
-            spec_dev: spec.dev.clone(),
-            index: spec.index,
-            clamp_mtu: spec.clamp_mtu,
-            keepalive_ms: spec.keepalive_ms,
-            draining: spec.draining,
-            refuse_new: Arc::default(),
-            listen_port: spec.listen_port,
-            private: secret,
-            public,
-            rate_limiter,
-            tunn_limiter,
-            peers: Vec::new(),
-            by_key: HashMap::new(),
-            by_index: HashMap::new(),
-            next_index: 1,
-            lpm4: PrefixMap::new(),
-            lpm6: PrefixMap::new(),
-            epoch: now,
-            stats: Arc::default(),
-        };
+        let mut link = Link::empty(spec, private, now, Arc::default(), Arc::default(), 1);
         for p in &spec.peers {
             link.add_peer(p.clone(), None);
         }
         link
     }
 
-    /// The same link with a new peer list (a config reload). Peers whose public key is
-    /// unchanged keep their session, endpoint and counters: they do not handshake again.
+    /// A link with no peers yet, under `private`.
+    fn empty(
+        spec: &LinkSpec,
+        private: &PrivateKey,
+        epoch: Instant,
+        stats: Arc<LinkStats>,
+        refuse_new: Arc<AtomicBool>,
+        next_index: u32,
+    ) -> Link {
+        let secret = x25519::StaticSecret::from(private.0);
+        let public = x25519::PublicKey::from(&secret);
+        Link {
+            spec_dev: spec.dev.clone(),
+            index: spec.index,
+            clamp_mtu: spec.clamp_mtu,
+            keepalive_ms: spec.keepalive_ms,
+            draining: spec.draining,
+            refuse_new,
+            listen_port: spec.listen_port,
+            private: secret,
+            // mac1 and cookies are keyed on our public key: one limiter per key.
+            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            tunn_limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            public,
+            peers: Vec::new(),
+            by_key: HashMap::new(),
+            by_index: HashMap::new(),
+            next_index,
+            lpm4: PrefixMap::new(),
+            lpm6: PrefixMap::new(),
+            epoch,
+            stats,
+        }
+    }
+
+    /// The same link with a new peer list (a config reload). A peer keeps the session of
+    /// every key it still has, and its endpoint and counters: it does not handshake again. A
+    /// key added beside it (a next key) gets a new session; a key dropped (a retired one)
+    /// loses its session, so handshakes signed with it are refused from then on.
     pub fn rebuild(&self, spec: &LinkSpec) -> Link {
-        let mut link = Link {
+        let mut link = self.empty_like(spec);
+        for p in &spec.peers {
+            let old = p
+                .keys()
+                .find_map(|k| self.by_key.get(&k))
+                .map(|(i, _)| &self.peers[*i]);
+            if let Some(old) = old {
+                if old.spec.endpoint != p.endpoint && p.endpoint.is_some() {
+                    *old.shared.endpoint.write().expect("not poisoned") = p.endpoint;
+                }
+            }
+            link.add_peer(p.clone(), old.map(Kept::from));
+        }
+        link
+    }
+
+    /// The same link under another private key of ours: a key rotation moving this link.
+    /// Every session starts over (the peers must handshake with the new key; call
+    /// [`Link::initiate`] at once), while the endpoints, counters and tables stay.
+    pub fn rekeyed(&self, private: &PrivateKey) -> Link {
+        let mut link = Link::empty(
+            &self.spec_of(),
+            private,
+            self.epoch,
+            self.stats.clone(),
+            self.refuse_new.clone(),
+            self.next_index,
+        );
+        for p in &self.peers {
+            let kept = Kept {
+                shared: p.shared.clone(),
+                sessions: &[],
+                active: None,
+            };
+            link.add_peer(p.spec.clone(), Some(kept));
+        }
+        link
+    }
+
+    /// The settings of this link as a spec with no peers (for [`Link::empty`]).
+    fn spec_of(&self) -> LinkSpec {
+        LinkSpec {
+            dev: self.spec_dev.clone(),
+            index: self.index,
+            listen_port: self.listen_port,
+            v6_underlay: false,
+            clamp_mtu: self.clamp_mtu,
+            keepalive_ms: self.keepalive_ms,
+            draining: self.draining,
+            peers: Vec::new(),
+        }
+    }
+
+    /// A link with `spec`'s settings and this one's key, epoch and counters, and no peers.
+    fn empty_like(&self, spec: &LinkSpec) -> Link {
+        Link {
             spec_dev: spec.dev.clone(),
             index: spec.index,
             clamp_mtu: spec.clamp_mtu,
@@ -230,50 +335,62 @@ impl Link {
             lpm6: PrefixMap::new(),
             epoch: self.epoch,
             stats: self.stats.clone(),
-        };
-        for p in &spec.peers {
-            let old = self.by_key.get(&p.public_key).map(|i| &self.peers[*i]);
-            if let Some(old) = old {
-                if old.spec.endpoint != p.endpoint && p.endpoint.is_some() {
-                    *old.state.endpoint.write().expect("not poisoned") = p.endpoint;
-                }
-            }
-            link.add_peer(p.clone(), old.map(|o| (o.index, o.state.clone())));
         }
-        link
     }
 
-    /// Add a peer, with the session index and state of a running peer when given.
-    fn add_peer(&mut self, spec: PeerSpec, existing: Option<(u32, Arc<PeerState>)>) {
+    /// Add a peer. From a running peer it takes the endpoint, counters and the session of
+    /// every key both list; other keys get a new session.
+    fn add_peer(&mut self, spec: PeerSpec, old: Option<Kept<'_>>) {
         let idx = self.peers.len();
-        let (index, state) = existing.unwrap_or_else(|| {
-            let index = self.next_index;
-            self.next_index += 1;
-            let tunn = Tunn::new(
-                self.private.clone(),
-                x25519::PublicKey::from(spec.public_key.0),
-                None,
-                None,
-                index,
-                Some(self.tunn_limiter.clone()),
-            );
-            let state = PeerState {
+        let shared = old.as_ref().map(|o| o.shared.clone()).unwrap_or_else(|| {
+            Arc::new(PeerShared {
                 endpoint: RwLock::new(spec.endpoint),
-                tunn: Mutex::new(tunn),
                 stats: PeerStats::default(),
                 claimant: Mutex::new(None),
-            };
-            (index, Arc::new(state))
+            })
         });
-        let peer = Peer { spec, index, state };
+        let mut sessions = Vec::new();
+        for key in spec.keys() {
+            let kept = old
+                .as_ref()
+                .and_then(|o| o.sessions.iter().find(|s| s.key == key));
+            let session = kept.cloned().unwrap_or_else(|| {
+                let index = self.next_index;
+                self.next_index += 1;
+                Arc::new(Session {
+                    key,
+                    index,
+                    tunn: Mutex::new(Tunn::new(
+                        self.private.clone(),
+                        x25519::PublicKey::from(key.0),
+                        None,
+                        None,
+                        index,
+                        Some(self.tunn_limiter.clone()),
+                    )),
+                })
+            });
+            self.by_key.insert(key, (idx, sessions.len()));
+            self.by_index.insert(session.index, (idx, sessions.len()));
+            sessions.push(session);
+        }
+        // Packets keep going out on the session they went out on.
+        let active = old
+            .and_then(|o| o.active)
+            .and_then(|k| sessions.iter().position(|s| s.key == k))
+            .unwrap_or(0);
+        let peer = Peer {
+            spec,
+            sessions,
+            active: AtomicUsize::new(active),
+            shared,
+        };
         for r in &peer.spec.routes {
             match r {
                 IpNet::V4(n) => self.lpm4.insert(*n, idx),
                 IpNet::V6(n) => self.lpm6.insert(*n, idx),
             };
         }
-        self.by_key.insert(peer.spec.public_key, idx);
-        self.by_index.insert(peer.index, idx);
         self.peers.push(peer);
     }
 
@@ -299,7 +416,7 @@ impl Link {
     }
 
     pub fn endpoint(&self, peer: &Peer) -> Option<SocketAddr> {
-        *peer.state.endpoint.read().expect("not poisoned")
+        *peer.shared.endpoint.read().expect("not poisoned")
     }
 
     pub fn reset_rate_limiter(&self) {
@@ -349,7 +466,7 @@ impl Link {
             _ => packet,
         };
         let res = peer
-            .state
+            .active()
             .tunn
             .lock()
             .expect("not poisoned")
@@ -369,8 +486,12 @@ impl Link {
         }
     }
 
-    /// Which peer a datagram is for, without touching any session.
-    fn classify(&self, from: SocketAddr, datagram: &[u8]) -> Result<usize, Option<Vec<u8>>> {
+    /// Which peer and session a datagram is for, without touching any session.
+    fn classify(
+        &self,
+        from: SocketAddr,
+        datagram: &[u8],
+    ) -> Result<(usize, usize), Option<Vec<u8>>> {
         let packet = Tunn::parse_incoming_packet(datagram).map_err(|_| None)?;
         if matches!(
             packet,
@@ -419,7 +540,7 @@ impl Link {
         now: Instant,
     ) -> Inbound {
         let mut result = Inbound::default();
-        let idx = match self.classify(from, datagram) {
+        let (idx, sx) = match self.classify(from, datagram) {
             Ok(i) => i,
             Err(cookie) => {
                 if let Some(c) = cookie {
@@ -438,19 +559,19 @@ impl Link {
         // Data from a new address still roams (NAT rebinding, a relay change), and once the
         // holder falls silent the claimant's next handshake is taken.
         if datagram.first() == Some(&1) && peer.spec.endpoint.is_none() {
-            let held = *peer.state.endpoint.read().expect("not poisoned");
+            let held = *peer.shared.endpoint.read().expect("not poisoned");
             let heard = peer.stats().last_rx.load(Ordering::Relaxed);
             let fresh = heard != 0
                 && self.ns(now).saturating_sub(heard) < 2 * self.keepalive_ms as u64 * 1_000_000;
             if held.is_some_and(|h| h != from) && fresh {
                 peer.stats().claims_refused.fetch_add(1, Ordering::Relaxed);
-                *peer.state.claimant.lock().expect("not poisoned") = Some(from);
+                *peer.shared.claimant.lock().expect("not poisoned") = Some(from);
                 result.dropped = Some(DropReason::Claimed);
                 return result;
             }
         }
         let is_handshake = matches!(datagram.first(), Some(1) | Some(2));
-        let mut tunn = peer.state.tunn.lock().expect("not poisoned");
+        let mut tunn = peer.sessions[sx].tunn.lock().expect("not poisoned");
         let mut authenticated = false;
         let mut spoofed = false;
         match tunn.decapsulate(Some(from.ip()), datagram, out) {
@@ -510,7 +631,12 @@ impl Link {
             peer.stats().last_rx.store(self.ns(now), Ordering::Relaxed);
             // Roaming: the peer is wherever its last authenticated packet came from (a node
             // behind NAT is known only by its translated address).
-            let mut ep = peer.state.endpoint.write().expect("not poisoned");
+            // Anything but an initiation it sent proves this session live at the peer: packets
+            // go out on it from now on (a rotating peer has moved to this key).
+            if datagram.first() != Some(&1) && peer.active.load(Ordering::Relaxed) != sx {
+                peer.active.store(sx, Ordering::Relaxed);
+            }
+            let mut ep = peer.shared.endpoint.write().expect("not poisoned");
             if *ep != Some(from) {
                 *ep = Some(from);
             }
@@ -548,7 +674,7 @@ impl Link {
             let Some(ep) = self.endpoint(peer) else {
                 continue;
             };
-            let mut tunn = peer.state.tunn.lock().expect("not poisoned");
+            let mut tunn = peer.active().tunn.lock().expect("not poisoned");
             if let TunnResult::WriteToNetwork(b) = tunn.update_timers(&mut buf) {
                 out.push((ep, b.to_vec()));
             }
@@ -556,29 +682,29 @@ impl Link {
             if last == 0 || Duration::from_nanos(now_ns.saturating_sub(last)) >= policy.interval {
                 let hears = policy.is_alive(self.last_rx(peer), now);
                 let last_re = peer.stats().last_rehandshake.load(Ordering::Relaxed);
-                let res = if tunn.stats().0.is_none() {
+                if tunn.stats().0.is_none() {
                     // No session yet: start the handshake rather than queue a probe whose
                     // "hears you" would be stale by the time it is sent.
-                    tunn.format_handshake_initiation(&mut buf, false)
+                    drop(tunn);
+                    out.extend(self.initiations(peer, ep, false));
                 } else if !hears
                     && peer.spec.endpoint.is_some()
                     && (last_re == 0
                         || Duration::from_nanos(now_ns.saturating_sub(last_re)) >= REHANDSHAKE_DEAD)
                 {
-                    // The link went silent: the peer may have lost our session (a restart).
-                    // The dialling side starts a new one, once a second while it stays silent.
+                    // The link went silent: the peer may have lost our session (a restart),
+                    // or moved to its next key. The dialling side starts a new one, once a
+                    // second while it stays silent.
                     peer.stats()
                         .last_rehandshake
                         .store(now_ns, Ordering::Relaxed);
-                    tunn.format_handshake_initiation(&mut buf, true)
+                    drop(tunn);
+                    out.extend(self.initiations(peer, ep, true));
                 } else {
-                    tunn.encapsulate(
-                        &crate::datapath::probe::packet(hears, self.draining),
-                        &mut buf,
-                    )
-                };
-                if let TunnResult::WriteToNetwork(b) = res {
-                    out.push((ep, b.to_vec()));
+                    let probe = crate::datapath::probe::packet(hears, self.draining);
+                    if let TunnResult::WriteToNetwork(b) = tunn.encapsulate(&probe, &mut buf) {
+                        out.push((ep, b.to_vec()));
+                    }
                 }
                 peer.stats().last_probe_tx.store(now_ns, Ordering::Relaxed);
             }
@@ -602,9 +728,48 @@ impl Link {
         }
     }
 
+    /// A handshake initiation on each of `peer`'s sessions: the one whose key the peer holds
+    /// now completes, the others are refused by it.
+    fn initiations(&self, peer: &Peer, ep: SocketAddr, force: bool) -> Vec<(SocketAddr, Vec<u8>)> {
+        let mut buf = [0u8; 256];
+        peer.sessions
+            .iter()
+            .filter_map(|s| {
+                let mut tunn = s.tunn.lock().expect("not poisoned");
+                match tunn.format_handshake_initiation(&mut buf, force) {
+                    TunnResult::WriteToNetwork(b) => Some((ep, b.to_vec())),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
+    /// Handshake initiations to every peer whose endpoint is known: a link that moved to a
+    /// new key of ours ([`Link::rekeyed`]) says so at once rather than at its next probe.
+    pub fn initiate(&self) -> Vec<(SocketAddr, Vec<u8>)> {
+        self.peers
+            .iter()
+            .filter_map(|p| self.endpoint(p).map(|ep| (p, ep)))
+            .flat_map(|(p, ep)| self.initiations(p, ep, true))
+            .collect()
+    }
+
+    /// Whether every peer in `peers` holds a session with this link's key (a handshake
+    /// completed since it was rekeyed).
+    pub fn established(&self, peers: &std::collections::BTreeSet<String>) -> bool {
+        self.peers
+            .iter()
+            .filter(|p| peers.contains(&p.spec.name))
+            .all(|p| {
+                p.sessions
+                    .iter()
+                    .any(|s| s.tunn.lock().expect("not poisoned").stats().0.is_some())
+            })
+    }
+
     /// Seconds since the last completed handshake with `peer`, as boringtun tracks it.
     pub fn handshake_age(&self, peer: &Peer) -> Option<Duration> {
-        peer.state.tunn.lock().expect("not poisoned").stats().0
+        peer.active().tunn.lock().expect("not poisoned").stats().0
     }
 }
 
@@ -690,7 +855,7 @@ impl Link {
                 transitions: 0,
                 claims_refused: p.stats().claims_refused.load(Ordering::Relaxed),
                 claimant: p
-                    .state
+                    .shared
                     .claimant
                     .lock()
                     .expect("not poisoned")
@@ -778,54 +943,68 @@ mod tests {
         gw_clamp: Option<u32>,
         node_clamp: Option<u32>,
     ) -> (Link, Link) {
-        let gw = Link::new(
-            &LinkSpec {
-                dev: "ap-l0".into(),
-                index: 0,
-                listen_port: Some(51820),
-                v6_underlay: false,
-                clamp_mtu: gw_clamp,
-                keepalive_ms: 300,
-                draining: false,
-                peers: vec![PeerSpec {
-                    name: "c1".into(),
-                    public_key: nk.public(),
-                    endpoint: None,
-                    allowed: vec!["10.200.0.11/32".parse().unwrap()],
-                    routes: vec!["10.200.0.11/32".parse().unwrap()],
-                }],
-            },
-            gk,
-            t0(),
-        );
-        let node = Link::new(
-            &LinkSpec {
-                dev: "ap-gw1-0".into(),
-                index: 0,
-                listen_port: None,
-                v6_underlay: false,
-                clamp_mtu: node_clamp,
-                keepalive_ms: 300,
-                draining: false,
-                peers: vec![PeerSpec {
-                    name: "gw1".into(),
-                    public_key: gk.public(),
-                    endpoint: Some(GW.parse().unwrap()),
-                    allowed: vec!["10.10.0.0/16".parse().unwrap()],
-                    routes: vec!["10.10.0.0/16".parse().unwrap()],
-                }],
-            },
-            nk,
-            t0(),
-        );
-        (gw, node)
+        (
+            Link::new(&gw_spec(nk.public(), None, gw_clamp), gk, t0()),
+            Link::new(&node_spec(gk.public(), None, node_clamp), nk, t0()),
+        )
+    }
+
+    /// The gateway's link 0, its one peer node c1 (10.200.0.11) holding `key` (and `next`).
+    fn gw_spec(key: PublicKey, next: Option<PublicKey>, clamp: Option<u32>) -> LinkSpec {
+        LinkSpec {
+            dev: "ap-l0".into(),
+            index: 0,
+            listen_port: Some(51820),
+            v6_underlay: false,
+            clamp_mtu: clamp,
+            keepalive_ms: 300,
+            draining: false,
+            peers: vec![PeerSpec {
+                name: "c1".into(),
+                public_key: key,
+                next_key: next,
+                endpoint: None,
+                allowed: vec!["10.200.0.11/32".parse().unwrap()],
+                routes: vec!["10.200.0.11/32".parse().unwrap()],
+            }],
+        }
+    }
+
+    /// The node's link 0 to gateway gw1 holding `key` (and `next`).
+    fn node_spec(key: PublicKey, next: Option<PublicKey>, clamp: Option<u32>) -> LinkSpec {
+        LinkSpec {
+            dev: "ap-gw1-0".into(),
+            index: 0,
+            listen_port: None,
+            v6_underlay: false,
+            clamp_mtu: clamp,
+            keepalive_ms: 300,
+            draining: false,
+            peers: vec![PeerSpec {
+                name: "gw1".into(),
+                public_key: key,
+                next_key: next,
+                endpoint: Some(GW.parse().unwrap()),
+                allowed: vec!["10.10.0.0/16".parse().unwrap()],
+                routes: vec!["10.10.0.0/16".parse().unwrap()],
+            }],
+        }
     }
 
     /// Deliver datagrams back and forth until nothing is left; returns packets that reached
     /// each side's tun device.
-    fn pump(gw: &Link, node: &Link, mut to_gw: Vec<Vec<u8>>) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    fn pump(gw: &Link, node: &Link, to_gw: Vec<Vec<u8>>) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        pump_both(gw, node, to_gw, Vec::new())
+    }
+
+    /// [`pump`], with datagrams for the node too.
+    fn pump_both(
+        gw: &Link,
+        node: &Link,
+        mut to_gw: Vec<Vec<u8>>,
+        mut to_node: Vec<Vec<u8>>,
+    ) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
         let (mut at_gw, mut at_node) = (Vec::new(), Vec::new());
-        let mut to_node: Vec<Vec<u8>> = Vec::new();
         let mut out = vec![0u8; MAX_PACKET];
         for _ in 0..10 {
             for d in std::mem::take(&mut to_gw) {
@@ -879,7 +1058,9 @@ mod tests {
 
     fn connect(gw: &Link, node: &Link) {
         let hello = node.tick(P, t0());
-        assert_eq!(hello.len(), 1, "the node initiates");
+        // On each of the gateway's keys (two while it rotates).
+        let keys = node.peers()[0].spec.keys().count();
+        assert_eq!(hello.len(), keys, "the node initiates");
         pump(gw, node, hello.into_iter().map(|(_, d)| d).collect());
         assert_eq!(gw.peers()[0].stats().handshakes.load(Ordering::Relaxed), 1);
     }
@@ -1004,6 +1185,131 @@ mod tests {
         assert!(r.dropped.is_none(), "{r:?}");
         assert_eq!(r.to_net[0].1[0], 2, "answered with a handshake response");
         assert_eq!(gw.endpoint(p), Some(claimant));
+    }
+
+    fn handshakes(l: &Link) -> u64 {
+        l.peers()[0].stats().handshakes.load(Ordering::Relaxed)
+    }
+
+    const UP: ([u8; 4], [u8; 4]) = ([10, 200, 0, 11], [10, 10, 0, 1]);
+    const DOWN: ([u8; 4], [u8; 4]) = ([10, 10, 0, 1], [10, 200, 0, 11]);
+
+    /// One packet each way; asserts both arrive.
+    fn both_ways(gw: &Link, node: &Link, what: &str) {
+        let up = ipv4_packet(UP.0, UP.1, what.as_bytes());
+        let (at_gw, _) = pump(gw, node, vec![seal(node, &up)]);
+        assert_eq!(at_gw, vec![up], "node → gateway: {what}");
+        let down = ipv4_packet(DOWN.0, DOWN.1, what.as_bytes());
+        let (_, at_node) = pump_both(gw, node, vec![], vec![seal(gw, &down)]);
+        assert_eq!(at_node, vec![down], "gateway → node: {what}");
+    }
+
+    /// A node rotates: the site file lists its next key beside the current one (the gateway
+    /// keeps the running session and adds one), the node moves its link to the next key with
+    /// one handshake, traffic flows on it both ways, and once the site file retires the old
+    /// key a handshake signed with it is refused while the moved session runs on.
+    #[test]
+    fn a_node_moves_a_link_to_its_next_key_and_the_retired_key_is_refused() {
+        let (gk, old, new) = (
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+        );
+        let (gw, node) = links(&gk, &old, None, None);
+        connect(&gw, &node);
+        let gw = gw.rebuild(&gw_spec(old.public(), Some(new.public()), None));
+        both_ways(&gw, &node, "next key announced");
+        assert_eq!(handshakes(&gw), 1, "announcing a next key costs no handshake");
+
+        let moved = node.rekeyed(&new);
+        assert_eq!(moved.public_key(), new.public());
+        let hello = moved.initiate();
+        assert_eq!(hello.len(), 1, "the moved link says its new key at once");
+        pump(&gw, &moved, hello.into_iter().map(|(_, d)| d).collect());
+        assert_eq!(handshakes(&gw), 2, "one handshake moves the link");
+        assert_eq!(handshakes(&moved), 2, "the counters survive the move");
+        assert!(moved.established(&["gw1".to_string()].into()));
+        both_ways(&gw, &moved, "on the next key");
+
+        let retired = gw.rebuild(&gw_spec(new.public(), None, None));
+        both_ways(&retired, &moved, "old key retired");
+        assert_eq!(handshakes(&retired), 2, "retiring costs no handshake");
+        let (_, stale) = links(&gk, &old, None, None);
+        let hello = stale.tick(P, t0());
+        let mut out = vec![0u8; MAX_PACKET];
+        let r = retired.inbound(NODE.parse().unwrap(), &hello[0].1, &mut out, t0());
+        assert_eq!(r.dropped, Some(DropReason::Invalid), "{r:?}");
+        assert!(r.to_net.is_empty(), "no answer to the retired key");
+        assert_eq!(handshakes(&retired), 2);
+        both_ways(&retired, &moved, "after the refusal");
+    }
+
+    /// A gateway rotates: it knows the node's endpoint, so the moved link's handshake goes
+    /// out at once; the node, whose site file lists both keys, answers on the next key's
+    /// session and sends on it from then on.
+    #[test]
+    fn a_gateway_moves_a_link_to_its_next_key_and_the_node_follows_at_once() {
+        let (nk, old, new) = (
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+        );
+        let gw = Link::new(&gw_spec(nk.public(), None, None), &old, t0());
+        let node = Link::new(
+            &node_spec(old.public(), Some(new.public()), None),
+            &nk,
+            t0(),
+        );
+        connect(&gw, &node);
+        let moved = gw.rekeyed(&new);
+        assert!(!moved.established(&["c1".to_string()].into()));
+        let hello = moved.initiate();
+        assert_eq!(hello.len(), 1);
+        assert_eq!(hello[0].0, NODE.parse::<SocketAddr>().unwrap(), "to the learned endpoint");
+        pump_both(&moved, &node, vec![], hello.into_iter().map(|(_, d)| d).collect());
+        assert_eq!(handshakes(&node), 2);
+        assert!(moved.established(&["c1".to_string()].into()));
+        both_ways(&moved, &node, "gateway on its next key");
+    }
+
+    /// A node whose gateway moved to its next key while the handshake was lost: once the
+    /// link is silent the node handshakes again on each of the gateway's keys, and the one
+    /// the gateway holds completes.
+    #[test]
+    fn a_silent_gateway_is_handshaken_again_on_each_of_its_keys() {
+        let (nk, old, new) = (
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+        );
+        let gw = Link::new(&gw_spec(nk.public(), None, None), &old, t0());
+        let node = Link::new(
+            &node_spec(old.public(), Some(new.public()), None),
+            &nk,
+            t0(),
+        );
+        connect(&gw, &node);
+        let moved = gw.rekeyed(&new);
+        let silent = t0() + Duration::from_secs(1);
+        let hello = node.tick(P, silent);
+        assert_eq!(hello.len(), 2, "one initiation per key: {hello:?}");
+        let mut out = vec![0u8; MAX_PACKET];
+        let answers: Vec<Inbound> = hello
+            .iter()
+            .map(|(_, d)| moved.inbound(NODE.parse().unwrap(), d, &mut out, silent))
+            .collect();
+        assert_eq!(
+            answers.iter().filter(|r| r.to_net.len() == 1).count(),
+            1,
+            "only the key it holds is answered"
+        );
+        let response = answers
+            .into_iter()
+            .flat_map(|r| r.to_net)
+            .map(|(_, d)| d)
+            .collect();
+        pump_both(&moved, &node, vec![], response);
+        both_ways(&moved, &node, "after the second handshake");
     }
 
     #[test]

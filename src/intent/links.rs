@@ -42,10 +42,20 @@ pub struct PeerSpec {
     /// Host name of the peer (node on a gateway, gateway on a node).
     pub name: String,
     pub public_key: PublicKey,
+    /// The peer's next key while it rotates (`next-public-key`): handshakes signed with
+    /// either are taken, each on its own session.
+    pub next_key: Option<PublicKey>,
     /// Where to send; None until the peer's first handshake tells us (gateways).
     pub endpoint: Option<SocketAddr>,
     /// Inner source prefixes accepted from this peer.
     pub allowed: Vec<IpNet>,
     /// Inner destination prefixes sent to this peer on this device.
     pub routes: Vec<IpNet>,
+}
+
+impl PeerSpec {
+    /// The keys this peer may handshake with: its current one, then its next one.
+    pub fn keys(&self) -> impl Iterator<Item = PublicKey> + '_ {
+        std::iter::once(self.public_key).chain(self.next_key)
+    }
 }

@@ -275,6 +275,7 @@ fn gateway(cfg: &Config, name: &str, inputs: Inputs<'_>) -> (HostState, Vec<Link
                 .map(|(n, p)| PeerSpec {
                     name: n.name.clone(),
                     public_key: n.public_key,
+                    next_key: n.next_public_key,
                     // Learned from the node's handshakes: nodes may sit behind NAT.
                     endpoint: None,
                     allowed: p.accepts.clone(),
@@ -416,6 +417,7 @@ fn node(
                 peers: vec![PeerSpec {
                     name: g.name.clone(),
                     public_key: g.public_key,
+                    next_key: g.next_public_key,
                     endpoint: Some(SocketAddr::new(g.endpoint, cfg.site.link_port(t.index))),
                     allowed: t.peers[0].accepts.clone(),
                     routes: t.peers[0].sends.clone(),

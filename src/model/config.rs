@@ -84,6 +84,9 @@ pub struct Gateway {
     /// router gets for IPv6 routes.
     pub site_address_v6: Option<IpAddr>,
     pub public_key: PublicKey,
+    /// The key it moves its links to, one at a time (`next-public-key`, `appliance
+    /// rotate-key`): its peers take handshakes signed with either until it is retired.
+    pub next_public_key: Option<PublicKey>,
     /// Out of service (`drain #true`, `appliance drain`): its paths leave the site routers and
     /// the nodes stop sending through it, while its tunnels and sessions stay up.
     pub drain: bool,
@@ -106,6 +109,8 @@ pub struct Node {
     /// Prefixes assigned to this node (default: `address` as a host route).
     pub prefixes: Vec<IpNet>,
     pub public_key: PublicKey,
+    /// The key it moves its links to (see [`Gateway::next_public_key`]).
+    pub next_public_key: Option<PublicKey>,
     /// Pool this node is a slot of, if any.
     pub pool: Option<String>,
     /// Who speaks iBGP for this node: appliance itself, or a routing daemon of the node's own
@@ -325,8 +330,20 @@ const SITE: &[&str] = &[
     "clamp-mss",
     "metrics-port",
 ];
-const GATEWAY: &[&str] = &["endpoint", "site-address", "public-key", "drain"];
-const NODE: &[&str] = &["address", "prefix", "public-key", "bgp-speaker"];
+const GATEWAY: &[&str] = &[
+    "endpoint",
+    "site-address",
+    "public-key",
+    "next-public-key",
+    "drain",
+];
+const NODE: &[&str] = &[
+    "address",
+    "prefix",
+    "public-key",
+    "next-public-key",
+    "bgp-speaker",
+];
 const RELAY: &[&str] = &["public-address", "private-address"];
 const POOL: &[&str] = &["prefix", "count", "key", "dhcp-start"];
 const BGP: &[&str] = &[
@@ -774,6 +791,14 @@ impl Loader<'_> {
         }
     }
 
+    /// `next-public-key`: `Some(None)` when it is absent, `None` when it is invalid.
+    fn next_key(&mut self, f: &Fields<'_>) -> Option<Option<PublicKey>> {
+        match f.by_name.get("next-public-key").and_then(|v| v.first()) {
+            None => Some(None),
+            Some(n) => self.field_key(n).map(Some),
+        }
+    }
+
     fn field_key(&mut self, field: &KdlNode) -> Option<PublicKey> {
         let (v, span) = self.arg(field)?;
         self.key(v, span)
@@ -942,6 +967,7 @@ impl Loader<'_> {
         let public_key = self
             .required(&f, "public-key")
             .and_then(|n| self.field_key(n));
+        let next_public_key = self.next_key(&f)?;
         let drain = match f.by_name.get("drain").and_then(|v| v.first()) {
             Some(n) => self.boolean(n)?,
             None => false,
@@ -952,6 +978,7 @@ impl Loader<'_> {
             site_address: first?,
             site_address_v6,
             public_key: public_key?,
+            next_public_key,
             drain,
         })
     }
@@ -964,6 +991,7 @@ impl Loader<'_> {
         let public_key = self
             .required(&f, "public-key")
             .and_then(|n| self.field_key(n));
+        let next_public_key = self.next_key(&f)?;
         let bgp_speaker = match f.by_name.get("bgp-speaker").and_then(|v| v.first()) {
             None => Some(BgpSpeaker::Appliance),
             Some(field) => match self.string(field) {
@@ -991,6 +1019,7 @@ impl Loader<'_> {
             address,
             prefixes,
             public_key: public_key?,
+            next_public_key,
             pool: None,
             bgp_speaker: bgp_speaker?,
         })
@@ -1393,6 +1422,7 @@ fn pool_slots(p: &Pool) -> impl Iterator<Item = Node> + '_ {
             address,
             prefixes: vec![IpNet::from(address)],
             public_key: *key,
+            next_public_key: None,
             pool: Some(p.name.clone()),
             bgp_speaker: BgpSpeaker::Appliance,
         }
@@ -1511,18 +1541,26 @@ impl Semantics<'_> {
         // scans the pool block, which would make a 10,000-slot pool quadratic.
         enum At<'n> {
             Field(&'n KdlNode),
+            Next(&'n KdlNode),
             Slot(&'n KdlNode, u32),
         }
         let span = |at: &At<'_>| match at {
             At::Field(n) => field_span(n, "public-key", 0),
+            At::Next(n) => field_span(n, "next-public-key", 0),
             At::Slot(n, i) => pool_key_span(n, *i),
         };
         let mut all: Vec<(PublicKey, At<'_>, String)> = Vec::new();
         for (g, n) in gateways {
             all.push((g.public_key, At::Field(n), format!("gateway {:?}", g.name)));
+            if let Some(k) = g.next_public_key {
+                all.push((k, At::Next(n), format!("gateway {:?}'s next key", g.name)));
+            }
         }
         for (x, n) in nodes {
             all.push((x.public_key, At::Field(n), format!("node {:?}", x.name)));
+            if let Some(k) = x.next_public_key {
+                all.push((k, At::Next(n), format!("node {:?}'s next key", x.name)));
+            }
         }
         for (p, n) in pools {
             for (i, k) in &p.keys {
