@@ -5,6 +5,7 @@ use appliance::daemon::status::Reply;
 use appliance::host::netlink::Netlink;
 use appliance::host::reconcile;
 use appliance::model::config::{self, Config};
+use appliance::model::key::PrivateKey;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -189,6 +190,40 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// Rotate this host's WireGuard key without cutting its tunnels. Run on the host: writes
+    /// a new key beside the key file (KEYFILE.next, mode 0600), lists its public key as
+    /// `next-public-key` in the host's block of the site file and hands the file to the
+    /// daemon running here. Deploy the file to the host's peers and reload them: each peer
+    /// then takes handshakes signed with either key, and the host moves its links to the new
+    /// key one at a time while the others carry the traffic (`appliance status` shows how
+    /// far; a link whose peers do not take the new key within 5 s goes back and is retried
+    /// every 30 s). Then run it again with --finish.
+    RotateKey {
+        #[command(flatten)]
+        file: ConfigFile,
+        /// The host (a gateway or a node listed by name; a pool's keys come from its secret:
+        /// provision the pool again with a new one).
+        host: String,
+        /// This host's private key file, as `run` reads it.
+        #[arg(
+            short,
+            long,
+            env = "APPLIANCE_KEY_FILE",
+            default_value = "/var/lib/appliance/private.key"
+        )]
+        key_file: PathBuf,
+        /// Retire the old key: the next key becomes the host's `public-key` and moves into the
+        /// key file. Refused until the daemon here runs every link on the next key. Deploy
+        /// the file to the peers and reload them: from then on the old key is refused.
+        #[arg(long)]
+        finish: bool,
+        /// With --finish: retire the old key even though links still run on it (they move to
+        /// the new key, which peers that already dropped the old one require).
+        #[arg(long, requires = "finish")]
+        force: bool,
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+    },
     /// Print the completion script for SHELL, generated from this command line
     /// (bash: `source <(appliance completions bash)`).
     Completions {
@@ -264,6 +299,33 @@ fn main() -> ExitCode {
         }
         Command::Man { dir } => man(dir),
         Command::Drain { file, host, output } => drain(&file.config, &host, true, output),
+        Command::RotateKey {
+            file,
+            host,
+            key_file,
+            finish,
+            force,
+            output,
+        } => {
+            let r = if finish {
+                rotate_finish(&file.config, &host, &key_file, force)
+            } else {
+                rotate_begin(&file.config, &host, &key_file)
+            };
+            match r {
+                Ok(done) => {
+                    match output {
+                        Output::Json => println!("{}", done.json),
+                        Output::Text => println!("{}", done.text),
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    fail(output, &e);
+                    ExitCode::from(EXIT_ERROR)
+                }
+            }
+        }
         Command::Undrain { file, host, output } => drain(&file.config, &host, false, output),
         Command::Provision {
             file,
@@ -592,6 +654,57 @@ fn provision(
     ExitCode::SUCCESS
 }
 
+/// A site file read and parsed, with its text (for an edit).
+fn read_site(path: &std::path::Path) -> Result<(String, Config), String> {
+    let name = path.display().to_string();
+    let text = std::fs::read(path)
+        .map_err(|e| format!("cannot read {name}: {e}"))
+        .and_then(|b| config::text_of(&name, b))?;
+    let cfg = config::parse(&name, &text).map_err(|r| r.render())?;
+    Ok((text, cfg))
+}
+
+/// Write an edited site file (atomically, keeping its mode) once the whole of it checks and
+/// `took` holds of it. Returns whether the file changed.
+fn write_site(
+    path: &std::path::Path,
+    new: &str,
+    took: impl Fn(&Config) -> bool,
+) -> Result<bool, String> {
+    let name = path.display().to_string();
+    match config::parse(&name, new) {
+        Ok(c) if took(&c) => {}
+        Ok(_) => return Err(format!("{name}: the edit did not take; edit it by hand")),
+        Err(r) => return Err(r.render()),
+    }
+    let mode = {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path)
+            .map(|m| m.permissions().mode() & 0o7777)
+            .unwrap_or(0o644)
+    };
+    write_if_changed(path, new.as_bytes(), mode).map_err(|e| format!("cannot write {name}: {e}"))
+}
+
+/// Hand the site file to the daemon running in this network namespace, if one does: its
+/// reply, or None when no daemon runs here.
+fn reload_here(path: &std::path::Path) -> Result<Option<String>, String> {
+    let rt = runtime().map_err(|_| "cannot start the async runtime".to_string())?;
+    let config = std::fs::canonicalize(path).unwrap_or(path.to_path_buf());
+    let req = appliance::daemon::control::Request::Reload {
+        config: Some(config.display().to_string()),
+    };
+    match rt.block_on(appliance::daemon::control::request(&req)) {
+        Ok(r) if r.ok => Ok(Some(r.message.unwrap_or_default())),
+        Ok(r) => Err(format!(
+            "the daemon refused the file: {}",
+            r.error.unwrap_or_default()
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("cannot reach the daemon: {e}")),
+    }
+}
+
 /// `drain` / `undrain`: edit the gateway's block in the site file (formatting and comments
 /// kept), check the result as a whole, write it atomically, then hand it to a daemon running
 /// in this network namespace.
@@ -604,16 +717,9 @@ fn drain(path: &std::path::Path, host: &str, on: bool, output: Output) -> ExitCo
         fail(output, &msg);
         ExitCode::from(EXIT_ERROR)
     };
-    let text = match std::fs::read(path)
-        .map_err(|e| format!("cannot read {name}: {e}"))
-        .and_then(|b| config::text_of(&name, b))
-    {
-        Ok(t) => t,
+    let (text, cfg) = match read_site(path) {
+        Ok(x) => x,
         Err(e) => return err(e),
-    };
-    let cfg = match config::parse(&name, &text) {
-        Ok(c) => c,
-        Err(r) => return err(r.render()),
     };
     let Some(g) = cfg.gateways.iter().find(|g| g.name == host) else {
         return err(match cfg.role_of(host) {
@@ -626,61 +732,27 @@ fn drain(path: &std::path::Path, host: &str, on: bool, output: Output) -> ExitCo
     let what = if on { "drained" } else { "in service" };
     let changed = g.drain != on;
     if changed {
-        let mut doc: kdl::KdlDocument = match text.parse() {
-            Ok(d) => d,
-            Err(e) => return err(format!("{name}: {e}")),
-        };
-        let Some(node) = doc.nodes_mut().iter_mut().find(|n| {
-            n.name().value() == "gateway"
-                && n.entries().first().and_then(|e| e.value().as_string()) == Some(host)
-        }) else {
-            return err(format!("{name}: gateway {host:?} not found"));
-        };
-        let kids = node.ensure_children();
-        kids.nodes_mut().retain(|n| n.name().value() != "drain");
-        if on {
-            let add: kdl::KdlDocument = "    drain #true\n".parse().expect("a valid node");
-            kids.nodes_mut().extend(add.nodes().iter().cloned());
-        }
-        let new = doc.to_string();
-        match config::parse(&name, &new) {
-            Ok(c) if c.gateways.iter().any(|g| g.name == host && g.drain == on) => {}
-            Ok(_) => {
-                return err(format!(
-                    "{name}: the edit did not take; change `drain` by hand"
-                ))
-            }
-            Err(r) => return err(r.render()),
-        }
-        let mode = {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::metadata(path)
-                .map(|m| m.permissions().mode() & 0o7777)
-                .unwrap_or(0o644)
-        };
-        if let Err(e) = write_if_changed(path, new.as_bytes(), mode) {
-            return err(format!("cannot write {name}: {e}"));
+        let edited = appliance::model::edit::set_field(
+            &text,
+            "gateway",
+            host,
+            "drain",
+            on.then_some("#true"),
+        )
+        .map_err(|e| format!("{name}: {e}"))
+        .and_then(|new| {
+            write_site(path, &new, |c| {
+                c.gateways.iter().any(|g| g.name == host && g.drain == on)
+            })
+        });
+        if let Err(e) = edited {
+            return err(e);
         }
     }
     // A daemon running here picks the file up now; elsewhere, deploy it and reload.
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
-    let config = std::fs::canonicalize(path).unwrap_or(path.to_path_buf());
-    let req = appliance::daemon::control::Request::Reload {
-        config: Some(config.display().to_string()),
-    };
-    let daemon = match rt.block_on(appliance::daemon::control::request(&req)) {
-        Ok(r) if r.ok => Some(r.message.unwrap_or_default()),
-        Ok(r) => {
-            return err(format!(
-                "the daemon refused the file: {}",
-                r.error.unwrap_or_default()
-            ))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return err(format!("cannot reach the daemon: {e}")),
+    let daemon = match reload_here(path) {
+        Ok(d) => d,
+        Err(e) => return err(e),
     };
     match output {
         Output::Json => println!(
@@ -699,6 +771,203 @@ fn drain(path: &std::path::Path, host: &str, on: bool, output: Output) -> ExitCo
         }
     }
     ExitCode::SUCCESS
+}
+
+/// What a `rotate-key` step did, for either output.
+struct Said {
+    text: String,
+    json: serde_json::Value,
+}
+
+/// The host a key is rotated for: a gateway or a node listed by name.
+fn rotatable(cfg: &Config, name: &str, host: &str) -> Result<&'static str, String> {
+    if cfg.gateways.iter().any(|g| g.name == host) {
+        return Ok("gateway");
+    }
+    match cfg.nodes.iter().find(|n| n.name == host) {
+        Some(n) if n.pool.is_some() => Err(format!(
+            "{host} is a slot of pool {:?}: its key comes from the pool secret; provision the pool again with a new secret and roll it",
+            n.pool.as_deref().unwrap_or("")
+        )),
+        Some(_) => Ok("node"),
+        None => Err(format!(
+            "{name}: no gateway or node {host:?}{}",
+            match cfg.role_of(host) {
+                Some(role) => format!(" ({host} is a {role}: it has no key)"),
+                None => String::new(),
+            }
+        )),
+    }
+}
+
+/// Write a private key file (0600), replacing any file there atomically.
+fn write_key(path: &std::path::Path, key: &PrivateKey) -> Result<(), String> {
+    write_if_changed(path, format!("{}\n", key.to_base64()).as_bytes(), 0o600)
+        .map(|_| ())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// `rotate-key HOST`: a next key beside the key file, listed in the site file.
+fn rotate_begin(
+    path: &std::path::Path,
+    host: &str,
+    key_file: &std::path::Path,
+) -> Result<Said, String> {
+    use appliance::host::keyfile::load_private_key;
+    let name = path.display().to_string();
+    let (text, cfg) = read_site(path)?;
+    let kind = rotatable(&cfg, &name, host)?;
+    let current = load_private_key(key_file).map_err(|e| e.to_string())?;
+    if cfg.public_key_of(host) != Some(current.public()) {
+        return Err(format!(
+            "{} holds {}, but {name} lists {} for {host}: run this on {host}, with its key file",
+            key_file.display(),
+            current.public(),
+            cfg.public_key_of(host)
+                .map(|k| k.to_string())
+                .unwrap_or_default()
+        ));
+    }
+    let next_file = appliance::daemon::next_key_file(key_file);
+    let held = match next_file.exists() {
+        true => Some(load_private_key(&next_file).map_err(|e| e.to_string())?),
+        false => None,
+    };
+    // A next key file holding the current key is left from a finished rotation.
+    let next = if let Some(k) = held.filter(|k| k.public() != current.public()) {
+        k
+    } else {
+        let k = PrivateKey::generate();
+        write_key(&next_file, &k)?;
+        k
+    };
+    let np = next.public();
+    if let Some(listed) = cfg.next_public_key_of(host) {
+        if listed != np {
+            return Err(format!(
+                "{name} lists next key {listed} for {host}, but {} holds {np}: remove one of them",
+                next_file.display()
+            ));
+        }
+    }
+    let new = appliance::model::edit::set_field(
+        &text,
+        kind,
+        host,
+        "next-public-key",
+        Some(&appliance::model::edit::quoted(&np.to_string())),
+    )
+    .map_err(|e| format!("{name}: {e}"))?;
+    let changed = write_site(path, &new, |c| c.next_public_key_of(host) == Some(np))?;
+    let daemon = reload_here(path)?;
+    Ok(Said {
+        json: serde_json::json!({
+            "ok": true, "host": host, "public_key": current.public().to_string(),
+            "next_public_key": np.to_string(), "next_key_file": next_file.display().to_string(),
+            "changed": changed, "daemon": daemon,
+        }),
+        text: format!(
+            "{host}: next key {np} {} {name}, private half in {}\n{}\nthen: deploy {name} to {host}'s peers and reload them (`appliance reconcile -c FILE` or SIGHUP); {host} moves its links to the new key one at a time (`appliance status`), then `appliance rotate-key {host} --finish`",
+            if changed { "listed in" } else { "already in" },
+            next_file.display(),
+            match &daemon {
+                Some(m) => format!("daemon: {m}"),
+                None => format!("no daemon runs here: {host}'s daemon starts moving its links when it loads {name}"),
+            }
+        ),
+    })
+}
+
+/// `rotate-key HOST --finish`: the next key becomes the key.
+fn rotate_finish(
+    path: &std::path::Path,
+    host: &str,
+    key_file: &std::path::Path,
+    force: bool,
+) -> Result<Said, String> {
+    use appliance::daemon::control::{request, Request};
+    use appliance::host::keyfile::load_private_key;
+    let name = path.display().to_string();
+    let (text, cfg) = read_site(path)?;
+    let kind = rotatable(&cfg, &name, host)?;
+    let next_file = appliance::daemon::next_key_file(key_file);
+    let Some(np) = cfg.next_public_key_of(host) else {
+        return Err(format!(
+            "{name} lists no next key for {host}: nothing to finish (start with `appliance rotate-key {host}`)"
+        ));
+    };
+    let old = cfg
+        .public_key_of(host)
+        .expect("a gateway or node has a key");
+    let held = [key_file, next_file.as_path()]
+        .into_iter()
+        .filter_map(|p| load_private_key(p).ok())
+        .find(|k| k.public() == np)
+        .ok_or_else(|| {
+            format!(
+                "neither {} nor {} holds {host}'s next key {np}: run this on {host}",
+                key_file.display(),
+                next_file.display()
+            )
+        })?;
+    if !force {
+        let rt = runtime().map_err(|_| "cannot start the async runtime".to_string())?;
+        match rt.block_on(request(&Request::Status)) {
+            Ok(r) => {
+                let k = r
+                    .status
+                    .filter(|s| s.host == host)
+                    .and_then(|s| s.key)
+                    .ok_or_else(|| {
+                        format!("the daemon here is not {host}'s: run this on {host}")
+                    })?;
+                if !k.rotated() {
+                    return Err(format!(
+                        "{}/{} of {host}'s links run on the next key{}: wait until all have moved (`appliance status`), or --force",
+                        k.links_on_target,
+                        k.links,
+                        k.moving.map(|d| format!(" (moving {d})")).unwrap_or_default()
+                    ));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot reach the daemon: {e}")),
+        }
+    }
+    // The site file first: the daemon takes whichever of the two files holds the listed key,
+    // so every state in between loads.
+    let new = appliance::model::edit::set_field(
+        &text,
+        kind,
+        host,
+        "public-key",
+        Some(&appliance::model::edit::quoted(&np.to_string())),
+    )
+    .and_then(|t| appliance::model::edit::set_field(&t, kind, host, "next-public-key", None))
+    .map_err(|e| format!("{name}: {e}"))?;
+    write_site(path, &new, |c| {
+        c.public_key_of(host) == Some(np) && c.next_public_key_of(host).is_none()
+    })?;
+    write_key(key_file, &held)?;
+    if next_file.exists() {
+        std::fs::remove_file(&next_file)
+            .map_err(|e| format!("cannot remove {}: {e}", next_file.display()))?;
+    }
+    let daemon = reload_here(path)?;
+    Ok(Said {
+        json: serde_json::json!({
+            "ok": true, "host": host, "public_key": np.to_string(), "retired": old.to_string(),
+            "daemon": daemon,
+        }),
+        text: format!(
+            "{host}: public key now {np} in {name} and {}; {old} retired\n{}\nthen: deploy {name} to {host}'s peers and reload them: from then on they refuse the old key",
+            key_file.display(),
+            match &daemon {
+                Some(m) => format!("daemon: {m}"),
+                None => "no daemon runs here".to_string(),
+            }
+        ),
+    })
 }
 
 /// When the daemon running here is node `host`: drain it (or end its drain) at run time. A

@@ -84,6 +84,32 @@ pub fn render(s: &Status) -> String {
     )
     .get_or_create(&vec![])
     .set(s.node_drain.is_some() as i64);
+    if let Some(k) = &s.key {
+        o.gauge(
+            "key_rotating",
+            "1 while the site file lists a next key this host holds (its links move to it)",
+        )
+        .get_or_create(&vec![])
+        .set(k.next_public_key.is_some() as i64);
+        o.gauge(
+            "key_links_on_target",
+            "Links running on the key they move to (the next key while rotating)",
+        )
+        .get_or_create(&vec![])
+        .set(k.links_on_target as i64);
+        let c = o.counter(
+            "key_rotation_moves",
+            "Links moved to a new key (each completed with a handshake)",
+            None,
+        );
+        set(&c, vec![], k.moves);
+        let c = o.counter(
+            "key_rotation_reverts",
+            "Link moves given up: a peer did not take the new key in time",
+            None,
+        );
+        set(&c, vec![], k.reverts);
+    }
     o.gauge("uptime_seconds", "Seconds since the daemon started")
         .get_or_create(&vec![])
         .set(s.uptime_s as i64);

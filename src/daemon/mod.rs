@@ -23,6 +23,7 @@ pub mod control;
 pub mod core;
 pub mod http;
 pub mod metrics;
+pub mod rotate;
 pub mod status;
 
 use crate::bgp::router::Learned;
@@ -35,7 +36,7 @@ use crate::intent::links::LinkSpec;
 use crate::intent::plan::{diff, Plan};
 use crate::intent::state::HostState;
 use crate::model::config::{self, Config};
-use crate::model::key::PrivateKey;
+use crate::model::key::{PrivateKey, PublicKey};
 use control::Request;
 use core::{verdicts, Core, Reaction};
 use status::{BgpStatus, KernelStatus, LearnedRoute, Reply, Status};
@@ -62,7 +63,13 @@ struct Daemon {
     opts: Options,
     core: Core,
     bgp: Option<crate::bgp::speaker::Speaker>,
-    key: Option<PrivateKey>,
+    /// None on a relay (no links).
+    keys: Option<Keys>,
+    rotation: rotate::Rotation,
+    /// The link being moved to the target key, and the key it had.
+    before_move: Option<(String, PrivateKey)>,
+    /// "Every link on the next key" was said (once per rotation).
+    rotated_said: bool,
     nl: Netlink,
     lock: Lock,
     links: BTreeMap<String, LinkRuntime>,
@@ -109,15 +116,84 @@ fn load(path: &std::path::Path) -> Result<Config, String> {
     config::parse(&path.display().to_string(), &text).map_err(|r| r.render())
 }
 
-/// The key this host must hold, and a check that the key file matches it.
-fn check_key(cfg: &Config, host: &str, key: &PrivateKey) -> Result<(), String> {
-    match cfg.public_key_of(host) {
-        Some(k) if k != key.public() => Err(format!(
-            "the private key's public key is {}, but the config lists {k} for {host}: wrong key file or stale config",
-            key.public()
-        )),
-        _ => Ok(()),
+/// A host's private keys: the one the site file lists as its `public-key`, and the one it
+/// lists as its `next-public-key` when the host holds it (the links move to that one).
+#[derive(Clone)]
+struct Keys {
+    current: PrivateKey,
+    next: Option<PrivateKey>,
+    /// Why a next key the site file lists is not used, or a next key file is ignored.
+    note: Option<String>,
+}
+
+impl Keys {
+    /// The key the links run on once the rotation (if any) is done.
+    fn target(&self) -> &PrivateKey {
+        self.next.as_ref().unwrap_or(&self.current)
     }
+}
+
+/// Where a host keeps its next private key: beside the key file, `KEYFILE.next`
+/// (`appliance rotate-key` writes it).
+pub fn next_key_file(key_file: &std::path::Path) -> PathBuf {
+    let mut p = key_file.as_os_str().to_owned();
+    p.push(".next");
+    PathBuf::from(p)
+}
+
+/// Read the key file and, if it exists, the next key file, and match them to the site
+/// file's keys for `host`. Which file holds which key does not matter (`rotate-key
+/// --finish` renames one over the other): one must hold the listed `public-key`.
+fn load_keys(cfg: &Config, host: &str, key_file: &std::path::Path) -> Result<Keys, String> {
+    let first = load_private_key(key_file).map_err(|e| e.to_string())?;
+    let next_file = next_key_file(key_file);
+    let second = if next_file.exists() {
+        Some(load_private_key(&next_file).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    let held: Vec<&PrivateKey> = std::iter::once(&first).chain(second.as_ref()).collect();
+    let find = |k: PublicKey| held.iter().find(|p| p.public() == k).map(|p| (*p).clone());
+    let current = match cfg.public_key_of(host) {
+        None => first.clone(),
+        Some(k) => find(k).ok_or_else(|| {
+            format!(
+                "the private key's public key is {}, but the config lists {k} for {host}: wrong key file or stale config",
+                first.public()
+            )
+        })?,
+    };
+    let (next, note) = match cfg.next_public_key_of(host) {
+        Some(k) => match find(k) {
+            Some(p) => (Some(p), None),
+            None => (
+                None,
+                Some(format!(
+                    "the site file lists next key {k} for {host}, but neither {} nor {} holds it: the links stay on the current key",
+                    key_file.display(),
+                    next_file.display()
+                )),
+            ),
+        },
+        None => (
+            None,
+            second
+                .as_ref()
+                .filter(|s| s.public() != current.public())
+                .map(|s| {
+                    format!(
+                        "{} holds {}, which the site file does not list as {host}'s next key: not used",
+                        next_file.display(),
+                        s.public()
+                    )
+                }),
+        ),
+    };
+    Ok(Keys {
+        current,
+        next,
+        note,
+    })
 }
 
 /// The next value of the learned routes; never returns when there is no speaker (or it ended).
@@ -160,7 +236,8 @@ impl Daemon {
     }
 
     fn start_link(&mut self, spec: &LinkSpec) -> Result<(), String> {
-        let key = self.key.as_ref().ok_or("no private key")?;
+        // A link starts on the current key; a rotation moves it to the next one.
+        let key = &self.keys.as_ref().ok_or("no private key")?.current;
         let rt = LinkRuntime::start(Link::new(spec, key, Instant::now()), spec.v6_underlay)
             .map_err(|e| format!("{}: {e}", spec.dev))?;
         if self.node_drain.is_some() {
@@ -197,6 +274,7 @@ impl Daemon {
         let seen = verdicts(current.iter().map(|l| &**l), policy, now);
         let r = self.core.verdicts(seen);
         self.react(r, "routes follow link liveness").await;
+        self.rotate(now);
         if self.core.role() == config::Role::Node {
             let draining: std::collections::BTreeSet<String> = current
                 .iter()
@@ -407,14 +485,109 @@ impl Daemon {
         }
     }
 
+    /// One step of a key rotation: while some link is not on the target key, move the next
+    /// one (see [`rotate`]). Costs nothing when every link is on it.
+    fn rotate(&mut self, now: Instant) {
+        let Some(keys) = &self.keys else {
+            return;
+        };
+        let target = keys.target().clone();
+        let tp = target.public();
+        let all_on = self
+            .links
+            .values()
+            .all(|rt| rt.current().public_key() == tp);
+        if all_on && self.rotation.moving().is_none() {
+            if !self.rotated_said && keys.next.is_some() && self.rotation.moves > 0 {
+                self.rotated_said = true;
+                tracing::info!(
+                    key = %tp,
+                    moves = self.rotation.moves,
+                    "key rotation: every link runs on the next key; retire the old one with `appliance rotate-key {} --finish`",
+                    self.opts.host
+                );
+            }
+            return;
+        }
+        self.rotated_said = false;
+        let core = &self.core;
+        let views: Vec<rotate::LinkView> = self
+            .links
+            .values()
+            .map(|rt| {
+                let l = rt.current();
+                rotate::LinkView {
+                    dev: l.spec_dev.clone(),
+                    on_target: l.public_key() == tp,
+                    live: l
+                        .peers()
+                        .iter()
+                        .filter(|p| core.is_alive(&p.spec.name, l.index))
+                        .map(|p| p.spec.name.clone())
+                        .collect(),
+                    established: l.established_peers(),
+                }
+            })
+            .collect();
+        let waiting = self.rotation.waiting_for(&views);
+        let moves = self.rotation.moves;
+        let step = self.rotation.step(&views, now);
+        if self.rotation.moves > moves {
+            tracing::info!(
+                done = self.rotation.moves,
+                "key rotation: link moved (its peers hold the new key)"
+            );
+        }
+        let (dev, key, back) = match step {
+            rotate::Step::Wait => return,
+            rotate::Step::Move(dev) => (dev, target, false),
+            rotate::Step::Revert(dev) => {
+                let key = match self.before_move.take() {
+                    Some((d, k)) if d == dev => k,
+                    _ => keys.current.clone(),
+                };
+                (dev, key, true)
+            }
+        };
+        let Some(rt) = self.links.get(&dev) else {
+            return;
+        };
+        let old = rt.current();
+        if !back {
+            self.before_move = Some((dev.clone(), old.private_key()));
+        }
+        let new = old.rekeyed(&key);
+        let hello = new.initiate();
+        rt.replace(new);
+        rt.send_all(&hello);
+        if back {
+            tracing::warn!(
+                %dev,
+                waiting_for = ?waiting,
+                "key rotation: these peers did not take the new key within {}s (does their site file list it?): the link is back on its old key; retrying in {}s",
+                rotate::MOVE_TIMEOUT.as_secs(),
+                rotate::RETRY_AFTER.as_secs()
+            );
+        } else {
+            tracing::info!(%dev, key = %key.public(), peers = hello.len(), "key rotation: moving a link to the new key");
+        }
+    }
+
     /// Re-read the config; on any error keep running on the last good one.
     async fn reload(&mut self, path: Option<PathBuf>) -> Result<String, String> {
         let path = path.unwrap_or_else(|| self.opts.config.clone());
         let cfg = load(&path)?;
-        if let Some(key) = &self.key {
-            check_key(&cfg, &self.opts.host, key)?;
-        }
+        let keys = match &self.keys {
+            Some(_) => Some(load_keys(&cfg, &self.opts.host, &self.opts.key_file)?),
+            None => None,
+        };
         let specs = self.core.reload(cfg)?.links;
+        if let Some(k) = keys {
+            if let Some(n) = &k.note {
+                tracing::warn!("{n}");
+            }
+            self.keys = Some(k);
+        }
         let drained = self.drained();
         if let Some(b) = &self.bgp {
             b.set_drained(drained);
@@ -483,6 +656,23 @@ impl Daemon {
                 since_s: d.started.elapsed().as_secs(),
                 quiet_s: d.quiet_since.map(|q| q.elapsed().as_secs()),
                 withdrawn: d.withdrawn,
+            }),
+            key: self.keys.as_ref().map(|k| {
+                let target = k.target().public();
+                status::KeyStatus {
+                    public_key: k.current.public().to_string(),
+                    next_public_key: k.next.as_ref().map(|n| n.public().to_string()),
+                    links_on_target: self
+                        .links
+                        .values()
+                        .filter(|rt| rt.current().public_key() == target)
+                        .count(),
+                    links: self.links.len(),
+                    moving: self.rotation.moving().map(String::from),
+                    moves: self.rotation.moves,
+                    reverts: self.rotation.reverts,
+                    note: k.note.clone(),
+                }
             }),
             links: self
                 .links
@@ -576,12 +766,14 @@ pub async fn run(opts: Options) -> Result<(), String> {
     let core = Core::new(cfg, &opts.host)?;
     let first = core.all_live()?;
     let (specs, bgp) = (first.links, first.bgp);
-    let key = if specs.is_empty() {
+    let keys = if specs.is_empty() {
         None
     } else {
-        let key = load_private_key(&opts.key_file).map_err(|e| e.to_string())?;
-        check_key(core.cfg(), &opts.host, &key)?;
-        Some(key)
+        let k = load_keys(core.cfg(), &opts.host, &opts.key_file)?;
+        if let Some(n) = &k.note {
+            tracing::warn!("{n}");
+        }
+        Some(k)
     };
     let listener = control::bind().map_err(|e| format!("control socket: {e}"))?;
     let (ask, mut asked) = control::channel();
@@ -599,7 +791,10 @@ pub async fn run(opts: Options) -> Result<(), String> {
         bgp: None,
         opts,
         core,
-        key,
+        keys,
+        rotation: rotate::Rotation::default(),
+        before_move: None,
+        rotated_said: false,
         nl,
         lock,
         links: BTreeMap::new(),

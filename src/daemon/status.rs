@@ -27,6 +27,9 @@ pub struct Status {
     /// A node being drained: new connections refused, then withdrawn once quiet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_drain: Option<NodeDrainStatus>,
+    /// This host's keys and where a rotation stands (none on a relay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<KeyStatus>,
     /// One entry per (link, peer).
     pub links: Vec<PeerStatus>,
     /// One entry per link device: drops no peer is charged with.
@@ -52,6 +55,35 @@ pub struct BgpStatus {
 pub struct LearnedRoute {
     pub prefix: IpNet,
     pub paths: Vec<LearnedPath>,
+}
+
+/// This host's keys: the links run on the current key, or move one at a time to the next.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KeyStatus {
+    /// The site file's `public-key` for this host.
+    pub public_key: String,
+    /// The `next-public-key` this host holds, which its links move to.
+    pub next_public_key: Option<String>,
+    /// Links running on the key they move to (the next key, or the current one when no
+    /// rotation is on), of all links.
+    pub links_on_target: usize,
+    pub links: usize,
+    /// The link moving now.
+    pub moving: Option<String>,
+    /// Links moved so far, and moves given up (a peer did not take the new key in time).
+    pub moves: u64,
+    pub reverts: u64,
+    /// Why a listed next key is not used (this host does not hold it).
+    pub note: Option<String>,
+}
+
+impl KeyStatus {
+    /// Every link runs on the next key and none is moving: the old key can be retired.
+    pub fn rotated(&self) -> bool {
+        self.next_public_key.is_some()
+            && self.links_on_target == self.links
+            && self.moving.is_none()
+    }
 }
 
 /// Where a node's drain stands.
@@ -223,6 +255,31 @@ impl Status {
                 ],
             );
         }
+        if let Some(k) = &self.key {
+            if let Some(next) = &k.next_public_key {
+                let _ = writeln!(
+                    out,
+                    "key rotation to {next}: {}/{} links moved{}{}",
+                    k.links_on_target,
+                    k.links,
+                    match &k.moving {
+                        Some(d) => format!(", moving {d}"),
+                        None if k.rotated() => format!(
+                            "; retire the old key with `appliance rotate-key {} --finish`",
+                            self.host
+                        ),
+                        None => String::new(),
+                    },
+                    match k.reverts {
+                        0 => String::new(),
+                        n => format!(" ({n} move(s) given up: a peer did not take the new key)"),
+                    }
+                );
+            }
+            if let Some(n) = &k.note {
+                let _ = writeln!(out, "key: {n}");
+            }
+        }
         for l in self.links.iter().filter(|l| l.claims_refused > 0) {
             let _ = writeln!(
                 out,
@@ -316,8 +373,19 @@ pub(crate) mod tests {
             version: "0.1.0".into(),
             drained: false,
             node_drain: None,
+            key: Some(KeyStatus {
+                public_key: "old".into(),
+                next_public_key: Some("new".into()),
+                links_on_target: 1,
+                links: 2,
+                moving: Some("ap-l1".into()),
+                moves: 1,
+                reverts: 0,
+                note: None,
+            }),
             devices: vec![DeviceStatus {
                 link: "ap-l0".into(),
+                public_key: "new".into(),
                 invalid: 7,
                 replayed: 2,
                 no_route: 1,

@@ -754,17 +754,23 @@ impl Link {
             .collect()
     }
 
-    /// Whether every peer in `peers` holds a session with this link's key (a handshake
-    /// completed since it was rekeyed).
-    pub fn established(&self, peers: &std::collections::BTreeSet<String>) -> bool {
+    /// The peers holding a session with this link's key (a handshake completed since it was
+    /// built or [`Link::rekeyed`]).
+    pub fn established_peers(&self) -> std::collections::BTreeSet<String> {
         self.peers
             .iter()
-            .filter(|p| peers.contains(&p.spec.name))
-            .all(|p| {
+            .filter(|p| {
                 p.sessions
                     .iter()
                     .any(|s| s.tunn.lock().expect("not poisoned").stats().0.is_some())
             })
+            .map(|p| p.spec.name.clone())
+            .collect()
+    }
+
+    /// This link's private key (a key rotation moving it back).
+    pub fn private_key(&self) -> PrivateKey {
+        PrivateKey(self.private.to_bytes())
     }
 
     /// Seconds since the last completed handshake with `peer`, as boringtun tracks it.
@@ -816,6 +822,9 @@ pub struct PeerStatus {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct DeviceStatus {
     pub link: String,
+    /// This host's key on this link (a key rotation moves links one at a time).
+    #[serde(default)]
+    pub public_key: String,
     /// Datagrams dropped as not WireGuard, failing authentication or naming no peer.
     pub invalid: u64,
     /// Of those, data packets dropped as replays.
@@ -899,6 +908,7 @@ impl Link {
         let s = &self.stats;
         DeviceStatus {
             link: self.spec_dev.clone(),
+            public_key: self.public_key().to_string(),
             invalid: s.invalid.load(Ordering::Relaxed),
             replayed: s.replayed.load(Ordering::Relaxed),
             no_route: s.no_route.load(Ordering::Relaxed),
@@ -1219,7 +1229,11 @@ mod tests {
         connect(&gw, &node);
         let gw = gw.rebuild(&gw_spec(old.public(), Some(new.public()), None));
         both_ways(&gw, &node, "next key announced");
-        assert_eq!(handshakes(&gw), 1, "announcing a next key costs no handshake");
+        assert_eq!(
+            handshakes(&gw),
+            1,
+            "announcing a next key costs no handshake"
+        );
 
         let moved = node.rekeyed(&new);
         assert_eq!(moved.public_key(), new.public());
@@ -1228,7 +1242,7 @@ mod tests {
         pump(&gw, &moved, hello.into_iter().map(|(_, d)| d).collect());
         assert_eq!(handshakes(&gw), 2, "one handshake moves the link");
         assert_eq!(handshakes(&moved), 2, "the counters survive the move");
-        assert!(moved.established(&["gw1".to_string()].into()));
+        assert!(moved.established_peers().contains("gw1"));
         both_ways(&gw, &moved, "on the next key");
 
         let retired = gw.rebuild(&gw_spec(new.public(), None, None));
@@ -1262,13 +1276,22 @@ mod tests {
         );
         connect(&gw, &node);
         let moved = gw.rekeyed(&new);
-        assert!(!moved.established(&["c1".to_string()].into()));
+        assert!(moved.established_peers().is_empty());
         let hello = moved.initiate();
         assert_eq!(hello.len(), 1);
-        assert_eq!(hello[0].0, NODE.parse::<SocketAddr>().unwrap(), "to the learned endpoint");
-        pump_both(&moved, &node, vec![], hello.into_iter().map(|(_, d)| d).collect());
+        assert_eq!(
+            hello[0].0,
+            NODE.parse::<SocketAddr>().unwrap(),
+            "to the learned endpoint"
+        );
+        pump_both(
+            &moved,
+            &node,
+            vec![],
+            hello.into_iter().map(|(_, d)| d).collect(),
+        );
         assert_eq!(handshakes(&node), 2);
-        assert!(moved.established(&["c1".to_string()].into()));
+        assert!(moved.established_peers().contains("c1"));
         both_ways(&moved, &node, "gateway on its next key");
     }
 

@@ -217,6 +217,20 @@ impl Config {
             })
     }
 
+    /// The next key the site file lists for `host` (`next-public-key`), while it rotates.
+    pub fn next_public_key_of(&self, host: &str) -> Option<PublicKey> {
+        self.gateways
+            .iter()
+            .find(|g| g.name == host)
+            .and_then(|g| g.next_public_key)
+            .or_else(|| {
+                self.nodes
+                    .iter()
+                    .find(|n| n.name == host)
+                    .and_then(|n| n.next_public_key)
+            })
+    }
+
     /// Every host name, for "did you mean" and listing.
     pub fn host_names(&self) -> Vec<&str> {
         self.gateways
@@ -1978,6 +1992,40 @@ node "c1" {{
         );
         assert_eq!(cfg.role_of("gw1"), Some(Role::Gateway));
         assert_eq!(cfg.role_of("c1"), Some(Role::Node));
+    }
+
+    #[test]
+    fn a_next_key_is_listed_beside_the_current_one_and_must_be_nobody_elses() {
+        let rotating = minimal("").replace(
+            &format!("public-key \"{K2}\"\n"),
+            &format!("public-key \"{K2}\"\n    next-public-key \"{K3}\"\n"),
+        );
+        let cfg = parse("t.kdl", &rotating).unwrap_or_else(|r| panic!("{}", r.render()));
+        assert_eq!(cfg.next_public_key_of("c1"), Some(K3.parse().unwrap()));
+        assert_eq!(cfg.next_public_key_of("gw1"), None);
+        let gw = crate::intent::one_shot(&cfg, "gw1", &[]).unwrap();
+        let keys: Vec<_> = gw.links[0].peers[0].keys().collect();
+        assert_eq!(keys, [K2.parse().unwrap(), K3.parse().unwrap()], "the gateway takes both");
+        // The gateway's key as c1's next one: two hosts would hold one key.
+        let stolen = minimal("").replace(
+            &format!("public-key \"{K2}\"\n"),
+            &format!("public-key \"{K2}\"\n    next-public-key \"{K1}\"\n"),
+        );
+        let msgs: Vec<String> = parse("t.kdl", &stolen)
+            .unwrap_err()
+            .diagnostics
+            .iter()
+            .map(|d| d.message.clone())
+            .collect();
+        assert!(
+            msgs.iter().any(|m| m == "public key of node \"c1\"'s next key is already the key of gateway \"gw1\""),
+            "{msgs:?}"
+        );
+        let bad = minimal("").replace(
+            &format!("public-key \"{K2}\"\n"),
+            &format!("public-key \"{K2}\"\n    next-public-key \"nope\"\n"),
+        );
+        assert!(parse("t.kdl", &bad).unwrap_err().render().contains("invalid public key"));
     }
 
     #[test]

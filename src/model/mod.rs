@@ -3,4 +3,5 @@
 
 pub mod config;
 pub mod diag;
+pub mod edit;
 pub mod key;

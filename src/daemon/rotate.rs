@@ -1,0 +1,205 @@
+//! Hitless key rotation: which link moves to the target key next, when a move is done, and
+//! when one is given up. Pure: the daemon feeds it a view of its links and the time.
+//!
+//! A host's links all start on its current key. When the site file lists a next key for the
+//! host and the host holds its private half, the next key is the target: one link at a time
+//! is rebuilt under it ([`crate::datapath::engine::Link::rekeyed`]) and handshakes at once,
+//! while the other links carry the traffic (the kernel's multipath routes lose nothing, the
+//! moved link keeps its liveness). The move is done when every peer that was live on the link
+//! holds a session with the new key; the next link follows. A move that does not complete
+//! within [`MOVE_TIMEOUT`] (a peer whose site file does not list the next key yet) goes back
+//! to the key it came from and is tried again after [`RETRY_AFTER`]. When the site file
+//! drops the next key again (a rotation called off), the current key is the target and the
+//! moved links come back the same way.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+/// How long a moved link may take to complete its handshakes with the new key.
+pub const MOVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long after a failed move the next attempt starts.
+pub const RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// One link as the rotation sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkView {
+    pub dev: String,
+    /// The link runs on the target key.
+    pub on_target: bool,
+    /// Peers live on the link now.
+    pub live: BTreeSet<String>,
+    /// Peers holding a session with the link's key (a handshake completed under it).
+    pub established: BTreeSet<String>,
+}
+
+/// What the daemon does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing now.
+    Wait,
+    /// Rebuild this link under the target key and handshake.
+    Move(String),
+    /// This link's move failed: rebuild it under the key it had and handshake.
+    Revert(String),
+}
+
+#[derive(Debug, Clone)]
+struct Moving {
+    dev: String,
+    since: Instant,
+    /// The peers that must hold a session with the new key for the move to count.
+    expect: BTreeSet<String>,
+}
+
+/// The rotation's progress, kept across reloads.
+#[derive(Debug, Clone, Default)]
+pub struct Rotation {
+    moving: Option<Moving>,
+    retry_at: Option<Instant>,
+    /// Links moved so far, and moves given up.
+    pub moves: u64,
+    pub reverts: u64,
+}
+
+impl Rotation {
+    /// The link being moved, if one is.
+    pub fn moving(&self) -> Option<&str> {
+        self.moving.as_ref().map(|m| m.dev.as_str())
+    }
+
+    /// Decide the next step from the links now. Links are moved in the order given.
+    pub fn step(&mut self, links: &[LinkView], now: Instant) -> Step {
+        if let Some(m) = &self.moving {
+            match links.iter().find(|l| l.dev == m.dev) {
+                // The link went away (a reload), or the target changed under it.
+                None => self.moving = None,
+                Some(l) if !l.on_target => self.moving = None,
+                Some(l) if m.expect.is_subset(&l.established) => {
+                    self.moves += 1;
+                    self.moving = None;
+                }
+                Some(_) if now.saturating_duration_since(m.since) >= MOVE_TIMEOUT => {
+                    let dev = m.dev.clone();
+                    self.moving = None;
+                    self.reverts += 1;
+                    self.retry_at = Some(now + RETRY_AFTER);
+                    return Step::Revert(dev);
+                }
+                Some(_) => return Step::Wait,
+            }
+        }
+        if self.retry_at.is_some_and(|t| now < t) {
+            return Step::Wait;
+        }
+        self.retry_at = None;
+        match links.iter().find(|l| !l.on_target) {
+            Some(l) => {
+                self.moving = Some(Moving {
+                    dev: l.dev.clone(),
+                    since: now,
+                    expect: l.live.clone(),
+                });
+                Step::Move(l.dev.clone())
+            }
+            None => Step::Wait,
+        }
+    }
+
+    /// The peers the current move waits for that do not hold the new key yet.
+    pub fn waiting_for(&self, links: &[LinkView]) -> Vec<String> {
+        let Some(m) = &self.moving else {
+            return Vec::new();
+        };
+        let est = links
+            .iter()
+            .find(|l| l.dev == m.dev)
+            .map(|l| &l.established);
+        m.expect
+            .iter()
+            .filter(|p| est.is_none_or(|e| !e.contains(*p)))
+            .cloned()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn view(dev: &str, on_target: bool, live: &[&str], est: &[&str]) -> LinkView {
+        LinkView {
+            dev: dev.into(),
+            on_target,
+            live: set(live),
+            established: set(est),
+        }
+    }
+
+    #[test]
+    fn links_move_one_at_a_time_each_once_the_last_one_completed() {
+        let t = Instant::now();
+        let mut r = Rotation::default();
+        let mut links = vec![
+            view("ap-l0", false, &["c1", "c2"], &["c1", "c2"]),
+            view("ap-l1", false, &["c1", "c2"], &["c1", "c2"]),
+        ];
+        assert_eq!(r.step(&links, t), Step::Move("ap-l0".into()));
+        // Rebuilt: on the target, no session with the new key yet.
+        links[0] = view("ap-l0", true, &["c1", "c2"], &["c2"]);
+        assert_eq!(r.step(&links, t), Step::Wait, "c1 has not handshaken");
+        assert_eq!(r.waiting_for(&links), vec!["c1".to_string()]);
+        assert_eq!(r.moving(), Some("ap-l0"));
+        links[0].established = set(&["c1", "c2"]);
+        assert_eq!(r.step(&links, t), Step::Move("ap-l1".into()));
+        assert_eq!(r.moves, 1);
+        links[1] = view("ap-l1", true, &["c1", "c2"], &["c1", "c2"]);
+        assert_eq!(r.step(&links, t), Step::Wait);
+        assert_eq!(r.moves, 2);
+        assert_eq!(r.step(&links, t + RETRY_AFTER), Step::Wait, "all moved");
+    }
+
+    #[test]
+    fn a_move_the_peers_do_not_complete_goes_back_and_is_retried_later() {
+        let t = Instant::now();
+        let mut r = Rotation::default();
+        let mut links = vec![view("ap-gw1-0", false, &["gw1"], &["gw1"])];
+        assert_eq!(r.step(&links, t), Step::Move("ap-gw1-0".into()));
+        links[0] = view("ap-gw1-0", true, &["gw1"], &[]);
+        assert_eq!(r.step(&links, t + MOVE_TIMEOUT / 2), Step::Wait);
+        assert_eq!(
+            r.step(&links, t + MOVE_TIMEOUT),
+            Step::Revert("ap-gw1-0".into())
+        );
+        assert_eq!(r.reverts, 1);
+        links[0] = view("ap-gw1-0", false, &["gw1"], &["gw1"]);
+        let later = t + MOVE_TIMEOUT;
+        assert_eq!(r.step(&links, later + RETRY_AFTER / 2), Step::Wait);
+        assert_eq!(
+            r.step(&links, later + RETRY_AFTER),
+            Step::Move("ap-gw1-0".into())
+        );
+    }
+
+    #[test]
+    fn a_link_with_no_live_peer_moves_at_once_and_a_vanished_link_ends_its_move() {
+        let t = Instant::now();
+        let mut r = Rotation::default();
+        let links = vec![view("ap-l0", false, &[], &[])];
+        assert_eq!(r.step(&links, t), Step::Move("ap-l0".into()));
+        let moved = vec![view("ap-l0", true, &[], &[])];
+        assert_eq!(r.step(&moved, t), Step::Wait);
+        assert_eq!(r.moves, 1);
+        let mut r = Rotation::default();
+        assert_eq!(r.step(&links, t), Step::Move("ap-l0".into()));
+        assert_eq!(
+            r.step(&[], t + MOVE_TIMEOUT),
+            Step::Wait,
+            "no revert of a gone link"
+        );
+        assert_eq!((r.moves, r.reverts), (0, 0));
+    }
+}
