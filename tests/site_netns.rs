@@ -1418,3 +1418,244 @@ fn a_drained_gateway_cuts_no_connection_and_stays_drained_through_a_restart() {
     );
     assert!(gap <= 1000, "{gaps:?}");
 }
+
+/// Handshakes so far per (link, peer) on `role`, for the peers live there.
+fn handshakes(site: &Site, role: &str) -> std::collections::BTreeMap<(String, String), u64> {
+    site.status(role)["links"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["alive"] == true)
+        .map(|l| {
+            (
+                (
+                    l["link"].as_str().unwrap_or("").to_string(),
+                    l["peer"].as_str().unwrap_or("").to_string(),
+                ),
+                l["handshakes"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+/// `appliance rotate-key` for gw1 and then for c1, during one iperf3 run from the site to
+/// c1 (4 streams over both gateways): each host moves its links to its next key one at a
+/// time, every one of its live (link, peer) pairs handshakes exactly once more, no TCP
+/// connection is reset; after `--finish` a real WireGuard peer (wireguard-go) holding c1's
+/// old key is refused by gw1: no handshake, counted as an unknown key, not as a claim.
+#[test]
+fn keys_rotate_under_load_without_a_reset_and_the_old_key_is_refused() {
+    if !root_or_skip("key_rotation") {
+        return;
+    }
+    let _one = LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let (site, _) = Site::up("rotate", 0, "bird", 0);
+    let conf = site.dir.join("site.kdl");
+    let conf_s = conf.to_str().unwrap().to_string();
+    let iperf_server = Command::new("ip")
+        .args(["netns", "exec", &site.ns("c1")])
+        .args(["iperf3", "-s", "-1", "-B", "10.200.0.11"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let iperf = Command::new("ip")
+        .args(["netns", "exec", &site.ns("site")])
+        .args(["iperf3", "-c", "10.200.0.11", "-P", "4", "-t", "40", "-J"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let conns = ConnWatch::start(&site, "site", "10.200.0.11:5201");
+    let reload = |roles: &[&str]| {
+        for r in roles {
+            let o = site.exec(r, &[BIN, "reconcile", "-c", &conf_s]);
+            assert!(o.status.success(), "reload {r}: {}", text(&o));
+        }
+    };
+    let rotate = |host: &str, finish: bool| {
+        let key = site.dir.join(format!("{host}.key"));
+        let mut args = vec![
+            BIN,
+            "rotate-key",
+            host,
+            "-c",
+            &conf_s,
+            "-k",
+            key.to_str().unwrap(),
+        ];
+        if finish {
+            args.push("--finish");
+        }
+        let o = site.exec(host, &args);
+        assert!(o.status.success(), "rotate-key {host}: {}", text(&o));
+        text(&o)
+    };
+    let mut figures = vec![];
+    let c1_old_key = site.dir.join("c1-old.key");
+    std::fs::copy(site.dir.join("c1.key"), &c1_old_key).unwrap();
+    for (host, peers, links) in [
+        ("gw1", &["c1", "c2", "c3", "gw2"][..], 12),
+        ("c1", &["gw1", "gw2", "c2", "c3"][..], 8),
+    ] {
+        let before = handshakes(&site, host);
+        assert_eq!(
+            before.len(),
+            links,
+            "{host}'s live (link, peer) pairs: {before:?}"
+        );
+        let t = Instant::now();
+        let said = rotate(host, false);
+        assert!(said.contains("daemon: config reloaded"), "{said}");
+        // The peers take the next key (in the lab they share the one site file).
+        reload(peers);
+        let moved = wait_for(
+            &format!("{host}'s links all on the next key"),
+            Duration::from_secs(60),
+            || {
+                let s = site.status(host);
+                let k = &s["key"];
+                k["next_public_key"].is_string()
+                    && k["links_on_target"] == k["links"]
+                    && k["moving"].is_null()
+            },
+        );
+        let s = site.status(host);
+        let next = s["key"]["next_public_key"].as_str().unwrap().to_string();
+        assert!(
+            s["devices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|d| d["public_key"] == next.as_str()),
+            "every link device runs on {next}: {s}"
+        );
+        assert_eq!(s["key"]["reverts"], 0, "no move was given up: {s}");
+        let after = handshakes(&site, host);
+        for (pair, n) in &before {
+            assert_eq!(
+                after.get(pair).map(|a| a - n),
+                Some(1),
+                "{host} {pair:?}: one handshake moves the link ({n} before, {:?} after)",
+                after.get(pair)
+            );
+        }
+        let said = rotate(host, true);
+        assert!(said.contains("retired"), "{said}");
+        reload(peers);
+        assert_eq!(
+            site.status(host)["key"]["public_key"],
+            next.as_str(),
+            "{host} runs on its new key as its only key"
+        );
+        figures.push(format!(
+            "{host}: {links} (link, peer) pairs moved to the next key in {moved:?} (total {:?}), one handshake each",
+            t.elapsed()
+        ));
+    }
+    // gw1 after c1's rotation: c1's old key is unknown. wireguard-go in c1's namespace, with
+    // that key, dials gw1's link 0 as c1 does.
+    let gw1_ep = site.status("c1")["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["link"] == "ap-gw1-0")
+        .and_then(|l| l["endpoint"].as_str().map(String::from))
+        .unwrap();
+    let gw1_key = site.status("gw1")["key"]["public_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let counts = || {
+        let s = site.status("gw1");
+        let invalid = s["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["link"] == "ap-l0")
+            .map_or(0, |d| d["invalid"].as_u64().unwrap_or(0));
+        let claims: u64 = s["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["peer"] == "c1")
+            .map(|l| l["claims_refused"].as_u64().unwrap_or(0))
+            .sum();
+        (invalid, claims)
+    };
+    let (invalid0, claims0) = counts();
+    let wg_log = std::fs::File::create(site.dir.join("wggo-old.log")).unwrap();
+    let mut wg = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &site.ns("c1"),
+            "wireguard-go",
+            "-f",
+            "wgold",
+        ])
+        .stdout(wg_log.try_clone().unwrap())
+        .stderr(wg_log)
+        .spawn()
+        .unwrap();
+    wait_for("wireguard-go's device", Duration::from_secs(10), || {
+        site.exec("c1", &["ip", "link", "show", "wgold"])
+            .status
+            .success()
+    });
+    site.sh(
+        "c1",
+        &format!(
+            "wg set wgold private-key {} peer {gw1_key} allowed-ips 10.10.0.0/16 endpoint {gw1_ep} persistent-keepalive 1 && ip link set wgold up",
+            c1_old_key.display()
+        ),
+    );
+    let refused = wait_for("gw1 refuses c1's old key", Duration::from_secs(10), || {
+        counts().0 >= invalid0 + 2
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let hs = site.sh("c1", "wg show wgold latest-handshakes");
+    let (invalid1, claims1) = counts();
+    let _ = wg.kill();
+    let _ = wg.wait();
+    assert!(
+        hs.trim().ends_with("\t0"),
+        "wireguard-go with the retired key never completes a handshake: {hs:?}"
+    );
+    assert_eq!(
+        claims1, claims0,
+        "an unknown key, not a claim on a known one"
+    );
+    figures.push(format!(
+        "c1's retired key (wireguard-go): refused in {refused:?}, {} handshake(s) dropped as unknown, none answered",
+        invalid1 - invalid0
+    ));
+
+    let iperf = iperf.wait_with_output().unwrap();
+    let _ = iperf_server.wait_with_output();
+    assert!(
+        iperf.status.success(),
+        "iperf3 through both rotations: {}",
+        text(&iperf)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&iperf.stdout).unwrap();
+    let mbit = j["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e6;
+    assert_eq!(
+        j["end"]["streams"].as_array().map_or(0, |s| s.len()),
+        4,
+        "every iperf3 stream lasted to the end"
+    );
+    let conns = conns.stop();
+    assert_eq!(
+        conns.len(),
+        5,
+        "iperf3's connections, each the same throughout: {conns:?}"
+    );
+    for f in &figures {
+        eprintln!("{f}");
+    }
+    eprintln!("key rotation of gw1 and c1 under iperf3 (4 streams, {mbit:.0} Mbit/s average): 0 connections reset");
+}

@@ -540,6 +540,12 @@ impl Daemon {
         }
         let (dev, key, back) = match step {
             rotate::Step::Wait => return,
+            rotate::Step::Nudge(dev, late) => {
+                if let Some(rt) = self.links.get(&dev) {
+                    rt.send_all(&rt.current().initiate_to(|p| late.contains(p)));
+                }
+                return;
+            }
             rotate::Step::Move(dev) => (dev, target, false),
             rotate::Step::Revert(dev) => {
                 let key = match self.before_move.take() {

@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 pub const MOVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long after a failed move the next attempt starts.
 pub const RETRY_AFTER: Duration = Duration::from_secs(30);
+/// How often a moving link handshakes again with the peers that have not answered (one that
+/// loads the site file listing the new key a moment after this host did).
+pub const NUDGE: Duration = Duration::from_secs(1);
 
 /// One link as the rotation sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,12 +44,15 @@ pub enum Step {
     Move(String),
     /// This link's move failed: rebuild it under the key it had and handshake.
     Revert(String),
+    /// Handshake again on the moving link with these peers, which have not answered yet.
+    Nudge(String, BTreeSet<String>),
 }
 
 #[derive(Debug, Clone)]
 struct Moving {
     dev: String,
     since: Instant,
+    nudged: Instant,
     /// The peers that must hold a session with the new key for the move to count.
     expect: BTreeSet<String>,
 }
@@ -85,6 +91,14 @@ impl Rotation {
                     self.retry_at = Some(now + RETRY_AFTER);
                     return Step::Revert(dev);
                 }
+                Some(l) if now.saturating_duration_since(m.nudged) >= NUDGE => {
+                    let dev = m.dev.clone();
+                    let late = m.expect.difference(&l.established).cloned().collect();
+                    if let Some(m) = &mut self.moving {
+                        m.nudged = now;
+                    }
+                    return Step::Nudge(dev, late);
+                }
                 Some(_) => return Step::Wait,
             }
         }
@@ -97,6 +111,7 @@ impl Rotation {
                 self.moving = Some(Moving {
                     dev: l.dev.clone(),
                     since: now,
+                    nudged: now,
                     expect: l.live.clone(),
                 });
                 Step::Move(l.dev.clone())
@@ -169,7 +184,13 @@ mod tests {
         let mut links = vec![view("ap-gw1-0", false, &["gw1"], &["gw1"])];
         assert_eq!(r.step(&links, t), Step::Move("ap-gw1-0".into()));
         links[0] = view("ap-gw1-0", true, &["gw1"], &[]);
-        assert_eq!(r.step(&links, t + MOVE_TIMEOUT / 2), Step::Wait);
+        assert_eq!(r.step(&links, t + NUDGE / 2), Step::Wait);
+        assert_eq!(
+            r.step(&links, t + NUDGE),
+            Step::Nudge("ap-gw1-0".into(), set(&["gw1"])),
+            "the peer that has not answered is asked again"
+        );
+        assert_eq!(r.step(&links, t + NUDGE + NUDGE / 2), Step::Wait);
         assert_eq!(
             r.step(&links, t + MOVE_TIMEOUT),
             Step::Revert("ap-gw1-0".into())

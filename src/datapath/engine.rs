@@ -747,8 +747,14 @@ impl Link {
     /// Handshake initiations to every peer whose endpoint is known: a link that moved to a
     /// new key of ours ([`Link::rekeyed`]) says so at once rather than at its next probe.
     pub fn initiate(&self) -> Vec<(SocketAddr, Vec<u8>)> {
+        self.initiate_to(|_| true)
+    }
+
+    /// [`Link::initiate`], to the peers `to` names.
+    pub fn initiate_to(&self, to: impl Fn(&str) -> bool) -> Vec<(SocketAddr, Vec<u8>)> {
         self.peers
             .iter()
+            .filter(|p| to(&p.spec.name))
             .filter_map(|p| self.endpoint(p).map(|ep| (p, ep)))
             .flat_map(|(p, ep)| self.initiations(p, ep, true))
             .collect()

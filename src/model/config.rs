@@ -2005,7 +2005,11 @@ node "c1" {{
         assert_eq!(cfg.next_public_key_of("gw1"), None);
         let gw = crate::intent::one_shot(&cfg, "gw1", &[]).unwrap();
         let keys: Vec<_> = gw.links[0].peers[0].keys().collect();
-        assert_eq!(keys, [K2.parse().unwrap(), K3.parse().unwrap()], "the gateway takes both");
+        assert_eq!(
+            keys,
+            [K2.parse().unwrap(), K3.parse().unwrap()],
+            "the gateway takes both"
+        );
         // The gateway's key as c1's next one: two hosts would hold one key.
         let stolen = minimal("").replace(
             &format!("public-key \"{K2}\"\n"),
@@ -2018,14 +2022,18 @@ node "c1" {{
             .map(|d| d.message.clone())
             .collect();
         assert!(
-            msgs.iter().any(|m| m == "public key of node \"c1\"'s next key is already the key of gateway \"gw1\""),
+            msgs.iter().any(|m| m
+                == "public key of node \"c1\"'s next key is already the key of gateway \"gw1\""),
             "{msgs:?}"
         );
         let bad = minimal("").replace(
             &format!("public-key \"{K2}\"\n"),
             &format!("public-key \"{K2}\"\n    next-public-key \"nope\"\n"),
         );
-        assert!(parse("t.kdl", &bad).unwrap_err().render().contains("invalid public key"));
+        assert!(parse("t.kdl", &bad)
+            .unwrap_err()
+            .render()
+            .contains("invalid public key"));
     }
 
     #[test]
