@@ -70,6 +70,8 @@ struct Daemon {
     before_move: Option<(String, PrivateKey)>,
     /// "Every link on the next key" was said (once per rotation).
     rotated_said: bool,
+    /// Live peers whose site file does not list the next key yet (links to them wait).
+    key_unready: std::collections::BTreeSet<String>,
     nl: Netlink,
     lock: Lock,
     links: BTreeMap<String, LinkRuntime>,
@@ -498,6 +500,7 @@ impl Daemon {
             .values()
             .all(|rt| rt.current().public_key() == tp);
         if all_on && self.rotation.moving().is_none() {
+            self.key_unready.clear();
             if !self.rotated_said && keys.next.is_some() && self.rotation.moves > 0 {
                 self.rotated_said = true;
                 tracing::info!(
@@ -526,10 +529,23 @@ impl Daemon {
                         .map(|p| p.spec.name.clone())
                         .collect(),
                     established: l.established_peers(),
+                    // Every peer takes the current key; the next one only where listed.
+                    ready: if keys.next.is_some() {
+                        l.ready_for_next_key()
+                    } else {
+                        l.peers().iter().map(|p| p.spec.name.clone()).collect()
+                    },
                 }
             })
             .collect();
         let waiting = self.rotation.waiting_for(&views);
+        let unready = rotate::Rotation::unready(&views);
+        if unready != self.key_unready {
+            if !unready.is_empty() {
+                tracing::info!(peers = ?unready, "key rotation: waiting for these peers to list the next key (deploy the site file to them and reload)");
+            }
+            self.key_unready = unready;
+        }
         let moves = self.rotation.moves;
         let step = self.rotation.step(&views, now);
         if self.rotation.moves > moves {
@@ -677,6 +693,7 @@ impl Daemon {
                     moving: self.rotation.moving().map(String::from),
                     moves: self.rotation.moves,
                     reverts: self.rotation.reverts,
+                    unready: self.key_unready.iter().cloned().collect(),
                     note: k.note.clone(),
                 }
             }),
@@ -801,6 +818,7 @@ pub async fn run(opts: Options) -> Result<(), String> {
         rotation: rotate::Rotation::default(),
         before_move: None,
         rotated_said: false,
+        key_unready: Default::default(),
         nl,
         lock,
         links: BTreeMap::new(),

@@ -2,8 +2,10 @@
 //! when one is given up. Pure: the daemon feeds it a view of its links and the time.
 //!
 //! A host's links all start on its current key. When the site file lists a next key for the
-//! host and the host holds its private half, the next key is the target: one link at a time
-//! is rebuilt under it ([`crate::datapath::engine::Link::rekeyed`]) and handshakes at once,
+//! host and the host holds its private half, the next key is the target. A link moves once
+//! every peer live on it has said (in its liveness probes) that its own site file lists the
+//! next key, so hosts that load the new site file in any order lose nothing: one link at a
+//! time is rebuilt under it ([`crate::datapath::engine::Link::rekeyed`]) and handshakes at once,
 //! while the other links carry the traffic (the kernel's multipath routes lose nothing, the
 //! moved link keeps its liveness). The move is done when every peer that was live on the link
 //! holds a session with the new key; the next link follows. A move that does not complete
@@ -33,6 +35,9 @@ pub struct LinkView {
     pub live: BTreeSet<String>,
     /// Peers holding a session with the link's key (a handshake completed under it).
     pub established: BTreeSet<String>,
+    /// Peers that take handshakes signed with the target key (their probes say their site
+    /// file lists it, or they never probe).
+    pub ready: BTreeSet<String>,
 }
 
 /// What the daemon does next.
@@ -106,7 +111,10 @@ impl Rotation {
             return Step::Wait;
         }
         self.retry_at = None;
-        match links.iter().find(|l| !l.on_target) {
+        match links
+            .iter()
+            .find(|l| !l.on_target && l.live.is_subset(&l.ready))
+        {
             Some(l) => {
                 self.moving = Some(Moving {
                     dev: l.dev.clone(),
@@ -118,6 +126,16 @@ impl Rotation {
             }
             None => Step::Wait,
         }
+    }
+
+    /// The live peers that keep links from moving: their site file does not list the target
+    /// key yet.
+    pub fn unready(links: &[LinkView]) -> BTreeSet<String> {
+        links
+            .iter()
+            .filter(|l| !l.on_target)
+            .flat_map(|l| l.live.difference(&l.ready).cloned().collect::<Vec<_>>())
+            .collect()
     }
 
     /// The peers the current move waits for that do not hold the new key yet.
@@ -151,7 +169,33 @@ mod tests {
             on_target,
             live: set(live),
             established: set(est),
+            ready: set(live),
         }
+    }
+
+    #[test]
+    fn a_link_waits_until_every_live_peer_lists_the_next_key() {
+        let t = Instant::now();
+        let mut r = Rotation::default();
+        let mut links = vec![
+            view("ap-l0", false, &["c1", "c2"], &["c1", "c2"]),
+            view("ap-l1", false, &["c1"], &["c1"]),
+        ];
+        links[0].ready = set(&["c1"]);
+        links[1].ready = set(&[]);
+        assert_eq!(
+            r.step(&links, t),
+            Step::Wait,
+            "c2 and c1 do not list it yet"
+        );
+        assert_eq!(Rotation::unready(&links), set(&["c1", "c2"]));
+        links[1].ready = set(&["c1"]);
+        assert_eq!(
+            r.step(&links, t),
+            Step::Move("ap-l1".into()),
+            "ap-l1's peer is ready"
+        );
+        assert_eq!(Rotation::unready(&links), set(&["c2"]));
     }
 
     #[test]

@@ -73,6 +73,9 @@ pub struct KeyStatus {
     /// Links moved so far, and moves given up (a peer did not take the new key in time).
     pub moves: u64,
     pub reverts: u64,
+    /// Live peers whose site file does not list the next key yet: links to them wait.
+    #[serde(default)]
+    pub unready: Vec<String>,
     /// Why a listed next key is not used (this host does not hold it).
     pub note: Option<String>,
 }
@@ -275,6 +278,13 @@ impl Status {
                         n => format!(" ({n} move(s) given up: a peer did not take the new key)"),
                     }
                 );
+                if !k.unready.is_empty() {
+                    let _ = writeln!(
+                        out,
+                        "  waiting for {} to list the next key (deploy the site file there and reload)",
+                        k.unready.join(", ")
+                    );
+                }
             }
             if let Some(n) = &k.note {
                 let _ = writeln!(out, "key: {n}");
@@ -381,6 +391,7 @@ pub(crate) mod tests {
                 moving: Some("ap-l1".into()),
                 moves: 1,
                 reverts: 0,
+                unready: vec!["c2".into()],
                 note: None,
             }),
             devices: vec![DeviceStatus {
@@ -484,6 +495,10 @@ pub(crate) mod tests {
             "{bgp:?}"
         );
         assert!(t.contains("refused from unknown addresses: 3"));
+        assert!(
+            t.contains("key rotation to new: 1/2 links moved, moving ap-l1\n  waiting for c2 to list the next key"),
+            "{t}"
+        );
         assert!(t.contains("BFD site 10.10.0.1: Up (no diagnostic), 12 received"));
         assert!(
             t.contains("kernel: 4 update(s) (last: 1 change(s) in 2.0 ms)"),

@@ -59,6 +59,8 @@ pub struct PeerStats {
     pub peer_hears_us: AtomicBool,
     /// The peer's last probe said it is a drained gateway.
     pub peer_draining: AtomicBool,
+    /// The peer's last probe said its site file lists a next key of ours.
+    pub peer_knows_next: AtomicBool,
     /// TCP SYNs to or from this peer whose MSS was lowered to fit the tunnel.
     pub mss_clamped: AtomicU64,
     /// When we last started a new handshake because the link had gone silent.
@@ -597,6 +599,9 @@ impl Link {
                     .peer_draining
                     .store(probe.draining, Ordering::Relaxed);
                 peer.stats()
+                    .peer_knows_next
+                    .store(probe.knows_next, Ordering::Relaxed);
+                peer.stats()
                     .last_probe
                     .store(self.ns(now), Ordering::Relaxed);
             }
@@ -701,7 +706,11 @@ impl Link {
                     drop(tunn);
                     out.extend(self.initiations(peer, ep, true));
                 } else {
-                    let probe = crate::datapath::probe::packet(hears, self.draining);
+                    let probe = crate::datapath::probe::packet(crate::datapath::probe::Probe {
+                        hears_you: hears,
+                        draining: self.draining,
+                        knows_next: peer.spec.next_key.is_some(),
+                    });
                     if let TunnResult::WriteToNetwork(b) = tunn.encapsulate(&probe, &mut buf) {
                         out.push((ep, b.to_vec()));
                     }
@@ -769,6 +778,20 @@ impl Link {
                 p.sessions
                     .iter()
                     .any(|s| s.tunn.lock().expect("not poisoned").stats().0.is_some())
+            })
+            .map(|p| p.spec.name.clone())
+            .collect()
+    }
+
+    /// The peers a key rotation may move this link for: those whose probes say their site
+    /// file lists our next key, and those that never probe (not appliances: nothing to wait
+    /// for).
+    pub fn ready_for_next_key(&self) -> std::collections::BTreeSet<String> {
+        self.peers
+            .iter()
+            .filter(|p| {
+                p.stats().last_probe.load(Ordering::Relaxed) == 0
+                    || p.stats().peer_knows_next.load(Ordering::Relaxed)
             })
             .map(|p| p.spec.name.clone())
             .collect()

@@ -14,9 +14,12 @@ pub struct Probe {
     pub hears_you: bool,
     /// The sender is a drained gateway: route through it only when nothing else is live.
     pub draining: bool,
+    /// The sender's site file lists a next key for us: it takes handshakes signed with it, so
+    /// a key rotation may move this link.
+    pub knows_next: bool,
 }
 
-pub fn packet(hears_you: bool, draining: bool) -> [u8; LEN] {
+pub fn packet(probe: Probe) -> [u8; LEN] {
     let mut p = [0u8; LEN];
     p[0] = 0x45;
     p[3] = LEN as u8;
@@ -25,17 +28,20 @@ pub fn packet(hears_you: bool, draining: bool) -> [u8; LEN] {
     let sum = checksum(&p[..20]);
     p[10..12].copy_from_slice(&sum.to_be_bytes());
     p[20..24].copy_from_slice(MAGIC);
-    p[24] = u8::from(hears_you) | (u8::from(draining) << 1);
+    p[24] = u8::from(probe.hears_you)
+        | (u8::from(probe.draining) << 1)
+        | (u8::from(probe.knows_next) << 2);
     p
 }
 
-/// What `p` says, if it is a probe. (Bit 1 was always 0 before draining existed: an older
-/// peer never looks drained.)
+/// What `p` says, if it is a probe. (Bits 1 and 2 were 0 before draining and key rotation
+/// existed: an older peer never looks drained, nor ready for a next key.)
 pub fn parse(p: &[u8]) -> Option<Probe> {
     (p.len() == LEN && p[0] == 0x45 && p[9] == 253 && p[12..20] == [0; 8] && &p[20..24] == MAGIC)
         .then(|| Probe {
             hears_you: p[24] & 1 == 1,
             draining: p[24] & 2 == 2,
+            knows_next: p[24] & 4 == 4,
         })
 }
 
@@ -48,4 +54,28 @@ fn checksum(h: &[u8]) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_bit_survives_the_round_trip_and_a_plain_packet_is_no_probe() {
+        for bits in 0..8u8 {
+            let probe = Probe {
+                hears_you: bits & 1 != 0,
+                draining: bits & 2 != 0,
+                knows_next: bits & 4 != 0,
+            };
+            assert_eq!(parse(&packet(probe)), Some(probe));
+        }
+        let mut p = packet(Probe {
+            hears_you: true,
+            draining: false,
+            knows_next: false,
+        });
+        p[20] = b'X';
+        assert_eq!(parse(&p), None);
+    }
 }
