@@ -194,10 +194,11 @@ enum Command {
     /// a new key beside the key file (KEYFILE.next, mode 0600), lists its public key as
     /// `next-public-key` in the host's block of the site file and hands the file to the
     /// daemon running here. Deploy the file to the host's peers and reload them: each peer
-    /// then takes handshakes signed with either key, and the host moves its links to the new
-    /// key one at a time while the others carry the traffic (`appliance status` shows how
-    /// far; a link whose peers do not take the new key within 5 s goes back and is retried
-    /// every 30 s). Then run it again with --finish.
+    /// then takes handshakes signed with either key and says so in its probes, and the host
+    /// moves its links to the new key one at a time, each once its live peers say so, while
+    /// the others carry the traffic (`appliance status` shows how far; a link whose peers do
+    /// not complete the handshake within 5 s goes back and is retried every 30 s). Then run it
+    /// again with --finish.
     RotateKey {
         #[command(flatten)]
         file: ConfigFile,
