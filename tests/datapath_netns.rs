@@ -295,6 +295,13 @@ fn two_appliances_behind_nat_spread_eight_flows_over_four_links() {
             "a link carried under 10%: {sent:?}"
         );
     }
+    // Every batch went out as one UDP GSO write: a full tun super-packet's ciphertexts once
+    // exceeded an IP datagram and the kernel refused the write (EMSGSIZE), so every datagram
+    // of it went out on its own sendto.
+    for dev in after["devices"].as_array().unwrap() {
+        assert_eq!(dev["gso_errors"], 0, "GSO writes refused: {dev}");
+        assert_eq!(dev["send_dropped"], 0, "datagrams dropped: {dev}");
+    }
 }
 
 #[test]

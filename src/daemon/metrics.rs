@@ -177,7 +177,13 @@ pub fn render(s: &Status) -> String {
             last_hs.get_or_create(&lp()).set(ms as f64 / 1000.0);
         }
     }
+    let gso = o.counter(
+        "link_udp_gso_errors",
+        "UDP GSO writes the kernel refused on this link (each batch then went datagram by datagram)",
+        None,
+    );
     for d in &s.devices {
+        set(&gso, vec![("link", d.link.clone())], d.gso_errors);
         let on = || s.links.iter().filter(|l| l.link == d.link);
         let spoofed: u64 = on().map(|l| l.spoofed).sum();
         let claimed: u64 = on().map(|l| l.claims_refused).sum();
@@ -189,6 +195,7 @@ pub fn render(s: &Status) -> String {
             ("invalid", d.invalid.saturating_sub(d.replayed)),
             ("rate_limited", d.cookies),
             ("draining", d.refused_syns),
+            ("send_buffer_full", d.send_dropped),
         ] {
             set(
                 &dropped,

@@ -402,6 +402,8 @@ pub(crate) mod tests {
                 no_route: 1,
                 cookies: 0,
                 refused_syns: 0,
+                gso_errors: 1,
+                send_dropped: 4,
             }],
             links: vec![PeerStatus {
                 link: "ap-l0".into(),

@@ -147,6 +147,12 @@ pub struct LinkStats {
     pub replayed: AtomicU64,
     /// New TCP connections (SYN without ACK) from the tunnel refused while the node drains.
     pub refused_syns: AtomicU64,
+    /// UDP GSO writes the kernel refused (each batch then went datagram by datagram).
+    pub gso_errors: AtomicU64,
+    /// Sends that found the socket buffer full and waited; datagrams dropped when it stayed
+    /// full.
+    pub send_blocked: AtomicU64,
+    pub send_dropped: AtomicU64,
 }
 
 pub struct Link {
@@ -641,11 +647,12 @@ impl Link {
             if datagram.first() != Some(&1) && peer.active.load(Ordering::Relaxed) != sx {
                 peer.active.store(sx, Ordering::Relaxed);
             }
-            let mut ep = peer.shared.endpoint.write().expect("not poisoned");
-            if *ep != Some(from) {
-                *ep = Some(from);
+            // Read first: the write lock only when it moved (the transmit thread reads the
+            // endpoint for every packet it sends).
+            let moved = *peer.shared.endpoint.read().expect("not poisoned") != Some(from);
+            if moved {
+                *peer.shared.endpoint.write().expect("not poisoned") = Some(from);
             }
-            drop(ep);
             if is_handshake {
                 peer.stats().handshakes.fetch_add(1, Ordering::Relaxed);
             }
@@ -865,6 +872,12 @@ pub struct DeviceStatus {
     /// New TCP connections refused while the node drains.
     #[serde(default)]
     pub refused_syns: u64,
+    /// UDP GSO writes refused by the kernel (sent datagram by datagram instead).
+    #[serde(default)]
+    pub gso_errors: u64,
+    /// Datagrams dropped because the UDP socket buffer stayed full.
+    #[serde(default)]
+    pub send_dropped: u64,
 }
 
 impl Link {
@@ -943,6 +956,8 @@ impl Link {
             no_route: s.no_route.load(Ordering::Relaxed),
             cookies: s.cookies.load(Ordering::Relaxed),
             refused_syns: s.refused_syns.load(Ordering::Relaxed),
+            gso_errors: s.gso_errors.load(Ordering::Relaxed),
+            send_dropped: s.send_dropped.load(Ordering::Relaxed),
         }
     }
 }

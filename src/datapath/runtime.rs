@@ -4,7 +4,7 @@
 //! The link value is swapped atomically on reload (`replace`): the threads pick up the new peer
 //! table on their next packet, and peers that were kept keep their sessions.
 
-use crate::datapath::engine::{Inbound, Link, Outbound, MAX_PACKET};
+use crate::datapath::engine::{Inbound, Link, LinkStats, Outbound, MAX_PACKET};
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
@@ -17,6 +17,8 @@ use tun_rs::{DeviceBuilder, GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_H
 
 /// How often blocked threads wake up to notice a stop request.
 const WAKE: Duration = Duration::from_millis(200);
+/// How long a full socket buffer may hold up the transmit thread before a batch is dropped.
+const SEND_WAIT: Duration = Duration::from_millis(5);
 /// Socket buffers: ECMP over several links and bursts from TSO-sized writes need room.
 const SOCKET_BUFFER: libc::c_int = 4 << 20;
 
@@ -162,6 +164,18 @@ impl Shared {
     }
 }
 
+/// Wait until `fd` can be written, at most [`SEND_WAIT`].
+fn wait_writable(fd: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, SEND_WAIT.as_millis() as i32) };
+    n > 0 && pfd.revents & libc::POLLOUT != 0
+}
+
 fn wait_readable(fd: i32) -> bool {
     let mut pfd = libc::pollfd {
         fd,
@@ -185,6 +199,20 @@ fn attach_offload(dev: &str) -> io::Result<SyncDevice> {
         .build_sync()
 }
 
+/// Room a sealed datagram needs beyond its packet (WireGuard header and tag, with margin; at
+/// least a handshake message).
+const SEAL_ROOM: usize = 148;
+
+/// The most one UDP GSO write may carry to `to`: what fits one IP datagram's length field.
+/// A full tun super-packet (64 KiB) splits into ~48 segments whose ciphertexts together exceed
+/// it, and the kernel refuses the whole write (EMSGSIZE) rather than sending part of it.
+fn max_udp_payload(to: SocketAddr) -> usize {
+    match to {
+        SocketAddr::V4(_) => 65535 - 20 - 8,
+        SocketAddr::V6(_) => 65535 - 40 - 8,
+    }
+}
+
 /// Consecutive ciphertexts of one super-packet to one endpoint, sent as one UDP GSO write.
 struct GsoBatch {
     buf: Vec<u8>,
@@ -195,7 +223,7 @@ struct GsoBatch {
 }
 
 impl GsoBatch {
-    fn flush(&mut self, state: &UdpSocketState, udp: &UdpSocket) {
+    fn flush(&mut self, state: &UdpSocketState, udp: &UdpSocket, stats: &LinkStats) {
         if let (Some(to), true) = (self.to, self.used > 0) {
             let transmit = Transmit {
                 destination: to,
@@ -204,9 +232,30 @@ impl GsoBatch {
                 segment_size: (self.count > 1).then_some(self.segment),
                 src_ip: None,
             };
-            if let Err(e) = state.try_send(udp.into(), &transmit) {
-                if e.kind() != io::ErrorKind::WouldBlock {
+            let mut sent = state.try_send(udp.into(), &transmit);
+            if sent
+                .as_ref()
+                .is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock)
+            {
+                // The socket buffer is full: wait for room (briefly) rather than drop a
+                // whole batch.
+                stats.send_blocked.fetch_add(1, Ordering::Relaxed);
+                if wait_writable(udp.as_raw_fd()) {
+                    sent = state.try_send(udp.into(), &transmit);
+                }
+            }
+            match sent {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    stats
+                        .send_dropped
+                        .fetch_add(self.count as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
                     // GSO refused (quinn-udp lowers its segment limit): send one by one.
+                    if stats.gso_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                        tracing::warn!(error = %e, segments = self.count, bytes = self.used, "a UDP GSO write was refused: sending that batch datagram by datagram");
+                    }
                     for chunk in self.buf[..self.used].chunks(self.segment) {
                         let _ = udp.send_to(chunk, to);
                     }
@@ -265,24 +314,49 @@ fn tun_to_udp(
         // One clock read per batch: the engine takes time as an input.
         let now = Instant::now();
         for (seg, size) in segments.iter().zip(&sizes).take(n) {
-            let Outbound::Send(to, len) = link.outbound(&seg[..*size], &mut out, now) else {
+            let seg = &seg[..*size];
+            // Encrypted straight into the batch, behind the datagrams already there.
+            if batch.buf.len() - batch.used < seg.len() + SEAL_ROOM {
+                batch.flush(state, udp, &link.stats);
+            }
+            let used = batch.used;
+            // A segment larger than the whole batch buffer (not seen from tun-rs) is sealed
+            // aside.
+            let aside = batch.buf.len() - used < seg.len() + SEAL_ROOM;
+            let sealed = if aside {
+                link.outbound(seg, &mut out, now)
+            } else {
+                link.outbound(seg, &mut batch.buf[used..], now)
+            };
+            let Outbound::Send(to, len) = sealed else {
                 continue;
             };
-            let fits = batch.to == Some(to) && len <= batch.segment && batch.count < max_segments;
+            let fits = batch.to == Some(to)
+                && len <= batch.segment
+                && batch.count < max_segments
+                && batch.used + len <= max_udp_payload(to);
             if !fits {
-                batch.flush(state, udp);
+                // The new datagram starts the next batch: send the ones before it, then move
+                // it to the front (once per batch, not per packet).
+                batch.flush(state, udp, &link.stats);
                 batch.to = Some(to);
                 batch.segment = len;
+                if !aside {
+                    batch.buf.copy_within(used..used + len, 0);
+                }
             }
-            batch.buf[batch.used..batch.used + len].copy_from_slice(&out[..len]);
+            if aside {
+                let at = batch.used;
+                batch.buf[at..at + len].copy_from_slice(&out[..len]);
+            }
             batch.used += len;
             batch.count += 1;
             // A shorter datagram can only end a GSO batch.
             if len < batch.segment {
-                batch.flush(state, udp);
+                batch.flush(state, udp, &link.stats);
             }
         }
-        batch.flush(state, udp);
+        batch.flush(state, udp, &link.stats);
     }
 }
 
@@ -334,8 +408,14 @@ fn udp_to_tun(
                     let mut buf = pool
                         .pop()
                         .unwrap_or_else(|| Vec::with_capacity(GRO_CAPACITY));
-                    buf.clear();
-                    buf.resize(VIRTIO_NET_HDR_LEN + datagram.len().max(148), 0);
+                    // Sized without zeroing what decryption overwrites; the virtio header is
+                    // cleared.
+                    let need = VIRTIO_NET_HDR_LEN + datagram.len().max(148);
+                    if buf.len() < need {
+                        buf.resize(need, 0);
+                    }
+                    buf.truncate(need);
+                    buf[..VIRTIO_NET_HDR_LEN].fill(0);
                     let Inbound { to_tun, to_net, .. } =
                         link.inbound(m.addr, datagram, &mut buf[VIRTIO_NET_HDR_LEN..], now);
                     for (to, d) in to_net {
