@@ -504,6 +504,10 @@ fn write_if_changed(path: &std::path::Path, bytes: &[u8], mode: u32) -> std::io:
     std::io::Write::write_all(&mut f, bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
+    // The rename itself on disk too (a key file swapped by `rotate-key --finish`).
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
     Ok(true)
 }
 
@@ -835,22 +839,29 @@ fn rotate_begin(
         false => None,
     };
     // A next key file holding the current key is left from a finished rotation.
-    let next = if let Some(k) = held.filter(|k| k.public() != current.public()) {
-        k
-    } else {
-        let k = PrivateKey::generate();
-        write_key(&next_file, &k)?;
-        k
-    };
-    let np = next.public();
+    let held = held.filter(|k| k.public() != current.public());
+    // Checked before anything is written: a refusal leaves no unlisted key behind.
     if let Some(listed) = cfg.next_public_key_of(host) {
-        if listed != np {
+        if held.as_ref().map(|k| k.public()) != Some(listed) {
             return Err(format!(
-                "{name} lists next key {listed} for {host}, but {} holds {np}: remove one of them",
-                next_file.display()
+                "{name} lists next key {listed} for {host}, but {} {}: remove the entry (or restore the file)",
+                next_file.display(),
+                match &held {
+                    Some(k) => format!("holds {}", k.public()),
+                    None => "does not exist".to_string(),
+                }
             ));
         }
     }
+    let next = match held {
+        Some(k) => k,
+        None => {
+            let k = PrivateKey::generate();
+            write_key(&next_file, &k)?;
+            k
+        }
+    };
+    let np = next.public();
     let new = appliance::model::edit::set_field(
         &text,
         kind,
@@ -893,6 +904,28 @@ fn rotate_finish(
     let kind = rotatable(&cfg, &name, host)?;
     let next_file = appliance::daemon::next_key_file(key_file);
     let Some(np) = cfg.next_public_key_of(host) else {
+        // A finish interrupted after the site file was written: complete the key files.
+        let listed = cfg
+            .public_key_of(host)
+            .expect("a gateway or node has a key");
+        if let Ok(k) = load_private_key(&next_file) {
+            if k.public() == listed {
+                write_key(key_file, &k)?;
+                std::fs::remove_file(&next_file)
+                    .map_err(|e| format!("cannot remove {}: {e}", next_file.display()))?;
+                let daemon = reload_here(path)?;
+                return Ok(Said {
+                    json: serde_json::json!({
+                        "ok": true, "host": host, "public_key": listed.to_string(),
+                        "completed": true, "daemon": daemon,
+                    }),
+                    text: format!(
+                        "{host}: an interrupted finish completed: {} now holds {listed}",
+                        key_file.display()
+                    ),
+                });
+            }
+        }
         return Err(format!(
             "{name} lists no next key for {host}: nothing to finish (start with `appliance rotate-key {host}`)"
         ));

@@ -126,5 +126,30 @@ fn rotate_key_lists_a_next_key_then_finish_makes_it_the_key() {
     assert_eq!(mode, 0o600);
     let check = ns.exec(&[BIN, "check", "-c", &conf_s]);
     assert!(check.status.success(), "{}", text(&check));
+
+    // A second rotation whose finish stops after writing the site file (a crash): the key
+    // file still holds the retired key, `.next` the listed one. Running --finish again
+    // completes it.
+    let (code, j) = cli(&["gw1", "-k", &key]);
+    assert_eq!(code, Some(0), "{j}");
+    let next2 = j["next_public_key"].as_str().unwrap().to_string();
+    let t = std::fs::read_to_string(&conf).unwrap().replace(
+        &format!("public-key \"{next}\"\n    next-public-key \"{next2}\"\n"),
+        &format!("public-key \"{next2}\"\n"),
+    );
+    std::fs::write(&conf, t).unwrap();
+    let (code, j) = cli(&["gw1", "--finish", "-k", &key]);
+    assert_eq!(
+        (code, &j["completed"]),
+        (Some(0), &serde_json::json!(true)),
+        "{j}"
+    );
+    let held = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{BIN} pubkey < {key}"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&held.stdout).trim(), next2);
+    assert!(!next_file.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1669,5 +1669,14 @@ fn keys_rotate_under_load_without_a_reset_and_the_old_key_is_refused() {
     for f in &figures {
         eprintln!("{f}");
     }
+    for role in ["gw1", "c1"] {
+        let log = std::fs::read_to_string(site.dir.join(format!("{role}.log"))).unwrap_or_default();
+        for l in log
+            .lines()
+            .filter(|l| l.contains("key rotation") || l.contains("link down"))
+        {
+            eprintln!("{role}: {l}");
+        }
+    }
     eprintln!("key rotation of gw1 and c1 under iperf3 (4 streams, {mbit:.0} Mbit/s average): 0 connections reset");
 }

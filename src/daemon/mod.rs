@@ -531,7 +531,7 @@ impl Daemon {
                     established: l.established_peers(),
                     // Every peer takes the current key; the next one only where listed.
                     ready: if keys.next.is_some() {
-                        l.ready_for_next_key()
+                        l.ready_for_next_key(&tp)
                     } else {
                         l.peers().iter().map(|p| p.spec.name.clone()).collect()
                     },
@@ -564,8 +564,13 @@ impl Daemon {
             }
             rotate::Step::Move(dev) => (dev, target, false),
             rotate::Step::Revert(dev) => {
+                // Back to the key the link had, if the site file still lists it.
+                let listed = |k: &PrivateKey| {
+                    k.public() == keys.current.public()
+                        || keys.next.as_ref().is_some_and(|n| n.public() == k.public())
+                };
                 let key = match self.before_move.take() {
-                    Some((d, k)) if d == dev => k,
+                    Some((d, k)) if d == dev && listed(&k) => k,
                     _ => keys.current.clone(),
                 };
                 (dev, key, true)
@@ -579,7 +584,13 @@ impl Daemon {
             self.before_move = Some((dev.clone(), old.private_key()));
         }
         let new = old.rekeyed(&key);
-        let hello = new.initiate();
+        // The first peers at once, the rest at the nudges (see `rotate::PACE`).
+        let first: std::collections::BTreeSet<String> = views
+            .iter()
+            .find(|v| v.dev == dev)
+            .map(|v| v.live.iter().take(rotate::PACE).cloned().collect())
+            .unwrap_or_default();
+        let hello = new.initiate_to(|p| first.contains(p));
         rt.replace(new);
         rt.send_all(&hello);
         if back {
@@ -587,7 +598,7 @@ impl Daemon {
                 %dev,
                 waiting_for = ?waiting,
                 "key rotation: these peers did not take the new key within {}s (does their site file list it?): the link is back on its old key; retrying in {}s",
-                rotate::MOVE_TIMEOUT.as_secs(),
+                rotate::move_timeout(waiting.len()).as_secs(),
                 rotate::RETRY_AFTER.as_secs()
             );
         } else {

@@ -24,6 +24,15 @@ pub const RETRY_AFTER: Duration = Duration::from_secs(30);
 /// How often a moving link handshakes again with the peers that have not answered (one that
 /// loads the site file listing the new key a moment after this host did).
 pub const NUDGE: Duration = Duration::from_secs(1);
+/// Peers asked per nudge (and at the move): the answers stay under the link's handshake rate
+/// limit (100 a second), so a gateway link with hundreds of nodes is not answered with
+/// cookies. The timeout grows by a second per this many peers.
+pub const PACE: usize = 40;
+
+/// How long a move may take for `peers` peers.
+pub fn move_timeout(peers: usize) -> Duration {
+    MOVE_TIMEOUT + NUDGE * (peers / PACE) as u32
+}
 
 /// One link as the rotation sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,11 +94,18 @@ impl Rotation {
                 // The link went away (a reload), or the target changed under it.
                 None => self.moving = None,
                 Some(l) if !l.on_target => self.moving = None,
-                Some(l) if m.expect.is_subset(&l.established) => {
+                // Peers that went dead meanwhile are not waited for.
+                Some(l)
+                    if m.expect
+                        .intersection(&l.live)
+                        .all(|p| l.established.contains(p)) =>
+                {
                     self.moves += 1;
                     self.moving = None;
                 }
-                Some(_) if now.saturating_duration_since(m.since) >= MOVE_TIMEOUT => {
+                Some(_)
+                    if now.saturating_duration_since(m.since) >= move_timeout(m.expect.len()) =>
+                {
                     let dev = m.dev.clone();
                     self.moving = None;
                     self.reverts += 1;
@@ -98,7 +114,13 @@ impl Rotation {
                 }
                 Some(l) if now.saturating_duration_since(m.nudged) >= NUDGE => {
                     let dev = m.dev.clone();
-                    let late = m.expect.difference(&l.established).cloned().collect();
+                    let late = m
+                        .expect
+                        .intersection(&l.live)
+                        .filter(|p| !l.established.contains(*p))
+                        .take(PACE)
+                        .cloned()
+                        .collect();
                     if let Some(m) = &mut self.moving {
                         m.nudged = now;
                     }
@@ -247,6 +269,19 @@ mod tests {
             r.step(&links, later + RETRY_AFTER),
             Step::Move("ap-gw1-0".into())
         );
+    }
+
+    #[test]
+    fn a_peer_that_dies_during_a_move_is_not_waited_for_and_big_links_get_longer() {
+        let t = Instant::now();
+        let mut r = Rotation::default();
+        let mut links = vec![view("ap-l0", false, &["c1", "c2"], &["c1", "c2"])];
+        assert_eq!(r.step(&links, t), Step::Move("ap-l0".into()));
+        links[0] = view("ap-l0", true, &["c1"], &["c1"]);
+        assert_eq!(r.step(&links, t), Step::Wait);
+        assert_eq!(r.moves, 1, "c2 died: the move is done without it");
+        assert_eq!(move_timeout(10), MOVE_TIMEOUT);
+        assert_eq!(move_timeout(400), MOVE_TIMEOUT + 10 * NUDGE);
     }
 
     #[test]

@@ -26,7 +26,7 @@ use prefix_trie::PrefixMap;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -59,8 +59,9 @@ pub struct PeerStats {
     pub peer_hears_us: AtomicBool,
     /// The peer's last probe said it is a drained gateway.
     pub peer_draining: AtomicBool,
-    /// The peer's last probe said its site file lists a next key of ours.
-    pub peer_knows_next: AtomicBool,
+    /// The tag of the next key of ours the peer's last probe said its site file lists (bit 24
+    /// set, the 3 bytes below it), 0 when none.
+    pub peer_next_tag: AtomicU32,
     /// TCP SYNs to or from this peer whose MSS was lowered to fit the tunnel.
     pub mss_clamped: AtomicU64,
     /// When we last started a new handshake because the link had gone silent.
@@ -102,6 +103,8 @@ struct Kept<'a> {
     sessions: &'a [Arc<Session>],
     /// The key of the session packets went out on.
     active: Option<PublicKey>,
+    /// Sessions whose indices new sessions for the same key take over.
+    reuse: &'a [Arc<Session>],
 }
 
 impl<'a> From<&'a Peer> for Kept<'a> {
@@ -110,6 +113,7 @@ impl<'a> From<&'a Peer> for Kept<'a> {
             shared: p.shared.clone(),
             sessions: &p.sessions,
             active: Some(p.active().key),
+            reuse: &[],
         }
     }
 }
@@ -301,6 +305,9 @@ impl Link {
                 shared: p.shared.clone(),
                 sessions: &[],
                 active: None,
+                // The new sessions take the old ones' indices: a link that moves back and
+                // forth does not use up the 24-bit index space.
+                reuse: &p.sessions,
             };
             link.add_peer(p.spec.clone(), Some(kept));
         }
@@ -362,9 +369,15 @@ impl Link {
             let kept = old
                 .as_ref()
                 .and_then(|o| o.sessions.iter().find(|s| s.key == key));
+            let reused = old
+                .as_ref()
+                .and_then(|o| o.reuse.iter().find(|s| s.key == key))
+                .map(|s| s.index);
             let session = kept.cloned().unwrap_or_else(|| {
-                let index = self.next_index;
-                self.next_index += 1;
+                let index = reused.unwrap_or_else(|| {
+                    self.next_index += 1;
+                    self.next_index - 1
+                });
                 Arc::new(Session {
                     key,
                     index,
@@ -605,8 +618,8 @@ impl Link {
                     .peer_draining
                     .store(probe.draining, Ordering::Relaxed);
                 peer.stats()
-                    .peer_knows_next
-                    .store(probe.knows_next, Ordering::Relaxed);
+                    .peer_next_tag
+                    .store(tag_word(probe.next_tag), Ordering::Relaxed);
                 peer.stats()
                     .last_probe
                     .store(self.ns(now), Ordering::Relaxed);
@@ -686,6 +699,20 @@ impl Link {
             let Some(ep) = self.endpoint(peer) else {
                 continue;
             };
+            // Every session's timers run (keys expire on time); only the active one's output
+            // goes out: the other key's session is idle until the peer proves it live.
+            let active = peer
+                .active
+                .load(Ordering::Relaxed)
+                .min(peer.sessions.len() - 1);
+            for (_, s) in peer
+                .sessions
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != active)
+            {
+                let _ = s.tunn.lock().expect("not poisoned").update_timers(&mut buf);
+            }
             let mut tunn = peer.active().tunn.lock().expect("not poisoned");
             if let TunnResult::WriteToNetwork(b) = tunn.update_timers(&mut buf) {
                 out.push((ep, b.to_vec()));
@@ -716,7 +743,7 @@ impl Link {
                     let probe = crate::datapath::probe::packet(crate::datapath::probe::Probe {
                         hears_you: hears,
                         draining: self.draining,
-                        knows_next: peer.spec.next_key.is_some(),
+                        next_tag: peer.spec.next_key.as_ref().map(crate::datapath::probe::tag),
                     });
                     if let TunnResult::WriteToNetwork(b) = tunn.encapsulate(&probe, &mut buf) {
                         out.push((ep, b.to_vec()));
@@ -793,12 +820,16 @@ impl Link {
     /// The peers a key rotation may move this link for: those whose probes say their site
     /// file lists our next key, and those that never probe (not appliances: nothing to wait
     /// for).
-    pub fn ready_for_next_key(&self) -> std::collections::BTreeSet<String> {
+    pub fn ready_for_next_key(&self, next: &PublicKey) -> std::collections::BTreeSet<String> {
+        let want = tag_word(Some(crate::datapath::probe::tag(next)));
+        // A peer counts as one that never probes only once its session is older than three
+        // keepalives (an appliance's first probe follows its handshake within one).
+        let settled = Duration::from_millis(3 * self.keepalive_ms as u64);
         self.peers
             .iter()
-            .filter(|p| {
-                p.stats().last_probe.load(Ordering::Relaxed) == 0
-                    || p.stats().peer_knows_next.load(Ordering::Relaxed)
+            .filter(|p| match p.stats().last_probe.load(Ordering::Relaxed) {
+                0 => self.handshake_age(p).is_some_and(|a| a > settled),
+                _ => p.stats().peer_next_tag.load(Ordering::Relaxed) == want,
             })
             .map(|p| p.spec.name.clone())
             .collect()
@@ -813,6 +844,11 @@ impl Link {
     pub fn handshake_age(&self, peer: &Peer) -> Option<Duration> {
         peer.active().tunn.lock().expect("not poisoned").stats().0
     }
+}
+
+/// A probe's next-key tag as one word: bit 24 set when there is one.
+fn tag_word(tag: Option<[u8; 3]>) -> u32 {
+    tag.map_or(0, |t| 1 << 24 | u32::from_be_bytes([0, t[0], t[1], t[2]]))
 }
 
 fn allowed(prefixes: &[IpNet], src: IpAddr) -> bool {
@@ -1300,6 +1336,40 @@ mod tests {
         assert!(r.to_net.is_empty(), "no answer to the retired key");
         assert_eq!(handshakes(&retired), 2);
         both_ways(&retired, &moved, "after the refusal");
+    }
+
+    /// A rotating gateway moves a link only for peers whose probes name its next key: a node
+    /// whose site file lists another (stale) next key is not ready, nor is an appliance that
+    /// has not probed yet.
+    #[test]
+    fn a_peer_is_ready_for_a_next_key_only_when_its_probe_names_that_key() {
+        let (nk, gk, next, stale) = (
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+            PrivateKey::generate(),
+        );
+        for (listed, ready) in [
+            (None, false),
+            (Some(stale.public()), false),
+            (Some(next.public()), true),
+        ] {
+            let gw = Link::new(&gw_spec(nk.public(), None, None), &gk, t0());
+            let node = Link::new(&node_spec(gk.public(), listed, None), &nk, t0());
+            connect(&gw, &node);
+            assert!(
+                !gw.ready_for_next_key(&next.public()).contains("c1"),
+                "no probe yet, a fresh session: not ready"
+            );
+            let later = t0() + Duration::from_millis(400);
+            let probes = node.tick(P, later);
+            pump(&gw, &node, probes.into_iter().map(|(_, d)| d).collect());
+            assert_eq!(
+                gw.ready_for_next_key(&next.public()).contains("c1"),
+                ready,
+                "node lists {listed:?}"
+            );
+        }
     }
 
     /// A gateway rotates: it knows the node's endpoint, so the moved link's handshake goes

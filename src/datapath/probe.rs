@@ -14,9 +14,15 @@ pub struct Probe {
     pub hears_you: bool,
     /// The sender is a drained gateway: route through it only when nothing else is live.
     pub draining: bool,
-    /// The sender's site file lists a next key for us: it takes handshakes signed with it, so
-    /// a key rotation may move this link.
-    pub knows_next: bool,
+    /// The sender's site file lists a next key for us, starting with these 3 bytes: it takes
+    /// handshakes signed with it, so a key rotation may move this link (a stale file listing
+    /// an earlier next key does not match).
+    pub next_tag: Option<[u8; 3]>,
+}
+
+/// The tag a probe carries for `key`: its first 3 bytes.
+pub fn tag(key: &crate::model::key::PublicKey) -> [u8; 3] {
+    [key.0[0], key.0[1], key.0[2]]
 }
 
 pub fn packet(probe: Probe) -> [u8; LEN] {
@@ -30,7 +36,10 @@ pub fn packet(probe: Probe) -> [u8; LEN] {
     p[20..24].copy_from_slice(MAGIC);
     p[24] = u8::from(probe.hears_you)
         | (u8::from(probe.draining) << 1)
-        | (u8::from(probe.knows_next) << 2);
+        | (u8::from(probe.next_tag.is_some()) << 2);
+    if let Some(t) = probe.next_tag {
+        p[25..28].copy_from_slice(&t);
+    }
     p
 }
 
@@ -41,7 +50,7 @@ pub fn parse(p: &[u8]) -> Option<Probe> {
         .then(|| Probe {
             hears_you: p[24] & 1 == 1,
             draining: p[24] & 2 == 2,
-            knows_next: p[24] & 4 == 4,
+            next_tag: (p[24] & 4 == 4).then(|| [p[25], p[26], p[27]]),
         })
 }
 
@@ -66,14 +75,14 @@ mod tests {
             let probe = Probe {
                 hears_you: bits & 1 != 0,
                 draining: bits & 2 != 0,
-                knows_next: bits & 4 != 0,
+                next_tag: (bits & 4 != 0).then_some([1, 2, bits]),
             };
             assert_eq!(parse(&packet(probe)), Some(probe));
         }
         let mut p = packet(Probe {
             hears_you: true,
             draining: false,
-            knows_next: false,
+            next_tag: None,
         });
         p[20] = b'X';
         assert_eq!(parse(&p), None);

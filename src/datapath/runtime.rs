@@ -251,6 +251,10 @@ impl GsoBatch {
                         .send_dropped
                         .fetch_add(self.count as u64, Ordering::Relaxed);
                 }
+                Err(_) if self.count == 1 => {
+                    // One datagram, no GSO: an ordinary send error (no route, say).
+                    stats.send_dropped.fetch_add(1, Ordering::Relaxed);
+                }
                 Err(e) => {
                     // GSO refused (quinn-udp lowers its segment limit): send one by one.
                     if stats.gso_errors.fetch_add(1, Ordering::Relaxed) == 0 {
