@@ -116,12 +116,7 @@ fn rotate_key_lists_a_next_key_then_finish_makes_it_the_key() {
     );
     assert!(!text2.contains("next-public-key"), "{text2}");
     assert!(!next_file.exists(), "the next key moved into the key file");
-    let held = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("{BIN} pubkey < {key}"))
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&held.stdout).trim(), next);
+    assert_eq!(pubkey_of(key.as_ref()), next);
     let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let check = ns.exec(&[BIN, "check", "-c", &conf_s]);
@@ -144,12 +139,7 @@ fn rotate_key_lists_a_next_key_then_finish_makes_it_the_key() {
         (Some(0), &serde_json::json!(true)),
         "{j}"
     );
-    let held = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("{BIN} pubkey < {key}"))
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&held.stdout).trim(), next2);
+    assert_eq!(pubkey_of(key.as_ref()), next2);
     assert!(!next_file.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }

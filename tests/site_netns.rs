@@ -592,22 +592,13 @@ fn gateway_faults(site: &Site) -> String {
     let (site_gaps, node_gaps) = (from_site.gaps(), from_node.gaps());
     let iperf = iperf.wait_with_output().unwrap();
     let _ = iperf_server.wait_with_output();
-    assert!(
-        iperf.status.success(),
-        "iperf3 through the gateway loss: {}",
-        text(&iperf)
-    );
-    let j: serde_json::Value = serde_json::from_slice(&iperf.stdout).unwrap();
+    let (j, avg) = iperf_result(&iperf, "through the gateway loss");
     let rates: Vec<f64> = j["intervals"]
         .as_array()
         .unwrap()
         .iter()
         .map(|i| i["sum"]["bits_per_second"].as_f64().unwrap() / 1e6)
         .collect();
-    let avg = j["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap()
-        / 1e6;
     let nfs = nfs.wait_with_output().unwrap();
     assert!(
         nfs.status.success(),
@@ -1297,20 +1288,7 @@ fn a_drained_gateway_cuts_no_connection_and_stays_drained_through_a_restart() {
     let (site, _) = Site::up("drain", 0, "bird", 0);
     let conf = site.dir.join("site.kdl");
     assert_eq!(site_paths(&site, "10.200.0.11"), ["gw1", "gw2"]);
-    let iperf_server = Command::new("ip")
-        .args(["netns", "exec", &site.ns("c1")])
-        .args(["iperf3", "-s", "-1", "-B", "10.200.0.11"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let iperf = Command::new("ip")
-        .args(["netns", "exec", &site.ns("site")])
-        .args(["iperf3", "-c", "10.200.0.11", "-P", "4", "-t", "16", "-J"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    let iperf = Iperf::start(&site, 16);
     let iperf_conns = ConnWatch::start(&site, "site", "10.200.0.11:5201");
     let mut nfs_conns = None;
     let drain = |verb: &str| {
@@ -1383,20 +1361,7 @@ fn a_drained_gateway_cuts_no_connection_and_stays_drained_through_a_restart() {
         nfs_conns = Some(nfs.stop());
     });
     let nfs_conns = nfs_conns.unwrap();
-    let iperf = iperf.wait_with_output().unwrap();
-    let _ = iperf_server.wait_with_output();
-    assert!(
-        iperf.status.success(),
-        "iperf3 through drain, restart and undrain: {}",
-        text(&iperf)
-    );
-    let j: serde_json::Value = serde_json::from_slice(&iperf.stdout).unwrap();
-    let mbit = j["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or(0.0)
-        / 1e6;
-    let streams = j["end"]["streams"].as_array().map_or(0, |s| s.len());
-    assert_eq!(streams, 4, "every iperf3 stream lasted to the end");
+    let mbit = iperf.finish("through drain, restart and undrain");
     let iperf_conns = iperf_conns.stop();
     // The control connection and the 4 streams, each the same connection throughout.
     assert_eq!(
@@ -1417,6 +1382,47 @@ fn a_drained_gateway_cuts_no_connection_and_stays_drained_through_a_restart() {
         "drain, restart, undrain under iperf3 (4 streams, {mbit:.0} Mbit/s average) and a 384 MiB NFS copy: 0 connections reset (iperf3 5, NFS 1, each the same throughout), copy checksum matches, longest ping gap {gap} ms"
     );
     assert!(gap <= 1000, "{gaps:?}");
+}
+
+/// iperf3 from the site to c1, 4 streams: the server on c1 and the client in the site's
+/// namespace, started and given a second to reach full speed.
+struct Iperf {
+    server: std::process::Child,
+    client: std::process::Child,
+}
+
+impl Iperf {
+    fn start(site: &Site, secs: u32) -> Iperf {
+        let server = Command::new("ip")
+            .args(["netns", "exec", &site.ns("c1")])
+            .args(["iperf3", "-s", "-1", "-B", "10.200.0.11"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let client = Command::new("ip")
+            .args(["netns", "exec", &site.ns("site")])
+            .args(["iperf3", "-c", "10.200.0.11", "-P", "4", "-J", "-t"])
+            .arg(secs.to_string())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        Iperf { server, client }
+    }
+
+    /// Wait for the end: it succeeded and all 4 streams lasted to it. Returns Mbit/s.
+    fn finish(self, what: &str) -> f64 {
+        let out = self.client.wait_with_output().unwrap();
+        let _ = self.server.wait_with_output();
+        let (j, mbit) = iperf_result(&out, what);
+        assert_eq!(
+            j["end"]["streams"].as_array().map_or(0, |s| s.len()),
+            4,
+            "every iperf3 stream lasted to the end"
+        );
+        mbit
+    }
 }
 
 /// Handshakes so far per (link, peer) on `role`, for the peers live there.
@@ -1462,20 +1468,7 @@ fn keys_rotate_under_load_without_a_reset_and_the_old_key_is_refused() {
     let (site, _) = Site::up("rotate", 0, "bird", 0);
     let conf = site.dir.join("site.kdl");
     let conf_s = conf.to_str().unwrap().to_string();
-    let iperf_server = Command::new("ip")
-        .args(["netns", "exec", &site.ns("c1")])
-        .args(["iperf3", "-s", "-1", "-B", "10.200.0.11"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let iperf = Command::new("ip")
-        .args(["netns", "exec", &site.ns("site")])
-        .args(["iperf3", "-c", "10.200.0.11", "-P", "4", "-t", "40", "-J"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    let iperf = Iperf::start(&site, 40);
     let conns = ConnWatch::start(&site, "site", "10.200.0.11:5201");
     let reload = |roles: &[&str]| {
         for r in roles {
@@ -1643,23 +1636,7 @@ fn keys_rotate_under_load_without_a_reset_and_the_old_key_is_refused() {
         invalid1 - invalid0
     ));
 
-    let iperf = iperf.wait_with_output().unwrap();
-    let _ = iperf_server.wait_with_output();
-    assert!(
-        iperf.status.success(),
-        "iperf3 through both rotations: {}",
-        text(&iperf)
-    );
-    let j: serde_json::Value = serde_json::from_slice(&iperf.stdout).unwrap();
-    let mbit = j["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or(0.0)
-        / 1e6;
-    assert_eq!(
-        j["end"]["streams"].as_array().map_or(0, |s| s.len()),
-        4,
-        "every iperf3 stream lasted to the end"
-    );
+    let mbit = iperf.finish("through both rotations");
     let conns = conns.stop();
     assert_eq!(
         conns.len(),

@@ -269,12 +269,29 @@ pub fn genkey(dir: &std::path::Path, name: &str) -> String {
     let out = Command::new(BIN).arg("genkey").output().unwrap();
     std::fs::write(&key, &out.stdout).unwrap();
     run("chmod", &["600", key.to_str().unwrap()]);
+    pubkey_of(&key)
+}
+
+/// The public key of the private key file `key`, from `appliance pubkey`.
+pub fn pubkey_of(key: &std::path::Path) -> String {
     let pubkey = Command::new("sh")
         .arg("-c")
         .arg(format!("{BIN} pubkey < {}", key.display()))
         .output()
         .unwrap();
     String::from_utf8(pubkey.stdout).unwrap().trim().to_string()
+}
+
+/// An iperf3 client's `-J` output, which must have succeeded (`what` says during what), and
+/// its received Mbit/s.
+pub fn iperf_result(out: &Output, what: &str) -> (serde_json::Value, f64) {
+    assert!(out.status.success(), "iperf3 {what}: {}", text(out));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mbit = j["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e6;
+    (j, mbit)
 }
 
 /// `appliance run` for `host` in `ns` with DIR/site.kdl and DIR/HOST.key, logging to DIR/HOST.log.
