@@ -55,6 +55,18 @@ struct ConfigFile {
 }
 
 #[derive(clap::Args)]
+struct KeyFile {
+    /// This host's WireGuard private key (mode 0600), as written by `appliance genkey`.
+    #[arg(
+        short,
+        long,
+        env = "APPLIANCE_KEY_FILE",
+        default_value = "/var/lib/appliance/private.key"
+    )]
+    key_file: PathBuf,
+}
+
+#[derive(clap::Args)]
 struct HostArg {
     /// Which host of the config this is (default: $APPLIANCE_NODE, then the host name).
     #[arg(short, long, env = "APPLIANCE_NODE")]
@@ -89,14 +101,8 @@ enum Command {
         file: ConfigFile,
         #[command(flatten)]
         host: HostArg,
-        /// This host's WireGuard private key (mode 0600), as written by `appliance genkey`.
-        #[arg(
-            short,
-            long,
-            env = "APPLIANCE_KEY_FILE",
-            default_value = "/var/lib/appliance/private.key"
-        )]
-        key_file: PathBuf,
+        #[command(flatten)]
+        key: KeyFile,
         /// Serve Prometheus `/metrics` on ADDR:PORT (e.g. 127.0.0.1:9477), instead of the site
         /// file's `metrics-port` on this host's own address.
         #[arg(long, value_name = "ADDR:PORT", env = "APPLIANCE_METRICS")]
@@ -205,14 +211,8 @@ enum Command {
         /// The host (a gateway or a node listed by name; a pool's keys come from its secret:
         /// provision the pool again with a new one).
         host: String,
-        /// This host's private key file, as `run` reads it.
-        #[arg(
-            short,
-            long,
-            env = "APPLIANCE_KEY_FILE",
-            default_value = "/var/lib/appliance/private.key"
-        )]
-        key_file: PathBuf,
+        #[command(flatten)]
+        key: KeyFile,
         /// Retire the old key: the next key becomes the host's `public-key` and moves into the
         /// key file. Refused until the daemon here runs every link on the next key. Deploy
         /// the file to the peers and reload them: from then on the old key is refused.
@@ -303,7 +303,7 @@ fn main() -> ExitCode {
         Command::RotateKey {
             file,
             host,
-            key_file,
+            key: KeyFile { key_file },
             finish,
             force,
             output,
@@ -355,7 +355,7 @@ fn main() -> ExitCode {
         Command::Run {
             file,
             host,
-            key_file,
+            key: KeyFile { key_file },
             metrics,
             user_data,
             slot,

@@ -166,25 +166,23 @@ impl Shared {
 
 /// Wait until `fd` can be written, at most [`SEND_WAIT`].
 fn wait_writable(fd: i32) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let n = unsafe { libc::poll(&mut pfd, 1, SEND_WAIT.as_millis() as i32) };
-    n > 0 && pfd.revents & libc::POLLOUT != 0
+    wait(fd, libc::POLLOUT, SEND_WAIT)
 }
 
 fn wait_readable(fd: i32) -> bool {
+    wait(fd, libc::POLLIN, WAKE)
+}
+
+/// Wait at most `timeout` for `events` on `fd`.
+fn wait(fd: i32, events: libc::c_short, timeout: Duration) -> bool {
     let mut pfd = libc::pollfd {
         fd,
-        events: libc::POLLIN,
+        events,
         revents: 0,
     };
     // SAFETY: one valid pollfd for the duration of the call.
-    let n = unsafe { libc::poll(&mut pfd, 1, WAKE.as_millis() as i32) };
-    n > 0 && pfd.revents & libc::POLLIN != 0
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+    n > 0 && pfd.revents & events != 0
 }
 
 /// Attach to the tun device with offload: reads return TCP super-packets (up to 64 KiB) that

@@ -203,32 +203,29 @@ impl Config {
         }
     }
 
-    /// The WireGuard public key the site file lists for `host` (relays have none).
-    pub fn public_key_of(&self, host: &str) -> Option<PublicKey> {
+    /// The keys the site file lists for `host`: its public key and its next one (relays have
+    /// none).
+    fn keys_of(&self, host: &str) -> Option<(PublicKey, Option<PublicKey>)> {
         self.gateways
             .iter()
             .find(|g| g.name == host)
-            .map(|g| g.public_key)
+            .map(|g| (g.public_key, g.next_public_key))
             .or_else(|| {
                 self.nodes
                     .iter()
                     .find(|n| n.name == host)
-                    .map(|n| n.public_key)
+                    .map(|n| (n.public_key, n.next_public_key))
             })
+    }
+
+    /// The WireGuard public key the site file lists for `host` (relays have none).
+    pub fn public_key_of(&self, host: &str) -> Option<PublicKey> {
+        self.keys_of(host).map(|k| k.0)
     }
 
     /// The next key the site file lists for `host` (`next-public-key`), while it rotates.
     pub fn next_public_key_of(&self, host: &str) -> Option<PublicKey> {
-        self.gateways
-            .iter()
-            .find(|g| g.name == host)
-            .and_then(|g| g.next_public_key)
-            .or_else(|| {
-                self.nodes
-                    .iter()
-                    .find(|n| n.name == host)
-                    .and_then(|n| n.next_public_key)
-            })
+        self.keys_of(host).and_then(|k| k.1)
     }
 
     /// Every host name, for "did you mean" and listing.
