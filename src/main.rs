@@ -114,6 +114,11 @@ enum Command {
         /// With a pool user-data: take this slot, whatever this machine's addresses are.
         #[arg(long, requires = "user_data")]
         slot: Option<u32>,
+        /// Cores the datapath may use (default: the cores this process may run on). The link
+        /// devices' tun queues together get one worker pair (transmit, receive) per core, each
+        /// link at least one queue.
+        #[arg(long, value_name = "N", env = "APPLIANCE_WORKERS")]
+        workers: Option<std::num::NonZeroUsize>,
     },
     /// Show the running daemon's links: peer, endpoint, handshake age, last packet, bytes,
     /// live or dead.
@@ -359,12 +364,17 @@ fn main() -> ExitCode {
             metrics,
             user_data,
             slot,
+            workers,
         } => match user_data {
-            None => run_cmd(file.config, host.node, key_file, metrics),
+            None => run_cmd(file.config, host.node, key_file, metrics, workers),
             Some(u) => match from_user_data(&u, host.node.as_deref(), slot) {
-                Ok((config, host, key)) => {
-                    run_cmd(config, Some(host), key.unwrap_or(key_file), metrics)
-                }
+                Ok((config, host, key)) => run_cmd(
+                    config,
+                    Some(host),
+                    key.unwrap_or(key_file),
+                    metrics,
+                    workers,
+                ),
                 Err(e) => {
                     eprintln!("{e}");
                     ExitCode::from(EXIT_ERROR)
@@ -1061,6 +1071,7 @@ fn run_cmd(
     node: Option<String>,
     key_file: PathBuf,
     metrics: Option<std::net::SocketAddr>,
+    workers: Option<std::num::NonZeroUsize>,
 ) -> ExitCode {
     let Some(host) = host_name(node) else {
         eprintln!("error: cannot tell which host this is: pass --node NAME or set APPLIANCE_NODE");
@@ -1075,6 +1086,7 @@ fn run_cmd(
         host,
         key_file,
         metrics,
+        workers,
     };
     match rt.block_on(appliance::daemon::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -155,6 +155,11 @@ fn nexthops(ns: &Netns, dst: &str) -> usize {
 
 /// Gateway and node appliances up with `links` links; returns the lab.
 fn appliances(links: u32) -> Lab {
+    appliances_with(links, &[])
+}
+
+/// [`appliances`], both daemons run with `extra` arguments.
+fn appliances_with(links: u32, extra: &[&str]) -> Lab {
     let mut lab = lab();
     let gw_pub = genkey(&lab.dir, "gw1");
     let c1_pub = genkey(&lab.dir, "c1");
@@ -164,8 +169,9 @@ fn appliances(links: u32) -> Lab {
         site(links, 200, 3, &gw_pub, &[("c1", "10.200.0.11", &c1_pub)]),
     )
     .unwrap();
-    lab.procs.push(daemon(&lab.gw, &lab.dir, "gw1"));
-    lab.procs.push(daemon(&lab.node, &lab.dir, "c1"));
+    lab.procs.push(daemon_with(&lab.gw, &lab.dir, "gw1", extra));
+    lab.procs
+        .push(daemon_with(&lab.node, &lab.dir, "c1", extra));
     let (gw, node) = (&lab.gw, &lab.node);
     let logs = |lab: &Lab| {
         lab.procs
@@ -302,6 +308,71 @@ fn two_appliances_behind_nat_spread_eight_flows_over_four_links() {
         assert_eq!(dev["gso_errors"], 0, "GSO writes refused: {dev}");
         assert_eq!(dev["send_dropped"], 0, "datagrams dropped: {dev}");
     }
+}
+
+#[test]
+fn two_queues_per_link_both_carry_flows_and_the_bytes_arrive() {
+    if !root_or_skip("queues") {
+        return;
+    }
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    // One link, two cores' worth of workers: the link device gets two tun queues, each with
+    // its own transmit and receive thread and its own socket on the link's port.
+    let lab = appliances_with(1, &["--workers", "2"]);
+    let queues = |ns: &Netns| -> Vec<(u64, u64)> {
+        status(ns)["devices"][0]["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|q| {
+                (
+                    q["tun_packets"].as_u64().unwrap(),
+                    q["udp_datagrams"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(queues(&lab.node).len(), 2, "{}", status(&lab.node));
+    assert_eq!(queues(&lab.gw).len(), 2, "{}", status(&lab.gw));
+    let (node0, gw0) = (queues(&lab.node), queues(&lab.gw));
+    // 8 flows: the kernel hashes each onto one tun queue (so a flow's packets stay in order);
+    // the data leaves the node, the ACKs leave the gateway, both over both queues.
+    let r = iperf(
+        &lab,
+        &lab.node,
+        &lab.gw,
+        "10.10.0.2",
+        "10.200.0.11",
+        &["-P", "8", "-t", "3"],
+    );
+    // What was still in flight when the sender stopped counting is all that may be missing.
+    let (sent, received) = (
+        r["end"]["sum_sent"]["bytes"].as_f64().unwrap(),
+        r["end"]["sum_received"]["bytes"].as_f64().unwrap(),
+    );
+    assert!(received > 0.0 && received >= 0.9 * sent, "{r}");
+    assert_eq!(r["end"]["sum_sent"]["retransmits"], 0, "{r}");
+    let (node1, gw1) = (queues(&lab.node), queues(&lab.gw));
+    for (who, before, after) in [("node", &node0, &node1), ("gateway", &gw0, &gw1)] {
+        let moved: Vec<u64> = after.iter().zip(before).map(|(a, b)| a.0 - b.0).collect();
+        let total: u64 = moved.iter().sum();
+        eprintln!("{who}: packets read per tun queue {moved:?}");
+        for m in &moved {
+            assert!(
+                *m as f64 >= 0.05 * total as f64,
+                "{who}: a tun queue carried under 5% of 8 flows: {moved:?}"
+            );
+        }
+    }
+    // The gateway's sockets share the port: all of the node's datagrams arrive on it, on
+    // whichever socket the kernel hashed the node's address to.
+    let received: u64 = gw1.iter().zip(&gw0).map(|(a, b)| a.1 - b.1).sum();
+    assert!(received > 1000, "{gw1:?}");
+    let s = status(&lab.node);
+    let dev = &s["devices"][0];
+    assert_eq!(dev["gso_errors"], 0, "{dev}");
+    assert_eq!(dev["send_dropped"], 0, "{dev}");
+    assert_eq!(dev["invalid"], 0, "{dev}");
 }
 
 #[test]

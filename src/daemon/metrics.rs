@@ -182,8 +182,23 @@ pub fn render(s: &Status) -> String {
         "UDP GSO writes the kernel refused on this link (each batch then went datagram by datagram)",
         None,
     );
+    let queue = o.counter(
+        "link_queue_packets",
+        "Packets each tun queue (worker pair) of the link moved: read from its tun queue (from=tun) or received on its UDP socket (from=udp)",
+        None,
+    );
     for d in &s.devices {
         set(&gso, vec![("link", d.link.clone())], d.gso_errors);
+        for (i, q) in d.queues.iter().enumerate() {
+            for (from, n) in [("tun", q.tun_packets), ("udp", q.udp_datagrams)] {
+                let labels = vec![
+                    ("link", d.link.clone()),
+                    ("queue", i.to_string()),
+                    ("from", from.into()),
+                ];
+                set(&queue, labels, n);
+            }
+        }
         let on = || s.links.iter().filter(|l| l.link == d.link);
         let spoofed: u64 = on().map(|l| l.spoofed).sum();
         let claimed: u64 = on().map(|l| l.claims_refused).sum();

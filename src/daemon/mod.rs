@@ -28,7 +28,7 @@ pub mod status;
 
 use crate::bgp::router::Learned;
 use crate::datapath::engine::Link;
-use crate::datapath::runtime::LinkRuntime;
+use crate::datapath::runtime::{queues_per_link, LinkRuntime};
 use crate::host::keyfile::load_private_key;
 use crate::host::netlink::Netlink;
 use crate::host::reconcile::{self, Lock};
@@ -42,6 +42,7 @@ use core::{verdicts, Core, Reaction};
 use status::{BgpStatus, KernelStatus, LearnedRoute, Reply, Status};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -57,6 +58,10 @@ pub struct Options {
     pub key_file: PathBuf,
     /// Where to serve `/metrics`, over the site file's `metrics-port` on the host's address.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Cores the datapath may use: the links' queues together get a worker pair per core
+    /// ([`crate::datapath::runtime::queues_per_link`]). None: the cores this process may run
+    /// on.
+    pub workers: Option<std::num::NonZeroUsize>,
 }
 
 struct Daemon {
@@ -237,17 +242,31 @@ impl Daemon {
         Ok(plan)
     }
 
-    fn start_link(&mut self, spec: &LinkSpec) -> Result<(), String> {
+    /// Start link `spec`, one of the host's `links` link devices.
+    fn start_link(&mut self, spec: &LinkSpec, links: usize) -> Result<(), String> {
         // A link starts on the current key; a rotation moves it to the next one.
         let key = &self.keys.as_ref().ok_or("no private key")?.current;
-        let rt = LinkRuntime::start(Link::new(spec, key, Instant::now()), spec.v6_underlay)
-            .map_err(|e| format!("{}: {e}", spec.dev))?;
+        let queues = queues_per_link(self.workers(), links);
+        let rt = LinkRuntime::start(
+            Link::new(spec, key, Instant::now()),
+            spec.v6_underlay,
+            queues,
+        )
+        .map_err(|e| format!("{}: {e}", spec.dev))?;
         if self.node_drain.is_some() {
             rt.current().refuse_new_connections(true);
         }
-        tracing::info!(dev = %spec.dev, port = rt.local_port(), peers = spec.peers.len(), "link started");
+        tracing::info!(dev = %spec.dev, port = rt.local_port(), peers = spec.peers.len(), queues, "link started");
         self.links.insert(spec.dev.clone(), rt);
         Ok(())
+    }
+
+    /// The cores the datapath may use: the setting, or what this process may run on.
+    fn workers(&self) -> usize {
+        self.opts
+            .workers
+            .or_else(|| std::thread::available_parallelism().ok())
+            .map_or(1, |n| n.get())
     }
 
     /// Give the running links new prefix → peer tables (sessions and endpoints are kept).
@@ -648,7 +667,7 @@ impl Daemon {
                     kept += 1;
                 }
                 None => {
-                    self.start_link(spec)?;
+                    self.start_link(spec, specs.len())?;
                     started += 1;
                 }
             }
@@ -724,7 +743,17 @@ impl Daemon {
             devices: self
                 .links
                 .values()
-                .map(|rt| rt.current().device_status())
+                .map(|rt| {
+                    let mut d = rt.current().device_status();
+                    d.queues = rt
+                        .queue_stats()
+                        .map(|q| crate::datapath::engine::QueueStatus {
+                            tun_packets: q.tun_packets.load(Ordering::Relaxed),
+                            udp_datagrams: q.udp_datagrams.load(Ordering::Relaxed),
+                        })
+                        .collect();
+                    d
+                })
                 .collect(),
             bgp: self.bgp.as_ref().map(|b| {
                 let s = b.status.lock().expect("not poisoned");
@@ -844,7 +873,7 @@ pub async fn run(opts: Options) -> Result<(), String> {
     let plan = d.sync().await?;
     tracing::info!(host = %d.opts.host, %role, changes = plan.changes.len(), "host reconciled");
     for spec in &specs {
-        d.start_link(spec)?;
+        d.start_link(spec, specs.len())?;
     }
     let mut learned = None;
     if let Some(sc) = bgp {

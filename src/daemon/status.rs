@@ -371,6 +371,7 @@ impl Status {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::datapath::engine::QueueStatus;
 
     pub(crate) fn sample() -> Status {
         Status {
@@ -404,6 +405,16 @@ pub(crate) mod tests {
                 refused_syns: 0,
                 gso_errors: 1,
                 send_dropped: 4,
+                queues: vec![
+                    QueueStatus {
+                        tun_packets: 10,
+                        udp_datagrams: 20,
+                    },
+                    QueueStatus {
+                        tun_packets: 30,
+                        udp_datagrams: 0,
+                    },
+                ],
             }],
             links: vec![PeerStatus {
                 link: "ap-l0".into(),

@@ -914,6 +914,19 @@ pub struct DeviceStatus {
     /// Datagrams dropped because the UDP socket buffer stayed full.
     #[serde(default)]
     pub send_dropped: u64,
+    /// Per tun queue (worker pair) of the link: what each moved. Filled by the daemon, which
+    /// runs the queues.
+    #[serde(default)]
+    pub queues: Vec<QueueStatus>,
+}
+
+/// What one queue of a link device moved.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct QueueStatus {
+    /// Packets read from the tun queue (segments of super-packets counted one by one).
+    pub tun_packets: u64,
+    /// Datagrams received on the queue's UDP socket.
+    pub udp_datagrams: u64,
 }
 
 impl Link {
@@ -994,6 +1007,7 @@ impl Link {
             refused_syns: s.refused_syns.load(Ordering::Relaxed),
             gso_errors: s.gso_errors.load(Ordering::Relaxed),
             send_dropped: s.send_dropped.load(Ordering::Relaxed),
+            queues: Vec::new(),
         }
     }
 }

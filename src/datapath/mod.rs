@@ -1,9 +1,11 @@
 //! The tunnels. [`engine`] is the per-link WireGuard engine: peers, cryptokey routing and
 //! every per-packet decision, with no I/O and no clock of its own (`now` is an argument);
-//! [`probe`] is the in-band liveness probe and [`liveness`] the verdicts; [`runtime`] is the
-//! I/O edge: one tun queue, one UDP socket and two packet threads per link.
+//! [`probe`] is the in-band liveness probe and [`liveness`] the verdicts; [`flow`] picks a
+//! decrypted packet's tun queue; [`runtime`] is the I/O edge: per link one or more queues, each
+//! a tun queue, a UDP socket and two packet threads.
 
 pub mod engine;
+pub mod flow;
 pub mod liveness;
 pub mod mss;
 pub mod probe;

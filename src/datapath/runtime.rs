@@ -1,15 +1,18 @@
-//! Datapath I/O: one tun queue and one UDP socket per link, two threads each (tun → UDP and
-//! UDP → tun). The threads only move bytes; every decision is [`crate::datapath::engine::Link`]'s.
+//! Datapath I/O: per link one or more queues, each a tun queue, a UDP socket on the link's
+//! port and two threads (tun → UDP and UDP → tun). The threads only move bytes; every decision
+//! is [`crate::datapath::engine::Link`]'s, which they share (per-peer state is behind per-peer
+//! locks, none global).
 //!
 //! The link value is swapped atomically on reload (`replace`): the threads pick up the new peer
 //! table on their next packet, and peers that were kept keep their sessions.
 
 use crate::datapath::engine::{Inbound, Link, LinkStats, Outbound, MAX_PACKET};
+use crate::datapath::flow;
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -19,21 +22,41 @@ use tun_rs::{DeviceBuilder, GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_H
 const WAKE: Duration = Duration::from_millis(200);
 /// How long a full socket buffer may hold up the transmit thread before a batch is dropped.
 const SEND_WAIT: Duration = Duration::from_millis(5);
-/// Socket buffers: ECMP over several links and bursts from TSO-sized writes need room.
-const SOCKET_BUFFER: libc::c_int = 4 << 20;
 
 pub struct LinkRuntime {
     pub dev: String,
     link: Arc<RwLock<Arc<Link>>>,
-    udp: Arc<UdpSocket>,
+    /// One socket per queue, all bound to the link's port (`SO_REUSEPORT`): the kernel hashes
+    /// each peer's address onto one of them, so a peer's datagrams stay in order on one
+    /// receive thread.
+    udp: Vec<Arc<UdpSocket>>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    queue_stats: Vec<Arc<QueueStats>>,
 }
 
+/// What one queue's threads moved: packets read from its tun queue, datagrams received on its
+/// socket (status shows whether the kernel spreads the load over the queues).
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    pub tun_packets: AtomicU64,
+    pub udp_datagrams: AtomicU64,
+}
+
+/// How many tun queues (each with its transmit and receive thread and its UDP socket) each of
+/// `links` link devices gets when the host may use `workers` cores: enough that the links
+/// together have a worker per core, each link at least one and at most [`MAX_QUEUES`].
+pub fn queues_per_link(workers: usize, links: usize) -> usize {
+    workers.div_ceil(links.max(1)).clamp(1, MAX_QUEUES)
+}
+
+/// More queues than this per link buys nothing a host's core count could use.
+pub const MAX_QUEUES: usize = 16;
+
 impl LinkRuntime {
-    /// Attach to the link's tun device, bind its UDP socket, start its threads. `v6` binds the
-    /// socket for an IPv6 underlay.
-    pub fn start(link: Link, v6: bool) -> io::Result<LinkRuntime> {
+    /// Attach `queues` queues to the link's tun device, bind as many UDP sockets to its port,
+    /// start a transmit and a receive thread per queue. `v6` binds for an IPv6 underlay.
+    pub fn start(link: Link, v6: bool, queues: usize) -> io::Result<LinkRuntime> {
         let dev = link.spec_dev.clone();
         let name = std::ffi::CString::new(dev.clone())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -44,73 +67,70 @@ impl LinkRuntime {
                 format!("tunnel device {dev} does not exist (the reconcile creates it)"),
             ));
         }
-        let tun = Arc::new(
-            attach_offload(&dev)
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot attach to {dev}: {e}")))?,
-        );
-        let port = link.listen_port.unwrap_or(0);
-        let bind: SocketAddr = if v6 {
-            (Ipv6Addr::UNSPECIFIED, port).into()
-        } else {
-            (Ipv4Addr::UNSPECIFIED, port).into()
-        };
-        let udp = UdpSocket::bind(bind).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot bind UDP {bind} for {dev}: {e}"))
-        })?;
-        udp.set_nonblocking(true)?;
-        for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
-            // Best effort: the kernel caps it at net.core.[rw]mem_max.
-            // SAFETY: setsockopt with a c_int value of the right size.
-            unsafe {
-                libc::setsockopt(
-                    udp.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    opt,
-                    &SOCKET_BUFFER as *const _ as *const libc::c_void,
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                );
-            }
+        let queues = queues.clamp(1, MAX_QUEUES);
+        let first = attach_offload(&dev)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot attach to {dev}: {e}")))?;
+        let mut tuns = Vec::with_capacity(queues);
+        for q in 1..queues {
+            // The device was created multi-queue: a clone attaches one more queue (the kernel
+            // spreads flows over them by their hash).
+            tuns.push(first.try_clone().map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot attach queue {q} to {dev}: {e}"))
+            })?);
         }
-        // UDP GSO on send, GRO on receive; quinn-udp also sets don't-fragment, which WireGuard
-        // does not: turn path-MTU discovery back off so an oversized datagram is fragmented
-        // rather than dropped.
-        let state = Arc::new(UdpSocketState::new((&udp).into())?);
-        let (level, opt) = if v6 {
-            (libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER)
-        } else {
-            (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER)
-        };
-        let dont: libc::c_int = libc::IP_PMTUDISC_DONT;
-        // SAFETY: setsockopt with a c_int value of the right size.
-        unsafe {
-            libc::setsockopt(
-                udp.as_raw_fd(),
-                level,
-                opt,
-                &dont as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
+        tuns.insert(0, first);
+        let mut udp: Vec<UdpSocket> = Vec::with_capacity(queues);
+        let mut port = link.listen_port.unwrap_or(0);
+        for _ in 0..queues {
+            let s = bind_udp(v6, port, queues > 1).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot bind UDP port {port} for {dev}: {e}"),
+                )
+            })?;
+            // An ephemeral port: the other queues join the one the first socket got.
+            port = s.local_addr()?.port();
+            udp.push(s);
         }
-        let udp = Arc::new(udp);
         let link = Arc::new(RwLock::new(Arc::new(link)));
         let stop = Arc::new(AtomicBool::new(false));
-        let shared = Shared {
-            link: link.clone(),
-            udp: udp.clone(),
-            state,
-            tun,
-            stop: stop.clone(),
-        };
-        let threads = vec![
-            shared.spawn(format!("{dev}-tx"), tun_to_udp)?,
-            shared.spawn(format!("{dev}-rx"), udp_to_tun)?,
-        ];
+        let mut threads = Vec::with_capacity(2 * queues);
+        let mut sockets = Vec::with_capacity(queues);
+        let mut queue_stats = Vec::with_capacity(queues);
+        let all: Arc<Vec<Arc<SyncDevice>>> = Arc::new(tuns.into_iter().map(Arc::new).collect());
+        for (q, udp) in udp.into_iter().enumerate() {
+            // UDP GSO on send, GRO on receive; quinn-udp also sets don't-fragment, which
+            // WireGuard does not: `bind_udp` turns path-MTU discovery off after it.
+            let state = Arc::new(UdpSocketState::new((&udp).into())?);
+            pmtu_discovery_off(&udp, v6);
+            let udp = Arc::new(udp);
+            sockets.push(udp.clone());
+            let counts = Arc::new(QueueStats::default());
+            queue_stats.push(counts.clone());
+            let shared = Shared {
+                link: link.clone(),
+                udp,
+                state,
+                tun: all[q].clone(),
+                all: all.clone(),
+                stop: stop.clone(),
+                counts,
+            };
+            let suffix = if queues > 1 {
+                q.to_string()
+            } else {
+                String::new()
+            };
+            threads.push(shared.spawn(format!("{dev}-tx{suffix}"), tun_to_udp)?);
+            threads.push(shared.spawn(format!("{dev}-rx{suffix}"), udp_to_tun)?);
+        }
         Ok(LinkRuntime {
             dev,
             link,
-            udp,
+            udp: sockets,
             stop,
             threads,
+            queue_stats,
         })
     }
 
@@ -123,13 +143,18 @@ impl LinkRuntime {
     }
 
     pub fn local_port(&self) -> Option<u16> {
-        self.udp.local_addr().ok().map(|a| a.port())
+        self.udp[0].local_addr().ok().map(|a| a.port())
+    }
+
+    /// Each queue's counters, in queue order.
+    pub fn queue_stats(&self) -> impl Iterator<Item = &QueueStats> {
+        self.queue_stats.iter().map(|q| &**q)
     }
 
     /// Send datagrams produced outside the packet threads (timers, keepalives).
     pub fn send_all(&self, datagrams: &[(SocketAddr, Vec<u8>)]) {
         for (to, d) in datagrams {
-            if let Err(e) = self.udp.send_to(d, to) {
+            if let Err(e) = self.udp[0].send_to(d, to) {
                 tracing::debug!(dev = %self.dev, %to, error = %e, "send failed");
             }
         }
@@ -143,24 +168,90 @@ impl LinkRuntime {
     }
 }
 
-/// What both packet threads of a link hold.
+/// Socket buffers. The receive side holds what arrives while the receive thread is busy
+/// decrypting a batch (GSO trains from a peer's several queues, ECMP bursts); the send side
+/// what a transmit thread seals while the NIC drains. Neither holds the bandwidth-delay
+/// product: that lives in the TCP endpoints' buffers, the tunnel only forwards.
+const RECV_BUFFER: usize = 8 << 20;
+const SEND_BUFFER: usize = 4 << 20;
+
+/// A non-blocking UDP socket on `port` (0: any), sized by [`RECV_BUFFER`] and [`SEND_BUFFER`]
+/// past `net.core.[rw]mem_max` (the daemon has CAP_NET_ADMIN; without it the kernel caps
+/// them). `reuse` lets the link's other queues bind the same port: only sockets of the same
+/// user can join, and the daemon holds the namespace's reconcile lock, so no second daemon
+/// can.
+fn bind_udp(v6: bool, port: u16, reuse: bool) -> io::Result<UdpSocket> {
+    use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    let family = if v6 {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
+    let fd = socket::socket(
+        family,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    if reuse {
+        socket::setsockopt(&fd, sockopt::ReusePort, &true)?;
+    }
+    if socket::setsockopt(&fd, sockopt::RcvBufForce, &RECV_BUFFER).is_err() {
+        let _ = socket::setsockopt(&fd, sockopt::RcvBuf, &RECV_BUFFER);
+    }
+    if socket::setsockopt(&fd, sockopt::SndBufForce, &SEND_BUFFER).is_err() {
+        let _ = socket::setsockopt(&fd, sockopt::SndBuf, &SEND_BUFFER);
+    }
+    let bind: SocketAddr = if v6 {
+        (Ipv6Addr::UNSPECIFIED, port).into()
+    } else {
+        (Ipv4Addr::UNSPECIFIED, port).into()
+    };
+    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(bind))?;
+    Ok(UdpSocket::from(fd))
+}
+
+/// WireGuard lets an oversized datagram be fragmented rather than dropped.
+fn pmtu_discovery_off(udp: &UdpSocket, v6: bool) {
+    let (level, opt) = if v6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER)
+    };
+    let dont: libc::c_int = libc::IP_PMTUDISC_DONT;
+    // SAFETY: setsockopt with a c_int value of the right size.
+    unsafe {
+        libc::setsockopt(
+            udp.as_raw_fd(),
+            level,
+            opt,
+            &dont as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// What both packet threads of a queue hold.
 #[derive(Clone)]
 struct Shared {
     link: Arc<RwLock<Arc<Link>>>,
     udp: Arc<UdpSocket>,
     state: Arc<UdpSocketState>,
     tun: Arc<SyncDevice>,
+    /// Every queue of the link, in order: decrypted packets go to their flow's queue.
+    all: Arc<Vec<Arc<SyncDevice>>>,
     stop: Arc<AtomicBool>,
+    counts: Arc<QueueStats>,
 }
 
-type PacketLoop = fn(&RwLock<Arc<Link>>, &UdpSocket, &UdpSocketState, &SyncDevice, &AtomicBool);
+type PacketLoop = fn(&Shared);
 
 impl Shared {
     fn spawn(&self, name: String, body: PacketLoop) -> io::Result<JoinHandle<()>> {
         let s = self.clone();
         std::thread::Builder::new()
             .name(name)
-            .spawn(move || body(&s.link, &s.udp, &s.state, &s.tun, &s.stop))
+            .spawn(move || body(&s))
     }
 }
 
@@ -270,13 +361,16 @@ impl GsoBatch {
     }
 }
 
-fn tun_to_udp(
-    link: &RwLock<Arc<Link>>,
-    udp: &UdpSocket,
-    state: &UdpSocketState,
-    tun: &SyncDevice,
-    stop: &AtomicBool,
-) {
+fn tun_to_udp(q: &Shared) {
+    let Shared {
+        link,
+        udp,
+        state,
+        tun,
+        stop,
+        counts,
+        ..
+    } = q;
     let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
     let mut segments = vec![vec![0u8; 2048]; IDEAL_BATCH_SIZE];
     let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
@@ -311,6 +405,7 @@ fn tun_to_udp(
                 return;
             }
         };
+        counts.tun_packets.fetch_add(n as u64, Ordering::Relaxed);
         let link = link.read().expect("not poisoned").clone();
         let max_segments = state.max_gso_segments().max(1);
         // One clock read per batch: the engine takes time as an input.
@@ -370,20 +465,25 @@ const GRO_CAPACITY: usize = 2 * VIRTIO_NET_HDR_LEN + 65535 + 64;
 /// Receive buffers per recvmmsg; each can hold a GRO-coalesced train of datagrams.
 const RX_SLOTS: usize = 8;
 
-fn udp_to_tun(
-    link: &RwLock<Arc<Link>>,
-    udp: &UdpSocket,
-    state: &UdpSocketState,
-    tun: &SyncDevice,
-    stop: &AtomicBool,
-) {
+fn udp_to_tun(q: &Shared) {
+    let Shared {
+        link,
+        udp,
+        state,
+        all,
+        stop,
+        counts,
+        ..
+    } = q;
     let mut slots: Vec<Vec<u8>> = (0..RX_SLOTS).map(|_| vec![0u8; 65535]).collect();
     let mut meta = vec![RecvMeta::default(); RX_SLOTS];
     let mut gro = GROTable::default();
     let mut pool: Vec<Vec<u8>> = (0..RX_BATCH)
         .map(|_| Vec::with_capacity(GRO_CAPACITY))
         .collect();
-    let mut batch: Vec<Vec<u8>> = Vec::with_capacity(RX_BATCH);
+    // One batch per tun queue: each packet goes to its flow's queue (see `flow`).
+    let mut batches: Vec<Vec<Vec<u8>>> = all.iter().map(|_| Vec::with_capacity(RX_BATCH)).collect();
+    let mut pending = 0;
     while !stop.load(Ordering::Relaxed) {
         if !wait_readable(udp.as_raw_fd()) {
             continue;
@@ -406,6 +506,9 @@ fn udp_to_tun(
             };
             let now = Instant::now();
             for (slot, m) in slots.iter().zip(&meta).take(msgs) {
+                counts
+                    .udp_datagrams
+                    .fetch_add(m.len.div_ceil(m.stride.max(1)) as u64, Ordering::Relaxed);
                 for datagram in slot[..m.len].chunks(m.stride.max(1)) {
                     let mut buf = pool
                         .pop()
@@ -426,22 +529,30 @@ fn udp_to_tun(
                     match to_tun {
                         Some(len) if len > 0 => {
                             buf.truncate(VIRTIO_NET_HDR_LEN + len);
-                            batch.push(buf);
+                            let q = flow::queue_of(&buf[VIRTIO_NET_HDR_LEN..], all.len());
+                            batches[q].push(buf);
+                            pending += 1;
                         }
                         _ => pool.push(buf),
                     }
                 }
             }
-            if batch.len() >= RX_BATCH {
+            if pending >= RX_BATCH {
                 break;
             }
         }
-        if batch.is_empty() {
+        if pending == 0 {
             continue;
         }
-        if let Err(e) = tun.send_multiple(&mut gro, &mut batch, VIRTIO_NET_HDR_LEN) {
-            tracing::debug!(error = %e, "tun write failed");
+        for (tun, batch) in all.iter().zip(&mut batches) {
+            if batch.is_empty() {
+                continue;
+            }
+            if let Err(e) = tun.send_multiple(&mut gro, batch, VIRTIO_NET_HDR_LEN) {
+                tracing::debug!(error = %e, "tun write failed");
+            }
+            pool.append(batch);
         }
-        pool.append(&mut batch);
+        pending = 0;
     }
 }
