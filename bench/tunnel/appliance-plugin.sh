@@ -32,8 +32,11 @@ node "c1" {
     public-key "$("$BIN" pubkey < "$WORK/ap-c1.key")"
 }
 KDL
-    ip netns exec "$NS_A" "$BIN" run -c "$WORK/ap-site.kdl" --node gw1 -k "$WORK/ap-gw.key" > "$WORK/ap-a.log" 2>&1 &
-    ip netns exec "$NS_B" "$BIN" run -c "$WORK/ap-site.kdl" --node c1 -k "$WORK/ap-c1.key" > "$WORK/ap-b.log" 2>&1 &
+    # WORKERS_A / WORKERS_B: `--workers` for each end (default: the cores, as in production).
+    ip netns exec "$NS_A" "$BIN" run -c "$WORK/ap-site.kdl" --node gw1 -k "$WORK/ap-gw.key" \
+      ${WORKERS_A:+--workers "$WORKERS_A"} > "$WORK/ap-a.log" 2>&1 &
+    ip netns exec "$NS_B" "$BIN" run -c "$WORK/ap-site.kdl" --node c1 -k "$WORK/ap-c1.key" \
+      ${WORKERS_B:+--workers "$WORKERS_B"} > "$WORK/ap-b.log" 2>&1 &
     for ns in "$NS_A" "$NS_B"; do
       for _ in $(seq 200); do
         live=$(ip netns exec "$ns" "$BIN" status -o json 2>/dev/null | grep -c '"alive": true' || true)
