@@ -160,7 +160,13 @@ fn appliances(links: u32) -> Lab {
 
 /// [`appliances`], both daemons run with `extra` arguments.
 fn appliances_with(links: u32, extra: &[&str]) -> Lab {
+    appliances_after(links, extra, |_| {})
+}
+
+/// [`appliances_with`], `prepare` run on the lab before the daemons start.
+fn appliances_after(links: u32, extra: &[&str], prepare: impl FnOnce(&Lab)) -> Lab {
     let mut lab = lab();
+    prepare(&lab);
     let gw_pub = genkey(&lab.dir, "gw1");
     let c1_pub = genkey(&lab.dir, "c1");
     let cfg = lab.dir.join("site.kdl");
@@ -373,6 +379,180 @@ fn two_queues_per_link_both_carry_flows_and_the_bytes_arrive() {
     assert_eq!(dev["gso_errors"], 0, "{dev}");
     assert_eq!(dev["send_dropped"], 0, "{dev}");
     assert_eq!(dev["invalid"], 0, "{dev}");
+}
+
+#[test]
+fn a_path_that_loses_gso_trains_is_found_and_the_link_sends_datagram_by_datagram() {
+    if !root_or_skip("gso check") {
+        return;
+    }
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    // The node's path drops every UDP GSO write and passes single datagrams, as a virtio-net
+    // guest with the GSO bug does: the kernel accepts the write, nothing arrives. (At the
+    // output hook a GSO write is still one packet of many datagrams' length.) In place before
+    // the daemons start, so their first check meets it.
+    let rule = "meta l4proto udp meta length > 1600 counter drop";
+    let lab = appliances_after(1, &[], |lab| {
+        for cmd in [
+            "add table inet gsobug".to_string(),
+            "add chain inet gsobug out { type filter hook output priority 0 ; }".to_string(),
+            format!("add rule inet gsobug out {rule}"),
+        ] {
+            let o = lab.node.exec(&["nft", &cmd]);
+            assert!(o.status.success(), "nft {cmd}: {}", text(&o));
+        }
+    });
+    let dropped = || -> u64 {
+        let out = lab
+            .node
+            .exec(&["nft", "list", "chain", "inet", "gsobug", "out"]);
+        let t = String::from_utf8_lossy(&out.stdout).to_string();
+        t.split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no counter in {t}"))
+    };
+    let device = |ns: &Netns| status(ns)["devices"][0].clone();
+    let t0 = Instant::now();
+    while device(&lab.node)["udp_gso"] != "broken" || device(&lab.gw)["udp_gso"] != "works" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the check did not find it: node {} gateway {}\n{}",
+            device(&lab.node),
+            device(&lab.gw),
+            lab.procs
+                .iter()
+                .map(Proc::log)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "found in {:?}: node {}, gateway {}",
+        t0.elapsed(),
+        device(&lab.node),
+        device(&lab.gw)
+    );
+    assert_eq!(device(&lab.node)["gso_checked_with"], "gw1");
+    // The check's GSO train is what the path ate.
+    let eaten = dropped();
+    assert!(eaten >= 1, "the rule dropped nothing");
+    assert!(
+        lab.procs[1].log().contains("UDP GSO is broken"),
+        "{}",
+        lab.procs[1].log()
+    );
+    // Bulk data from the node now goes datagram by datagram: it all arrives, none is eaten.
+    let r = iperf(
+        &lab,
+        &lab.node,
+        &lab.gw,
+        "10.10.0.2",
+        "10.200.0.11",
+        &["-P", "4", "-t", "3"],
+    );
+    let (sent, received) = (
+        r["end"]["sum_sent"]["bytes"].as_f64().unwrap(),
+        r["end"]["sum_received"]["bytes"].as_f64().unwrap(),
+    );
+    eprintln!(
+        "with GSO off: {:.0} Mbit/s, {} retransmits",
+        r["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap()
+            / 1e6,
+        r["end"]["sum_sent"]["retransmits"]
+    );
+    assert!(received > 1e6 && received >= 0.9 * sent, "{r}");
+    assert_eq!(
+        dropped(),
+        eaten,
+        "a data batch went out as GSO into the broken path"
+    );
+    assert_eq!(device(&lab.node)["send_dropped"], 0);
+}
+
+#[test]
+fn a_tun_device_that_refuses_coalesced_writes_gets_them_packet_by_packet() {
+    if !root_or_skip("tun gro") {
+        return;
+    }
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    // No kernel setting makes tun refuse an offload write (a regression once did, with
+    // EINVAL): the gateway's daemon is told to fail every coalesced write that way.
+    let mut lab = lab();
+    let gw_pub = genkey(&lab.dir, "gw1");
+    let c1_pub = genkey(&lab.dir, "c1");
+    let cfg = lab.dir.join("site.kdl");
+    std::fs::write(
+        &cfg,
+        site(1, 200, 3, &gw_pub, &[("c1", "10.200.0.11", &c1_pub)]),
+    )
+    .unwrap();
+    let key = lab.dir.join("gw1.key");
+    lab.procs.push(Proc::spawn(
+        &lab.gw,
+        &[
+            "env",
+            "APPLIANCE_TEST_FAULTS=tun-gro-write",
+            BIN,
+            "run",
+            "-c",
+            cfg.to_str().unwrap(),
+            "--node",
+            "gw1",
+            "-k",
+            key.to_str().unwrap(),
+        ],
+        lab.dir.join("gw1.log"),
+    ));
+    lab.procs.push(daemon(&lab.node, &lab.dir, "c1"));
+    let t0 = Instant::now();
+    while live_links(&lab.gw) < 1 || live_links(&lab.node) < 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{}",
+            lab.procs[0].log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Bulk data into the gateway: its receive thread coalesces, the write fails, the link
+    // writes packet by packet from then on and the transfer completes.
+    let r = iperf(
+        &lab,
+        &lab.node,
+        &lab.gw,
+        "10.10.0.2",
+        "10.200.0.11",
+        &["-P", "4", "-t", "3"],
+    );
+    let (sent, received) = (
+        r["end"]["sum_sent"]["bytes"].as_f64().unwrap(),
+        r["end"]["sum_received"]["bytes"].as_f64().unwrap(),
+    );
+    eprintln!(
+        "packet by packet into tun: {:.0} Mbit/s, {} retransmits",
+        r["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap()
+            / 1e6,
+        r["end"]["sum_sent"]["retransmits"]
+    );
+    assert!(received > 1e6 && received >= 0.9 * sent, "{r}");
+    let dev = status(&lab.gw)["devices"][0].clone();
+    assert_eq!(dev["tun_gro_off"], true, "{dev}");
+    // Only the batch (or the few, one per receive thread) that met the refusal was lost.
+    let errors = dev["tun_write_errors"].as_u64().unwrap();
+    assert!((1..=4).contains(&errors), "{dev}");
+    assert!(
+        lab.procs[0]
+            .log()
+            .contains("refused a coalesced (GRO) write"),
+        "{}",
+        lab.procs[0].log()
+    );
 }
 
 #[test]

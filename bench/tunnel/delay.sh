@@ -136,8 +136,8 @@ up_wggo() {  # $1 tunnels
 cpu_of() {  # CPU seconds (user+sys) used so far by every process in namespace $1
   local t=0 p
   for p in $(ip netns pids "$1"); do
-    [ -r "/proc/$p/stat" ] || continue
-    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+    v=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null) || continue  # it may have ended
+    [ -n "$v" ] && t=$((t + v))
   done
   echo "$t"
 }

@@ -187,8 +187,27 @@ pub fn render(s: &Status) -> String {
         "Packets each tun queue (worker pair) of the link moved: read from its tun queue (from=tun) or received on its UDP socket (from=udp)",
         None,
     );
+    let gso_off = o.gauge(
+        "link_udp_gso_broken",
+        "1 while the link's UDP GSO self-check finds GSO broken on its path (the link then sends datagram by datagram)",
+    );
+    let tun_refused = o.counter(
+        "link_tun_write_errors",
+        "Batches of decrypted packets the link's tun device refused (after a refused coalesced write the link writes packet by packet)",
+        None,
+    );
     for d in &s.devices {
         set(&gso, vec![("link", d.link.clone())], d.gso_errors);
+        set(
+            &tun_refused,
+            vec![("link", d.link.clone())],
+            d.tun_write_errors,
+        );
+        gso_off
+            .get_or_create(&vec![("link", d.link.clone())])
+            .set(i64::from(
+                d.udp_gso == crate::datapath::offload::Verdict::Broken,
+            ));
         for (i, q) in d.queues.iter().enumerate() {
             for (from, n) in [("tun", q.tun_packets), ("udp", q.udp_datagrams)] {
                 let labels = vec![

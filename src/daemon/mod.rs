@@ -291,6 +291,7 @@ impl Daemon {
         let current: Vec<_> = self.links.values().map(|rt| rt.current()).collect();
         for (rt, link) in self.links.values().zip(&current) {
             rt.send_all(&link.tick(policy, now));
+            rt.check_gso(link, policy, now);
         }
         let seen = verdicts(current.iter().map(|l| &**l), policy, now);
         let r = self.core.verdicts(seen);
@@ -752,6 +753,11 @@ impl Daemon {
                             udp_datagrams: q.udp_datagrams.load(Ordering::Relaxed),
                         })
                         .collect();
+                    let gso = rt.gso_status();
+                    d.udp_gso = gso.verdict;
+                    d.gso_checked_with = gso.checked_with;
+                    d.gso_checks = gso.checks;
+                    d.tun_gro_off = rt.tun_gro_off();
                     d
                 })
                 .collect(),

@@ -415,6 +415,7 @@ pub(crate) mod tests {
                         udp_datagrams: 0,
                     },
                 ],
+                ..DeviceStatus::default()
             }],
             links: vec![PeerStatus {
                 link: "ap-l0".into(),

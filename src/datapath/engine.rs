@@ -13,7 +13,7 @@
 //! and reset every second by the caller ([`Link::reset_rate_limiter`]).
 
 use crate::datapath::liveness::Liveness;
-use crate::datapath::mss;
+use crate::datapath::{mss, offload};
 use crate::intent::links::{LinkSpec, PeerSpec};
 use crate::model::key::{PrivateKey, PublicKey};
 use boringtun::noise::errors::WireGuardError;
@@ -69,6 +69,10 @@ pub struct PeerStats {
     /// Handshakes refused because they came from elsewhere while the peer was live at its
     /// endpoint: a second instance claiming the same slot (key).
     pub claims_refused: AtomicU64,
+    /// The GSO self-check trains this peer sent us (reported back in our next tick).
+    pub check_heard: Mutex<offload::Heard>,
+    /// The peer's last report on the trains we sent it.
+    pub check_report: Mutex<Option<[(u16, u16); 2]>>,
 }
 
 /// How often the side that dials (a node) starts a new handshake on a link it no longer hears.
@@ -157,6 +161,8 @@ pub struct LinkStats {
     /// full.
     pub send_blocked: AtomicU64,
     pub send_dropped: AtomicU64,
+    /// Batches of decrypted packets the tun device refused.
+    pub tun_write_errors: AtomicU64,
 }
 
 pub struct Link {
@@ -624,6 +630,20 @@ impl Link {
                     .last_probe
                     .store(self.ns(now), Ordering::Relaxed);
             }
+            TunnResult::WriteToTunnelV4(p, _) if offload::parse(p).is_some() => {
+                authenticated = true;
+                match offload::parse(p).expect("matched above") {
+                    offload::Check::Train { train, .. } => peer
+                        .stats()
+                        .check_heard
+                        .lock()
+                        .expect("not poisoned")
+                        .count(train),
+                    offload::Check::Report { heard } => {
+                        *peer.stats().check_report.lock().expect("not poisoned") = Some(heard)
+                    }
+                }
+            }
             TunnResult::WriteToTunnelV4(p, src) => {
                 authenticated = true;
                 spoofed = !allowed(&peer.spec.allowed, IpAddr::V4(src));
@@ -717,6 +737,16 @@ impl Link {
             if let TunnResult::WriteToNetwork(b) = tunn.update_timers(&mut buf) {
                 out.push((ep, b.to_vec()));
             }
+            // Check trains heard since the last tick: say how many, at once (the sender
+            // waits for it).
+            let mut heard = peer.stats().check_heard.lock().expect("not poisoned");
+            if heard.changed {
+                let report = offload::report_packet(heard.report());
+                drop(heard);
+                if let TunnResult::WriteToNetwork(b) = tunn.encapsulate(&report, &mut buf) {
+                    out.push((ep, b.to_vec()));
+                }
+            }
             let last = peer.stats().last_probe_tx.load(Ordering::Relaxed);
             if last == 0 || Duration::from_nanos(now_ns.saturating_sub(last)) >= policy.interval {
                 let hears = policy.is_alive(self.last_rx(peer), now);
@@ -769,6 +799,43 @@ impl Link {
                 policy.is_alive(Some(at), now) && peer.stats().peer_hears_us.load(Ordering::Relaxed)
             }
         }
+    }
+
+    /// The peer a GSO self-check runs with: the first one live on this link that sends probes
+    /// (an appliance, which answers checks).
+    pub fn check_peer(&self, policy: Liveness, now: Instant) -> Option<usize> {
+        self.peers.iter().position(|p| {
+            p.stats().last_probe.load(Ordering::Relaxed) != 0 && self.alive(p, policy, now)
+        })
+    }
+
+    /// Peer `idx`'s last report on our check trains.
+    pub fn check_report(&self, idx: usize) -> Option<[(u16, u16); 2]> {
+        *self
+            .peers
+            .get(idx)?
+            .stats()
+            .check_report
+            .lock()
+            .expect("not poisoned")
+    }
+
+    /// Check train `train` for peer `idx`, sealed: its endpoint and the datagrams (all the
+    /// same size). Empty when the peer has no endpoint or session.
+    pub fn check_train(&self, idx: usize, train: u16) -> Option<(SocketAddr, Vec<Vec<u8>>)> {
+        let peer = self.peers.get(idx)?;
+        let ep = self.endpoint(peer)?;
+        let mut tunn = peer.active().tunn.lock().expect("not poisoned");
+        let mut buf = vec![0u8; offload::TRAIN_PACKET + 64];
+        let datagrams = (0..offload::TRAIN)
+            .filter_map(|seq| {
+                match tunn.encapsulate(&offload::train_packet(train, seq), &mut buf) {
+                    TunnResult::WriteToNetwork(b) => Some(b.to_vec()),
+                    _ => None,
+                }
+            })
+            .collect::<Vec<_>>();
+        (datagrams.len() == usize::from(offload::TRAIN)).then_some((ep, datagrams))
     }
 
     /// A handshake initiation on each of `peer`'s sessions: the one whose key the peer holds
@@ -918,6 +985,20 @@ pub struct DeviceStatus {
     /// runs the queues.
     #[serde(default)]
     pub queues: Vec<QueueStatus>,
+    /// What the UDP GSO self-check found (broken: the link sends datagram by datagram), with
+    /// the peer whose report decided and how many checks ran. Filled by the daemon.
+    #[serde(default)]
+    pub udp_gso: offload::Verdict,
+    #[serde(default)]
+    pub gso_checked_with: Option<String>,
+    #[serde(default)]
+    pub gso_checks: u64,
+    /// The tun device refused a coalesced write: decrypted packets are written one by one.
+    #[serde(default)]
+    pub tun_gro_off: bool,
+    /// Batches of decrypted packets the tun device refused (each lost; TCP resends).
+    #[serde(default)]
+    pub tun_write_errors: u64,
 }
 
 /// What one queue of a link device moved.
@@ -1007,7 +1088,8 @@ impl Link {
             refused_syns: s.refused_syns.load(Ordering::Relaxed),
             gso_errors: s.gso_errors.load(Ordering::Relaxed),
             send_dropped: s.send_dropped.load(Ordering::Relaxed),
-            queues: Vec::new(),
+            tun_write_errors: s.tun_write_errors.load(Ordering::Relaxed),
+            ..DeviceStatus::default()
         }
     }
 }

@@ -54,7 +54,8 @@ pub fn parse(p: &[u8]) -> Option<Probe> {
         })
 }
 
-fn checksum(h: &[u8]) -> u16 {
+/// The IPv4 header checksum of `h`.
+pub(crate) fn checksum(h: &[u8]) -> u16 {
     let mut sum: u32 = h
         .chunks(2)
         .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))

@@ -8,12 +8,14 @@
 
 use crate::datapath::engine::{Inbound, Link, LinkStats, Outbound, MAX_PACKET};
 use crate::datapath::flow;
+use crate::datapath::liveness::Liveness;
+use crate::datapath::offload::{GsoCheck, Step, Verdict};
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tun_rs::{DeviceBuilder, GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
@@ -33,6 +35,29 @@ pub struct LinkRuntime {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     queue_stats: Vec<Arc<QueueStats>>,
+    /// The first socket's GSO state (the self-check's trains go out on it).
+    state0: Arc<UdpSocketState>,
+    /// Set when the self-check found UDP GSO broken on this link: the transmit threads send
+    /// datagram by datagram.
+    gso_off: Arc<AtomicBool>,
+    /// Set when the tun device refused a coalesced write: packets are written one by one.
+    tun_gro_off: Arc<AtomicBool>,
+    check: Mutex<Checked>,
+}
+
+/// The link's GSO self-check and who it last ran with.
+struct Checked {
+    check: GsoCheck,
+    with: Option<String>,
+}
+
+/// What the GSO self-check says about a link, for status.
+#[derive(Debug, Clone)]
+pub struct GsoStatus {
+    pub verdict: Verdict,
+    /// The peer the last check ran with (its report decides).
+    pub checked_with: Option<String>,
+    pub checks: u64,
 }
 
 /// What one queue's threads moved: packets read from its tun queue, datagrams received on its
@@ -96,12 +121,17 @@ impl LinkRuntime {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::with_capacity(2 * queues);
         let mut sockets = Vec::with_capacity(queues);
+        let mut states = Vec::with_capacity(queues);
         let mut queue_stats = Vec::with_capacity(queues);
+        let gso_off = Arc::new(AtomicBool::new(false));
+        let tun_gro_off = Arc::new(AtomicBool::new(false));
+        let faults = Faults::from_env();
         let all: Arc<Vec<Arc<SyncDevice>>> = Arc::new(tuns.into_iter().map(Arc::new).collect());
         for (q, udp) in udp.into_iter().enumerate() {
             // UDP GSO on send, GRO on receive; quinn-udp also sets don't-fragment, which
             // WireGuard does not: `bind_udp` turns path-MTU discovery off after it.
             let state = Arc::new(UdpSocketState::new((&udp).into())?);
+            states.push(state.clone());
             pmtu_discovery_off(&udp, v6);
             let udp = Arc::new(udp);
             sockets.push(udp.clone());
@@ -115,6 +145,9 @@ impl LinkRuntime {
                 all: all.clone(),
                 stop: stop.clone(),
                 counts,
+                gso_off: gso_off.clone(),
+                tun_gro_off: tun_gro_off.clone(),
+                faults,
             };
             let suffix = if queues > 1 {
                 q.to_string()
@@ -131,7 +164,73 @@ impl LinkRuntime {
             stop,
             threads,
             queue_stats,
+            state0: states.swap_remove(0),
+            gso_off,
+            tun_gro_off,
+            // Train ids start somewhere new each run: a peer may still hold a report on the
+            // trains of a daemon that ran before.
+            check: Mutex::new(Checked {
+                check: GsoCheck::new(rand_core::RngCore::next_u32(&mut rand_core::OsRng) as u16),
+                with: None,
+            }),
         })
+    }
+
+    /// One step of the link's UDP GSO self-check (see [`crate::datapath::offload`]): call it
+    /// with the daemon's tick.
+    pub fn check_gso(&self, link: &Link, policy: Liveness, now: Instant) {
+        let mut c = self.check.lock().expect("not poisoned");
+        let peer = link.check_peer(policy, now);
+        let report = peer.and_then(|p| link.check_report(p));
+        match c.check.step(now, peer.is_some(), report) {
+            Step::Nothing => {}
+            Step::Send { plain, gso } => {
+                let p = peer.expect("a check starts only with a peer");
+                c.with = link.peers().get(p).map(|p| p.spec.name.clone());
+                if let Some((to, datagrams)) = link.check_train(p, plain) {
+                    self.send_all(&datagrams.into_iter().map(|d| (to, d)).collect::<Vec<_>>());
+                }
+                if let Some((to, datagrams)) = link.check_train(p, gso) {
+                    // One GSO write, whatever the verdict so far: a path that heals gets GSO
+                    // back at the next check.
+                    let contents = datagrams.concat();
+                    let transmit = Transmit {
+                        destination: to,
+                        ecn: None,
+                        contents: &contents,
+                        segment_size: Some(datagrams[0].len()),
+                        src_ip: None,
+                    };
+                    if let Err(e) = self.state0.try_send((&*self.udp[0]).into(), &transmit) {
+                        tracing::debug!(dev = %self.dev, error = %e, "GSO check train not sent");
+                    }
+                }
+            }
+            Step::Verdict(v) => {
+                let with = c.with.as_deref().unwrap_or("?");
+                match v {
+                    Verdict::Broken => {
+                        tracing::warn!(dev = %self.dev, peer = with, "UDP GSO is broken on this path (a GSO train went missing, datagram by datagram arrived): sending datagram by datagram")
+                    }
+                    _ => tracing::info!(dev = %self.dev, peer = with, "UDP GSO checked: it works"),
+                }
+                self.gso_off.store(v == Verdict::Broken, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Whether the link writes to its tun device packet by packet (coalesced writes refused).
+    pub fn tun_gro_off(&self) -> bool {
+        self.tun_gro_off.load(Ordering::Relaxed)
+    }
+
+    pub fn gso_status(&self) -> GsoStatus {
+        let c = self.check.lock().expect("not poisoned");
+        GsoStatus {
+            verdict: c.check.verdict(),
+            checked_with: c.with.clone(),
+            checks: c.check.checks(),
+        }
     }
 
     pub fn current(&self) -> Arc<Link> {
@@ -242,6 +341,30 @@ struct Shared {
     all: Arc<Vec<Arc<SyncDevice>>>,
     stop: Arc<AtomicBool>,
     counts: Arc<QueueStats>,
+    gso_off: Arc<AtomicBool>,
+    tun_gro_off: Arc<AtomicBool>,
+    faults: Faults,
+}
+
+/// Offload failures to pretend, for the tests of the fallbacks where no kernel setting can
+/// break the real thing: `APPLIANCE_TEST_FAULTS=tun-gro-write` makes every coalesced tun write
+/// fail as the tun regression did (EINVAL). Read once per link start.
+#[derive(Debug, Clone, Copy, Default)]
+struct Faults {
+    tun_gro_write: bool,
+}
+
+impl Faults {
+    fn from_env() -> Faults {
+        let v = std::env::var("APPLIANCE_TEST_FAULTS").unwrap_or_default();
+        let f = Faults {
+            tun_gro_write: v.split(',').any(|f| f.trim() == "tun-gro-write"),
+        };
+        if f.tun_gro_write {
+            tracing::warn!("APPLIANCE_TEST_FAULTS: coalesced tun writes fail on purpose");
+        }
+        f
+    }
 }
 
 type PacketLoop = fn(&Shared);
@@ -369,6 +492,7 @@ fn tun_to_udp(q: &Shared) {
         tun,
         stop,
         counts,
+        gso_off,
         ..
     } = q;
     let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
@@ -407,7 +531,12 @@ fn tun_to_udp(q: &Shared) {
         };
         counts.tun_packets.fetch_add(n as u64, Ordering::Relaxed);
         let link = link.read().expect("not poisoned").clone();
-        let max_segments = state.max_gso_segments().max(1);
+        // GSO found broken on this path: one datagram per send.
+        let max_segments = if gso_off.load(Ordering::Relaxed) {
+            1
+        } else {
+            state.max_gso_segments().max(1)
+        };
         // One clock read per batch: the engine takes time as an input.
         let now = Instant::now();
         for (seg, size) in segments.iter().zip(&sizes).take(n) {
@@ -473,6 +602,8 @@ fn udp_to_tun(q: &Shared) {
         all,
         stop,
         counts,
+        tun_gro_off,
+        faults,
         ..
     } = q;
     let mut slots: Vec<Vec<u8>> = (0..RX_SLOTS).map(|_| vec![0u8; 65535]).collect();
@@ -548,8 +679,28 @@ fn udp_to_tun(q: &Shared) {
             if batch.is_empty() {
                 continue;
             }
-            if let Err(e) = tun.send_multiple(&mut gro, batch, VIRTIO_NET_HDR_LEN) {
-                tracing::debug!(error = %e, "tun write failed");
+            let coalesce = !tun_gro_off.load(Ordering::Relaxed);
+            let written = if !coalesce {
+                // Coalescing writes were refused on this device: packet by packet, each
+                // behind its zeroed virtio header (no offload asked for).
+                batch.iter().try_for_each(|b| tun.send(b).map(|_| ()))
+            } else if faults.tun_gro_write {
+                Err(io::Error::from_raw_os_error(libc::EINVAL))
+            } else {
+                tun.send_multiple(&mut gro, batch, VIRTIO_NET_HDR_LEN)
+                    .map(|_| ())
+            };
+            if let Err(e) = written {
+                link.stats.tun_write_errors.fetch_add(1, Ordering::Relaxed);
+                let refused = matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::EIO));
+                if coalesce && refused && !tun_gro_off.swap(true, Ordering::Relaxed) {
+                    // The kernel refuses offload writes (a tun regression made them fail with
+                    // EINVAL). The buffers of this batch may be coalesced already: it is
+                    // lost, TCP sends it again.
+                    tracing::warn!(error = %e, "the tun device refused a coalesced (GRO) write: writing packet by packet from now on");
+                } else {
+                    tracing::debug!(error = %e, "tun write failed");
+                }
             }
             pool.append(batch);
         }

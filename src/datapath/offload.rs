@@ -1,0 +1,397 @@
+//! The UDP GSO self-check (pure: packets and decisions, no I/O, time as an argument).
+//!
+//! Some kernels and hypervisors break UDP segmentation offload silently: a virtio-net guest
+//! that drops GSO traffic, a driver that mangles it. The socket call succeeds and the
+//! datagrams never arrive. So a link checks, end to end, with the peer at its other end:
+//! it sends two trains of [`TRAIN`] check packets through the tunnel, one datagram by
+//! datagram and one as a single GSO write, and the peer reports how many of each it
+//! decrypted. A GSO train that goes missing while the plain one arrives turns GSO off for
+//! the link (datagram-by-datagram sends); the check runs again later, so a path that heals
+//! gets GSO back.
+//!
+//! Check packets ride inside the tunnel like liveness probes: IPv4, protocol 253, addresses
+//! 0.0.0.0 (a peer that does not know them drops them as martians), magic `APCK`. A peer
+//! that never reports (wireguard-go, an older appliance) leaves the verdict "unverified" and
+//! GSO on.
+
+use std::time::{Duration, Instant};
+
+const MAGIC: &[u8; 4] = b"APCK";
+const HEADER: usize = 20 + 4 + 1 + 2 + 2;
+/// Datagrams per train: enough for a GSO write of many segments, few enough to cost nothing.
+pub const TRAIN: u16 = 16;
+/// Inner size of a train packet: under any tunnel MTU (IPv6's minimum is 1280).
+pub const TRAIN_PACKET: usize = 1200;
+/// How long the peer has to report both trains.
+pub const REPORT_WAIT: Duration = Duration::from_secs(1);
+/// Checks again this often, whatever the last verdict.
+pub const RECHECK: Duration = Duration::from_secs(600);
+/// After a check with no answer or too much loss on both trains (a lossy or busy path says
+/// nothing about GSO): again this soon, [`QUICK_RETRIES`] times, then at [`RECHECK`].
+pub const RETRY: Duration = Duration::from_secs(10);
+pub const QUICK_RETRIES: u32 = 3;
+
+/// A check packet: a train member or a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// Member `seq` of train `train`.
+    Train { train: u16, seq: u16 },
+    /// The trains the sender heard last, with how many members of each it decrypted.
+    Report { heard: [(u16, u16); 2] },
+}
+
+/// A train member: [`TRAIN_PACKET`] bytes, the rest a pattern the receiver verifies.
+pub fn train_packet(train: u16, seq: u16) -> Vec<u8> {
+    let mut p = header(TRAIN_PACKET, 1);
+    p[25..27].copy_from_slice(&train.to_be_bytes());
+    p[27..29].copy_from_slice(&seq.to_be_bytes());
+    for (i, b) in p[HEADER..].iter_mut().enumerate() {
+        *b = pattern(train, seq, i);
+    }
+    p
+}
+
+pub fn report_packet(heard: [(u16, u16); 2]) -> Vec<u8> {
+    let mut p = header(HEADER + 4, 2);
+    p[25..27].copy_from_slice(&heard[0].0.to_be_bytes());
+    p[27..29].copy_from_slice(&heard[0].1.to_be_bytes());
+    p[29..31].copy_from_slice(&heard[1].0.to_be_bytes());
+    p[31..33].copy_from_slice(&heard[1].1.to_be_bytes());
+    p
+}
+
+fn pattern(train: u16, seq: u16, i: usize) -> u8 {
+    (i as u32)
+        .wrapping_mul(31)
+        .wrapping_add(u32::from(train) * 7 + u32::from(seq)) as u8
+}
+
+fn header(len: usize, kind: u8) -> Vec<u8> {
+    let mut p = vec![0u8; len];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    p[8] = 1;
+    p[9] = 253;
+    let sum = crate::datapath::probe::checksum(&p[..20]);
+    p[10..12].copy_from_slice(&sum.to_be_bytes());
+    p[20..24].copy_from_slice(MAGIC);
+    p[24] = kind;
+    p
+}
+
+/// What `p` is, if it is a check packet. A train member whose pattern is wrong is `None`
+/// (it did not arrive intact: not counted).
+pub fn parse(p: &[u8]) -> Option<Check> {
+    if p.len() < HEADER || p[0] != 0x45 || p[9] != 253 || p[12..20] != [0; 8] {
+        return None;
+    }
+    if &p[20..24] != MAGIC {
+        return None;
+    }
+    let word = |at: usize| u16::from_be_bytes([p[at], p[at + 1]]);
+    match p[24] {
+        1 if p.len() == TRAIN_PACKET => {
+            let (train, seq) = (word(25), word(27));
+            p[HEADER..]
+                .iter()
+                .enumerate()
+                .all(|(i, b)| *b == pattern(train, seq, i))
+                .then_some(Check::Train { train, seq })
+        }
+        2 if p.len() == HEADER + 4 => Some(Check::Report {
+            heard: [(word(25), word(27)), (word(29), word(31))],
+        }),
+        _ => None,
+    }
+}
+
+/// What the receiving side keeps: the last two trains it heard and how many of each.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Heard {
+    trains: [(u16, u16); 2],
+    /// Counted something since the last report.
+    pub changed: bool,
+}
+
+impl Heard {
+    /// A train member arrived. (Duplicates are impossible: the session refuses replays.)
+    pub fn count(&mut self, train: u16) {
+        if self.trains[0].0 == train && self.trains[0].1 > 0 {
+            self.trains[0].1 = self.trains[0].1.saturating_add(1);
+        } else if self.trains[1].0 == train && self.trains[1].1 > 0 {
+            self.trains[1].1 = self.trains[1].1.saturating_add(1);
+        } else {
+            self.trains = [(train, 1), self.trains[0]];
+        }
+        self.changed = true;
+    }
+
+    pub fn report(&mut self) -> [(u16, u16); 2] {
+        self.changed = false;
+        self.trains
+    }
+}
+
+/// Whether UDP GSO works on a link.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Not checked yet, or the peer does not answer checks: GSO stays on.
+    #[default]
+    Unverified,
+    /// The GSO train arrived: GSO on.
+    Works,
+    /// The GSO train went missing while the plain one arrived: sends go datagram by datagram.
+    Broken,
+}
+
+/// What the link should do now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Nothing,
+    /// Send train `plain` datagram by datagram and train `gso` as one GSO write, to the peer
+    /// being checked with.
+    Send {
+        plain: u16,
+        gso: u16,
+    },
+    /// The verdict changed to this.
+    Verdict(Verdict),
+}
+
+/// One link's GSO check.
+#[derive(Debug, Clone)]
+pub struct GsoCheck {
+    verdict: Verdict,
+    /// The trains in flight and when they went, or when the next check is due.
+    waiting: Option<(u16, u16, Instant)>,
+    due: Option<Instant>,
+    next_train: u16,
+    quick_left: u32,
+    checks: u64,
+}
+
+impl GsoCheck {
+    /// `first` is a train id to start from (a restarted daemon must not reuse the ids of a
+    /// report the peer still holds).
+    pub fn new(first: u16) -> GsoCheck {
+        GsoCheck {
+            verdict: Verdict::Unverified,
+            waiting: None,
+            due: None,
+            next_train: first.max(1),
+            quick_left: QUICK_RETRIES,
+            checks: 0,
+        }
+    }
+
+    pub fn verdict(&self) -> Verdict {
+        self.verdict
+    }
+
+    /// Checks completed (with a verdict or not).
+    pub fn checks(&self) -> u64 {
+        self.checks
+    }
+
+    /// Step at `now`. `peer_ready`: a peer that answers probes is live on the link (someone
+    /// to check with). `report`: that peer's last report.
+    pub fn step(
+        &mut self,
+        now: Instant,
+        peer_ready: bool,
+        report: Option<[(u16, u16); 2]>,
+    ) -> Step {
+        if let Some((plain, gso, sent)) = self.waiting {
+            let count = |t: u16| {
+                report
+                    .into_iter()
+                    .flatten()
+                    .find(|(id, _)| *id == t)
+                    .map(|(_, n)| n)
+            };
+            let (p, g) = (count(plain), count(gso));
+            let half = TRAIN / 2;
+            let decided = match (p, g) {
+                // A plain train that arrived is the control: GSO is judged against it.
+                (Some(p), Some(g)) if p >= half && g >= half => Some(Verdict::Works),
+                (Some(p), _) if p >= half && now >= sent + REPORT_WAIT => Some(Verdict::Broken),
+                _ => None,
+            };
+            if decided.is_none() && now < sent + REPORT_WAIT {
+                return Step::Nothing;
+            }
+            self.waiting = None;
+            self.checks += 1;
+            match decided {
+                Some(v) => {
+                    self.due = Some(now + RECHECK);
+                    self.quick_left = QUICK_RETRIES;
+                    if v != self.verdict {
+                        self.verdict = v;
+                        return Step::Verdict(v);
+                    }
+                }
+                None => {
+                    // No answer, or the control train lost too: nothing learnt.
+                    let wait = if self.quick_left > 0 {
+                        self.quick_left -= 1;
+                        RETRY
+                    } else {
+                        RECHECK
+                    };
+                    self.due = Some(now + wait);
+                }
+            }
+            return Step::Nothing;
+        }
+        if !peer_ready || self.due.is_some_and(|d| now < d) {
+            return Step::Nothing;
+        }
+        let plain = self.take_id();
+        let gso = self.take_id();
+        self.waiting = Some((plain, gso, now));
+        Step::Send { plain, gso }
+    }
+
+    fn take_id(&mut self) -> u16 {
+        let id = self.next_train;
+        self.next_train = self.next_train.wrapping_add(1).max(1);
+        id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packets_round_trip_and_a_damaged_train_member_does_not_count() {
+        let p = train_packet(7, 3);
+        assert_eq!(p.len(), TRAIN_PACKET);
+        assert_eq!(parse(&p), Some(Check::Train { train: 7, seq: 3 }));
+        let mut bad = p.clone();
+        bad[600] ^= 1;
+        assert_eq!(parse(&bad), None);
+        assert_eq!(parse(&p[..TRAIN_PACKET - 1]), None);
+        let r = report_packet([(9, 16), (8, 2)]);
+        assert_eq!(
+            parse(&r),
+            Some(Check::Report {
+                heard: [(9, 16), (8, 2)]
+            })
+        );
+        // A liveness probe is not a check packet, nor is an ordinary packet.
+        let probe = crate::datapath::probe::packet(crate::datapath::probe::Probe {
+            hears_you: true,
+            draining: false,
+            next_tag: None,
+        });
+        assert_eq!(parse(&probe), None);
+        assert_eq!(parse(&[0x45; 60]), None);
+    }
+
+    #[test]
+    fn the_receiver_reports_the_last_two_trains() {
+        let mut h = Heard::default();
+        for _ in 0..16 {
+            h.count(1);
+        }
+        for _ in 0..3 {
+            h.count(2);
+        }
+        assert!(h.changed);
+        assert_eq!(h.report(), [(2, 3), (1, 16)]);
+        assert!(!h.changed);
+        h.count(1); // a late member of the older train
+        assert_eq!(h.report(), [(2, 3), (1, 17)]);
+        h.count(3);
+        assert_eq!(h.report(), [(3, 1), (2, 3)]);
+    }
+
+    fn run(check: &mut GsoCheck, t: Instant, report: Option<[(u16, u16); 2]>) -> Step {
+        check.step(t, true, report)
+    }
+
+    #[test]
+    fn a_missing_gso_train_breaks_gso_and_a_later_check_restores_it() {
+        let t0 = Instant::now();
+        let mut c = GsoCheck::new(1);
+        assert_eq!(
+            c.step(t0, false, None),
+            Step::Nothing,
+            "no peer to check with"
+        );
+        let Step::Send { plain, gso } = run(&mut c, t0, None) else {
+            panic!()
+        };
+        // The plain train arrived, the GSO one did not (yet): wait for the deadline.
+        let arrived = Some([(plain, 16), (0, 0)]);
+        assert_eq!(
+            run(&mut c, t0 + Duration::from_millis(100), arrived),
+            Step::Nothing
+        );
+        assert_eq!(c.verdict(), Verdict::Unverified);
+        assert_eq!(
+            run(&mut c, t0 + REPORT_WAIT, arrived),
+            Step::Verdict(Verdict::Broken)
+        );
+        assert_eq!(run(&mut c, t0 + REPORT_WAIT, arrived), Step::Nothing);
+        // Checked again at RECHECK: both arrive now.
+        let t1 = t0 + REPORT_WAIT + RECHECK;
+        let Step::Send { plain, gso: g2 } = run(&mut c, t1, arrived) else {
+            panic!()
+        };
+        assert!(plain != gso && g2 != gso, "fresh train ids");
+        assert_eq!(
+            run(
+                &mut c,
+                t1 + Duration::from_millis(5),
+                Some([(g2, 15), (plain, 16)])
+            ),
+            Step::Verdict(Verdict::Works)
+        );
+        assert_eq!(c.checks(), 2);
+    }
+
+    #[test]
+    fn no_answer_or_a_lost_control_train_decides_nothing_and_retries_soon() {
+        let t0 = Instant::now();
+        let mut c = GsoCheck::new(1);
+        let mut t = t0;
+        for _ in 0..QUICK_RETRIES {
+            let Step::Send { plain, gso } = run(&mut c, t, None) else {
+                panic!("a check at {:?}", t - t0)
+            };
+            // Both trains lost half their members: a lossy path, nothing about GSO.
+            let lossy = Some([(gso, 2), (plain, 3)]);
+            assert_eq!(run(&mut c, t + REPORT_WAIT, lossy), Step::Nothing);
+            assert_eq!(c.verdict(), Verdict::Unverified);
+            assert_eq!(
+                run(&mut c, t + REPORT_WAIT + RETRY / 2, lossy),
+                Step::Nothing
+            );
+            t = t + REPORT_WAIT + RETRY;
+        }
+        // After the quick retries: the next is at RECHECK.
+        assert!(matches!(run(&mut c, t, None), Step::Send { .. }));
+        assert_eq!(run(&mut c, t + REPORT_WAIT, None), Step::Nothing);
+        assert_eq!(run(&mut c, t + REPORT_WAIT + RETRY, None), Step::Nothing);
+        assert!(matches!(
+            run(&mut c, t + REPORT_WAIT + RECHECK, None),
+            Step::Send { .. }
+        ));
+    }
+
+    #[test]
+    fn a_stale_report_naming_other_trains_decides_nothing() {
+        let t0 = Instant::now();
+        let mut c = GsoCheck::new(100);
+        let Step::Send { .. } = run(&mut c, t0, None) else {
+            panic!()
+        };
+        let stale = Some([(5, 16), (4, 16)]);
+        assert_eq!(run(&mut c, t0 + REPORT_WAIT, stale), Step::Nothing);
+        assert_eq!(c.verdict(), Verdict::Unverified);
+    }
+}
