@@ -539,8 +539,20 @@ fn tun_to_udp(q: &Shared) {
         };
         // One clock read per batch: the engine takes time as an input.
         let now = Instant::now();
+        // The peer whose send order this thread holds, while its batch is sealed and sent.
+        let mut holding: Option<(usize, std::sync::MutexGuard<'_, ()>)> = None;
         for (seg, size) in segments.iter().zip(&sizes).take(n) {
             let seg = &seg[..*size];
+            if let Some(p) = link.peer_of(seg) {
+                if holding.as_ref().map(|(h, _)| *h) != Some(p) {
+                    // Another peer: the batch for the one held goes out first.
+                    batch.flush(state, udp, &link.stats);
+                    // Released before the next is taken: two threads never wait on each
+                    // other's.
+                    drop(holding.take());
+                    holding = link.send_order(p).map(|g| (p, g));
+                }
+            }
             // Encrypted straight into the batch, behind the datagrams already there.
             if batch.buf.len() - batch.used < seg.len() + SEAL_ROOM {
                 batch.flush(state, udp, &link.stats);
@@ -583,6 +595,7 @@ fn tun_to_udp(q: &Shared) {
             }
         }
         batch.flush(state, udp, &link.stats);
+        drop(holding);
     }
 }
 
