@@ -292,6 +292,32 @@ mod tests {
     }
 
     #[test]
+    fn any_bytes_from_a_peer_parse_without_a_panic() {
+        // A compromised peer decides the whole inner packet: every length, with and without
+        // a valid header in front.
+        let mut x: u32 = 0x9e37_79b9;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        };
+        for len in 0..1300 {
+            let mut p: Vec<u8> = (0..len).map(|_| next()).collect();
+            let _ = parse(&p);
+            let h = header(HEADER + 4, 2);
+            for (d, s) in p.iter_mut().zip(h.iter()) {
+                *d = *s;
+            }
+            let _ = parse(&p);
+            if len >= HEADER {
+                p[24] = 1;
+                let _ = parse(&p);
+            }
+        }
+    }
+
+    #[test]
     fn the_receiver_reports_the_last_two_trains() {
         let mut h = Heard::default();
         for _ in 0..16 {
