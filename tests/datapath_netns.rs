@@ -158,13 +158,26 @@ fn appliances(links: u32) -> Lab {
     appliances_with(links, &[])
 }
 
+/// What the daemons of [`appliances_after`] get beyond the defaults.
+#[derive(Default)]
+struct Extra<'a> {
+    /// `appliance run` arguments, both daemons.
+    args: &'a [&'a str],
+    /// The gateway daemon's environment (`NAME=VALUE`).
+    gw_env: &'a [&'a str],
+}
+
 /// [`appliances`], both daemons run with `extra` arguments.
-fn appliances_with(links: u32, extra: &[&str]) -> Lab {
+fn appliances_with(links: u32, args: &[&str]) -> Lab {
+    let extra = Extra {
+        args,
+        ..Extra::default()
+    };
     appliances_after(links, extra, |_| {})
 }
 
 /// [`appliances_with`], `prepare` run on the lab before the daemons start.
-fn appliances_after(links: u32, extra: &[&str], prepare: impl FnOnce(&Lab)) -> Lab {
+fn appliances_after(links: u32, extra: Extra, prepare: impl FnOnce(&Lab)) -> Lab {
     let mut lab = lab();
     prepare(&lab);
     let gw_pub = genkey(&lab.dir, "gw1");
@@ -175,9 +188,15 @@ fn appliances_after(links: u32, extra: &[&str], prepare: impl FnOnce(&Lab)) -> L
         site(links, 200, 3, &gw_pub, &[("c1", "10.200.0.11", &c1_pub)]),
     )
     .unwrap();
-    lab.procs.push(daemon_with(&lab.gw, &lab.dir, "gw1", extra));
+    lab.procs.push(daemon_with(
+        &lab.gw,
+        &lab.dir,
+        "gw1",
+        extra.gw_env,
+        extra.args,
+    ));
     lab.procs
-        .push(daemon_with(&lab.node, &lab.dir, "c1", extra));
+        .push(daemon_with(&lab.node, &lab.dir, "c1", &[], extra.args));
     let (gw, node) = (&lab.gw, &lab.node);
     let logs = |lab: &Lab| {
         lab.procs
@@ -316,6 +335,24 @@ fn two_appliances_behind_nat_spread_eight_flows_over_four_links() {
     }
 }
 
+/// iperf3 from the node to the gateway with `args`: the bytes arrive (all but what was in
+/// flight when the sender stopped counting). Prints the rate as `what`.
+fn node_to_gateway(lab: &Lab, args: &[&str], what: &str) -> serde_json::Value {
+    let r = iperf(lab, &lab.node, &lab.gw, "10.10.0.2", "10.200.0.11", args);
+    let end = &r["end"];
+    let (sent, received) = (
+        end["sum_sent"]["bytes"].as_f64().unwrap(),
+        end["sum_received"]["bytes"].as_f64().unwrap(),
+    );
+    eprintln!(
+        "{what}: {:.0} Mbit/s, {} retransmits",
+        end["sum_received"]["bits_per_second"].as_f64().unwrap() / 1e6,
+        end["sum_sent"]["retransmits"]
+    );
+    assert!(received > 1e6 && received >= 0.9 * sent, "{r}");
+    r
+}
+
 #[test]
 fn two_queues_per_link_both_carry_flows_and_the_bytes_arrive() {
     if !root_or_skip("queues") {
@@ -343,20 +380,7 @@ fn two_queues_per_link_both_carry_flows_and_the_bytes_arrive() {
     let (node0, gw0) = (queues(&lab.node), queues(&lab.gw));
     // 8 flows: the kernel hashes each onto one tun queue (so a flow's packets stay in order);
     // the data leaves the node, the ACKs leave the gateway, both over both queues.
-    let r = iperf(
-        &lab,
-        &lab.node,
-        &lab.gw,
-        "10.10.0.2",
-        "10.200.0.11",
-        &["-P", "8", "-t", "3"],
-    );
-    // What was still in flight when the sender stopped counting is all that may be missing.
-    let (sent, received) = (
-        r["end"]["sum_sent"]["bytes"].as_f64().unwrap(),
-        r["end"]["sum_received"]["bytes"].as_f64().unwrap(),
-    );
-    assert!(received > 0.0 && received >= 0.9 * sent, "{r}");
+    let r = node_to_gateway(&lab, &["-P", "8", "-t", "3"], "two queues");
     assert_eq!(r["end"]["sum_sent"]["retransmits"], 0, "{r}");
     let (node1, gw1) = (queues(&lab.node), queues(&lab.gw));
     for (who, before, after) in [("node", &node0, &node1), ("gateway", &gw0, &gw1)] {
@@ -398,7 +422,7 @@ fn a_path_that_loses_gso_trains_is_found_and_the_link_sends_datagram_by_datagram
     // output hook a GSO write is still one packet of many datagrams' length.) In place before
     // the daemons start, so their first check meets it.
     let rule = "meta l4proto udp meta length > 1600 counter drop";
-    let lab = appliances_after(1, &[], |lab| {
+    let lab = appliances_after(1, Extra::default(), |lab| {
         for cmd in [
             "add table inet gsobug".to_string(),
             "add chain inet gsobug out { type filter hook output priority 0 ; }".to_string(),
@@ -451,27 +475,7 @@ fn a_path_that_loses_gso_trains_is_found_and_the_link_sends_datagram_by_datagram
         lab.procs[1].log()
     );
     // Bulk data from the node now goes datagram by datagram: it all arrives, none is eaten.
-    let r = iperf(
-        &lab,
-        &lab.node,
-        &lab.gw,
-        "10.10.0.2",
-        "10.200.0.11",
-        &["-P", "4", "-t", "3"],
-    );
-    let (sent, received) = (
-        r["end"]["sum_sent"]["bytes"].as_f64().unwrap(),
-        r["end"]["sum_received"]["bytes"].as_f64().unwrap(),
-    );
-    eprintln!(
-        "with GSO off: {:.0} Mbit/s, {} retransmits",
-        r["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .unwrap()
-            / 1e6,
-        r["end"]["sum_sent"]["retransmits"]
-    );
-    assert!(received > 1e6 && received >= 0.9 * sent, "{r}");
+    node_to_gateway(&lab, &["-P", "4", "-t", "3"], "with GSO off");
     assert_eq!(
         dropped(),
         eaten,
@@ -488,65 +492,14 @@ fn a_tun_device_that_refuses_coalesced_writes_gets_them_packet_by_packet() {
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     // No kernel setting makes tun refuse an offload write (a regression once did, with
     // EINVAL): the gateway's daemon is told to fail every coalesced write that way.
-    let mut lab = lab();
-    let gw_pub = genkey(&lab.dir, "gw1");
-    let c1_pub = genkey(&lab.dir, "c1");
-    let cfg = lab.dir.join("site.kdl");
-    std::fs::write(
-        &cfg,
-        site(1, 200, 3, &gw_pub, &[("c1", "10.200.0.11", &c1_pub)]),
-    )
-    .unwrap();
-    let key = lab.dir.join("gw1.key");
-    lab.procs.push(Proc::spawn(
-        &lab.gw,
-        &[
-            "env",
-            "APPLIANCE_TEST_FAULTS=tun-gro-write",
-            BIN,
-            "run",
-            "-c",
-            cfg.to_str().unwrap(),
-            "--node",
-            "gw1",
-            "-k",
-            key.to_str().unwrap(),
-        ],
-        lab.dir.join("gw1.log"),
-    ));
-    lab.procs.push(daemon(&lab.node, &lab.dir, "c1"));
-    let t0 = Instant::now();
-    while live_links(&lab.gw) < 1 || live_links(&lab.node) < 1 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "{}",
-            lab.procs[0].log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let extra = Extra {
+        gw_env: &["APPLIANCE_TEST_FAULTS=tun-gro-write"],
+        ..Extra::default()
+    };
+    let lab = appliances_after(1, extra, |_| {});
     // Bulk data into the gateway: its receive thread coalesces, the write fails, the link
     // writes packet by packet from then on and the transfer completes.
-    let r = iperf(
-        &lab,
-        &lab.node,
-        &lab.gw,
-        "10.10.0.2",
-        "10.200.0.11",
-        &["-P", "4", "-t", "3"],
-    );
-    let (sent, received) = (
-        r["end"]["sum_sent"]["bytes"].as_f64().unwrap(),
-        r["end"]["sum_received"]["bytes"].as_f64().unwrap(),
-    );
-    eprintln!(
-        "packet by packet into tun: {:.0} Mbit/s, {} retransmits",
-        r["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .unwrap()
-            / 1e6,
-        r["end"]["sum_sent"]["retransmits"]
-    );
-    assert!(received > 1e6 && received >= 0.9 * sent, "{r}");
+    node_to_gateway(&lab, &["-P", "4", "-t", "3"], "packet by packet into tun");
     let dev = status(&lab.gw)["devices"][0].clone();
     assert_eq!(dev["tun_gro_off"], true, "{dev}");
     // Only the batch (or the few, one per receive thread) that met the refusal was lost.

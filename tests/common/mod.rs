@@ -296,13 +296,22 @@ pub fn iperf_result(out: &Output, what: &str) -> (serde_json::Value, f64) {
 
 /// `appliance run` for `host` in `ns` with DIR/site.kdl and DIR/HOST.key, logging to DIR/HOST.log.
 pub fn daemon(ns: &Netns, dir: &std::path::Path, host: &str) -> Proc {
-    daemon_with(ns, dir, host, &[])
+    daemon_with(ns, dir, host, &[], &[])
 }
 
-/// [`daemon`] with more arguments to `appliance run`.
-pub fn daemon_with(ns: &Netns, dir: &std::path::Path, host: &str, extra: &[&str]) -> Proc {
+/// [`daemon`] with `env` (`NAME=VALUE`) in its environment and more arguments to
+/// `appliance run`.
+pub fn daemon_with(
+    ns: &Netns,
+    dir: &std::path::Path,
+    host: &str,
+    env: &[&str],
+    extra: &[&str],
+) -> Proc {
     let (cfg, key) = (dir.join("site.kdl"), dir.join(format!("{host}.key")));
-    let mut args = vec![
+    let mut args = vec!["env"];
+    args.extend_from_slice(env);
+    args.extend_from_slice(&[
         BIN,
         "run",
         "-c",
@@ -311,7 +320,7 @@ pub fn daemon_with(ns: &Netns, dir: &std::path::Path, host: &str, extra: &[&str]
         host,
         "-k",
         key.to_str().unwrap(),
-    ];
+    ]);
     args.extend_from_slice(extra);
     Proc::spawn(ns, &args, dir.join(format!("{host}.log")))
 }
