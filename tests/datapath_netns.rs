@@ -515,6 +515,112 @@ fn a_tun_device_that_refuses_coalesced_writes_gets_them_packet_by_packet() {
 }
 
 #[test]
+fn udp_gro_reads_split_wrong_are_found_and_the_link_receives_datagram_by_datagram() {
+    if !root_or_skip("udp gro") {
+        return;
+    }
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    // No kernel setting makes UDP GRO report a wrong segment size: the gateway's daemon is
+    // told to split every coalesced read one byte short, so each datagram of it fails
+    // authentication while single datagrams (handshakes, probes) still decrypt.
+    let extra = Extra {
+        gw_env: &["APPLIANCE_TEST_FAULTS=udp-gro-split"],
+        ..Extra::default()
+    };
+    let lab = appliances_after(1, extra, |_| {});
+    // The node's GSO writes arrive coalesced: they fail, the watch turns GRO off on the
+    // gateway's socket, and the transfer completes datagram by datagram.
+    node_to_gateway(&lab, &["-P", "4", "-t", "3"], "UDP GRO off at the gateway");
+    let queues = status(&lab.gw)["devices"][0]["queues"].clone();
+    let off = queues
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|q| q["udp_gro_off"] == true)
+        .count();
+    let offs: u64 = (queues.as_array().unwrap().iter())
+        .map(|q| q["udp_gro_offs"].as_u64().unwrap())
+        .sum();
+    // The queue (or each) that received the node's trains found it, once.
+    assert!(off >= 1 && offs == off as u64, "{queues}");
+    let log = lab.procs[0].log();
+    assert_eq!(
+        log.matches("UDP GRO is broken on this path").count(),
+        off,
+        "logged once per queue: {log}"
+    );
+    let human = text(&lab.gw.appliance(&["status"]));
+    assert!(
+        human.contains("UDP GRO broken (queue ")
+            && human.contains("receiving datagram by datagram"),
+        "{human}"
+    );
+    // The node, whose GRO works, kept it.
+    let n = status(&lab.node)["devices"][0]["queues"].clone();
+    assert!(
+        (n.as_array().unwrap().iter()).all(|q| q["udp_gro_off"] == false),
+        "{n}"
+    );
+    // The node's GSO check may have lost its first GSO train to the gateway's broken reads;
+    // a "broken" is confirmed soon after, and the gateway now reads datagram by datagram, so
+    // the node keeps (or gets back) GSO.
+    let t0 = Instant::now();
+    while status(&lab.node)["devices"][0]["udp_gso"] != "works" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "{}",
+            status(&lab.node)["devices"][0]
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    node_to_gateway(&lab, &["-P", "4", "-t", "2"], "GSO from the node again");
+}
+
+#[test]
+fn a_tun_device_with_tso_turned_off_hands_single_packets_and_the_link_still_carries_them() {
+    if !root_or_skip("tun tso") {
+        return;
+    }
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = appliances(1);
+    // Over every queue of the link: the kernel picks a flow's queue.
+    let reads = |ns: &Netns| -> (u64, u64) {
+        let s = status(ns);
+        let q = s["devices"][0]["queues"].as_array().unwrap().clone();
+        let sum = |k: &str| q.iter().map(|q| q[k].as_u64().unwrap()).sum::<u64>();
+        (sum("tun_reads"), sum("tun_packets"))
+    };
+    let dev = status(&lab.node)["devices"][0]["link"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // With offload the node's reads carry TCP super-packets: many segments per read.
+    let (r0, p0) = reads(&lab.node);
+    node_to_gateway(&lab, &["-P", "2", "-t", "2"], "tun offload on");
+    let (r1, p1) = reads(&lab.node);
+    let on = (p1 - p0) as f64 / (r1 - r0) as f64;
+    assert!(
+        on > 2.0,
+        "{on:.2} packets per read with TSO on: {}",
+        text(&lab.node.exec(&["ethtool", "-k", &dev]))
+    );
+    // An operator (or a kernel without it) turns TSO off on the link device: the kernel
+    // segments before the tun device and each read is one packet.
+    let o = lab.node.exec(&["ethtool", "-K", &dev, "tso", "off"]);
+    assert!(o.status.success(), "ethtool: {}", text(&o));
+    let o = lab.node.exec(&["ethtool", "-k", &dev]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("tcp-segmentation-offload: off"),
+        "{}",
+        text(&o)
+    );
+    node_to_gateway(&lab, &["-P", "2", "-t", "2"], "tun offload off");
+    let (r2, p2) = reads(&lab.node);
+    let off = (p2 - p1) as f64 / (r2 - r1) as f64;
+    assert!(off < 1.05, "{off:.2} packets per read with TSO off");
+}
+
+#[test]
 fn a_dead_link_leaves_the_routes_and_comes_back() {
     if !root_or_skip("failover") {
         return;

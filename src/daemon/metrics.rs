@@ -191,6 +191,10 @@ pub fn render(s: &Status) -> String {
         "link_udp_gso_broken",
         "1 while the link's UDP GSO self-check finds GSO broken on its path (the link then sends datagram by datagram)",
     );
+    let gro_off = o.gauge(
+        "link_udp_gro_broken",
+        "1 while a queue of the link receives datagram by datagram because coalesced (UDP GRO) reads from a live peer failed authentication",
+    );
     let tun_refused = o.counter(
         "link_tun_write_errors",
         "Batches of decrypted packets the link's tun device refused (after a refused coalesced write the link writes packet by packet)",
@@ -209,6 +213,9 @@ pub fn render(s: &Status) -> String {
                 d.udp_gso == crate::datapath::offload::Verdict::Broken,
             ));
         for (i, q) in d.queues.iter().enumerate() {
+            gro_off
+                .get_or_create(&vec![("link", d.link.clone()), ("queue", i.to_string())])
+                .set(i64::from(q.udp_gro_off));
             for (from, n) in [("tun", q.tun_packets), ("udp", q.udp_datagrams)] {
                 let labels = vec![
                     ("link", d.link.clone()),
@@ -386,6 +393,21 @@ mod tests {
         assert_eq!(drop("replay"), Some(2.0));
         assert_eq!(drop("invalid"), Some(5.0), "replays are not counted twice");
         assert_eq!(drop("no_route"), Some(1.0));
+        // The offload fallbacks: the sample's GSO verdict is broken, its queue 1 has GRO off.
+        assert_eq!(
+            value(&t, r#"appliance_link_udp_gso_broken{link="ap-l0"}"#),
+            Some(1.0)
+        );
+        for (q, off) in [("0", 0.0), ("1", 1.0)] {
+            assert_eq!(
+                value(
+                    &t,
+                    &format!(r#"appliance_link_udp_gro_broken{{link="ap-l0",queue="{q}"}}"#)
+                ),
+                Some(off),
+                "{t}"
+            );
+        }
         assert_eq!(
             value(&t, r#"appliance_bgp_session_established{neighbor="site"}"#),
             Some(1.0)

@@ -751,6 +751,9 @@ impl Daemon {
                         .map(|q| crate::datapath::engine::QueueStatus {
                             tun_packets: q.tun_packets.load(Ordering::Relaxed),
                             udp_datagrams: q.udp_datagrams.load(Ordering::Relaxed),
+                            tun_reads: q.tun_reads.load(Ordering::Relaxed),
+                            udp_gro_off: q.udp_gro_off.load(Ordering::Relaxed),
+                            udp_gro_offs: q.udp_gro_offs.load(Ordering::Relaxed),
                         })
                         .collect();
                     let gso = rt.gso_status();

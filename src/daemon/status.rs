@@ -301,6 +301,33 @@ impl Status {
                 l.endpoint.as_deref().unwrap_or("?")
             );
         }
+        for d in &self.devices {
+            let mut fell_back = Vec::new();
+            if d.udp_gso == crate::datapath::offload::Verdict::Broken {
+                fell_back.push(format!(
+                    "UDP GSO broken on the path to {}: sending datagram by datagram",
+                    d.gso_checked_with.as_deref().unwrap_or("?")
+                ));
+            }
+            let gro: Vec<String> = (d.queues.iter().enumerate())
+                .filter(|(_, q)| q.udp_gro_off)
+                .map(|(i, _)| i.to_string())
+                .collect();
+            if !gro.is_empty() {
+                fell_back.push(format!(
+                    "UDP GRO broken (queue {}): receiving datagram by datagram",
+                    gro.join(", ")
+                ));
+            }
+            if d.tun_gro_off {
+                fell_back.push(
+                    "the tun device refused coalesced writes: writing packet by packet".into(),
+                );
+            }
+            if !fell_back.is_empty() {
+                let _ = writeln!(out, "{}: {}", d.link, fell_back.join("; "));
+            }
+        }
         if let Some(b) = &self.bgp {
             let row = |out: &mut String, c: [&str; 8]| {
                 let _ = writeln!(
@@ -409,12 +436,18 @@ pub(crate) mod tests {
                     QueueStatus {
                         tun_packets: 10,
                         udp_datagrams: 20,
+                        ..QueueStatus::default()
                     },
                     QueueStatus {
                         tun_packets: 30,
                         udp_datagrams: 0,
+                        udp_gro_off: true,
+                        udp_gro_offs: 1,
+                        ..QueueStatus::default()
                     },
                 ],
+                udp_gso: crate::datapath::offload::Verdict::Broken,
+                gso_checked_with: Some("c1".into()),
                 ..DeviceStatus::default()
             }],
             links: vec![PeerStatus {
@@ -509,6 +542,10 @@ pub(crate) mod tests {
             "{bgp:?}"
         );
         assert!(t.contains("refused from unknown addresses: 3"));
+        assert!(
+            t.contains("ap-l0: UDP GSO broken on the path to c1: sending datagram by datagram; UDP GRO broken (queue 1): receiving datagram by datagram\n"),
+            "{t}"
+        );
         assert!(
             t.contains("key rotation to new: 1/2 links moved, moving ap-l1\n  waiting for c2 to list the next key"),
             "{t}"

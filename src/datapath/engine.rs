@@ -229,6 +229,9 @@ pub struct Inbound {
     pub to_net: Vec<(SocketAddr, Vec<u8>)>,
     /// The packet was dropped, and why.
     pub dropped: Option<DropReason>,
+    /// The datagram proved its peer (decrypted, or a handshake answered): the receive
+    /// thread's UDP GRO watch tells a live peer's failing trains from garbage by it.
+    pub authenticated: bool,
 }
 
 impl Link {
@@ -724,6 +727,7 @@ impl Link {
                 result.dropped = Some(DropReason::Spoofed);
             }
         }
+        result.authenticated = authenticated;
         result
     }
 
@@ -1028,6 +1032,16 @@ pub struct QueueStatus {
     pub tun_packets: u64,
     /// Datagrams received on the queue's UDP socket.
     pub udp_datagrams: u64,
+    /// Reads from the tun queue: `tun_packets` per read above 1 means the kernel hands the
+    /// link TCP super-packets (tun offload in effect; `ethtool -K DEV tso off` ends it).
+    #[serde(default)]
+    pub tun_reads: u64,
+    /// The queue's receive thread found UDP GRO broken and turned it off on its socket (it
+    /// is tried again every 10 minutes), and how many times that happened.
+    #[serde(default)]
+    pub udp_gro_off: bool,
+    #[serde(default)]
+    pub udp_gro_offs: u64,
 }
 
 impl Link {
@@ -1704,14 +1718,12 @@ mod tests {
         let mut out = vec![0u8; MAX_PACKET];
         let p = ipv4_packet([10, 200, 0, 11], [10, 10, 0, 5], b"once");
         let d = seal(&node, &p);
-        assert!(gw
-            .inbound(NODE.parse().unwrap(), &d, &mut out, t0())
-            .to_tun
-            .is_some());
+        let first = gw.inbound(NODE.parse().unwrap(), &d, &mut out, t0());
+        assert!(first.to_tun.is_some() && first.authenticated);
         let replay = gw.inbound(NODE.parse().unwrap(), &d, &mut out, t0());
         assert_eq!(
-            (replay.to_tun, replay.dropped),
-            (None, Some(DropReason::Invalid))
+            (replay.to_tun, replay.dropped, replay.authenticated),
+            (None, Some(DropReason::Invalid), false)
         );
         for bad in [
             &d[..d.len() - 1],
@@ -1722,7 +1734,11 @@ mod tests {
             &[][..],
         ] {
             let r = gw.inbound(NODE.parse().unwrap(), bad, &mut out, t0());
-            assert!(r.to_tun.is_none() && r.to_net.is_empty(), "{bad:?}");
+            // What the UDP GRO watch counts as a failed datagram from this source.
+            assert!(
+                r.to_tun.is_none() && r.to_net.is_empty() && !r.authenticated,
+                "{bad:?}"
+            );
         }
         assert!(gw.stats.invalid.load(Ordering::Relaxed) >= 6);
         // and the session still works

@@ -1,4 +1,5 @@
-//! The UDP GSO self-check (pure: packets and decisions, no I/O, time as an argument).
+//! The offload self-checks (pure: packets and decisions, no I/O, time as an argument): UDP
+//! GSO on the sending side ([`GsoCheck`]), UDP GRO on the receiving side ([`GroWatch`]).
 //!
 //! Some kernels and hypervisors break UDP segmentation offload silently: a virtio-net guest
 //! that drops GSO traffic, a driver that mangles it. The socket call succeeds and the
@@ -14,6 +15,8 @@
 //! that never reports (wireguard-go, an older appliance) leaves the verdict "unverified" and
 //! GSO on.
 
+use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 const MAGIC: &[u8; 4] = b"APCK";
@@ -225,7 +228,11 @@ impl GsoCheck {
             self.checks += 1;
             match decided {
                 Some(v) => {
-                    self.due = Some(now + RECHECK);
+                    // A fresh "broken" is checked again soon: the loss may have been the
+                    // receiver's (its GRO watch turns a broken GRO off within one train), or
+                    // a burst that hit only the GSO train.
+                    let confirm = v == Verdict::Broken && self.verdict != Verdict::Broken;
+                    self.due = Some(now + if confirm { RETRY } else { RECHECK });
                     self.quick_left = QUICK_RETRIES;
                     if v != self.verdict {
                         self.verdict = v;
@@ -258,6 +265,110 @@ impl GsoCheck {
         let id = self.next_train;
         self.next_train = self.next_train.wrapping_add(1).max(1);
         id
+    }
+}
+
+/// Receive side: UDP GRO hands a train of datagrams from one source to one read, split at the
+/// segment size the kernel reports. A kernel that reports the wrong one (or mangles the train)
+/// makes every datagram of such a read fail authentication, while the same peer's single
+/// datagrams still decrypt. [`GroWatch`] sees that and turns GRO off on the socket; it is
+/// turned on again after [`RECHECK`], so a healed path gets it back.
+///
+/// Only failures from a source that recently sent authenticated datagrams count: garbage from
+/// anywhere else cannot turn GRO off. A spoofer of a live peer's address and port can (GRO off
+/// costs throughput, never correctness), for [`RECHECK`] at a time; each time is logged.
+pub const GRO_BAD: u32 = 8;
+/// The window over which [`GRO_BAD`] failed datagrams must outnumber good ones four to one.
+pub const GRO_WINDOW: Duration = Duration::from_secs(1);
+/// How many recently authenticated sources a receive thread remembers, and for how long.
+pub const GRO_SOURCES: usize = 8;
+pub const GRO_SOURCE_AGE: Duration = Duration::from_secs(30);
+
+/// What the receive thread should do with its socket's UDP GRO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroStep {
+    Keep,
+    /// Coalesced reads from a live peer fail: turn GRO off.
+    Off,
+    /// [`RECHECK`] has passed since it was turned off: on again.
+    On,
+}
+
+/// One socket's UDP GRO watch (one receive thread owns it: no lock).
+#[derive(Debug, Clone, Default)]
+pub struct GroWatch {
+    /// Sources whose datagrams authenticated lately, most recent first.
+    sources: VecDeque<(SocketAddr, Instant)>,
+    window: Option<Instant>,
+    good: u32,
+    bad: u32,
+    off_since: Option<Instant>,
+    offs: u64,
+}
+
+impl GroWatch {
+    /// One read from `from`: `coalesced` if GRO joined several datagrams in it, of which
+    /// `good` authenticated and `bad` did not.
+    pub fn read(
+        &mut self,
+        from: SocketAddr,
+        coalesced: bool,
+        good: u32,
+        bad: u32,
+        now: Instant,
+    ) -> GroStep {
+        let known = self
+            .sources
+            .iter()
+            .position(|(a, _)| *a == from)
+            .filter(|&i| now.saturating_duration_since(self.sources[i].1) < GRO_SOURCE_AGE);
+        if good > 0 {
+            if let Some(i) = self.sources.iter().position(|(a, _)| *a == from) {
+                self.sources.remove(i);
+            }
+            self.sources.push_front((from, now));
+            self.sources.truncate(GRO_SOURCES);
+        }
+        if !coalesced || self.off_since.is_some() || (bad > 0 && known.is_none()) {
+            return GroStep::Keep;
+        }
+        if self
+            .window
+            .is_none_or(|w| now.saturating_duration_since(w) >= GRO_WINDOW)
+        {
+            self.window = Some(now);
+            self.good = 0;
+            self.bad = 0;
+        }
+        self.good = self.good.saturating_add(good);
+        self.bad = self.bad.saturating_add(bad);
+        if self.bad >= GRO_BAD && self.bad > self.good.saturating_mul(4) {
+            self.off_since = Some(now);
+            self.offs += 1;
+            self.window = None;
+            return GroStep::Off;
+        }
+        GroStep::Keep
+    }
+
+    /// Call now and then (each wake-up of the receive thread).
+    pub fn tick(&mut self, now: Instant) -> GroStep {
+        match self.off_since {
+            Some(t) if now.saturating_duration_since(t) >= RECHECK => {
+                self.off_since = None;
+                GroStep::On
+            }
+            _ => GroStep::Keep,
+        }
+    }
+
+    pub fn is_off(&self) -> bool {
+        self.off_since.is_some()
+    }
+
+    /// How many times GRO was found broken.
+    pub fn offs(&self) -> u64 {
+        self.offs
     }
 }
 
@@ -363,9 +474,25 @@ mod tests {
             Step::Verdict(Verdict::Broken)
         );
         assert_eq!(run(&mut c, t0 + REPORT_WAIT, arrived), Step::Nothing);
+        // A fresh "broken" is confirmed RETRY later; lost again, it holds until RECHECK.
+        let tc = t0 + REPORT_WAIT + RETRY;
+        assert_eq!(
+            run(&mut c, tc - Duration::from_millis(1), None),
+            Step::Nothing
+        );
+        let Step::Send { plain: p2, .. } = run(&mut c, tc, None) else {
+            panic!("confirmed RETRY after the first verdict")
+        };
+        let again = Some([(p2, 16), (0, 0)]);
+        assert_eq!(run(&mut c, tc + REPORT_WAIT, again), Step::Nothing);
+        assert_eq!(c.verdict(), Verdict::Broken);
+        let t1 = tc + REPORT_WAIT + RECHECK;
+        assert_eq!(
+            run(&mut c, t1 - Duration::from_millis(1), again),
+            Step::Nothing
+        );
         // Checked again at RECHECK: both arrive now.
-        let t1 = t0 + REPORT_WAIT + RECHECK;
-        let Step::Send { plain, gso: g2 } = run(&mut c, t1, arrived) else {
+        let Step::Send { plain, gso: g2 } = run(&mut c, t1, again) else {
             panic!()
         };
         assert!(plain != gso && g2 != gso, "fresh train ids");
@@ -377,7 +504,7 @@ mod tests {
             ),
             Step::Verdict(Verdict::Works)
         );
-        assert_eq!(c.checks(), 2);
+        assert_eq!(c.checks(), 3);
     }
 
     #[test]
@@ -419,5 +546,76 @@ mod tests {
         let stale = Some([(5, 16), (4, 16)]);
         assert_eq!(run(&mut c, t0 + REPORT_WAIT, stale), Step::Nothing);
         assert_eq!(c.verdict(), Verdict::Unverified);
+    }
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, 1], port))
+    }
+
+    #[test]
+    fn coalesced_reads_that_fail_from_a_live_peer_turn_gro_off_and_recheck_turns_it_on() {
+        let t0 = Instant::now();
+        let mut w = GroWatch::default();
+        // The peer's single datagrams authenticate (handshake, probes).
+        assert_eq!(w.read(addr(1), false, 1, 0, t0), GroStep::Keep);
+        // A coalesced train of 7 bad: under GRO_BAD.
+        assert_eq!(w.read(addr(1), true, 0, 7, t0), GroStep::Keep);
+        assert!(!w.is_off());
+        let off = t0 + Duration::from_millis(5);
+        assert_eq!(w.read(addr(1), true, 0, 1, off), GroStep::Off);
+        assert!(w.is_off());
+        assert_eq!(w.offs(), 1);
+        // Off: nothing more to decide until RECHECK.
+        assert_eq!(w.read(addr(1), true, 0, 40, t0), GroStep::Keep);
+        assert_eq!(
+            w.tick(off + RECHECK - Duration::from_millis(1)),
+            GroStep::Keep
+        );
+        assert_eq!(w.tick(off + RECHECK), GroStep::On);
+        assert!(!w.is_off());
+        assert_eq!(w.tick(off + RECHECK + RECHECK), GroStep::Keep);
+    }
+
+    #[test]
+    fn garbage_from_an_unknown_or_stale_source_or_a_few_bad_among_good_keep_gro() {
+        let t0 = Instant::now();
+        let mut w = GroWatch::default();
+        // Nobody authenticated from this address: a flood of coalesced garbage counts nothing.
+        for i in 0..100 {
+            let t = t0 + Duration::from_millis(i);
+            assert_eq!(w.read(addr(9), true, 0, 64, t), GroStep::Keep);
+        }
+        // A peer heard long ago is not live.
+        w.read(addr(2), false, 1, 0, t0);
+        let late = t0 + GRO_SOURCE_AGE;
+        assert_eq!(w.read(addr(2), true, 0, 64, late), GroStep::Keep);
+        // Mostly good coalesced reads with some bad (a spoofer mixing in): kept.
+        let mut v = GroWatch::default();
+        v.read(addr(3), false, 1, 0, t0);
+        for i in 0..50 {
+            let t = t0 + Duration::from_millis(i);
+            assert_eq!(v.read(addr(3), true, 16, 3, t), GroStep::Keep);
+        }
+        // Failures spread thinner than GRO_BAD per window: kept.
+        let mut u = GroWatch::default();
+        u.read(addr(4), false, 1, 0, t0);
+        for i in 0..20 {
+            let t = t0 + GRO_WINDOW * i;
+            u.read(addr(4), false, 1, 0, t);
+            assert_eq!(u.read(addr(4), true, 0, GRO_BAD - 1, t), GroStep::Keep);
+        }
+        assert!(!w.is_off() && !v.is_off() && !u.is_off());
+    }
+
+    #[test]
+    fn the_remembered_sources_stay_bounded() {
+        let t0 = Instant::now();
+        let mut w = GroWatch::default();
+        for p in 0..1000 {
+            w.read(addr(p), false, 1, 0, t0);
+        }
+        assert_eq!(w.sources.len(), GRO_SOURCES);
+        // The oldest were forgotten: their failures no longer count.
+        assert_eq!(w.read(addr(0), true, 0, 64, t0), GroStep::Keep);
+        assert_eq!(w.read(addr(999), true, 0, 64, t0), GroStep::Off);
     }
 }

@@ -9,7 +9,7 @@
 use crate::datapath::engine::{Inbound, Link, LinkStats, Outbound, MAX_PACKET};
 use crate::datapath::flow;
 use crate::datapath::liveness::Liveness;
-use crate::datapath::offload::{GsoCheck, Step, Verdict};
+use crate::datapath::offload::{GroStep, GroWatch, GsoCheck, Step, Verdict};
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
@@ -64,8 +64,13 @@ pub struct GsoStatus {
 /// socket (status shows whether the kernel spreads the load over the queues).
 #[derive(Debug, Default)]
 pub struct QueueStats {
+    pub tun_reads: AtomicU64,
     pub tun_packets: AtomicU64,
     pub udp_datagrams: AtomicU64,
+    /// The queue's receive thread found UDP GRO broken and turned it off on its socket (see
+    /// [`GroWatch`]); how many times it did.
+    pub udp_gro_off: AtomicBool,
+    pub udp_gro_offs: AtomicU64,
 }
 
 /// How many tun queues (each with its transmit and receive thread and its UDP socket) each of
@@ -347,24 +352,38 @@ struct Shared {
 }
 
 /// Offload failures to pretend, for the tests of the fallbacks where no kernel setting can
-/// break the real thing: `APPLIANCE_TEST_FAULTS=tun-gro-write` makes every coalesced tun write
-/// fail as the tun regression did (EINVAL). Read once per link start.
+/// break the real thing (comma-separated in `APPLIANCE_TEST_FAULTS`, read once per link
+/// start): `tun-gro-write` makes every coalesced tun write fail as the tun regression did
+/// (EINVAL); `udp-gro-split` splits every UDP GRO read at a wrong segment size, as a kernel
+/// reporting the wrong one would.
 #[derive(Debug, Clone, Copy, Default)]
 struct Faults {
     tun_gro_write: bool,
+    udp_gro_split: bool,
 }
 
 impl Faults {
     fn from_env() -> Faults {
         let v = std::env::var("APPLIANCE_TEST_FAULTS").unwrap_or_default();
+        let has = |name: &str| v.split(',').any(|f| f.trim() == name);
         let f = Faults {
-            tun_gro_write: v.split(',').any(|f| f.trim() == "tun-gro-write"),
+            tun_gro_write: has("tun-gro-write"),
+            udp_gro_split: has("udp-gro-split"),
         };
         if f.tun_gro_write {
             tracing::warn!("APPLIANCE_TEST_FAULTS: coalesced tun writes fail on purpose");
         }
+        if f.udp_gro_split {
+            tracing::warn!("APPLIANCE_TEST_FAULTS: UDP GRO reads are split wrong on purpose");
+        }
         f
     }
+}
+
+/// Turn UDP GRO on or off on a socket (quinn-udp turned it on where the kernel has it).
+fn set_udp_gro(udp: &UdpSocket, on: bool) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    Ok(setsockopt(udp, sockopt::UdpGroSegment, &on)?)
 }
 
 type PacketLoop = fn(&Shared);
@@ -529,6 +548,7 @@ fn tun_to_udp(q: &Shared) {
                 return;
             }
         };
+        counts.tun_reads.fetch_add(1, Ordering::Relaxed);
         counts.tun_packets.fetch_add(n as u64, Ordering::Relaxed);
         let link = link.read().expect("not poisoned").clone();
         // GSO found broken on this path: one datagram per send.
@@ -607,6 +627,25 @@ const GRO_CAPACITY: usize = 2 * VIRTIO_NET_HDR_LEN + 65535 + 64;
 /// Receive buffers per recvmmsg; each can hold a GRO-coalesced train of datagrams.
 const RX_SLOTS: usize = 8;
 
+/// A receive thread's [`GroWatch`] found UDP GRO broken: off on its socket, logged (a warning
+/// the first time), shown per queue.
+fn gro_broken(udp: &UdpSocket, counts: &QueueStats, dev: &str, from: SocketAddr, offs: u64) {
+    match set_udp_gro(udp, false) {
+        Ok(()) => {
+            counts.udp_gro_off.store(true, Ordering::Relaxed);
+            counts.udp_gro_offs.fetch_add(1, Ordering::Relaxed);
+            if offs == 1 {
+                tracing::warn!(dev, %from, "UDP GRO is broken on this path (coalesced reads from a live peer fail authentication): receiving datagram by datagram");
+            } else {
+                tracing::info!(dev, %from, "UDP GRO broken again: off");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(dev, error = %e, "UDP GRO looks broken but could not be turned off")
+        }
+    }
+}
+
 fn udp_to_tun(q: &Shared) {
     let Shared {
         link,
@@ -628,8 +667,19 @@ fn udp_to_tun(q: &Shared) {
     // One batch per tun queue: each packet goes to its flow's queue (see `flow`).
     let mut batches: Vec<Vec<Vec<u8>>> = all.iter().map(|_| Vec::with_capacity(RX_BATCH)).collect();
     let mut pending = 0;
+    let mut watch = GroWatch::default();
     while !stop.load(Ordering::Relaxed) {
-        if !wait_readable(udp.as_raw_fd()) {
+        let readable = wait_readable(udp.as_raw_fd());
+        if watch.tick(Instant::now()) == GroStep::On {
+            match set_udp_gro(udp, true) {
+                Ok(()) => {
+                    counts.udp_gro_off.store(false, Ordering::Relaxed);
+                    tracing::info!(dev = %link.read().expect("not poisoned").spec_dev, "UDP GRO on again (rechecking a path where it was broken)");
+                }
+                Err(e) => tracing::debug!(error = %e, "UDP GRO not turned on again"),
+            }
+        }
+        if !readable {
             continue;
         }
         let link = link.read().expect("not poisoned").clone();
@@ -653,7 +703,14 @@ fn udp_to_tun(q: &Shared) {
                 counts
                     .udp_datagrams
                     .fetch_add(m.len.div_ceil(m.stride.max(1)) as u64, Ordering::Relaxed);
-                for datagram in slot[..m.len].chunks(m.stride.max(1)) {
+                let coalesced = m.stride > 0 && m.stride < m.len;
+                let stride = if coalesced && faults.udp_gro_split {
+                    m.stride - 1
+                } else {
+                    m.stride.max(1)
+                };
+                let (mut good, mut bad) = (0u32, 0u32);
+                for datagram in slot[..m.len].chunks(stride) {
                     let mut buf = pool
                         .pop()
                         .unwrap_or_else(|| Vec::with_capacity(GRO_CAPACITY));
@@ -665,8 +722,17 @@ fn udp_to_tun(q: &Shared) {
                     }
                     buf.truncate(need);
                     buf[..VIRTIO_NET_HDR_LEN].fill(0);
-                    let Inbound { to_tun, to_net, .. } =
-                        link.inbound(m.addr, datagram, &mut buf[VIRTIO_NET_HDR_LEN..], now);
+                    let Inbound {
+                        to_tun,
+                        to_net,
+                        authenticated,
+                        ..
+                    } = link.inbound(m.addr, datagram, &mut buf[VIRTIO_NET_HDR_LEN..], now);
+                    if authenticated {
+                        good += 1;
+                    } else {
+                        bad += 1;
+                    }
                     for (to, d) in to_net {
                         let _ = udp.send_to(&d, to);
                     }
@@ -679,6 +745,9 @@ fn udp_to_tun(q: &Shared) {
                         }
                         _ => pool.push(buf),
                     }
+                }
+                if watch.read(m.addr, coalesced, good, bad, now) == GroStep::Off {
+                    gro_broken(udp, counts, &link.spec_dev, m.addr, watch.offs());
                 }
             }
             if pending >= RX_BATCH {
