@@ -217,6 +217,9 @@ pub enum DropReason {
     Claimed,
     /// A new TCP connection to a draining node.
     Draining,
+    /// A datagram for a live session of a known peer that fails on its tag (tampered,
+    /// truncated, or a train the kernel split wrong: see `offload::GroWatch`); not a replay.
+    Unauthentic,
 }
 
 /// What to do with a received datagram.
@@ -490,7 +493,16 @@ impl Link {
             self.stats.no_route.fetch_add(1, Ordering::Relaxed);
             return Outbound::Drop(DropReason::NoRoute);
         };
-        let peer = &self.peers[idx];
+        self.outbound_to(idx, packet, out, now)
+    }
+
+    /// [`Link::outbound`] for a packet whose peer the caller looked up already
+    /// ([`Link::peer_of`]: the transmit thread needs it for the send order, and one lookup
+    /// per packet is enough).
+    pub fn outbound_to(&self, idx: usize, packet: &[u8], out: &mut [u8], now: Instant) -> Outbound {
+        let Some(peer) = self.peers.get(idx) else {
+            return Outbound::Drop(DropReason::NoRoute);
+        };
         let Some(endpoint) = self.endpoint(peer) else {
             return Outbound::Queued;
         };
@@ -690,7 +702,11 @@ impl Link {
                     self.stats.replayed.fetch_add(1, Ordering::Relaxed);
                 }
                 self.stats.invalid.fetch_add(1, Ordering::Relaxed);
-                result.dropped = Some(DropReason::Invalid);
+                result.dropped = Some(if matches!(e, WireGuardError::InvalidAeadTag) {
+                    DropReason::Unauthentic
+                } else {
+                    DropReason::Invalid
+                });
             }
         }
         drop(tunn);
@@ -1741,6 +1757,25 @@ mod tests {
             );
         }
         assert!(gw.stats.invalid.load(Ordering::Relaxed) >= 6);
+        // A live session's datagram that fails on its tag (tampered, or cut short as a
+        // wrongly split GRO train is) is told apart from garbage and replays: the UDP GRO
+        // watch counts only reads that start with one.
+        let fresh = seal(&node, &p);
+        let mut tampered = fresh.clone();
+        *tampered.last_mut().unwrap() ^= 1;
+        for (what, bad, want) in [
+            ("tampered", &tampered[..], DropReason::Unauthentic),
+            (
+                "cut short",
+                &fresh[..fresh.len() - 1],
+                DropReason::Unauthentic,
+            ),
+            ("replayed", &d[..], DropReason::Invalid),
+            ("no such session", &[4u8; 64][..], DropReason::Invalid),
+        ] {
+            let r = gw.inbound(NODE.parse().unwrap(), bad, &mut out, t0());
+            assert_eq!(r.dropped, Some(want), "{what}");
+        }
         // and the session still works
         let d = seal(&node, &p);
         assert!(gw

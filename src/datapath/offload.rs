@@ -15,8 +15,6 @@
 //! that never reports (wireguard-go, an older appliance) leaves the verdict "unverified" and
 //! GSO on.
 
-use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 const MAGIC: &[u8; 4] = b"APCK";
@@ -270,35 +268,33 @@ impl GsoCheck {
 
 /// Receive side: UDP GRO hands a train of datagrams from one source to one read, split at the
 /// segment size the kernel reports. A kernel that reports the wrong one (or mangles the train)
-/// makes every datagram of such a read fail authentication, while the same peer's single
-/// datagrams still decrypt. [`GroWatch`] sees that and turns GRO off on the socket; it is
-/// turned on again after [`RECHECK`], so a healed path gets it back.
+/// makes every datagram of such a read fail authentication. The first datagram still starts
+/// where the train does, so its header is right: it names a live session and fails on its tag.
+/// [`GroWatch`] sees that and turns GRO off on the socket; it is turned on again after
+/// [`RECHECK`], so a healed path gets it back.
 ///
-/// Only failures from a source that recently sent authenticated datagrams count: garbage from
-/// anywhere else cannot turn GRO off. A spoofer of a live peer's address and port can (GRO off
-/// costs throughput, never correctness), for [`RECHECK`] at a time; each time is logged.
+/// Only a read whose first datagram names a live session (a receiver index the attacker must
+/// know: 24 random bits, new at every rekey) and fails on its tag counts: garbage, replays and
+/// trains for sessions that ended (a restarted peer) do not. A peer, or an on-path attacker
+/// who sees the indexes, can turn GRO off for [`RECHECK`] at a time: that costs throughput,
+/// never correctness, and each time is logged.
 pub const GRO_BAD: u32 = 8;
 /// The window over which [`GRO_BAD`] failed datagrams must outnumber good ones four to one.
 pub const GRO_WINDOW: Duration = Duration::from_secs(1);
-/// How many recently authenticated sources a receive thread remembers, and for how long.
-pub const GRO_SOURCES: usize = 8;
-pub const GRO_SOURCE_AGE: Duration = Duration::from_secs(30);
 
 /// What the receive thread should do with its socket's UDP GRO.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GroStep {
     Keep,
-    /// Coalesced reads from a live peer fail: turn GRO off.
+    /// Coalesced reads for a live session fail: turn GRO off.
     Off,
     /// [`RECHECK`] has passed since it was turned off: on again.
     On,
 }
 
-/// One socket's UDP GRO watch (one receive thread owns it: no lock).
+/// One socket's UDP GRO watch (one receive thread owns it: no lock, no allocation).
 #[derive(Debug, Clone, Default)]
 pub struct GroWatch {
-    /// Sources whose datagrams authenticated lately, most recent first.
-    sources: VecDeque<(SocketAddr, Instant)>,
     window: Option<Instant>,
     good: u32,
     bad: u32,
@@ -307,29 +303,18 @@ pub struct GroWatch {
 }
 
 impl GroWatch {
-    /// One read from `from`: `coalesced` if GRO joined several datagrams in it, of which
-    /// `good` authenticated and `bad` did not.
+    /// One read: `coalesced` if GRO joined several datagrams in it; `suspect` if its first
+    /// datagram named a live session and failed authentication (not as a replay); `good` of
+    /// its datagrams authenticated and `bad` did not.
     pub fn read(
         &mut self,
-        from: SocketAddr,
         coalesced: bool,
+        suspect: bool,
         good: u32,
         bad: u32,
         now: Instant,
     ) -> GroStep {
-        let known = self
-            .sources
-            .iter()
-            .position(|(a, _)| *a == from)
-            .filter(|&i| now.saturating_duration_since(self.sources[i].1) < GRO_SOURCE_AGE);
-        if good > 0 {
-            if let Some(i) = self.sources.iter().position(|(a, _)| *a == from) {
-                self.sources.remove(i);
-            }
-            self.sources.push_front((from, now));
-            self.sources.truncate(GRO_SOURCES);
-        }
-        if !coalesced || self.off_since.is_some() || (bad > 0 && known.is_none()) {
+        if !coalesced || self.off_since.is_some() || (bad > 0 && !suspect) {
             return GroStep::Keep;
         }
         if self
@@ -547,25 +532,21 @@ mod tests {
         assert_eq!(run(&mut c, t0 + REPORT_WAIT, stale), Step::Nothing);
         assert_eq!(c.verdict(), Verdict::Unverified);
     }
-    fn addr(port: u16) -> SocketAddr {
-        SocketAddr::from(([192, 0, 2, 1], port))
-    }
-
     #[test]
-    fn coalesced_reads_that_fail_from_a_live_peer_turn_gro_off_and_recheck_turns_it_on() {
+    fn coalesced_reads_that_fail_for_a_live_session_turn_gro_off_and_recheck_turns_it_on() {
         let t0 = Instant::now();
         let mut w = GroWatch::default();
-        // The peer's single datagrams authenticate (handshake, probes).
-        assert_eq!(w.read(addr(1), false, 1, 0, t0), GroStep::Keep);
+        // Single datagrams never decide anything.
+        assert_eq!(w.read(false, true, 0, 1, t0), GroStep::Keep);
         // A coalesced train of 7 bad: under GRO_BAD.
-        assert_eq!(w.read(addr(1), true, 0, 7, t0), GroStep::Keep);
+        assert_eq!(w.read(true, true, 0, 7, t0), GroStep::Keep);
         assert!(!w.is_off());
         let off = t0 + Duration::from_millis(5);
-        assert_eq!(w.read(addr(1), true, 0, 1, off), GroStep::Off);
+        assert_eq!(w.read(true, true, 0, 1, off), GroStep::Off);
         assert!(w.is_off());
         assert_eq!(w.offs(), 1);
         // Off: nothing more to decide until RECHECK.
-        assert_eq!(w.read(addr(1), true, 0, 40, t0), GroStep::Keep);
+        assert_eq!(w.read(true, true, 0, 40, off), GroStep::Keep);
         assert_eq!(
             w.tick(off + RECHECK - Duration::from_millis(1)),
             GroStep::Keep
@@ -573,49 +554,34 @@ mod tests {
         assert_eq!(w.tick(off + RECHECK), GroStep::On);
         assert!(!w.is_off());
         assert_eq!(w.tick(off + RECHECK + RECHECK), GroStep::Keep);
+        // Broken again: off again, counted.
+        let later = off + RECHECK + Duration::from_secs(1);
+        assert_eq!(w.read(true, true, 0, 16, later), GroStep::Off);
+        assert_eq!(w.offs(), 2);
     }
 
     #[test]
-    fn garbage_from_an_unknown_or_stale_source_or_a_few_bad_among_good_keep_gro() {
+    fn garbage_or_a_few_bad_among_good_or_thin_failures_keep_gro() {
         let t0 = Instant::now();
+        // Reads whose first datagram names no live session (garbage, replays, a session that
+        // ended) count nothing, however many.
         let mut w = GroWatch::default();
-        // Nobody authenticated from this address: a flood of coalesced garbage counts nothing.
         for i in 0..100 {
             let t = t0 + Duration::from_millis(i);
-            assert_eq!(w.read(addr(9), true, 0, 64, t), GroStep::Keep);
+            assert_eq!(w.read(true, false, 0, 64, t), GroStep::Keep);
         }
-        // A peer heard long ago is not live.
-        w.read(addr(2), false, 1, 0, t0);
-        let late = t0 + GRO_SOURCE_AGE;
-        assert_eq!(w.read(addr(2), true, 0, 64, late), GroStep::Keep);
-        // Mostly good coalesced reads with some bad (a spoofer mixing in): kept.
+        // Mostly good coalesced reads with some bad: kept.
         let mut v = GroWatch::default();
-        v.read(addr(3), false, 1, 0, t0);
         for i in 0..50 {
             let t = t0 + Duration::from_millis(i);
-            assert_eq!(v.read(addr(3), true, 16, 3, t), GroStep::Keep);
+            assert_eq!(v.read(true, true, 16, 3, t), GroStep::Keep);
         }
         // Failures spread thinner than GRO_BAD per window: kept.
         let mut u = GroWatch::default();
-        u.read(addr(4), false, 1, 0, t0);
         for i in 0..20 {
             let t = t0 + GRO_WINDOW * i;
-            u.read(addr(4), false, 1, 0, t);
-            assert_eq!(u.read(addr(4), true, 0, GRO_BAD - 1, t), GroStep::Keep);
+            assert_eq!(u.read(true, true, 0, GRO_BAD - 1, t), GroStep::Keep);
         }
         assert!(!w.is_off() && !v.is_off() && !u.is_off());
-    }
-
-    #[test]
-    fn the_remembered_sources_stay_bounded() {
-        let t0 = Instant::now();
-        let mut w = GroWatch::default();
-        for p in 0..1000 {
-            w.read(addr(p), false, 1, 0, t0);
-        }
-        assert_eq!(w.sources.len(), GRO_SOURCES);
-        // The oldest were forgotten: their failures no longer count.
-        assert_eq!(w.read(addr(0), true, 0, 64, t0), GroStep::Keep);
-        assert_eq!(w.read(addr(999), true, 0, 64, t0), GroStep::Off);
     }
 }

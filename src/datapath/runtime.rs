@@ -6,7 +6,7 @@
 //! The link value is swapped atomically on reload (`replace`): the threads pick up the new peer
 //! table on their next packet, and peers that were kept keep their sessions.
 
-use crate::datapath::engine::{Inbound, Link, LinkStats, Outbound, MAX_PACKET};
+use crate::datapath::engine::{DropReason, Inbound, Link, LinkStats, Outbound, MAX_PACKET};
 use crate::datapath::flow;
 use crate::datapath::liveness::Liveness;
 use crate::datapath::offload::{GroStep, GroWatch, GsoCheck, Step, Verdict};
@@ -563,7 +563,8 @@ fn tun_to_udp(q: &Shared) {
         let mut holding: Option<(usize, std::sync::MutexGuard<'_, ()>)> = None;
         for (seg, size) in segments.iter().zip(&sizes).take(n) {
             let seg = &seg[..*size];
-            if let Some(p) = link.peer_of(seg) {
+            let peer = link.peer_of(seg);
+            if let Some(p) = peer {
                 if holding.as_ref().map(|(h, _)| *h) != Some(p) {
                     // Another peer: the batch for the one held goes out first.
                     batch.flush(state, udp, &link.stats);
@@ -581,10 +582,15 @@ fn tun_to_udp(q: &Shared) {
             // A segment larger than the whole batch buffer (not seen from tun-rs) is sealed
             // aside.
             let aside = batch.buf.len() - used < seg.len() + SEAL_ROOM;
-            let sealed = if aside {
-                link.outbound(seg, &mut out, now)
+            let dst = if aside {
+                &mut out[..]
             } else {
-                link.outbound(seg, &mut batch.buf[used..], now)
+                &mut batch.buf[used..]
+            };
+            let sealed = match peer {
+                Some(p) => link.outbound_to(p, seg, dst, now),
+                // Counted and dropped (not IP, no peer for it).
+                None => link.outbound(seg, dst, now),
             };
             let Outbound::Send(to, len) = sealed else {
                 continue;
@@ -626,6 +632,9 @@ const GRO_CAPACITY: usize = 2 * VIRTIO_NET_HDR_LEN + 65535 + 64;
 
 /// Receive buffers per recvmmsg; each can hold a GRO-coalesced train of datagrams.
 const RX_SLOTS: usize = 8;
+/// Reads per wake-up at most: a flood of datagrams that decrypt to nothing cannot hold the
+/// decrypted packets of the reads before it back, nor the GRO watch's timer.
+const RX_READS: usize = 16;
 
 /// A receive thread's [`GroWatch`] found UDP GRO broken: off on its socket, logged (a warning
 /// the first time), shown per queue.
@@ -658,7 +667,7 @@ fn udp_to_tun(q: &Shared) {
         faults,
         ..
     } = q;
-    let mut slots: Vec<Vec<u8>> = (0..RX_SLOTS).map(|_| vec![0u8; 65535]).collect();
+    let mut slots: [Vec<u8>; RX_SLOTS] = std::array::from_fn(|_| vec![0u8; 65535]);
     let mut meta = vec![RecvMeta::default(); RX_SLOTS];
     let mut gro = GROTable::default();
     let mut pool: Vec<Vec<u8>> = (0..RX_BATCH)
@@ -683,10 +692,10 @@ fn udp_to_tun(q: &Shared) {
             continue;
         }
         let link = link.read().expect("not poisoned").clone();
-        loop {
+        for _ in 0..RX_READS {
             let got = {
-                let mut iov: Vec<IoSliceMut<'_>> =
-                    slots.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                // On the stack: no allocation per read.
+                let mut iov = slots.each_mut().map(|b| IoSliceMut::new(b));
                 state.recv(udp.into(), &mut iov, &mut meta)
             };
             let msgs = match got {
@@ -704,12 +713,14 @@ fn udp_to_tun(q: &Shared) {
                     .udp_datagrams
                     .fetch_add(m.len.div_ceil(m.stride.max(1)) as u64, Ordering::Relaxed);
                 let coalesced = m.stride > 0 && m.stride < m.len;
-                let stride = if coalesced && faults.udp_gro_split {
+                let stride = if coalesced && faults.udp_gro_split && m.stride > 1 {
                     m.stride - 1
                 } else {
                     m.stride.max(1)
                 };
                 let (mut good, mut bad) = (0u32, 0u32);
+                // The read's first datagram named a live session and failed on its tag.
+                let mut suspect = false;
                 for datagram in slot[..m.len].chunks(stride) {
                     let mut buf = pool
                         .pop()
@@ -726,8 +737,11 @@ fn udp_to_tun(q: &Shared) {
                         to_tun,
                         to_net,
                         authenticated,
-                        ..
+                        dropped,
                     } = link.inbound(m.addr, datagram, &mut buf[VIRTIO_NET_HDR_LEN..], now);
+                    if good + bad == 0 {
+                        suspect = dropped == Some(DropReason::Unauthentic);
+                    }
                     if authenticated {
                         good += 1;
                     } else {
@@ -746,7 +760,7 @@ fn udp_to_tun(q: &Shared) {
                         _ => pool.push(buf),
                     }
                 }
-                if watch.read(m.addr, coalesced, good, bad, now) == GroStep::Off {
+                if watch.read(coalesced, suspect, good, bad, now) == GroStep::Off {
                     gro_broken(udp, counts, &link.spec_dev, m.addr, watch.offs());
                 }
             }
