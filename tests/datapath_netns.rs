@@ -409,6 +409,39 @@ fn two_queues_per_link_both_carry_flows_and_the_bytes_arrive() {
     let dev = &s["devices"][0];
     assert_eq!(dev["replayed"], 0, "{dev}");
     assert_eq!(dev["invalid"], 0, "{dev}");
+    // Round trips: the kernel answers each echo request while the node's receive thread
+    // writes it, and that thread sends the reply itself (no transmit-thread wake-up).
+    let replies = |ns: &Netns| -> u64 {
+        status(ns)["devices"][0]["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|q| q["tun_replies"].as_u64().unwrap())
+            .sum()
+    };
+    let before = replies(&lab.node);
+    let ping = lab.gw.exec(&[
+        "ping",
+        "-c",
+        "20",
+        "-i",
+        "0.05",
+        "-W",
+        "2",
+        "-I",
+        "10.10.0.2",
+        "10.200.0.11",
+    ]);
+    let out = text(&ping);
+    assert!(
+        ping.status.success() && out.contains(" 0% packet loss"),
+        "{out}"
+    );
+    let answered = replies(&lab.node) - before;
+    assert!(
+        answered >= 10,
+        "{answered} of 20 replies sent by the receive thread"
+    );
 }
 
 #[test]

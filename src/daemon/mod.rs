@@ -752,6 +752,7 @@ impl Daemon {
                             tun_packets: q.tun_packets.load(Ordering::Relaxed),
                             udp_datagrams: q.udp_datagrams.load(Ordering::Relaxed),
                             tun_reads: q.tun_reads.load(Ordering::Relaxed),
+                            tun_replies: q.tun_replies.load(Ordering::Relaxed),
                             udp_gro_off: q.udp_gro_off.load(Ordering::Relaxed),
                             udp_gro_offs: q.udp_gro_offs.load(Ordering::Relaxed),
                         })

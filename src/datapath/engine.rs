@@ -1052,6 +1052,10 @@ pub struct QueueStatus {
     /// link TCP super-packets (tun offload in effect; `ethtool -K DEV tso off` ends it).
     #[serde(default)]
     pub tun_reads: u64,
+    /// Of those, reads a receive thread made itself to send the replies its writes caused
+    /// (a ping's echo, a request's answer) without waking the transmit thread.
+    #[serde(default)]
+    pub tun_replies: u64,
     /// The queue's receive thread found UDP GRO broken and turned it off on its socket (it
     /// is tried again every 10 minutes), and how many times that happened.
     #[serde(default)]

@@ -65,6 +65,8 @@ pub struct GsoStatus {
 #[derive(Debug, Default)]
 pub struct QueueStats {
     pub tun_reads: AtomicU64,
+    /// Of those, reads a receive thread made to send the replies its own writes caused.
+    pub tun_replies: AtomicU64,
     pub tun_packets: AtomicU64,
     pub udp_datagrams: AtomicU64,
     /// The queue's receive thread found UDP GRO broken and turned it off on its socket (see
@@ -131,8 +133,12 @@ impl LinkRuntime {
         let gso_off = Arc::new(AtomicBool::new(false));
         let tun_gro_off = Arc::new(AtomicBool::new(false));
         let faults = Faults::from_env();
-        let all: Arc<Vec<Arc<SyncDevice>>> = Arc::new(tuns.into_iter().map(Arc::new).collect());
-        for (q, udp) in udp.into_iter().enumerate() {
+        for t in &tuns {
+            // Reads never block: a receive thread may try one (see `udp_to_tun`).
+            t.set_nonblocking(true)?;
+        }
+        let mut queue_list = Vec::with_capacity(queues);
+        for (dev, udp) in tuns.into_iter().zip(udp) {
             // UDP GSO on send, GRO on receive; quinn-udp also sets don't-fragment, which
             // WireGuard does not: `bind_udp` turns path-MTU discovery off after it.
             let state = Arc::new(UdpSocketState::new((&udp).into())?);
@@ -142,14 +148,22 @@ impl LinkRuntime {
             sockets.push(udp.clone());
             let counts = Arc::new(QueueStats::default());
             queue_stats.push(counts.clone());
-            let shared = Shared {
-                link: link.clone(),
+            queue_list.push(TunQueue {
+                dev,
                 udp,
                 state,
-                tun: all[q].clone(),
+                reader: Mutex::new(()),
+                busy: AtomicBool::new(false),
+                counts,
+            });
+        }
+        let all: Arc<Vec<TunQueue>> = Arc::new(queue_list);
+        for q in 0..queues {
+            let shared = Shared {
+                link: link.clone(),
+                q,
                 all: all.clone(),
                 stop: stop.clone(),
-                counts,
                 gso_off: gso_off.clone(),
                 tun_gro_off: tun_gro_off.clone(),
                 faults,
@@ -335,17 +349,29 @@ fn pmtu_discovery_off(udp: &UdpSocket, v6: bool) {
     }
 }
 
+/// One queue of a link: its tun queue (non-blocking) and its UDP socket; the lock whoever
+/// reads the tun queue holds from the read until what it read is sent (the transmit thread,
+/// or a receive thread sending a reply itself); whether the transmit thread is draining it;
+/// the queue's counters. What is read from a tun queue always leaves by the queue's own
+/// socket, whichever thread sends it, so a flow keeps one socket (and one NIC queue).
+struct TunQueue {
+    dev: SyncDevice,
+    udp: Arc<UdpSocket>,
+    state: Arc<UdpSocketState>,
+    reader: Mutex<()>,
+    busy: AtomicBool,
+    counts: Arc<QueueStats>,
+}
+
 /// What both packet threads of a queue hold.
 #[derive(Clone)]
 struct Shared {
     link: Arc<RwLock<Arc<Link>>>,
-    udp: Arc<UdpSocket>,
-    state: Arc<UdpSocketState>,
-    tun: Arc<SyncDevice>,
+    /// This queue's index in `all`.
+    q: usize,
     /// Every queue of the link, in order: decrypted packets go to their flow's queue.
-    all: Arc<Vec<Arc<SyncDevice>>>,
+    all: Arc<Vec<TunQueue>>,
     stop: Arc<AtomicBool>,
-    counts: Arc<QueueStats>,
     gso_off: Arc<AtomicBool>,
     tun_gro_off: Arc<AtomicBool>,
     faults: Faults,
@@ -503,33 +529,56 @@ impl GsoBatch {
     }
 }
 
-fn tun_to_udp(q: &Shared) {
-    let Shared {
-        link,
-        udp,
-        state,
-        tun,
-        stop,
-        counts,
-        gso_off,
-        ..
-    } = q;
-    let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
-    let mut segments = vec![vec![0u8; 2048]; IDEAL_BATCH_SIZE];
-    let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
-    let mut out = vec![0u8; MAX_PACKET];
-    let mut batch = GsoBatch {
-        buf: vec![0u8; IDEAL_BATCH_SIZE * 2048],
-        used: 0,
-        to: None,
-        segment: 0,
-        count: 0,
-    };
-    while !stop.load(Ordering::Relaxed) {
-        if !wait_readable(tun.as_raw_fd()) {
-            continue;
+/// What a reader of a tun queue needs: the super-packet, its segments, and the GSO batch
+/// the segments are sealed into. The transmit thread has one; a receive thread makes one the
+/// first time it answers a reply itself (see `udp_to_tun`).
+struct Sealer {
+    original: Vec<u8>,
+    segments: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    out: Vec<u8>,
+    batch: GsoBatch,
+}
+
+/// What one read of a tun queue did.
+#[derive(Debug, PartialEq, Eq)]
+enum Read {
+    /// Packets were read (and sealed and sent, or dropped): there may be more.
+    Moved,
+    /// Nothing to read.
+    Empty,
+    /// The device is gone: the link stops.
+    Failed,
+}
+
+impl Sealer {
+    fn new() -> Sealer {
+        Sealer {
+            original: vec![0u8; VIRTIO_NET_HDR_LEN + 65535],
+            segments: vec![vec![0u8; 2048]; IDEAL_BATCH_SIZE],
+            sizes: vec![0usize; IDEAL_BATCH_SIZE],
+            out: vec![0u8; MAX_PACKET],
+            batch: GsoBatch {
+                buf: vec![0u8; IDEAL_BATCH_SIZE * 2048],
+                used: 0,
+                to: None,
+                segment: 0,
+                count: 0,
+            },
         }
-        let n = match tun.recv_multiple(&mut original, &mut segments, &mut sizes, 0) {
+    }
+
+    /// One read of `tq` (non-blocking), every segment sealed and sent. The caller holds the
+    /// queue's reader lock, so packets leave in the order they were read.
+    fn once(&mut self, s: &Shared, tq: &TunQueue) -> Read {
+        let Sealer {
+            original,
+            segments,
+            sizes,
+            out,
+            batch,
+        } = self;
+        let n = match tq.dev.recv_multiple(original, segments, sizes, 0) {
             Ok(n) => n,
             Err(e)
                 if matches!(
@@ -537,37 +586,37 @@ fn tun_to_udp(q: &Shared) {
                     io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
                 ) =>
             {
-                continue
+                return Read::Empty
             }
             Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
                 tracing::debug!(error = %e, "tun super-packet dropped");
-                continue;
+                return Read::Moved;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "tun read failed; link stops");
-                return;
+                return Read::Failed;
             }
         };
-        counts.tun_reads.fetch_add(1, Ordering::Relaxed);
-        counts.tun_packets.fetch_add(n as u64, Ordering::Relaxed);
-        let link = link.read().expect("not poisoned").clone();
+        tq.counts.tun_reads.fetch_add(1, Ordering::Relaxed);
+        tq.counts.tun_packets.fetch_add(n as u64, Ordering::Relaxed);
+        let link = s.link.read().expect("not poisoned").clone();
         // GSO found broken on this path: one datagram per send.
-        let max_segments = if gso_off.load(Ordering::Relaxed) {
+        let max_segments = if s.gso_off.load(Ordering::Relaxed) {
             1
         } else {
-            state.max_gso_segments().max(1)
+            tq.state.max_gso_segments().max(1)
         };
         // One clock read per batch: the engine takes time as an input.
         let now = Instant::now();
         // The peer whose send order this thread holds, while its batch is sealed and sent.
         let mut holding: Option<(usize, std::sync::MutexGuard<'_, ()>)> = None;
-        for (seg, size) in segments.iter().zip(&sizes).take(n) {
+        for (seg, size) in segments.iter().zip(sizes.iter()).take(n) {
             let seg = &seg[..*size];
             let peer = link.peer_of(seg);
             if let Some(p) = peer {
                 if holding.as_ref().map(|(h, _)| *h) != Some(p) {
                     // Another peer: the batch for the one held goes out first.
-                    batch.flush(state, udp, &link.stats);
+                    batch.flush(&tq.state, &tq.udp, &link.stats);
                     // Released before the next is taken: two threads never wait on each
                     // other's.
                     drop(holding.take());
@@ -576,7 +625,7 @@ fn tun_to_udp(q: &Shared) {
             }
             // Encrypted straight into the batch, behind the datagrams already there.
             if batch.buf.len() - batch.used < seg.len() + SEAL_ROOM {
-                batch.flush(state, udp, &link.stats);
+                batch.flush(&tq.state, &tq.udp, &link.stats);
             }
             let used = batch.used;
             // A segment larger than the whole batch buffer (not seen from tun-rs) is sealed
@@ -602,7 +651,7 @@ fn tun_to_udp(q: &Shared) {
             if !fits {
                 // The new datagram starts the next batch: send the ones before it, then move
                 // it to the front (once per batch, not per packet).
-                batch.flush(state, udp, &link.stats);
+                batch.flush(&tq.state, &tq.udp, &link.stats);
                 batch.to = Some(to);
                 batch.segment = len;
                 if !aside {
@@ -617,11 +666,38 @@ fn tun_to_udp(q: &Shared) {
             batch.count += 1;
             // A shorter datagram can only end a GSO batch.
             if len < batch.segment {
-                batch.flush(state, udp, &link.stats);
+                batch.flush(&tq.state, &tq.udp, &link.stats);
             }
         }
-        batch.flush(state, udp, &link.stats);
+        batch.flush(&tq.state, &tq.udp, &link.stats);
         drop(holding);
+        Read::Moved
+    }
+}
+
+fn tun_to_udp(s: &Shared) {
+    let tq = &s.all[s.q];
+    let mut sealer = Sealer::new();
+    // Read again at once after a read that moved packets; wait only once the queue is empty.
+    let mut more = false;
+    while !s.stop.load(Ordering::Relaxed) {
+        if !more && !wait_readable(tq.dev.as_raw_fd()) {
+            continue;
+        }
+        // Draining: receive threads leave the queue to this thread (bulk stays on one core).
+        tq.busy.store(true, Ordering::Relaxed);
+        let read = {
+            let _reader = tq.reader.lock().expect("not poisoned");
+            sealer.once(s, tq)
+        };
+        match read {
+            Read::Moved => more = true,
+            Read::Empty => {
+                more = false;
+                tq.busy.store(false, Ordering::Relaxed);
+            }
+            Read::Failed => return,
+        }
     }
 }
 
@@ -655,18 +731,24 @@ fn gro_broken(udp: &UdpSocket, counts: &QueueStats, dev: &str, from: SocketAddr,
     }
 }
 
+/// A receive round that wrote at most this many packets answers the replies they caused
+/// itself (see `udp_to_tun`); bulk rounds leave that to the transmit threads.
+const REPLY_ROUND: usize = 8;
+
 fn udp_to_tun(q: &Shared) {
     let Shared {
         link,
-        udp,
-        state,
         all,
         stop,
-        counts,
         tun_gro_off,
         faults,
         ..
     } = q;
+    let TunQueue {
+        udp, state, counts, ..
+    } = &all[q.q];
+    // Made the first time this thread answers a reply itself.
+    let mut sealer: Option<Box<Sealer>> = None;
     let mut slots: [Vec<u8>; RX_SLOTS] = std::array::from_fn(|_| vec![0u8; 65535]);
     let mut meta = vec![RecvMeta::default(); RX_SLOTS];
     let mut gro = GROTable::default();
@@ -771,10 +853,14 @@ fn udp_to_tun(q: &Shared) {
         if pending == 0 {
             continue;
         }
-        for (tun, batch) in all.iter().zip(&mut batches) {
+        let small = pending <= REPLY_ROUND;
+        let mut wrote = [false; MAX_QUEUES];
+        for (i, (tq, batch)) in all.iter().zip(&mut batches).enumerate() {
             if batch.is_empty() {
                 continue;
             }
+            wrote[i] = true;
+            let tun = &tq.dev;
             let coalesce = !tun_gro_off.load(Ordering::Relaxed);
             let written = if !coalesce {
                 // Coalescing writes were refused on this device: packet by packet, each
@@ -801,5 +887,23 @@ fn udp_to_tun(q: &Shared) {
             pool.append(batch);
         }
         pending = 0;
+        if small {
+            // A few packets written (a ping, a request, an ACK): the kernel answered some of
+            // them while we wrote (an echo reply, a local server's response), and the reply
+            // waits in the queue. Sent from here it does not wait for the transmit thread to
+            // wake up: one thread wake-up less per round trip. Only if that thread is not
+            // reading the queue itself (the reader lock keeps the read order the send order).
+            for (tq, _) in all.iter().zip(wrote).filter(|(_, w)| *w) {
+                if tq.busy.load(Ordering::Relaxed) {
+                    continue;
+                }
+                if let Ok(_reader) = tq.reader.try_lock() {
+                    let sealer = sealer.get_or_insert_with(|| Box::new(Sealer::new()));
+                    if sealer.once(q, tq) == Read::Moved {
+                        tq.counts.tun_replies.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
     }
 }
