@@ -517,6 +517,19 @@ fn a_path_that_loses_gso_trains_is_found_and_the_link_sends_datagram_by_datagram
     assert_eq!(device(&lab.node)["send_dropped"], 0);
 }
 
+/// One link whose gateway daemon pretends the offload failure `fault`
+/// (`APPLIANCE_TEST_FAULTS`), after a bulk transfer from the node that must get through.
+fn faulty_gateway(fault: &str, what: &str) -> Lab {
+    let env = format!("APPLIANCE_TEST_FAULTS={fault}");
+    let extra = Extra {
+        gw_env: &[&env],
+        ..Extra::default()
+    };
+    let lab = appliances_after(1, extra, |_| {});
+    node_to_gateway(&lab, &["-P", "4", "-t", "3"], what);
+    lab
+}
+
 #[test]
 fn a_tun_device_that_refuses_coalesced_writes_gets_them_packet_by_packet() {
     if !root_or_skip("tun gro") {
@@ -524,15 +537,10 @@ fn a_tun_device_that_refuses_coalesced_writes_gets_them_packet_by_packet() {
     }
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     // No kernel setting makes tun refuse an offload write (a regression once did, with
-    // EINVAL): the gateway's daemon is told to fail every coalesced write that way.
-    let extra = Extra {
-        gw_env: &["APPLIANCE_TEST_FAULTS=tun-gro-write"],
-        ..Extra::default()
-    };
-    let lab = appliances_after(1, extra, |_| {});
-    // Bulk data into the gateway: its receive thread coalesces, the write fails, the link
-    // writes packet by packet from then on and the transfer completes.
-    node_to_gateway(&lab, &["-P", "4", "-t", "3"], "packet by packet into tun");
+    // EINVAL): the gateway's daemon is told to fail every coalesced write that way. Bulk
+    // data into the gateway: its receive thread coalesces, the write fails, the link writes
+    // packet by packet from then on and the transfer completes.
+    let lab = faulty_gateway("tun-gro-write", "packet by packet into tun");
     let dev = status(&lab.gw)["devices"][0].clone();
     assert_eq!(dev["tun_gro_off"], true, "{dev}");
     // Only the batch (or the few, one per receive thread) that met the refusal was lost.
@@ -555,15 +563,10 @@ fn udp_gro_reads_split_wrong_are_found_and_the_link_receives_datagram_by_datagra
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     // No kernel setting makes UDP GRO report a wrong segment size: the gateway's daemon is
     // told to split every coalesced read one byte short, so each datagram of it fails
-    // authentication while single datagrams (handshakes, probes) still decrypt.
-    let extra = Extra {
-        gw_env: &["APPLIANCE_TEST_FAULTS=udp-gro-split"],
-        ..Extra::default()
-    };
-    let lab = appliances_after(1, extra, |_| {});
-    // The node's GSO writes arrive coalesced: they fail, the watch turns GRO off on the
-    // gateway's socket, and the transfer completes datagram by datagram.
-    node_to_gateway(&lab, &["-P", "4", "-t", "3"], "UDP GRO off at the gateway");
+    // authentication while single datagrams (handshakes, probes) still decrypt. The node's
+    // GSO writes arrive coalesced: they fail, the watch turns GRO off on the gateway's
+    // socket, and the transfer completes datagram by datagram.
+    let lab = faulty_gateway("udp-gro-split", "UDP GRO off at the gateway");
     let queues = status(&lab.gw)["devices"][0]["queues"].clone();
     let off = queues
         .as_array()
