@@ -232,8 +232,8 @@ pub struct Inbound {
     pub to_net: Vec<(SocketAddr, Vec<u8>)>,
     /// The packet was dropped, and why.
     pub dropped: Option<DropReason>,
-    /// The datagram proved its peer (decrypted, or a handshake answered): the receive
-    /// thread's UDP GRO watch tells a live peer's failing trains from garbage by it.
+    /// The datagram proved its peer (decrypted, or a handshake answered): what the receive
+    /// thread's UDP GRO watch counts as a good datagram of a read.
     pub authenticated: bool,
 }
 

@@ -28,15 +28,13 @@ const SEND_WAIT: Duration = Duration::from_millis(5);
 pub struct LinkRuntime {
     pub dev: String,
     link: Arc<RwLock<Arc<Link>>>,
-    /// One socket per queue, all bound to the link's port (`SO_REUSEPORT`): the kernel hashes
-    /// each peer's address onto one of them, so a peer's datagrams stay in order on one
-    /// receive thread.
-    udp: Vec<Arc<UdpSocket>>,
+    /// The link's queues, each a tun queue and a socket; the sockets are all bound to the
+    /// link's port (`SO_REUSEPORT`): the kernel hashes each peer's address onto one of them,
+    /// so a peer's datagrams stay in order on one receive thread. Timers, keepalives and the
+    /// GSO self-check's trains go out on the first.
+    queues: Arc<Vec<TunQueue>>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
-    queue_stats: Vec<Arc<QueueStats>>,
-    /// The first socket's GSO state (the self-check's trains go out on it).
-    state0: Arc<UdpSocketState>,
     /// Set when the self-check found UDP GSO broken on this link: the transmit threads send
     /// datagram by datagram.
     gso_off: Arc<AtomicBool>,
@@ -127,9 +125,6 @@ impl LinkRuntime {
         let link = Arc::new(RwLock::new(Arc::new(link)));
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::with_capacity(2 * queues);
-        let mut sockets = Vec::with_capacity(queues);
-        let mut states = Vec::with_capacity(queues);
-        let mut queue_stats = Vec::with_capacity(queues);
         let gso_off = Arc::new(AtomicBool::new(false));
         let tun_gro_off = Arc::new(AtomicBool::new(false));
         let faults = Faults::from_env();
@@ -141,20 +136,15 @@ impl LinkRuntime {
         for (dev, udp) in tuns.into_iter().zip(udp) {
             // UDP GSO on send, GRO on receive; quinn-udp also sets don't-fragment, which
             // WireGuard does not: `bind_udp` turns path-MTU discovery off after it.
-            let state = Arc::new(UdpSocketState::new((&udp).into())?);
-            states.push(state.clone());
+            let state = UdpSocketState::new((&udp).into())?;
             pmtu_discovery_off(&udp, v6);
-            let udp = Arc::new(udp);
-            sockets.push(udp.clone());
-            let counts = Arc::new(QueueStats::default());
-            queue_stats.push(counts.clone());
             queue_list.push(TunQueue {
                 dev,
                 udp,
                 state,
                 reader: Mutex::new(()),
                 busy: AtomicBool::new(false),
-                counts,
+                counts: QueueStats::default(),
             });
         }
         let all: Arc<Vec<TunQueue>> = Arc::new(queue_list);
@@ -179,11 +169,9 @@ impl LinkRuntime {
         Ok(LinkRuntime {
             dev,
             link,
-            udp: sockets,
+            queues: all,
             stop,
             threads,
-            queue_stats,
-            state0: states.swap_remove(0),
             gso_off,
             tun_gro_off,
             // Train ids start somewhere new each run: a peer may still hold a report on the
@@ -220,7 +208,8 @@ impl LinkRuntime {
                         segment_size: Some(datagrams[0].len()),
                         src_ip: None,
                     };
-                    if let Err(e) = self.state0.try_send((&*self.udp[0]).into(), &transmit) {
+                    let first = &self.queues[0];
+                    if let Err(e) = first.state.try_send((&first.udp).into(), &transmit) {
                         tracing::debug!(dev = %self.dev, error = %e, "GSO check train not sent");
                     }
                 }
@@ -261,18 +250,18 @@ impl LinkRuntime {
     }
 
     pub fn local_port(&self) -> Option<u16> {
-        self.udp[0].local_addr().ok().map(|a| a.port())
+        self.queues[0].udp.local_addr().ok().map(|a| a.port())
     }
 
     /// Each queue's counters, in queue order.
     pub fn queue_stats(&self) -> impl Iterator<Item = &QueueStats> {
-        self.queue_stats.iter().map(|q| &**q)
+        self.queues.iter().map(|q| &q.counts)
     }
 
     /// Send datagrams produced outside the packet threads (timers, keepalives).
     pub fn send_all(&self, datagrams: &[(SocketAddr, Vec<u8>)]) {
         for (to, d) in datagrams {
-            if let Err(e) = self.udp[0].send_to(d, to) {
+            if let Err(e) = self.queues[0].udp.send_to(d, to) {
                 tracing::debug!(dev = %self.dev, %to, error = %e, "send failed");
             }
         }
@@ -356,11 +345,11 @@ fn pmtu_discovery_off(udp: &UdpSocket, v6: bool) {
 /// socket, whichever thread sends it, so a flow keeps one socket (and one NIC queue).
 struct TunQueue {
     dev: SyncDevice,
-    udp: Arc<UdpSocket>,
-    state: Arc<UdpSocketState>,
+    udp: UdpSocket,
+    state: UdpSocketState,
     reader: Mutex<()>,
     busy: AtomicBool,
-    counts: Arc<QueueStats>,
+    counts: QueueStats,
 }
 
 /// What both packet threads of a queue hold.
@@ -714,12 +703,11 @@ const RX_READS: usize = 16;
 
 /// A receive thread's [`GroWatch`] found UDP GRO broken: off on its socket, logged (a warning
 /// the first time), shown per queue.
-fn gro_broken(udp: &UdpSocket, counts: &QueueStats, dev: &str, from: SocketAddr, offs: u64) {
+fn gro_broken(udp: &UdpSocket, counts: &QueueStats, dev: &str, from: SocketAddr) {
     match set_udp_gro(udp, false) {
         Ok(()) => {
             counts.udp_gro_off.store(true, Ordering::Relaxed);
-            counts.udp_gro_offs.fetch_add(1, Ordering::Relaxed);
-            if offs == 1 {
+            if counts.udp_gro_offs.fetch_add(1, Ordering::Relaxed) == 0 {
                 tracing::warn!(dev, %from, "UDP GRO is broken on this path (coalesced reads from a live peer fail authentication): receiving datagram by datagram");
             } else {
                 tracing::info!(dev, %from, "UDP GRO broken again: off");
@@ -843,7 +831,7 @@ fn udp_to_tun(q: &Shared) {
                     }
                 }
                 if watch.read(coalesced, suspect, good, bad, now) == GroStep::Off {
-                    gro_broken(udp, counts, &link.spec_dev, m.addr, watch.offs());
+                    gro_broken(udp, counts, &link.spec_dev, m.addr);
                 }
             }
             if pending >= RX_BATCH {
@@ -854,12 +842,10 @@ fn udp_to_tun(q: &Shared) {
             continue;
         }
         let small = pending <= REPLY_ROUND;
-        let mut wrote = [false; MAX_QUEUES];
-        for (i, (tq, batch)) in all.iter().zip(&mut batches).enumerate() {
+        for (tq, batch) in all.iter().zip(&mut batches) {
             if batch.is_empty() {
                 continue;
             }
-            wrote[i] = true;
             let tun = &tq.dev;
             let coalesce = !tun_gro_off.load(Ordering::Relaxed);
             let written = if !coalesce {
@@ -885,18 +871,12 @@ fn udp_to_tun(q: &Shared) {
                 }
             }
             pool.append(batch);
-        }
-        pending = 0;
-        if small {
             // A few packets written (a ping, a request, an ACK): the kernel answered some of
             // them while we wrote (an echo reply, a local server's response), and the reply
             // waits in the queue. Sent from here it does not wait for the transmit thread to
             // wake up: one thread wake-up less per round trip. Only if that thread is not
-            // reading the queue itself (the reader lock keeps the read order the send order).
-            for (tq, _) in all.iter().zip(wrote).filter(|(_, w)| *w) {
-                if tq.busy.load(Ordering::Relaxed) {
-                    continue;
-                }
+            // draining the queue itself (and the reader lock keeps read order send order).
+            if small && !tq.busy.load(Ordering::Relaxed) {
                 if let Ok(_reader) = tq.reader.try_lock() {
                     let sealer = sealer.get_or_insert_with(|| Box::new(Sealer::new()));
                     if sealer.once(q, tq) == Read::Moved {
@@ -905,5 +885,6 @@ fn udp_to_tun(q: &Shared) {
                 }
             }
         }
+        pending = 0;
     }
 }
