@@ -7,8 +7,9 @@
 //! to TARGET from a socket of their own, and TARGET's answers go back to the client; each is
 //! held DELAY_MS in each direction (the round trip grows by twice that). Trains of datagrams
 //! are received with UDP GRO and sent with UDP GSO, so the forwarder costs a few system calls
-//! per 64 KiB. A direction holds at most QUEUE trains (a router's queue): more are dropped and
-//! counted on stderr. Runs until killed.
+//! per 64 KiB. A direction holds at most QUEUE trains (a router's queue): more are dropped.
+//! Each second in which something was lost, stderr gets the running totals: trains dropped
+//! at a full queue, datagrams the socket refused. Runs until killed.
 
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use std::io::IoSliceMut;
@@ -77,7 +78,7 @@ fn receive(
     }
 }
 
-fn send(sock: Arc<UdpSocket>, to: To, rx: Receiver<Train>) {
+fn send(sock: Arc<UdpSocket>, to: To, rx: Receiver<Train>, unsent: Arc<AtomicU64>) {
     let state = UdpSocketState::new((&*sock).into()).expect("udp state");
     for t in rx {
         let now = Instant::now();
@@ -103,7 +104,9 @@ fn send(sock: Arc<UdpSocket>, to: To, rx: Receiver<Train>) {
             if state.try_send((&*sock).into(), &transmit).is_err() {
                 // A refused GSO write (or a full buffer): datagram by datagram.
                 for d in chunk.chunks(t.stride.max(1)) {
-                    let _ = sock.send_to(d, dest);
+                    if sock.send_to(d, dest).is_err() {
+                        unsent.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
         }
@@ -116,6 +119,7 @@ fn main() {
     let delay_ms: u64 = args.first().and_then(|d| d.parse().ok()).expect(usage);
     let delay = Duration::from_millis(delay_ms);
     let dropped = Arc::new(AtomicU64::new(0));
+    let unsent = Arc::new(AtomicU64::new(0));
     let mut threads = Vec::new();
     assert!(args.len() > 1, "{usage}");
     for m in &args[1..] {
@@ -136,24 +140,29 @@ fn main() {
         threads.push(std::thread::spawn(move || {
             receive(f, delay, to_target, Some(c), d)
         }));
-        let u = up.clone();
+        let (u, n) = (up.clone(), unsent.clone());
         threads.push(std::thread::spawn(move || {
-            send(u, To::Fixed(target), from_front)
+            send(u, To::Fixed(target), from_front, n)
         }));
         let (u, d) = (up.clone(), dropped.clone());
         threads.push(std::thread::spawn(move || {
             receive(u, delay, to_client, None, d)
         }));
-        let (f, c) = (front.clone(), client.clone());
-        threads.push(std::thread::spawn(move || send(f, To::Client(c), from_up)));
+        let (f, c, n) = (front.clone(), client.clone(), unsent.clone());
+        threads.push(std::thread::spawn(move || {
+            send(f, To::Client(c), from_up, n)
+        }));
     }
-    let mut said = 0;
+    let mut said = (0, 0);
     loop {
-        std::thread::sleep(Duration::from_secs(5));
-        let n = dropped.load(Ordering::Relaxed);
-        if n != said {
-            eprintln!("udp-delay: {n} trains dropped (queue full)");
-            said = n;
+        std::thread::sleep(Duration::from_secs(1));
+        let now = (dropped.load(Ordering::Relaxed), unsent.load(Ordering::Relaxed));
+        if now != said {
+            eprintln!(
+                "udp-delay: {} trains dropped (queue full), {} datagrams unsent",
+                now.0, now.1
+            );
+            said = now;
         }
     }
 }

@@ -142,7 +142,25 @@ cpu_of() {  # CPU seconds (user+sys) used so far by every process in namespace $
   echo "$t"
 }
 
-echo "rtt_ms config rep gbit_s retransmits processes_cpu_s forwarder_cpu_s measured_rtt_ms" > "$OUT/raw.tsv"
+snap() {  # every kernel counter of namespace $1 that says a packet was lost or reordered
+  ip netns exec "$1" nstat -asz 2>/dev/null | awk 'NF >= 2 && $1 !~ /^#/ {print $1, $2}'
+  ip -n "$1" -s -j link show | jq -r '.[] | "ifdrop_\(.ifname) \(.stats64.rx.dropped + .stats64.tx.dropped)"'
+}
+
+delta() {  # $1 $2 snapshots: the counters that grew, "name delta" per line
+  awk 'NR == FNR {a[$1] = $2; next} ($2 - a[$1]) > 0 {print $1, $2 - a[$1]}' "$1" "$2"
+}
+
+ap_lost() {  # the appliance's own drop counters in namespace $1, summed over its devices
+  ip netns exec "$1" "$BIN" status -o json 2>/dev/null |
+    jq '[.devices[] | .replayed + .send_dropped + .tun_write_errors + .invalid] | add // 0' || echo 0
+}
+
+fwd_lost() {  # trains dropped + datagrams unsent by the forwarder so far (its last report)
+  awk '/udp-delay:/ {t = $2 + $7} END {print t + 0}' "$W/delay.log"
+}
+
+echo "rtt_ms config rep gbit_s retransmits processes_cpu_s forwarder_cpu_s measured_rtt_ms udp_buffer_drops if_drops forwarder_lost appliance_dropped dsacks_at_sender ofo_at_receiver" > "$OUT/raw.tsv"
 for rep in $(seq 1 "$REPS"); do
   for cfg in $CONFIGS; do
     impl=${cfg%%:*} n=${cfg#*:}
@@ -160,25 +178,45 @@ for rep in $(seq 1 "$REPS"); do
     sleep 0.5
     hz=$(getconf CLK_TCK)
     ca=$(cpu_of "$A"); cb=$(cpu_of "$B"); cd=$(cpu_of "$D")
+    for ns in $A $B $D; do snap "$ns" > "$W/before.$ns"; done
+    apl=0; [ "$impl" = ap ] && apl=$(( $(ap_lost "$A") + $(ap_lost "$B") ))
+    fwl=$(fwd_lost)
     ip netns exec "$A" iperf3 -c 198.19.0.2 -B 198.19.0.1 -P "$PARALLEL" -t "$DUR" -O "$OMIT" -J > "$W/iperf.json"
     ca2=$(cpu_of "$A"); cb2=$(cpu_of "$B"); cd2=$(cpu_of "$D")
+    sleep 1.2  # the forwarder reports once a second
+    : > "$W/counters.txt"
+    for role in a b d; do  # the gateway end (iperf3 client), the node end, the forwarder
+      ns=$A; [ $role = b ] && ns=$B; [ $role = d ] && ns=$D
+      snap "$ns" > "$W/after.$ns"
+      delta "$W/before.$ns" "$W/after.$ns" | sed "s/^/$role /" >> "$W/counters.txt"
+    done
+    [ "$impl" = ap ] && apl=$(( $(ap_lost "$A") + $(ap_lost "$B") - apl ))
+    fwl=$(( $(fwd_lost) - fwl ))
+    # Where the retransmitted segments were lost (or not lost: a DSACK says a retransmit was
+    # spurious, an out-of-order arrival at the receiver is reordering on the way).
+    udpd=$(awk '$2 ~ /^Udp(Rcvbuf|Sndbuf)Errors$/ {t += $3} END {print t + 0}' "$W/counters.txt")
+    ifd=$(awk '$2 ~ /^ifdrop_/ {t += $3} END {print t + 0}' "$W/counters.txt")
+    dsack=$(awk '$1 == "a" && $2 == "TcpExtTCPDSACKRecv" {t += $3} END {print t + 0}' "$W/counters.txt")
+    ofo=$(awk '$1 == "b" && $2 == "TcpExtTCPOFOQueue" {t += $3} END {print t + 0}' "$W/counters.txt")
     gbit=$(jq '.end.sum_received.bits_per_second / 1e9' "$W/iperf.json")
     retr=$(jq '.end.sum_sent.retransmits' "$W/iperf.json")
     # Every process in A and B: the tunnel daemons and iperf3 (softirq work is not in it).
     tun=$(jq -n "(($ca2 - $ca) + ($cb2 - $cb)) / $hz" )
     fwd=$(jq -n "($cd2 - $cd) / $hz")
-    line="$RTT_MS $cfg $rep $(printf %.3f "$gbit") $retr $(printf %.1f "$tun") $(printf %.1f "$fwd") $rtt"
+    line="$RTT_MS $cfg $rep $(printf %.3f "$gbit") $retr $(printf %.1f "$tun") $(printf %.1f "$fwd") $rtt $udpd $ifd $fwl $apl $dsack $ofo"
     echo "$line" | tee -a "$OUT/raw.tsv"
     down
   done
 done
 echo
 echo "median over $REPS rounds, RTT ${RTT_MS} ms added, iperf3 -P $PARALLEL, ${DUR} s (first ${OMIT} s omitted):"
-echo "| configuration | Gbit/s | TCP retransmits | measured RTT ms |"
-echo "|---|---|---|---|"
+echo "(mean per round: retransmits; datagrams lost at UDP socket buffers, interfaces, the forwarder, the appliance; DSACKs at the sender; out-of-order arrivals at the receiver)"
+echo "| configuration | Gbit/s | TCP retransmits | UDP buffer drops | interface drops | forwarder lost | appliance dropped | DSACKs | out of order | measured RTT ms |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 for cfg in $CONFIGS; do
   med=$(awk -v c="$cfg" '$2 == c {print $4}' "$OUT/raw.tsv" | sort -n |
     awk '{g[NR] = $1} END {print (NR % 2) ? g[(NR + 1) / 2] : (g[NR / 2] + g[NR / 2 + 1]) / 2}')
-  awk -v c="$cfg" -v m="$med" '$2 == c {r += $5; t = $8; n++} END {
-    printf "| %s | %.2f | %d | %s |\n", c, m, r / n, t }' "$OUT/raw.tsv"
+  awk -v c="$cfg" -v m="$med" '$2 == c {r += $5; t = $8; for (i = 9; i <= 14; i++) l[i] += $i; n++} END {
+    printf "| %s | %.2f | %d | %d | %d | %d | %d | %d | %d | %s |\n", c, m, r / n,
+      l[9] / n, l[10] / n, l[11] / n, l[12] / n, l[13] / n, l[14] / n, t }' "$OUT/raw.tsv"
 done | tee "$OUT/summary.md"
