@@ -156,7 +156,10 @@ fn main() {
     let mut said = (0, 0);
     loop {
         std::thread::sleep(Duration::from_secs(1));
-        let now = (dropped.load(Ordering::Relaxed), unsent.load(Ordering::Relaxed));
+        let now = (
+            dropped.load(Ordering::Relaxed),
+            unsent.load(Ordering::Relaxed),
+        );
         if now != said {
             eprintln!(
                 "udp-delay: {} trains dropped (queue full), {} datagrams unsent",
