@@ -377,23 +377,39 @@ fn two_queues_per_link_both_carry_flows_and_the_bytes_arrive() {
     };
     assert_eq!(queues(&lab.node).len(), 2, "{}", status(&lab.node));
     assert_eq!(queues(&lab.gw).len(), 2, "{}", status(&lab.gw));
-    let (node0, gw0) = (queues(&lab.node), queues(&lab.gw));
+    let gw0 = queues(&lab.gw);
     // 8 flows: the kernel hashes each onto one tun queue (so a flow's packets stay in order);
-    // the data leaves the node, the ACKs leave the gateway, both over both queues.
-    let r = node_to_gateway(&lab, &["-P", "8", "-t", "3"], "two queues");
-    assert_eq!(r["end"]["sum_sent"]["retransmits"], 0, "{r}");
-    let (node1, gw1) = (queues(&lab.node), queues(&lab.gw));
-    for (who, before, after) in [("node", &node0, &node1), ("gateway", &gw0, &gw1)] {
-        let moved: Vec<u64> = after.iter().zip(before).map(|(a, b)| a.0 - b.0).collect();
-        let total: u64 = moved.iter().sum();
-        eprintln!("{who}: packets read per tun queue {moved:?}");
-        for m in &moved {
-            assert!(
-                *m as f64 >= 0.05 * total as f64,
-                "{who}: a tun queue carried under 5% of 8 flows: {moved:?}"
-            );
+    // the data leaves the node, the ACKs leave the gateway, both over both queues. All 8 land
+    // on one queue in about one transfer of 128 (2 × 2⁻⁸); a new transfer draws new hashes,
+    // so a queue left (nearly) idle three transfers running is broken, not unlucky.
+    let moved = |before: &[(u64, u64)], after: &[(u64, u64)]| -> Vec<u64> {
+        after.iter().zip(before).map(|(a, b)| a.0 - b.0).collect()
+    };
+    let even = |m: &[u64]| {
+        let total: u64 = m.iter().sum();
+        m.iter().all(|x| *x as f64 >= 0.05 * total as f64)
+    };
+    let mut uneven = None;
+    for _ in 0..3 {
+        let (n0, g0) = (queues(&lab.node), queues(&lab.gw));
+        let r = node_to_gateway(&lab, &["-P", "8", "-t", "3"], "two queues");
+        // What the datapath drops is asserted below, counter by counter (replays, invalid,
+        // send drops: all 0). A loss probe fired on this loaded debug build may resend a
+        // segment now and then; two threads that broke the peer's send order cost thousands.
+        let resent = r["end"]["sum_sent"]["retransmits"].as_u64().unwrap();
+        assert!(resent <= 3, "{resent} retransmits: {r}");
+        let (on_node, on_gw) = (moved(&n0, &queues(&lab.node)), moved(&g0, &queues(&lab.gw)));
+        eprintln!("packets read per tun queue: node {on_node:?}, gateway {on_gw:?}");
+        uneven = (!even(&on_node) || !even(&on_gw)).then_some((on_node, on_gw));
+        if uneven.is_none() {
+            break;
         }
     }
+    assert!(
+        uneven.is_none(),
+        "a tun queue carried under 5% of 8 flows in each of 3 transfers (node, gateway): {uneven:?}"
+    );
+    let gw1 = queues(&lab.gw);
     // The gateway's sockets share the port: all of the node's datagrams arrive on it, on
     // whichever socket the kernel hashed the node's address to.
     let received: u64 = gw1.iter().zip(&gw0).map(|(a, b)| a.1 - b.1).sum();
@@ -438,8 +454,11 @@ fn two_queues_per_link_both_carry_flows_and_the_bytes_arrive() {
         "{out}"
     );
     let answered = replies(&lab.node) - before;
+    // Not all of them: the reply must be in the queue when the write returns and the transmit
+    // thread not already at it, which a busy 2-core machine does not always grant. Without
+    // the reply path it is none.
     assert!(
-        answered >= 10,
+        answered >= 5,
         "{answered} of 20 replies sent by the receive thread"
     );
 }
