@@ -17,6 +17,9 @@ use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
+mod workload;
+pub use crate::model::workload::Workload;
+
 pub const DEFAULT_BASE_PORT: u16 = 51820;
 /// The highest link port: a node behind relays steers link i by a policy rule on its
 /// destination port, and the kernel refuses a rule port range that ends at 65535.
@@ -116,6 +119,8 @@ pub struct Node {
     /// Who speaks iBGP for this node: appliance itself, or a routing daemon of the node's own
     /// (bird, FRR, GoBGP: a Kubernetes CNI, say) peering with the gateways from `address`.
     pub bgp_speaker: BgpSpeaker,
+    /// The site's jobs this node runs (its own `workload` block, or its pool's).
+    pub workload: Option<Workload>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -135,6 +140,8 @@ pub struct Pool {
     /// The first address of the private network's managed DHCP range: an instance whose
     /// lease is `dhcp-start + i` takes slot i (`appliance provision`, pool user-data).
     pub dhcp_start: Option<std::net::Ipv4Addr>,
+    /// What every slot runs (the pool's user-data carries the site file, so this block too).
+    pub workload: Option<Workload>,
 }
 
 impl Pool {
@@ -300,6 +307,7 @@ pub fn parse(file: &str, source: &str) -> Result<Config, Report> {
     let mut l = Loader {
         source,
         diags: Vec::new(),
+        reach: Vec::new(),
     };
     let cfg = l.document(&doc);
     match cfg {
@@ -320,6 +328,8 @@ fn span_of(node: &KdlNode) -> (usize, usize) {
 struct Loader<'s> {
     source: &'s str,
     diags: Vec<Diagnostic>,
+    /// Addresses a workload needs through the tunnels, checked once the site is known.
+    reach: Vec<workload::Reach>,
 }
 
 /// Child nodes of a block, grouped by name, after checking names against the allowed set.
@@ -354,9 +364,10 @@ const NODE: &[&str] = &[
     "public-key",
     "next-public-key",
     "bgp-speaker",
+    "workload",
 ];
 const RELAY: &[&str] = &["public-address", "private-address"];
-const POOL: &[&str] = &["prefix", "count", "key", "dhcp-start"];
+const POOL: &[&str] = &["prefix", "count", "key", "dhcp-start", "workload"];
 const BGP: &[&str] = &[
     "hold-time",
     "max-prefix",
@@ -374,6 +385,8 @@ const REPEATABLE: &[&str] = &[
     "key",
     "neighbor",
     "site-address",
+    "env",
+    "mount",
 ];
 
 impl Loader<'_> {
@@ -451,6 +464,15 @@ impl Loader<'_> {
             diags: &mut self.diags,
         };
         sem.check(&gateways, &nodes, &relays, &pools, &bgp, bgp_node);
+        for r in std::mem::take(&mut self.reach) {
+            if !site.site_prefixes.iter().any(|p| p.contains(&r.address)) {
+                self.err(
+                    Diagnostic::new(r.span, format!("{} {} is not on the site", r.what, r.address))
+                        .label("outside every site-prefix")
+                        .help("a node reaches the site only through the tunnels, so only addresses inside a `site-prefix`: add the prefix to the site block or use an address inside one"),
+                );
+            }
+        }
         let mut all_nodes: Vec<Node> = nodes.into_iter().map(|(n, _)| n).collect();
         for (p, _) in &pools {
             all_nodes.extend(pool_slots(p));
@@ -665,6 +687,14 @@ impl Loader<'_> {
                 self.err(d);
                 None
             }
+        }
+    }
+
+    /// The optional `workload` block of a node or pool. Outer None: an error was reported.
+    fn opt_workload(&mut self, f: &Fields<'_>) -> Option<Option<Workload>> {
+        match f.by_name.get("workload").and_then(|v| v.first()) {
+            None => Some(None),
+            Some(n) => self.workload(n).map(Some),
         }
     }
 
@@ -1019,6 +1049,7 @@ impl Loader<'_> {
                 None => None,
             },
         };
+        let workload = self.opt_workload(&f)?;
         let address = address?;
         let prefixes = if prefixes.is_empty() && !f.by_name.contains_key("prefix") {
             vec![IpNet::from(address)]
@@ -1033,6 +1064,7 @@ impl Loader<'_> {
             next_public_key,
             pool: None,
             bgp_speaker: bgp_speaker?,
+            workload,
         })
     }
 
@@ -1139,7 +1171,8 @@ impl Loader<'_> {
                 None => None,
             },
         };
-        let (prefix, count) = (prefix?, count? as u32);
+        let workload = self.opt_workload(&f);
+        let (prefix, count, workload) = (prefix?, count? as u32, workload?);
         let size: u128 = match prefix {
             IpNet::V4(p) => 1u128 << (32 - p.prefix_len()),
             IpNet::V6(p) => 1u128
@@ -1164,6 +1197,7 @@ impl Loader<'_> {
             count,
             keys,
             dhcp_start,
+            workload,
         })
     }
 
@@ -1436,6 +1470,7 @@ fn pool_slots(p: &Pool) -> impl Iterator<Item = Node> + '_ {
             next_public_key: None,
             pool: Some(p.name.clone()),
             bgp_speaker: BgpSpeaker::Appliance,
+            workload: p.workload.clone(),
         }
     })
 }

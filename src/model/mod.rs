@@ -5,3 +5,4 @@ pub mod config;
 pub mod diag;
 pub mod edit;
 pub mod key;
+pub mod workload;
