@@ -30,3 +30,4 @@ pub mod image;
 pub mod intent;
 pub mod model;
 pub mod provision;
+pub mod workload;

@@ -14,7 +14,7 @@ pub enum SeedFs {
 }
 
 impl SeedFs {
-    fn kernel_name(self) -> &'static str {
+    pub fn kernel_name(self) -> &'static str {
         match self {
             SeedFs::Iso9660 => "iso9660",
             SeedFs::Vfat => "vfat",

@@ -37,6 +37,13 @@ wait_for() {
   done
 }
 alive() { kill -0 "$1" 2> /dev/null; }
+# has_addr NETNS ADDR: ADDR is configured on an interface of NETNS
+has_addr() {
+  ip -n "$1" -o addr show | awk '{ sub("/.*", "", $4); print $4 }' | grep -qxF -- "$2" \
+    || die "no address $2 in network namespace $1"
+}
+# up_or_dead PID CMD...: CMD succeeds, or PID is gone (no point waiting longer)
+up_or_dead() { local pid=$1; shift; "$@" || ! alive "$pid"; }
 
 APPLETS=(sh cat dd sha256sum sleep ls mkdir echo ip id head wc grep env hostname yes kill test '[')
 EPOCH=1970-01-01T00:00:00Z
@@ -81,7 +88,8 @@ cmd_build() {
   chown -hR 0:0 "$r"
   # fixed timestamps: the layer's tar headers carry them
   find "$r" -exec touch -h -d "@0" {} +
-  umoci repack --no-history --image "$layout:v1" "$bundle" > /dev/null
+  umoci repack --image "$layout:v1" --history.created "$EPOCH" --history.author "" \
+    --history.created_by "tests/image/workload-fixture.sh build" "$bundle" > /dev/null
   umoci config --no-history --image "$layout:v1" --created "$EPOCH" --author "" \
     --config.cmd /bin/sh --config.cmd -c --config.cmd "echo hello" \
     --config.env PATH=/bin --config.workingdir /
@@ -110,6 +118,7 @@ cmd_registry() {
   [ $# -eq 4 ] || die "usage: registry NETNS ADDR PORT DIR"
   need docker-registry curl
   local ns=$1 addr=$2 port=$3 dir=$4
+  has_addr "$ns" "$addr"
   mkdir -p "$dir/storage"
   cat > "$dir/registry.yml" << EOF
 version: 0.1
@@ -135,9 +144,9 @@ EOF
   ip netns exec "$ns" docker-registry serve "$dir/registry.yml" < /dev/null > "$dir/registry.log" 2>&1 &
   local pid=$!
   echo "$pid" > "$dir/registry.pid"
-  if ! wait_for 20 inns "$ns" curl -fsS -o /dev/null "http://$addr:$port/v2/"; then
+  if ! wait_for 20 up_or_dead "$pid" inns "$ns" curl -fsS -o /dev/null "http://$addr:$port/v2/" || ! alive "$pid"; then
     alive "$pid" && kill "$pid"
-    tail -20 "$dir/registry.log" >&2
+    tail -n 20 "$dir/registry.log" >&2
     die "registry did not answer on http://$addr:$port/v2/"
   fi
 }
@@ -174,11 +183,14 @@ cmd_ganesha() {
   [ -e /usr/lib/x86_64-linux-gnu/ganesha/libfsalvfs.so ] || [ -n "$(find /usr/lib -name 'libfsalvfs.so' -print -quit 2> /dev/null)" ] \
     || die "no VFS FSAL (apt-get install nfs-ganesha-vfs)"
   local ns=$1 addr=$2 export=$3 state=$4
+  has_addr "$ns" "$addr"
   mkdir -p "$export" "$state/recovery"
   export=$(cd "$export" && pwd -P); state=$(cd "$state" && pwd -P)
   cat > "$state/ganesha.conf" << EOF
 NFS_CORE_PARAM {
   Protocols = 3, 4;
+  # ganesha 4.3 still listens on [::]:2049 (dual stack, all addresses of NETNS): no harm,
+  # NETNS is the caller's own.
   Bind_addr = $addr;
   Enable_RQUOTA = false;
 }
@@ -225,8 +237,8 @@ EOF
   ' sh "$state"
   local gpid rpid
   rpid=$(cat "$state/rpcbind.pid"); gpid=$(cat "$state/ganesha.pid")
-  if ! wait_for 30 inns "$ns" bash -c "exec 3<>/dev/tcp/$addr/2049"; then
-    tail -30 "$state/ganesha.log" "$state/ganesha.out" >&2 || true
+  if ! wait_for 30 up_or_dead "$gpid" inns "$ns" bash -c "exec 3<>/dev/tcp/$addr/2049" || ! alive "$gpid"; then
+    tail -n 30 "$state/ganesha.log" "$state/ganesha.out" >&2 || true
     alive "$gpid" && kill "$gpid"; alive "$rpid" && kill "$rpid"
     die "ganesha does not accept on $addr:2049"
   fi
