@@ -102,7 +102,7 @@ mkdir -p "$initrd/lib/modules"
 install -m 0755 "$stripped" "$initrd/init"
 modules=(virtio_pci virtio_blk virtio_net virtio_scsi ata_piix ahci sd_mod sr_mod isofs vfat nls_ascii
          nls_cp437 nls_utf8 erofs dm_verity ext4 tun e1000 efivarfs button evdev loop
-         nf_tables nft_chain_nat nft_masq)
+         nf_tables nft_chain_nat nft_masq nfs nfsv3 nfsv4 overlay)
 : > "$initrd/lib/modules/load.list"
 for m in "${modules[@]}"; do
   modprobe -d "$modroot" -S "$kver" --show-depends "$m" | awk '$1 == "insmod" {print $2}'

@@ -145,6 +145,13 @@ enum Command {
     /// service, cache), apply it and supervise `appliance run`. As the initramfs `/init` it is
     /// stage 1 (verity root, switch_root).
     Init,
+    /// Start the workload from a spec file (JSON) in namespaces of its own: what the image's
+    /// PID 1 runs for the site's jobs. Exits with the job's status.
+    #[command(hide = true)]
+    WorkloadExec {
+        /// The spec file init wrote.
+        spec: std::path::PathBuf,
+    },
     /// The bootable image's A/B slots (run on a machine booted from the image).
     Image {
         #[command(subcommand)]
@@ -282,6 +289,7 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Init => appliance::image::stage2(),
+        Command::WorkloadExec { spec } => workload_exec(&spec),
         Command::Image {
             command: ImageCommand::Install { image, root_hash },
         } => image_install(&image, root_hash.as_deref()),
@@ -1407,6 +1415,22 @@ fn image_install(image: &str, root_hash: Option<&str>) -> ExitCode {
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn workload_exec(spec: &std::path::Path) -> ExitCode {
+    let parsed = std::fs::read(spec)
+        .map_err(|e| format!("{}: {e}", spec.display()))
+        .and_then(|b| {
+            serde_json::from_slice::<appliance::workload::run::Spec>(&b)
+                .map_err(|e| format!("{}: {e}", spec.display()))
+        });
+    match parsed.and_then(|s| appliance::workload::run::exec(&s)) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("workload: {e}");
+            ExitCode::from(125)
         }
     }
 }

@@ -326,6 +326,19 @@ pub fn stage2() -> ! {
     let slot = c.slot.clone().unwrap_or_else(|| "A".into());
     ab::on_boot(&slot);
     let accepted = discover(&c, &net, ab::is_trial(&slot));
+    let workload = accepted
+        .config
+        .nodes
+        .iter()
+        .find(|n| n.name == accepted.host)
+        .and_then(|n| n.workload.clone());
+    if let Some(w) = workload {
+        say(&format!(
+            "workload: {} (stop timeout {} s)",
+            w.image, w.stop_timeout_s
+        ));
+        crate::workload::supervise::start(w, &accepted.config, &accepted.host);
+    }
     supervise(&accepted, &slot)
 }
 
@@ -641,6 +654,7 @@ fn supervise(a: &Accepted, slot: &str) -> ! {
             {
                 Ok(c) => {
                     say(&format!("started appliance run (pid {}) as {host}", c.id()));
+                    crate::workload::supervise::place_daemon(c.id() as i32);
                     child = Some((c.id() as i32, Instant::now()));
                 }
                 Err(e) => {
@@ -657,9 +671,11 @@ fn supervise(a: &Accepted, slot: &str) -> ! {
             use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
             let (pid, how) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => {
+                    crate::workload::supervise::reaped(pid.as_raw(), code);
                     (pid.as_raw(), format!("exited with status {code}"))
                 }
                 Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                    crate::workload::supervise::reaped(pid.as_raw(), 128 + sig as i32);
                     (pid.as_raw(), format!("was killed by signal {}", sig as i32))
                 }
                 Ok(WaitStatus::StillAlive) | Err(_) => break,

@@ -94,6 +94,8 @@ pub fn shutdown(action: Action, why: &str, daemon: Option<i32>) -> ! {
             Action::Reboot => "rebooting",
         }
     ));
+    // The site's jobs first, while the tunnels still carry their NFS traffic.
+    crate::workload::supervise::stop_for_shutdown();
     if let Some(pid) = daemon {
         // SAFETY: signalling and reaping our own child.
         unsafe { libc::kill(pid, libc::SIGTERM) };

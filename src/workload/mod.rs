@@ -10,5 +10,9 @@
 pub mod disk;
 pub mod oci;
 pub mod pull;
+#[allow(unsafe_code)] // namespaces, fork, pivot_root, credentials; SAFETY comments inside
+pub mod run;
+#[allow(unsafe_code)] // pre_exec into the cgroup, signals, umount; SAFETY comments inside
+pub mod supervise;
 pub mod unpack;
 pub mod verify;

@@ -133,6 +133,12 @@ pub fn resolve_parent(root: &Path, rel: &str) -> io::Result<(PathBuf, String)> {
     Ok((parent, name.to_string()))
 }
 
+/// A directory inside `root` (created when missing), symlinks followed inside the root: where
+/// the runner mounts `/dev`, `/sys`, `/proc` and the NFS paths.
+pub fn resolve_dir_in_root(root: &Path, rel: &str) -> io::Result<PathBuf> {
+    resolve_dir(root, rel, true)
+}
+
 /// Resolve a directory path inside `root` (symlinks followed inside the root); with `create`,
 /// missing components become directories.
 fn resolve_dir(root: &Path, rel: &str, create: bool) -> io::Result<PathBuf> {

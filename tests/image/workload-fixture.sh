@@ -77,6 +77,9 @@ cmd_build() {
   mkdir -p "$r/bin" "$r/etc" "$r/tmp" "$r/root"
   chmod 1777 "$r/tmp"; chmod 0700 "$r/root"
   install -m 0755 -o 0 -g 0 /bin/busybox "$r/bin/busybox"
+  # WORKLOAD_EXTRA_BIN: one more static program in /bin (the tests put appliance there, to try
+  # the control socket from inside the workload).
+  if [ -n "${WORKLOAD_EXTRA_BIN:-}" ]; then install -m 0755 -o 0 -g 0 "$WORKLOAD_EXTRA_BIN" "$r/bin/"; fi
   local applets; applets=$(/bin/busybox --list)
   for a in "${APPLETS[@]}"; do
     grep -qxF -- "$a" <<< "$applets" || die "busybox has no $a applet"
