@@ -151,6 +151,12 @@ enum Command {
     WorkloadExec {
         /// The spec file init wrote.
         spec: std::path::PathBuf,
+        /// Run COMMAND inside the running workload whose ns-init has this PID (the drain
+        /// command) instead of starting it.
+        #[arg(long, requires = "command")]
+        join: Option<i32>,
+        #[arg(last = true)]
+        command: Vec<String>,
     },
     /// The bootable image's A/B slots (run on a machine booted from the image).
     Image {
@@ -190,17 +196,20 @@ enum Command {
     /// nodes route around it (their probes tell them), its tunnels and sessions stay up, and
     /// running connections move to the other gateways. Survives restarts (it is in the file).
     /// Run on a node (HOST = the node), it drains the node: new connections from the tunnels
-    /// are refused at once, its prefixes withdrawn once its tunnels are quiet.
+    /// are refused at once, its prefixes withdrawn once its tunnels are quiet. With HOST a node
+    /// anywhere else (a gateway), it sets `drain` for the node in the site file (a pool slot:
+    /// the pool's `drain` list) and reloads the daemon here: the gateway's probes ask the node
+    /// to drain, which runs its workload's drain command first.
     Drain {
         #[command(flatten)]
         file: ConfigFile,
-        /// The gateway's name.
+        /// The gateway's or node's name.
         host: String,
         #[arg(short, long, value_enum, default_value = "text")]
         output: Output,
     },
     /// Put a drained gateway back in service (removes `drain` from its block), or end a node's
-    /// drain (run on the node).
+    /// drain (run on the node, or on a gateway: removes the node's `drain` from the site file).
     Undrain {
         #[command(flatten)]
         file: ConfigFile,
@@ -289,7 +298,11 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Init => appliance::image::stage2(),
-        Command::WorkloadExec { spec } => workload_exec(&spec),
+        Command::WorkloadExec {
+            spec,
+            join,
+            command,
+        } => workload_exec(&spec, join, &command),
         Command::Image {
             command: ImageCommand::Install { image, root_hash },
         } => image_install(&image, root_hash.as_deref()),
@@ -744,13 +757,18 @@ fn drain(path: &std::path::Path, host: &str, on: bool, output: Output) -> ExitCo
         Ok(x) => x,
         Err(e) => return err(e),
     };
+    if let Some(n) = cfg.nodes.iter().find(|n| n.name == host) {
+        return drain_node_from_gateway(path, &text, &cfg, n, on, output);
+    }
     let Some(g) = cfg.gateways.iter().find(|g| g.name == host) else {
-        return err(match cfg.role_of(host) {
-            Some(role) => format!(
-                "{host} is a {role}: a node is drained on the node itself (`appliance drain {host}` where its daemon runs); only gateways are drained in the site file"
-            ),
-            None => format!("{name}: no gateway {host:?} (gateways: {})", cfg.gateways.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(", ")),
-        });
+        return err(format!(
+            "{name}: no gateway or node {host:?} (gateways: {})",
+            cfg.gateways
+                .iter()
+                .map(|g| g.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
     };
     let what = if on { "drained" } else { "in service" };
     let changed = g.drain != on;
@@ -790,6 +808,100 @@ fn drain(path: &std::path::Path, host: &str, on: bool, output: Output) -> ExitCo
             match daemon {
                 Some(m) => println!("daemon: {m}"),
                 None => println!("no daemon runs here: deploy {name} to {host} and reload it (`appliance reconcile -c FILE` or SIGHUP)"),
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `appliance drain NODE` where a gateway runs (or on the site file before it is deployed):
+/// `drain #true` in the node's block (a pool slot: its index in the pool's `drain` list). The
+/// gateways' probes then ask the node to drain: its workload's drain command runs, and once
+/// the workload is idle the node withdraws its prefixes.
+fn drain_node_from_gateway(
+    path: &std::path::Path,
+    text: &str,
+    cfg: &Config,
+    node: &config::Node,
+    on: bool,
+    output: Output,
+) -> ExitCode {
+    let name = path.display().to_string();
+    let host = node.name.clone();
+    let changed = node.drain != on;
+    if changed {
+        let edited = match &node.pool {
+            None => appliance::model::edit::set_field(
+                text,
+                "node",
+                &host,
+                "drain",
+                on.then_some("#true"),
+            ),
+            Some(pool) => {
+                let p = cfg
+                    .pools
+                    .iter()
+                    .find(|p| &p.name == pool)
+                    .expect("a slot's pool");
+                let slot: u32 = host
+                    .rsplit('-')
+                    .next()
+                    .and_then(|i| i.parse().ok())
+                    .expect("slot names end in their index");
+                let mut set = p.drain.clone();
+                if on {
+                    set.insert(slot);
+                } else {
+                    set.remove(&slot);
+                }
+                let list = set.iter().map(u32::to_string).collect::<Vec<_>>().join(" ");
+                appliance::model::edit::set_field(
+                    text,
+                    "pool",
+                    pool,
+                    "drain",
+                    (!set.is_empty()).then_some(list.as_str()),
+                )
+            }
+        }
+        .map_err(|e| format!("{name}: {e}"))
+        .and_then(|new| {
+            write_site(path, &new, |c| {
+                c.nodes.iter().any(|n| n.name == host && n.drain == on)
+            })
+        });
+        if let Err(e) = edited {
+            fail(output, &e);
+            return ExitCode::from(EXIT_ERROR);
+        }
+    }
+    let daemon = match reload_here(path) {
+        Ok(d) => d,
+        Err(e) => {
+            fail(output, &e);
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({ "ok": true, "host": host, "drained": on, "changed": changed, "daemon": daemon })
+        ),
+        Output::Text => {
+            println!(
+                "{host}: {}{} in {name}",
+                if changed { "now " } else { "already " },
+                if on { "drained" } else { "in service" }
+            );
+            if on {
+                println!("the gateways that read this file ask {host} to drain: its workload's drain command runs, then it withdraws its prefixes once idle");
+            }
+            match daemon {
+                Some(m) => println!("daemon: {m}"),
+                None => {
+                    println!("no daemon runs here: deploy {name} to the gateways and reload them")
+                }
             }
         }
     }
@@ -1419,14 +1531,18 @@ fn image_install(image: &str, root_hash: Option<&str>) -> ExitCode {
     }
 }
 
-fn workload_exec(spec: &std::path::Path) -> ExitCode {
+fn workload_exec(spec: &std::path::Path, join: Option<i32>, command: &[String]) -> ExitCode {
     let parsed = std::fs::read(spec)
         .map_err(|e| format!("{}: {e}", spec.display()))
         .and_then(|b| {
             serde_json::from_slice::<appliance::workload::run::Spec>(&b)
                 .map_err(|e| format!("{}: {e}", spec.display()))
         });
-    match parsed.and_then(|s| appliance::workload::run::exec(&s)) {
+    let run = |s: appliance::workload::run::Spec| match join {
+        Some(pid) => appliance::workload::run::join_exec(pid, command, &s.env),
+        None => appliance::workload::run::exec(&s),
+    };
+    match parsed.and_then(run) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("workload: {e}");

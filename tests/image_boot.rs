@@ -98,10 +98,30 @@ fn build(out: &Path) -> Duration {
     build_with(out, TEST_WAIT, None)
 }
 
+/// The release binary the images are built from (built once per run; the debug binary's
+/// WireGuard is too slow under TCG for the workload's NFS traffic).
+fn release_bin() -> &'static str {
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let ok = Command::new("cargo")
+            .args(["build", "--release", "--quiet"])
+            .current_dir(root())
+            .status()
+            .expect("cargo build --release")
+            .success();
+        assert!(ok, "cargo build --release failed");
+        root()
+            .join("target/x86_64-unknown-linux-gnu/release/appliance")
+            .to_string_lossy()
+            .into_owned()
+    })
+}
+
 fn build_with(out: &Path, cmdline: &str, version: Option<&str>) -> Duration {
+    let bin = release_bin();
     let t = Instant::now();
     let mut cmd = Command::new(root().join("images/build.sh"));
-    cmd.args(["--bin", common::BIN, "--out"])
+    cmd.args(["--bin", bin, "--out"])
         .arg(out)
         .args(["--cmdline-extra", cmdline])
         .env("SOURCE_DATE_EPOCH", "1767225600");
@@ -260,6 +280,21 @@ fn start_vm(
     extra: &[String],
     take_turn: bool,
 ) -> Vm {
+    start_vm_in(None, "512", dir, name, fw, disk, extra, take_turn)
+}
+
+/// [`start_vm`] in a network namespace (its tap devices appear there) with `mem` MiB.
+#[allow(clippy::too_many_arguments)]
+fn start_vm_in(
+    netns: Option<&str>,
+    mem: &str,
+    dir: &Path,
+    name: &str,
+    fw: Firmware,
+    disk: &Path,
+    extra: &[String],
+    take_turn: bool,
+) -> Vm {
     let turn = take_turn.then(|| VM.lock().unwrap_or_else(|e| e.into_inner()));
     let format = if disk.extension().is_some_and(|e| e == "qcow2") {
         "qcow2"
@@ -270,7 +305,7 @@ fn start_vm(
         "-accel".into(),
         "tcg".into(),
         "-m".into(),
-        "512".into(),
+        mem.into(),
         "-display".into(),
         "none".into(),
         "-monitor".into(),
@@ -287,7 +322,16 @@ fn start_vm(
         Firmware::UefiI440fx(vars) => uefi(&mut args, &vars, "pc"),
     }
     args.extend(extra.iter().cloned());
-    let mut child = Command::new("qemu-system-x86_64")
+    let mut command = match netns {
+        // `ip netns exec` execs qemu: the child's PID is qemu's.
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+            c
+        }
+        None => Command::new("qemu-system-x86_64"),
+    };
+    let mut child = command
         .args(&args)
         .env("METADATA_LOG", dir.join(format!("{name}-metadata.log")))
         .stdin(Stdio::null())
@@ -1325,4 +1369,918 @@ fn the_kernel_command_line_comes_first_and_a_config_drive_is_read_too() {
         tail(&vm.text())
     );
     eprintln!("BIOS, config-2 drive: applied {t:.1} s after qemu start");
+}
+
+/// Is every tool the workload lab needs here (registry, skopeo, umoci, ganesha)?
+fn workload_tools(test: &str) -> bool {
+    let have = Command::new("sh")
+        .args(["-c", "command -v docker-registry && command -v skopeo && command -v umoci && command -v ganesha.nfsd && command -v rpcbind && command -v birdc"])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !have {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: CI must have docker-registry, skopeo, umoci, nfs-ganesha, rpcbind and bird2 (tests/run.sh installs them)"
+        );
+        eprintln!("skipping {test}: workload tools missing (run tests/run.sh as root)");
+    }
+    have
+}
+
+/// Run the workload fixture script; its last line of output.
+fn fixture(env: &[(&str, &str)], args: &[&str]) -> String {
+    let o = Command::new(root().join("tests/image/workload-fixture.sh"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("workload-fixture.sh");
+    assert!(
+        o.status.success(),
+        "workload-fixture.sh {args:?}:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Stops the fixture's daemons (by their pid files) however the test ends.
+struct Fixtures(Vec<PathBuf>);
+
+impl Drop for Fixtures {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = Command::new(root().join("tests/image/workload-fixture.sh"))
+                .arg("stop")
+                .arg(d)
+                .output();
+        }
+    }
+}
+
+/// Received bytes of the gateway's link devices (what the node sent through each link).
+fn link_rx(ns: &common::Netns) -> Vec<(String, u64)> {
+    ns.ip_json(&["-s", "link", "show"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| {
+            let name = l["ifname"].as_str().filter(|n| n.starts_with("ap-l"))?;
+            Some((
+                name.to_string(),
+                l["stats64"]["rx"]["bytes"].as_u64().unwrap_or(0),
+            ))
+        })
+        .collect()
+}
+
+impl Vm {
+    fn wait_within(&mut self, needle: &str, timeout: Duration) -> f64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.text().contains(needle) {
+                return self.started.elapsed().as_secs_f64();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "qemu exited ({status}) before {needle:?}; console:\n{}",
+                    tail(&self.text())
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} within {timeout:?}; console:\n{}",
+                tail(&self.text())
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// examples/control-raw, built static for the workload image.
+fn control_raw() -> String {
+    let ok = Command::new("cargo")
+        .args(["build", "--release", "--quiet", "--example", "control-raw"])
+        .current_dir(root())
+        .status()
+        .expect("cargo build --example control-raw")
+        .success();
+    assert!(ok, "cargo build --example control-raw failed");
+    root()
+        .join("target/x86_64-unknown-linux-gnu/release/examples/control-raw")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Liveness transitions of gw's links to c1 so far.
+fn c1_flips(gw: &common::Netns) -> u64 {
+    let out = gw.appliance(&["status", "-o", "json"]);
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status: {e}: {}", common::text(&out)));
+    st["links"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["peer"] == "c1")
+        .map(|l| l["transitions"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// The gateway's BGP session with c1: its state and how often it left Established.
+fn c1_session(gw: &common::Netns) -> (String, u64) {
+    let out = gw.appliance(&["status", "-o", "json"]);
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = st["bgp"]["sessions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|x| x["name"] == "c1")
+        .unwrap_or_else(|| panic!("no BGP session with c1: {}", st["bgp"]));
+    (
+        s["state"].as_str().unwrap_or("").to_string(),
+        s["flaps"].as_u64().unwrap_or(0),
+    )
+}
+
+/// bird's sessions with the gateways and when each last changed state.
+fn bird_since(site: &common::Netns, lab: &Path) -> String {
+    let o = site.exec(&[
+        "birdc",
+        "-s",
+        lab.join("bird.ctl").to_str().unwrap(),
+        "show",
+        "protocols",
+    ]);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("gw")).collect();
+    assert!(
+        rows.iter().all(|r| r.contains("Established")) && rows.len() == 2,
+        "bird's sessions:\n{text}"
+    );
+    rows.join("\n")
+}
+
+/// The file the job wrote arrived intact: its sha256 on the site equals what the job computed.
+fn assert_same_sum(export: &Path, name: &str) {
+    let site_sum = run("sha256sum", &[export.join(name).to_str().unwrap()]);
+    let job_sum = std::fs::read_to_string(export.join(format!("{name}.sha256"))).unwrap();
+    assert_eq!(
+        site_sum.split_whitespace().next(),
+        job_sum.split_whitespace().next(),
+        "{name}: the bytes the job wrote arrived changed"
+    );
+}
+
+/// The job's script (busybox sh): write 64 MiB through the kernel NFS mount, read the site's
+/// file, try what a workload must not do, then stay up like a batch daemon.
+const JOB: &str = r#"echo "job: uid $(id -u) host $(hostname)"; dd if=/dev/urandom of=/data/from-node bs=1M count=64 2>/dev/null && sha256sum /data/from-node > /data/from-node.sha256 && echo "job: wrote 64 MiB"; echo "job: site file $(sha256sum /data/from-site)"; if ip route add 10.98.0.0/24 dev lo 2>/dev/null; then echo "contain: route=CHANGED"; else echo "contain: route=refused"; fi; if cat /state/appliance/private.key >/dev/null 2>&1; then echo "contain: key=READ"; else echo "contain: key=unreadable"; fi; echo 'site "x" { asn 65010; cloud-block "10.200.0.0/16"; site-prefix "10.10.0.0/16"; links 2; }; gateway "gw1" { endpoint "192.0.2.1"; site-address "10.10.0.2"; public-key "1nE7Va0QzFM6HwnWNX6LFyqkPZDBqPd1ib73nKyCE2Y="; }; node "c1" { address "10.200.0.11"; public-key "Yv/7p9TBowqS327ezLJ0y0qDFu1eWh6tlOG0wxZybZE="; }' > /tmp/site.kdl; appliance drain c1 -c /tmp/site.kdl > /tmp/drain.out 2>&1; echo "contain: drain=$? $(head -c 300 /tmp/drain.out)"; echo "contain: raw drain: $(control-raw '{"cmd":"drain","on":true}')"; echo "contain: raw reload: $(control-raw '{"cmd":"reload","config":"/tmp/site.kdl"}')"; echo "job done"; t() { read up _ < /proc/uptime; echo "${up%.*}${up#*.}"; }; a=$(t); dd if=/dev/zero of=/data2/bench-n2 bs=1M count=32 conv=fsync 2>/dev/null; b=$(t); dd if=/dev/zero of=/data1/bench-n1 bs=1M count=32 conv=fsync 2>/dev/null; c=$(t); echo "bench: 32 MiB written in nconnect2_cs=$((b-a)) nconnect1_cs=$((c-b))"; while [ ! -e /data/go-burn ]; do sleep 1; done; s=$(t); n=$(grep -c ^processor /proc/cpuinfo); pids=""; i=0; while [ $i -lt $n ]; do yes > /dev/null & pids="$pids $!"; i=$((i+1)); done; echo "job: burning $n cores"; dd if=/dev/urandom of=/data/burn-copy bs=1M count=32 conv=fsync 2>/dev/null; sha256sum /data/burn-copy > /data/burn-copy.sha256; echo "job: burn copy done"; while [ $(( $(t) - s )) -lt 6000 ]; do sleep 1; done; kill $pids; echo "job: burn over"; while [ ! -e /data/go-fault ]; do sleep 1; done; dd if=/dev/urandom of=/data/fault-copy bs=1M count=48 conv=fsync 2>/dev/null; sha256sum /data/fault-copy > /data/fault-copy.sha256; echo "job: fault copy done"; while [ ! -e /data/go-write ]; do sleep 1; done; echo "job: writing"; i=0; while [ $i -lt 256 ]; do dd if=/dev/urandom of=/data/stop-copy bs=1M count=4 seek=$((i*4)) conv=notrunc,fsync 2>/dev/null; i=$((i+1)); done; echo "job: write ended"; exec sleep 100000"#;
+
+#[test]
+fn the_node_image_runs_the_sites_job_from_a_pinned_image_on_its_kernel_nfs_mount() {
+    if !ready("workload VM") || !workload_tools("workload VM") {
+        return;
+    }
+    let dir = Scratch::new("workload");
+    let (site, gw1, gw2, inet, _c1, lab) = common::two_gateways("wl");
+    // The site's services at 10.10.0.5 on the site LAN: a registry and an NFS server.
+    site.ip(&["addr", "add", "10.10.0.5/24", "dev", "br0"]);
+    // The same server at a second address: a second NFS client on the node (nconnect 1).
+    site.ip(&["addr", "add", "10.10.0.6/24", "dev", "br0"]);
+    site.ip(&["addr", "add", "10.10.0.7/24", "dev", "br0"]);
+    let oci = dir.join("oci");
+    // The workload image carries appliance (stripped), to try the control socket from inside.
+    let extra = dir.join("appliance");
+    run(
+        "objcopy",
+        &["--strip-debug", release_bin(), extra.to_str().unwrap()],
+    );
+    let bins = format!("{} {}", extra.display(), control_raw());
+    let built = fixture(
+        &[("WORKLOAD_EXTRA_BIN", &bins)],
+        &["build", oci.to_str().unwrap()],
+    );
+    assert!(built.starts_with("v1 sha256:"), "{built}");
+    let reg = dir.join("registry");
+    let nfs_state = dir.join("ganesha");
+    let export = dir.join("export");
+    std::fs::create_dir_all(&export).unwrap();
+    // A scratch export anyone may write (the job's root is uid 100000 to NFS, not root).
+    run("chmod", &["1777", export.to_str().unwrap()]);
+    let _daemons = Fixtures(vec![reg.clone(), nfs_state.clone()]);
+    fixture(
+        &[],
+        &[
+            "registry",
+            &site.name,
+            "10.10.0.5",
+            "5000",
+            reg.to_str().unwrap(),
+        ],
+    );
+    let pinned = fixture(
+        &[],
+        &[
+            "push",
+            &site.name,
+            oci.to_str().unwrap(),
+            "10.10.0.5",
+            "5000",
+            "site/worker",
+        ],
+    );
+    assert!(pinned.starts_with("site/worker@sha256:"), "{pinned}");
+    // A file the site wrote, for the job to read back.
+    run(
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={}", export.join("from-site").display()),
+            "bs=1M",
+            "count=8",
+            "status=none",
+        ],
+    );
+    let site_sum = run("sha256sum", &[export.join("from-site").to_str().unwrap()]);
+    let site_sum = site_sum.split_whitespace().next().unwrap().to_string();
+    fixture(
+        &[],
+        &[
+            "ganesha",
+            &site.name,
+            "10.10.0.5",
+            export.to_str().unwrap(),
+            nfs_state.to_str().unwrap(),
+        ],
+    );
+    // The site file: liveness that suits a TCG guest, and c1's workload.
+    let conf = lab.join("site.kdl");
+    let text = std::fs::read_to_string(&conf)
+        .unwrap()
+        .replace("keepalive-ms 200\n dead-after 3", "keepalive-ms 300\n dead-after 10")
+        .replace(
+            "node \"c1\" {\n address \"10.200.0.11\"\n",
+            &format!(
+                "node \"c1\" {{\n address \"10.200.0.11\"\n workload {{\n  image \"10.10.0.5:5000/{pinned}\"\n  command \"/bin/sh\" \"-c\" #\"{JOB}\"#\n  drain-command \"/bin/sh\" \"-c\" \"echo draining the job; sleep 2; echo job idle\"\n  mount \"10.10.0.5:/export\" \"/data\" {{ nconnect 8; }}\n  mount \"10.10.0.6:/export\" \"/data1\" {{ nconnect 1; }}\n  mount \"10.10.0.7:/export\" \"/data2\"\n  stop-timeout-s 10\n }}\n"
+            ),
+        );
+    std::fs::write(&conf, &text).unwrap();
+    let _bird = common::bird_site_router(&site, &lab);
+    let _g1 = common::daemon(&gw1, &lab, "gw1");
+    let g2 = common::daemon(&gw2, &lab, "gw2");
+    let c1_key = std::fs::read_to_string(lab.join("c1.key")).unwrap();
+    let user_data = format!(
+        "appliance {{\n    host \"c1\"\n    private-key \"{}\"\n    interface \"eth0\" {{\n        address \"192.0.2.21/24\"\n    }}\n}}\n{text}",
+        c1_key.trim()
+    );
+    let seed_img = seed(&dir, "c1-seed", user_data.as_bytes(), false);
+    let disk = copy_disk(&dir);
+    // Room on state for the image (it grows to the disk at first boot).
+    run("truncate", &["-s", "3G", disk.to_str().unwrap()]);
+    let qmp = dir.join("qmp.sock");
+    let mut args = ro_drive(&seed_img);
+    args.extend([
+        "-netdev".into(),
+        "tap,id=n0,ifname=vtap0,script=no,downscript=no".into(),
+        "-device".into(),
+        "virtio-net-pci,netdev=n0,mac=52:54:00:00:00:21".into(),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", qmp.display()),
+    ]);
+    let mut vm = start_vm_in(
+        Some(&inet.name),
+        "1024",
+        &dir,
+        "c1",
+        Firmware::Bios,
+        &disk,
+        &args,
+        true,
+    );
+    common::wait_for("qemu's tap device", Duration::from_secs(30), || {
+        inet.exec(&["ip", "link", "show", "vtap0"]).status.success()
+    });
+    inet.ip(&["link", "set", "vtap0", "master", "br0", "up"]);
+    let t_running = vm.wait_within("workload: started", Duration::from_secs(600));
+    let t_done = vm.wait_within("workload| job done", Duration::from_secs(600));
+    let console = vm.text();
+    for want in [
+        "workload: mounted 10.10.0.5:/export at /data",
+        // The default: one connection per link.
+        "workload: mounted 10.10.0.7:/export at /data2 (vers=4.1,addr=10.10.0.7,proto=tcp,hard,timeo=100,retrans=3,nconnect=2,",
+        "workload| job: uid 0 host c1",
+        "workload| job: wrote 64 MiB",
+        "workload| contain: route=refused",
+        "workload| contain: key=unreadable",
+    ] {
+        assert!(
+            console.contains(want),
+            "no {want:?} on the console:\n{}",
+            tail(&console)
+        );
+    }
+    // The job read the site's bytes, and the site got the job's bytes intact.
+    assert!(
+        console.contains(&format!("workload| job: site file {site_sum}")),
+        "the job read other bytes than the site wrote:\n{}",
+        tail(&console)
+    );
+    let node_sum = run("sha256sum", &[export.join("from-node").to_str().unwrap()]);
+    // Root inside the workload is not root to the site's NFS server.
+    let owner =
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(export.join("from-node")).unwrap());
+    assert_eq!(
+        owner, 100_000,
+        "the job's root wrote as uid {owner} on the site"
+    );
+    let job_said = std::fs::read_to_string(export.join("from-node.sha256")).unwrap();
+    assert_eq!(
+        node_sum.split_whitespace().next(),
+        job_said.split_whitespace().next(),
+        "the 64 MiB the job wrote arrived changed"
+    );
+    // A root process in the workload is refused the control socket's drain.
+    let drain_line = console
+        .lines()
+        .find(|l| l.contains("workload| contain: drain="))
+        .unwrap_or_else(|| panic!("no drain attempt on the console:\n{}", tail(&console)))
+        .to_string();
+    assert!(
+        !drain_line.contains("drain=0 "),
+        "the workload drained the node: {drain_line}"
+    );
+    // The daemon itself refuses them (a raw client, without appliance's own client checks).
+    for want in [
+        r#"workload| contain: raw drain: {"ok":false,"error":"drain needs root"}"#,
+        r#"workload| contain: raw reload: {"ok":false,"error":"reload needs root"}"#,
+    ] {
+        assert!(console.contains(want), "no {want:?}:\n{}", tail(&console));
+    }
+    // The mount's connections come from the node's site address, more than one of them.
+    let ss = site.exec(&["ss", "-Htn", "state", "established", "( sport = :2049 )"]);
+    let conns: Vec<String> = String::from_utf8_lossy(&ss.stdout)
+        .lines()
+        .filter(|l| l.contains("10.200.0.11"))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        conns.len() >= 2,
+        "NFS connections from 10.200.0.11: {conns:?}"
+    );
+    // ... and they spread over more than one (gateway, link). /data has 8 connections over the
+    // 4 (gateway, link) paths; each path the kernel's L4 hash gives one carries 8 MiB or more.
+    // All 8 on one path: 4 × 4^-8, once in 16,000 runs.
+    let mut carried = Vec::new();
+    for (name, gw) in [("gw1", &gw1), ("gw2", &gw2)] {
+        for (dev, rx) in link_rx(gw) {
+            if rx > 6 << 20 {
+                carried.push(format!("{name}/{dev}: {} MiB", rx >> 20));
+            }
+        }
+    }
+    assert!(
+        carried.len() >= 2,
+        "the 64 MiB went over one link only: {carried:?}"
+    );
+    // The node's prefix is still at the site router (the refused drain changed nothing).
+    let birdc = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &site.name,
+            "birdc",
+            "-s",
+            lab.join("bird.ctl").to_str().unwrap(),
+            "show",
+            "route",
+            "10.200.0.11/32",
+        ])
+        .output()
+        .unwrap();
+    let routes = String::from_utf8_lossy(&birdc.stdout).into_owned();
+    assert!(
+        routes.contains("10.200.0.11/32"),
+        "bird lost c1's prefix:\n{routes}"
+    );
+    eprintln!(
+        "workload VM: job started {t_running:.1} s after power-on, done at {t_done:.1} s; links that carried it: {carried:?}; {drain_line}"
+    );
+    // Power-on to the job, by step (seconds of guest uptime on the console; TCG).
+    let at = |needle: &str| -> f64 {
+        console
+            .lines()
+            .find(|l| l.contains(needle))
+            .and_then(|l| {
+                l.trim_start_matches('[')
+                    .split(']')
+                    .next()?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(f64::NAN)
+    };
+    let steps = [
+        ("kernel + stage 1", "stage 2: PID 1"),
+        ("config", "config applied from"),
+        ("tunnels", "answers through the tunnels"),
+        ("pull + verify + unpack", "workload: pulled"),
+        ("NFS mounts", "workload: mounted 10.10.0.7"),
+        ("start", "workload: started"),
+    ];
+    let mut last = 0.0;
+    let mut breakdown = Vec::new();
+    for (what, needle) in steps {
+        let t = at(needle);
+        breakdown.push(format!("{what} {:.1} s", t - last));
+        last = t;
+    }
+    eprintln!(
+        "workload VM: power-on to job {last:.1} s guest uptime: {}",
+        breakdown.join(", ")
+    );
+    // What the mount carries, nconnect = links against nconnect 1 (TCG: a ratio, not a speed).
+    vm.wait_within("workload| bench: 32 MiB written", Duration::from_secs(300));
+    let bench = vm
+        .text()
+        .lines()
+        .find(|l| l.contains("workload| bench:"))
+        .unwrap()
+        .to_string();
+    eprintln!("workload VM: {bench}");
+    // A job that burns every core beside an NFS copy: no link flaps, BGP stays up.
+    let flips0 = c1_flips(&gw1) + c1_flips(&gw2);
+    let sessions0 = [c1_session(&gw1), c1_session(&gw2)];
+    assert!(
+        sessions0.iter().all(|s| s.0 == "Established"),
+        "c1's sessions before the burn: {sessions0:?}"
+    );
+    let bird0 = bird_since(&site, &lab);
+    std::fs::write(export.join("go-burn"), b"").unwrap();
+    vm.wait_within("workload| job: burn copy done", Duration::from_secs(300));
+    vm.wait_within("workload| job: burn over", Duration::from_secs(300));
+    assert_eq!(
+        c1_flips(&gw1) + c1_flips(&gw2),
+        flips0,
+        "links to c1 flapped while the job burned the CPU"
+    );
+    assert_eq!(
+        bird_since(&site, &lab),
+        bird0,
+        "a BGP session went down while the job burned the CPU"
+    );
+    assert_eq!(
+        [c1_session(&gw1), c1_session(&gw2)],
+        sessions0,
+        "the gateways' BGP sessions with c1 went down while the job burned the CPU"
+    );
+    assert_same_sum(&export, "burn-copy");
+    // Faults under a job: one link cut and a gateway killed during a 48 MiB copy through the
+    // hard mount.
+    std::fs::write(export.join("go-fault"), b"").unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    gw1.exec(&["nft", "add", "table", "inet", "ap-cut"]);
+    gw1.exec(&[
+        "nft",
+        "add",
+        "chain",
+        "inet",
+        "ap-cut",
+        "in",
+        "{ type filter hook input priority -10; }",
+    ]);
+    let cut = gw1.exec(&[
+        "nft", "add", "rule", "inet", "ap-cut", "in", "udp", "dport", "51821", "drop",
+    ]);
+    assert!(cut.status.success(), "nft: {}", common::text(&cut));
+    std::thread::sleep(Duration::from_secs(3));
+    g2.signal("-KILL");
+    vm.wait_within("workload| job: fault copy done", Duration::from_secs(400));
+    assert_same_sum(&export, "fault-copy");
+    gw1.exec(&["nft", "delete", "table", "inet", "ap-cut"]);
+    // Drain from a gateway: the drain command runs, the node withdraws only once it is idle.
+    let out = gw1.appliance(&["drain", "c1", "-c", conf.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "appliance drain c1 on gw1: {}",
+        common::text(&out)
+    );
+    vm.wait_within("workload: drain asked by gw1", Duration::from_secs(120));
+    vm.wait_within("workload| job idle", Duration::from_secs(120));
+    vm.wait_within(
+        "workload: idle (the drain command exited with status 0)",
+        Duration::from_secs(60),
+    );
+    vm.wait_within(
+        "prefixes withdrawn, ready to evict",
+        Duration::from_secs(120),
+    );
+    let console = vm.text();
+    let idle_at = console.find("workload| job idle").unwrap();
+    let net_at = console
+        .find("draining: new connections from the tunnels refused")
+        .unwrap_or_else(|| panic!("the network drain never started:\n{}", tail(&console)));
+    assert!(
+        idle_at < net_at,
+        "the network drain started before the workload was idle:\n{}",
+        tail(&console)
+    );
+    common::wait_for("bird to drop c1's prefix", Duration::from_secs(60), || {
+        let o = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &site.name,
+                "birdc",
+                "-s",
+                lab.join("bird.ctl").to_str().unwrap(),
+                "show",
+                "route",
+                "10.200.0.11/32",
+            ])
+            .output()
+            .unwrap();
+        !String::from_utf8_lossy(&o.stdout).contains("10.200.0.11/32")
+    });
+    // Back in service from the gateway: the prefix returns.
+    let out = gw1.appliance(&["undrain", "c1", "-c", conf.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "appliance undrain c1 on gw1: {}",
+        common::text(&out)
+    );
+    vm.wait_within(
+        "workload: the gateways no longer ask for a drain",
+        Duration::from_secs(120),
+    );
+    common::wait_for(
+        "bird to learn c1's prefix again",
+        Duration::from_secs(60),
+        || {
+            let o = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &site.name,
+                    "birdc",
+                    "-s",
+                    lab.join("bird.ctl").to_str().unwrap(),
+                    "show",
+                    "route",
+                    "10.200.0.11/32",
+                ])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&o.stdout).contains("10.200.0.11/32")
+        },
+    );
+    // Power button during an NFS write: the workload stops, NFS unmounts, then the daemon and
+    // state, within the stop timeout (10 s) and 10 s more.
+    std::fs::write(export.join("go-write"), b"").unwrap();
+    vm.wait_within("workload| job: writing", Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(2));
+    let t_button = Instant::now();
+    qmp_command(&qmp, "system_powerdown");
+    vm.wait_exit(Duration::from_secs(10 + 10));
+    let console = vm.text();
+    let order = [
+        "workload: SIGTERM",
+        "workload: stopped",
+        "workload: /data unmounted",
+        "appliance run stopped",
+        "state remounted read-only",
+    ];
+    let mut at = 0;
+    for step in order {
+        let i = console[at..].find(step).unwrap_or_else(|| {
+            panic!(
+                "{step:?} missing or out of order after the power button:\n{}",
+                tail(&console)
+            )
+        });
+        at += i + step.len();
+    }
+    eprintln!(
+        "workload VM: powered off {:.1} s after the button",
+        t_button.elapsed().as_secs_f64()
+    );
+    drop(vm);
+    let _ = std::fs::remove_dir_all(&lab);
+}
+
+/// A copy of the OCI layout `src` (fixture's `v1`) with one more image tagged `tag`: the same
+/// layers, a config with `env` added. Returns its manifest digest and its config's digest.
+fn derived_image(src: &Path, dst: &Path, tag: &str, env: &str) -> (String, String) {
+    run("cp", &["-a", src.to_str().unwrap(), dst.to_str().unwrap()]);
+    let blob = |d: &str| {
+        dst.join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dst.join("index.json")).unwrap()).unwrap();
+    let v1 = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == "v1")
+        .unwrap()
+        .clone();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blob(v1["digest"].as_str().unwrap())).unwrap())
+            .unwrap();
+    let mut config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(blob(manifest["config"]["digest"].as_str().unwrap())).unwrap(),
+    )
+    .unwrap();
+    config["config"]["Env"]
+        .as_array_mut()
+        .unwrap()
+        .push(env.into());
+    let put = |bytes: &[u8]| {
+        let d = format!("sha256:{}", sha256_bytes(bytes));
+        std::fs::write(blob(&d), bytes).unwrap();
+        d
+    };
+    let config_bytes = serde_json::to_vec(&config).unwrap();
+    let config_digest = put(&config_bytes);
+    manifest["config"]["digest"] = config_digest.clone().into();
+    manifest["config"]["size"] = config_bytes.len().into();
+    let manifest_bytes = serde_json::to_vec(&manifest).unwrap();
+    let manifest_digest = put(&manifest_bytes);
+    let mut entry = v1;
+    entry["digest"] = manifest_digest.clone().into();
+    entry["size"] = manifest_bytes.len().into();
+    entry["annotations"]["org.opencontainers.image.ref.name"] = tag.into();
+    let mut index = index;
+    index["manifests"].as_array_mut().unwrap().push(entry);
+    std::fs::write(dst.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    (manifest_digest, config_digest)
+}
+
+fn sha256_bytes(b: &[u8]) -> String {
+    use sha2::Digest as _;
+    appliance::model::workload::Digest::from_sha256(&sha2::Sha256::digest(b))
+        .hex()
+        .to_string()
+}
+
+/// An OCI layout on an ISO labelled `label` whose one layer holds `../../escaped`. Returns the
+/// ISO and the manifest digest.
+fn escaping_layout_iso(dir: &Path, label: &str) -> (PathBuf, String) {
+    let layout = dir.join("escape-layout");
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    let name = b"../../escaped";
+    h.as_old_mut().name[..name.len()].copy_from_slice(name);
+    h.set_size(2);
+    h.set_mode(0o644);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    b.append(&h, &b"x\n"[..]).unwrap();
+    let layer = b.into_inner().unwrap();
+    let put = |bytes: &[u8]| {
+        let d = sha256_bytes(bytes);
+        std::fs::write(blobs.join(&d), bytes).unwrap();
+        format!("sha256:{d}")
+    };
+    let config = br#"{"architecture":"amd64","os":"linux","config":{"Cmd":["/bin/sh"]},"rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let cd = put(config);
+    let ld = put(&layer);
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{ld}","size":{}}}]}}"#,
+        config.len(),
+        layer.len()
+    );
+    let md = put(manifest.as_bytes());
+    std::fs::write(
+        layout.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    let iso = dir.join("escape.iso");
+    run(
+        "xorriso",
+        &[
+            "-as",
+            "mkisofs",
+            "-quiet",
+            "-V",
+            label,
+            "-J",
+            "-r",
+            "-o",
+            iso.to_str().unwrap(),
+            layout.to_str().unwrap(),
+        ],
+    );
+    (iso, md)
+}
+
+/// Bad images change nothing: a good image runs first; then, one boot each, a registry serving
+/// a tampered blob, a layer with a path out of the root (from a drive), a digest the registry
+/// does not have, and a tag without a digest. Each is refused with one console line and the
+/// last good image runs again; nothing of the bad ones runs.
+#[test]
+fn bad_images_are_refused_and_the_last_good_workload_keeps_running() {
+    if !ready("bad images VM") || !workload_tools("bad images VM") {
+        return;
+    }
+    let dir = Scratch::new("badimages");
+    let (site, gw1, _gw2, inet, _c1, lab) = common::two_gateways("bad");
+    site.ip(&["addr", "add", "10.10.0.5/24", "dev", "br0"]);
+    // No site router here: the site reaches the cloud block through gw1.
+    site.ip(&["route", "add", "10.200.0.0/16", "via", "10.10.0.2"]);
+    let oci = dir.join("oci");
+    fixture(&[], &["build", oci.to_str().unwrap()]);
+    let reg = dir.join("registry");
+    let _daemons = Fixtures(vec![reg.clone()]);
+    fixture(
+        &[],
+        &[
+            "registry",
+            &site.name,
+            "10.10.0.5",
+            "5000",
+            reg.to_str().unwrap(),
+        ],
+    );
+    let good = fixture(
+        &[],
+        &[
+            "push",
+            &site.name,
+            oci.to_str().unwrap(),
+            "10.10.0.5",
+            "5000",
+            "site/worker",
+        ],
+    );
+    // Image b: the good layers, another config; pushed, then its config blob changed in the
+    // registry's storage (the registry serves the changed bytes under the old digest).
+    let (b_manifest, b_config) =
+        derived_image(&oci.join("layout"), &dir.join("layout-b"), "b", "IMAGE=b");
+    let o = site.exec(&[
+        "skopeo",
+        "copy",
+        "--quiet",
+        "--preserve-digests",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:b", dir.join("layout-b").display()),
+        "docker://10.10.0.5:5000/site/worker:b",
+    ]);
+    assert!(o.status.success(), "skopeo: {}", common::text(&o));
+    let hex = b_config.trim_start_matches("sha256:");
+    let data = reg.join(format!(
+        "storage/docker/registry/v2/blobs/sha256/{}/{hex}/data",
+        &hex[..2]
+    ));
+    let mut bytes = std::fs::read(&data).unwrap_or_else(|e| panic!("{}: {e}", data.display()));
+    let n = bytes.len();
+    bytes[n / 2] ^= 0x20;
+    std::fs::write(&data, &bytes).unwrap();
+    let (iso, escape) = escaping_layout_iso(&dir, "WLBAD");
+    let nobody = format!("sha256:{}", sha256_bytes(b"no such image"));
+    let conf = lab.join("site.kdl");
+    let base = std::fs::read_to_string(&conf).unwrap().replace(
+        "keepalive-ms 200\n dead-after 3",
+        "keepalive-ms 300\n dead-after 10",
+    );
+    let c1_key = std::fs::read_to_string(lab.join("c1.key")).unwrap();
+    let _g1 = common::daemon(&gw1, &lab, "gw1");
+    let disk = copy_disk(&dir);
+    run("truncate", &["-s", "2G", disk.to_str().unwrap()]);
+    let boot = |n: usize, image: &str, extra_drive: Option<&Path>| -> Vm {
+        let text = base.replace(
+            "node \"c1\" {\n address \"10.200.0.11\"\n",
+            &format!(
+                "node \"c1\" {{\n address \"10.200.0.11\"\n workload {{\n  image \"{image}\"\n  command \"/bin/sh\" \"-c\" \"echo job running with IMAGE=$IMAGE; exec sleep 100000\"\n  stop-timeout-s 5\n }}\n"
+            ),
+        );
+        let user_data = format!(
+            "appliance {{\n    host \"c1\"\n    private-key \"{}\"\n    interface \"eth0\" {{\n        address \"192.0.2.21/24\"\n    }}\n}}\n{text}",
+            c1_key.trim()
+        );
+        let seed_img = seed(&dir, &format!("seed{n}"), user_data.as_bytes(), false);
+        let mut args = ro_drive(&seed_img);
+        if let Some(d) = extra_drive {
+            args.extend(ro_drive(d));
+        }
+        let qmp = dir.join(format!("qmp{n}.sock"));
+        args.extend([
+            "-netdev".into(),
+            format!("tap,id=n0,ifname=vtap{n},script=no,downscript=no"),
+            "-device".into(),
+            "virtio-net-pci,netdev=n0,mac=52:54:00:00:00:21".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", qmp.display()),
+        ]);
+        let vm = start_vm_in(
+            Some(&inet.name),
+            "768",
+            &dir,
+            &format!("c1-boot{n}"),
+            Firmware::Bios,
+            &disk,
+            &args,
+            true,
+        );
+        common::wait_for("qemu's tap device", Duration::from_secs(30), || {
+            inet.exec(&["ip", "link", "show", &format!("vtap{n}")])
+                .status
+                .success()
+        });
+        inet.ip(&["link", "set", &format!("vtap{n}"), "master", "br0", "up"]);
+        vm
+    };
+    let off = |mut vm: Vm, n: usize| {
+        qmp_command(&dir.join(format!("qmp{n}.sock")), "system_powerdown");
+        vm.wait_exit(Duration::from_secs(60));
+        vm.text()
+    };
+    // 1. The good image runs and becomes the last good one.
+    let mut vm = boot(1, &format!("10.10.0.5:5000/{good}"), None);
+    vm.wait_within(
+        "workload| job running with IMAGE=",
+        Duration::from_secs(300),
+    );
+    off(vm, 1);
+    let cases: [(&str, String, Option<&Path>, &str); 4] = [
+        (
+            "a tampered blob",
+            format!("10.10.0.5:5000/site/worker@{b_manifest}"),
+            None,
+            "digest mismatch",
+        ),
+        (
+            "a path out of the root",
+            format!("disk:WLBAD@{escape}"),
+            Some(&iso),
+            "climbs out of the root",
+        ),
+        (
+            "a digest the registry lacks",
+            format!("10.10.0.5:5000/site/worker@{nobody}"),
+            None,
+            "not found",
+        ),
+        (
+            "a tag without a digest",
+            "10.10.0.5:5000/site/worker:v1".to_string(),
+            None,
+            "the image is not pinned by a digest",
+        ),
+    ];
+    for (i, (what, image, drive, why)) in cases.iter().enumerate() {
+        let n = i + 2;
+        let mut vm = boot(n, image, *drive);
+        vm.wait_within(
+            "workload| job running with IMAGE=",
+            Duration::from_secs(300),
+        );
+        let console = vm.text();
+        let refusals: Vec<&str> = console.lines().filter(|l| l.contains(why)).collect();
+        assert!(
+            !refusals.is_empty(),
+            "{what}: no refusal naming {why:?}:\n{}",
+            tail(&console)
+        );
+        let job_lines: Vec<&str> = console
+            .lines()
+            .filter(|l| l.contains("workload| job running"))
+            .collect();
+        assert_eq!(job_lines.len(), 1, "{what}: {job_lines:?}");
+        assert!(
+            job_lines[0].ends_with("IMAGE="),
+            "{what}: the bad image ran: {}",
+            job_lines[0]
+        );
+        if *why == "the image is not pinned by a digest" {
+            assert!(
+                console.contains("config from cidata rejected"),
+                "{what}:\n{}",
+                tail(&console)
+            );
+        } else {
+            assert_eq!(
+                refusals.len(),
+                1,
+                "{what}: more than one refusal line: {refusals:?}"
+            );
+            assert!(refusals[0].contains("refused"), "{what}: {}", refusals[0]);
+            assert!(
+                console.contains("workload: running the last good image"),
+                "{what}:\n{}",
+                tail(&console)
+            );
+        }
+        off(vm, n);
+        eprintln!("bad images: {what} refused, the last good image ran");
+    }
+    let _ = std::fs::remove_dir_all(&lab);
 }

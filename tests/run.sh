@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 need=(iproute2 iputils-ping ethtool util-linux file bc nftables python3 wireguard-go wireguard-tools iperf3 bird2 gobgpd frr
       linux-image-amd64 erofs-utils cryptsetup-bin syslinux syslinux-common systemd-boot-efi mtools dosfstools
       e2fsprogs fdisk zstd cpio kmod qemu-utils qemu-system-x86 ovmf xorriso binutils gzip nix-bin
-      nfs-ganesha nfs-ganesha-vfs libnfs-utils rpcbind curl man-db dpkg systemd)
+      nfs-ganesha nfs-ganesha-vfs libnfs-utils rpcbind curl man-db dpkg systemd
+      docker-registry skopeo umoci busybox-static)
 # Without its recommends (node exporter, smartmontools): the tests start their own Prometheus.
 lean=(prometheus)
 missing=()
@@ -43,6 +44,9 @@ cargo build --quiet
 bin=target/x86_64-unknown-linux-gnu/debug/appliance
 file "$bin"
 file "$bin" | grep -q "static" || { echo "error: $bin is not statically linked" >&2; exit 1; }
+echo "== release build (the images the boot tests build, and the workload image's tools)"
+cargo build --release --quiet
+cargo build --release --quiet --example control-raw
 echo "== cargo test"
 cargo test --no-fail-fast 2>&1 | tee /tmp/appliance-test.log
 left=$(ip netns list | awk '{print $1}' | grep '^ap-t-' || true)

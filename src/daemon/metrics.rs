@@ -110,6 +110,56 @@ pub fn render(s: &Status) -> String {
         );
         set(&c, vec![], k.reverts);
     }
+    if let Some(w) = &s.workload {
+        let states = o.gauge(
+            "workload_state",
+            "1 for the state the workload is in (waiting, pulling, verifying, mounting, running, restarting, refused, stopping, stopped)",
+        );
+        for st in [
+            "waiting",
+            "pulling",
+            "verifying",
+            "mounting",
+            "running",
+            "restarting",
+            "refused",
+            "stopping",
+            "stopped",
+        ] {
+            states
+                .get_or_create(&vec![("state", st.to_string())])
+                .set((w.state == st) as i64);
+        }
+        o.gauge(
+            "workload_info",
+            "The workload's image and the digest it runs (always 1)",
+        )
+        .get_or_create(&vec![
+            ("image", w.image.clone()),
+            ("digest", w.digest.clone().unwrap_or_default()),
+        ])
+        .set(1);
+        let c = o.counter(
+            "workload_restarts",
+            "Times the workload was restarted",
+            None,
+        );
+        set(&c, vec![], w.restarts as u64);
+        let c = o.counter(
+            "workload_pulled",
+            "Compressed image bytes fetched by the current pull",
+            Some(Unit::Bytes),
+        );
+        set(&c, vec![], w.pulled_bytes);
+        let m = o.gauge("workload_mount_up", "1 while the NFS mount is mounted");
+        for mount in &w.mounts {
+            m.get_or_create(&vec![
+                ("path", mount.path.clone()),
+                ("device", mount.device.clone()),
+            ])
+            .set((mount.state == "mounted") as i64);
+        }
+    }
     o.gauge("uptime_seconds", "Seconds since the daemon started")
         .get_or_create(&vec![])
         .set(s.uptime_s as i64);

@@ -91,6 +91,8 @@ struct Daemon {
     claims: BTreeMap<(String, u32), u64>,
     /// A node being drained (`appliance drain` on the node).
     node_drain: Option<NodeDrain>,
+    /// The gateways whose probes ask this node to drain (`appliance drain NODE` there).
+    drain_asked: std::collections::BTreeSet<String>,
 }
 
 /// A node drains in three steps: it refuses new TCP connections from the tunnels at once; it
@@ -310,6 +312,50 @@ impl Daemon {
                 let r = self.core.draining_changed(draining);
                 self.react(r, "routes follow gateway drains").await;
             }
+            let asked: std::collections::BTreeSet<String> = current
+                .iter()
+                .flat_map(|l| l.drain_asked_by().map(String::from).collect::<Vec<_>>())
+                .collect();
+            if asked != self.drain_asked {
+                self.drain_asked_changed(asked);
+            }
+        }
+    }
+
+    /// The gateways started or stopped asking this node to drain. Under the image's init with
+    /// a workload, init drains the workload first (its drain command, until it is idle) and
+    /// then asks for the network drain over the control socket; elsewhere the network drain
+    /// starts (or ends) here.
+    fn drain_asked_changed(&mut self, asked: std::collections::BTreeSet<String>) {
+        let (was, now) = (!self.drain_asked.is_empty(), !asked.is_empty());
+        let by = asked.iter().cloned().collect::<Vec<_>>().join(", ");
+        self.drain_asked = asked;
+        if was == now {
+            return;
+        }
+        let supervised = std::path::Path::new(crate::workload::supervise::STATUS_FILE).exists();
+        if supervised {
+            let line = if now {
+                format!("on {by}\n")
+            } else {
+                "off\n".to_string()
+            };
+            match crate::image::write_atomic(
+                crate::workload::supervise::DRAIN_REQUEST,
+                line.as_bytes(),
+                0o600,
+            ) {
+                Ok(()) if now => {
+                    tracing::warn!(gateways = %by, "drain asked by the gateways: the workload drains first, then the network")
+                }
+                Ok(()) => tracing::info!("the gateways no longer ask for a drain: handed to init"),
+                Err(e) => tracing::error!(error = %e, "cannot hand the drain request to init"),
+            }
+            return;
+        }
+        match self.set_node_drain(now) {
+            Ok(m) => tracing::warn!(gateways = %by, "drain asked by the gateways: {m}"),
+            Err(e) => tracing::error!(error = %e, "drain asked by the gateways"),
         }
     }
 
@@ -705,6 +751,7 @@ impl Daemon {
             dead_after: cfg.site.dead_after,
             version: env!("CARGO_PKG_VERSION").to_string(),
             drained: self.drained(),
+            workload: crate::workload::supervise::read_status(),
             node_drain: self.node_drain.as_ref().map(|d| status::NodeDrainStatus {
                 since_s: d.started.elapsed().as_secs(),
                 quiet_s: d.quiet_since.map(|q| q.elapsed().as_secs()),
@@ -879,6 +926,7 @@ pub async fn run(opts: Options) -> Result<(), String> {
         flips: BTreeMap::new(),
         claims: BTreeMap::new(),
         node_drain: None,
+        drain_asked: std::collections::BTreeSet::new(),
     };
     let plan = d.sync().await?;
     tracing::info!(host = %d.opts.host, %role, changes = plan.changes.len(), "host reconciled");

@@ -37,6 +37,9 @@ pub struct Status {
     pub devices: Vec<DeviceStatus>,
     pub bgp: Option<BgpStatus>,
     pub kernel: KernelStatus,
+    /// The site's jobs on an image node (what the image's init last wrote).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<crate::workload::supervise::Status>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -217,6 +220,29 @@ impl Status {
             self.keepalive_ms,
             self.dead_after
         );
+        if let Some(w) = &self.workload {
+            let _ = writeln!(
+                out,
+                "workload: {} {}{} (restarts {}{})",
+                w.state,
+                w.image,
+                w.digest
+                    .as_deref()
+                    .filter(|d| !w.image.ends_with(*d))
+                    .map(|d| format!(", running {d}"))
+                    .unwrap_or_default(),
+                w.restarts,
+                w.last_exit
+                    .map(|c| format!(", last exit {c}"))
+                    .unwrap_or_default()
+            );
+            for m in &w.mounts {
+                let _ = writeln!(out, "  {} on {}: {}", m.device, m.path, m.state);
+            }
+            if let Some(e) = &w.last_error {
+                let _ = writeln!(out, "  last error: {e}");
+            }
+        }
         let row = |out: &mut String, c: [&str; 9]| {
             let _ = writeln!(
                 out,
@@ -411,6 +437,7 @@ pub(crate) mod tests {
             version: "0.1.0".into(),
             drained: false,
             node_drain: None,
+            workload: None,
             key: Some(KeyStatus {
                 public_key: "old".into(),
                 next_public_key: Some("new".into()),

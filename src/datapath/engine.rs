@@ -59,6 +59,8 @@ pub struct PeerStats {
     pub peer_hears_us: AtomicBool,
     /// The peer's last probe said it is a drained gateway.
     pub peer_draining: AtomicBool,
+    /// The peer (a gateway) asks this node to drain: its site file drains the node.
+    pub peer_drains_us: AtomicBool,
     /// The tag of the next key of ours the peer's last probe said its site file lists (bit 24
     /// set, the 3 bytes below it), 0 when none.
     pub peer_next_tag: AtomicU32,
@@ -659,6 +661,9 @@ impl Link {
                     .peer_draining
                     .store(probe.draining, Ordering::Relaxed);
                 peer.stats()
+                    .peer_drains_us
+                    .store(probe.drain_you, Ordering::Relaxed);
+                peer.stats()
                     .peer_next_tag
                     .store(tag_word(probe.next_tag), Ordering::Relaxed);
                 peer.stats()
@@ -813,6 +818,7 @@ impl Link {
                     let probe = crate::datapath::probe::packet(crate::datapath::probe::Probe {
                         hears_you: hears,
                         draining: self.draining,
+                        drain_you: peer.spec.drain,
                         next_tag: peer.spec.next_key.as_ref().map(crate::datapath::probe::tag),
                     });
                     if let TunnResult::WriteToNetwork(b) = tunn.encapsulate(&probe, &mut buf) {
@@ -1122,6 +1128,14 @@ impl Link {
         refuse
     }
 
+    /// The peers (gateways) whose last probe on this link asked this node to drain.
+    pub fn drain_asked_by(&self) -> impl Iterator<Item = &str> {
+        self.peers
+            .iter()
+            .filter(|p| p.stats().peer_drains_us.load(Ordering::Relaxed))
+            .map(|p| p.spec.name.as_str())
+    }
+
     /// The peers whose last probe on this link said they are drained.
     pub fn draining_peers(&self) -> impl Iterator<Item = &str> {
         self.peers
@@ -1206,6 +1220,7 @@ mod tests {
                 endpoint: None,
                 allowed: vec!["10.200.0.11/32".parse().unwrap()],
                 routes: vec!["10.200.0.11/32".parse().unwrap()],
+                drain: false,
             }],
         }
     }
@@ -1227,6 +1242,7 @@ mod tests {
                 endpoint: Some(GW.parse().unwrap()),
                 allowed: vec!["10.10.0.0/16".parse().unwrap()],
                 routes: vec!["10.10.0.0/16".parse().unwrap()],
+                drain: false,
             }],
         }
     }

@@ -374,6 +374,7 @@ mod tests {
         let probe = crate::datapath::probe::packet(crate::datapath::probe::Probe {
             hears_you: true,
             draining: false,
+            drain_you: false,
             next_tag: None,
         });
         assert_eq!(parse(&probe), None);

@@ -700,6 +700,7 @@ fn supervise(a: &Accepted, slot: &str) -> ! {
         }
         if child.is_some() {
             health.poll();
+            crate::workload::supervise::poll_drain();
         }
         let up_long_enough = child.is_some_and(|(_, since)| since.elapsed() >= HEALTHY_AFTER);
         if !healthy && up_long_enough && (health.target.is_none() || health.answered) {

@@ -51,6 +51,8 @@ pub struct PeerSpec {
     pub allowed: Vec<IpNet>,
     /// Inner destination prefixes sent to this peer on this device.
     pub routes: Vec<IpNet>,
+    /// On a gateway: the site file drains this node; the probes ask it to drain.
+    pub drain: bool,
 }
 
 impl PeerSpec {

@@ -280,6 +280,7 @@ fn gateway(cfg: &Config, name: &str, inputs: Inputs<'_>) -> (HostState, Vec<Link
                     endpoint: None,
                     allowed: p.accepts.clone(),
                     routes: p.sends.clone(),
+                    drain: n.drain,
                 })
                 .collect(),
         })
@@ -421,6 +422,7 @@ fn node(
                     endpoint: Some(SocketAddr::new(g.endpoint, cfg.site.link_port(t.index))),
                     allowed: t.peers[0].accepts.clone(),
                     routes: t.peers[0].sends.clone(),
+                    drain: false,
                 }],
             }
         })

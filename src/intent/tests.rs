@@ -560,3 +560,24 @@ fn a_node_routes_around_a_drained_gateway_unless_it_is_the_only_one_left() {
     );
     assert!(site.via.iter().all(|d| d.starts_with("ap-gw1-")));
 }
+
+#[test]
+fn a_gateway_asks_only_the_nodes_its_site_file_drains_and_a_node_asks_no_one() {
+    let text = include_str!("../../tests/golden/two-gateways/config.kdl").replacen(
+        "node \"c1\" {",
+        "node \"c1\" {\n    drain #true",
+        1,
+    );
+    let cfg = parse("t.kdl", &text).unwrap();
+    let gw = one_shot(&cfg, "gw1", &[]).unwrap();
+    for link in &gw.links {
+        let asked: Vec<(&str, bool)> = link
+            .peers
+            .iter()
+            .map(|p| (p.name.as_str(), p.drain))
+            .collect();
+        assert_eq!(asked, [("c1", true), ("c2", false)], "{}", link.dev);
+    }
+    let node = one_shot(&cfg, "c1", &[]).unwrap();
+    assert!(node.links.iter().flat_map(|l| &l.peers).all(|p| !p.drain));
+}

@@ -121,6 +121,9 @@ pub struct Node {
     pub bgp_speaker: BgpSpeaker,
     /// The site's jobs this node runs (its own `workload` block, or its pool's).
     pub workload: Option<Workload>,
+    /// Drained from the gateways (`drain #true`, or its slot in its pool's `drain`; `appliance
+    /// drain NODE` on a gateway): the gateways' probes ask it to drain.
+    pub drain: bool,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -142,6 +145,8 @@ pub struct Pool {
     pub dhcp_start: Option<std::net::Ipv4Addr>,
     /// What every slot runs (the pool's user-data carries the site file, so this block too).
     pub workload: Option<Workload>,
+    /// Slots drained from the gateways (`drain 3 7`).
+    pub drain: std::collections::BTreeSet<u32>,
 }
 
 impl Pool {
@@ -365,9 +370,10 @@ const NODE: &[&str] = &[
     "next-public-key",
     "bgp-speaker",
     "workload",
+    "drain",
 ];
 const RELAY: &[&str] = &["public-address", "private-address"];
-const POOL: &[&str] = &["prefix", "count", "key", "dhcp-start", "workload"];
+const POOL: &[&str] = &["prefix", "count", "key", "dhcp-start", "workload", "drain"];
 const BGP: &[&str] = &[
     "hold-time",
     "max-prefix",
@@ -688,6 +694,40 @@ impl Loader<'_> {
                 None
             }
         }
+    }
+
+    /// A list of slot indices (`drain 3 7`) of a pool with `count` slots. None: an error was
+    /// reported.
+    fn slot_list(
+        &mut self,
+        f: &Fields<'_>,
+        name: &str,
+        count: Option<i128>,
+    ) -> Option<std::collections::BTreeSet<u32>> {
+        let mut out = std::collections::BTreeSet::new();
+        let Some(field) = f.by_name.get(name).and_then(|v| v.first()) else {
+            return Some(out);
+        };
+        let mut ok = true;
+        for e in field.entries() {
+            let span = (e.span().offset(), e.span().len());
+            match (e.name(), e.value()) {
+                (None, KdlValue::Integer(i)) if *i >= 0 && count.is_none_or(|c| *i < c) => {
+                    out.insert(*i as u32);
+                }
+                _ => {
+                    self.err(
+                        Diagnostic::new(span, format!("`{name}` takes slot indices of this pool"))
+                            .label("not a slot")
+                            .help(format!(
+                                "write `{name} 3 7`: slots are numbered from 0 to count-1"
+                            )),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(out)
     }
 
     /// The optional `workload` block of a node or pool. Outer None: an error was reported.
@@ -1050,6 +1090,10 @@ impl Loader<'_> {
             },
         };
         let workload = self.opt_workload(&f)?;
+        let drain = match f.by_name.get("drain").and_then(|v| v.first()) {
+            Some(n) => self.boolean(n)?,
+            None => false,
+        };
         let address = address?;
         let prefixes = if prefixes.is_empty() && !f.by_name.contains_key("prefix") {
             vec![IpNet::from(address)]
@@ -1065,6 +1109,7 @@ impl Loader<'_> {
             pool: None,
             bgp_speaker: bgp_speaker?,
             workload,
+            drain,
         })
     }
 
@@ -1172,7 +1217,8 @@ impl Loader<'_> {
             },
         };
         let workload = self.opt_workload(&f);
-        let (prefix, count, workload) = (prefix?, count? as u32, workload?);
+        let drain = self.slot_list(&f, "drain", count);
+        let (prefix, count, workload, drain) = (prefix?, count? as u32, workload?, drain?);
         let size: u128 = match prefix {
             IpNet::V4(p) => 1u128 << (32 - p.prefix_len()),
             IpNet::V6(p) => 1u128
@@ -1198,6 +1244,7 @@ impl Loader<'_> {
             keys,
             dhcp_start,
             workload,
+            drain,
         })
     }
 
@@ -1471,6 +1518,7 @@ fn pool_slots(p: &Pool) -> impl Iterator<Item = Node> + '_ {
             pool: Some(p.name.clone()),
             bgp_speaker: BgpSpeaker::Appliance,
             workload: p.workload.clone(),
+            drain: p.drain.contains(i),
         }
     })
 }

@@ -19,6 +19,10 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// Marks a pull error as "nothing answered" (retried before the last good image stands in);
+/// every other error is an answer that will not change by waiting.
+pub const UNREACHABLE: &str = "registry unreachable";
+
 /// What a pull tells its caller as it goes (console lines, status).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Progress {
@@ -98,6 +102,11 @@ impl BlobSource for Registry {
                 "{url}: not found (is {} pushed to this registry with that digest?)",
                 self.repository
             ),
+            // Nothing answered: worth waiting for (the tunnels may not be up yet).
+            e @ (ureq::Error::Io(_)
+            | ureq::Error::Timeout(_)
+            | ureq::Error::ConnectionFailed
+            | ureq::Error::HostNotFound) => format!("{url}: {UNREACHABLE}: {e}"),
             e => format!("{url}: {e}"),
         })?;
         let ct = resp

@@ -444,3 +444,84 @@ fn job(
         libc::_exit(127)
     }
 }
+
+/// The workload's ns-init: the helper's only child.
+pub fn ns_init_of(helper: i32) -> Option<i32> {
+    std::fs::read_to_string(format!("/proc/{helper}/task/{helper}/children"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Run `argv` inside the running workload (its namespaces, its root user, its environment):
+/// the drain command. Returns its exit code.
+pub fn join_exec(ns_init: i32, argv: &[String], env: &[(String, String)]) -> Result<i32, String> {
+    use std::os::fd::AsRawFd as _;
+    if argv.is_empty() {
+        return Err("no command".into());
+    }
+    // Open every namespace first: after joining the mount namespace this /proc is gone.
+    let mut fds = Vec::new();
+    for ns in ["ipc", "uts", "cgroup", "pid", "mnt", "user"] {
+        let p = format!("/proc/{ns_init}/ns/{ns}");
+        fds.push((
+            ns,
+            std::fs::File::open(&p).map_err(|e| format!("{p}: {e}"))?,
+        ));
+    }
+    for (ns, f) in &fds {
+        // SAFETY: setns on a namespace file we hold open; flags 0 accept any type.
+        if unsafe { libc::setns(f.as_raw_fd(), 0) } < 0 {
+            return Err(errno(&format!("joining the workload's {ns} namespace")));
+        }
+    }
+    drop(fds);
+    // SAFETY: credential calls on this single-threaded process.
+    unsafe {
+        if libc::setgroups(0, std::ptr::null()) < 0
+            || libc::setresgid(0, 0, 0) < 0
+            || libc::setresuid(0, 0, 0) < 0
+        {
+            return Err(errno("becoming root in the workload's user namespace"));
+        }
+    }
+    let set = signal_set();
+    block(&set, libc::SIG_BLOCK);
+    let spec = Spec {
+        rootfs: PathBuf::new(),
+        scratch: PathBuf::new(),
+        argv: argv.to_vec(),
+        env: env.to_vec(),
+        cwd: None,
+        user: None,
+        hostname: String::new(),
+        binds: Vec::new(),
+    };
+    let cargv: Vec<CString> = argv.iter().map(|a| c(a)).collect();
+    let cenv: Vec<CString> = env.iter().map(|(k, v)| c(&format!("{k}={v}"))).collect();
+    let path = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    let program = if argv[0].contains('/') {
+        argv[0].clone()
+    } else {
+        path.split(':')
+            .map(|d| format!("{d}/{}", argv[0]))
+            .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file()))
+            .ok_or_else(|| format!("{}: not found in PATH {path}", argv[0]))?
+    };
+    // SAFETY: single-threaded; the child only execs (joining the PID namespace takes effect
+    // for children).
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(errno("fork"));
+    }
+    if pid == 0 {
+        job(&spec, &set, &c(&program), &cargv, &cenv);
+    }
+    Ok(forward_until_exit(pid, &set))
+}

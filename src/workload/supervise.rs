@@ -11,7 +11,7 @@ use super::pull::{self, Progress, Store};
 use super::run::Spec;
 use crate::image::say;
 use crate::model::workload::{Workload, DAEMON_CPU_WEIGHT};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -20,11 +20,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const STATUS_FILE: &str = "/run/appliance/workload.json";
+/// The daemon's hand-over of a drain the gateways ask for: "on GATEWAYS" or "off".
+pub const DRAIN_REQUEST: &str = "/run/appliance/drain-request";
 const STORE: &str = "/state/workload";
 const CGROUP: &str = "/sys/fs/cgroup";
 const NFS_DIR: &str = "/run/appliance/nfs";
 const SPEC: &str = "/run/appliance/workload-spec.json";
 const DISK_AT: &str = "/run/appliance/workload-disk";
+/// How long the power off waits for the NFS mounts to go.
+const UNMOUNT_WAIT: Duration = Duration::from_secs(8);
+/// How long a registry that does not answer is retried before the last good image runs.
+const UNREACHABLE_GRACE: Duration = Duration::from_secs(120);
 /// Lines of the workload's output kept for status.
 const TAIL: usize = 20;
 /// Console lines per second the workload may print (bursts up to [`BURST`]); the rest are
@@ -32,7 +38,7 @@ const TAIL: usize = 20;
 const LINES_PER_S: f64 = 20.0;
 const BURST: f64 = 200.0;
 
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 pub struct MountStatus {
     pub path: String,
     pub device: String,
@@ -40,7 +46,7 @@ pub struct MountStatus {
     pub state: String,
 }
 
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 pub struct Status {
     /// waiting, pulling, verifying, mounting, running, exited, restarting, refused, stopping,
     /// stopped
@@ -67,6 +73,11 @@ struct Shared {
     stopping: AtomicBool,
     workload: Workload,
     mounts: Mutex<Vec<PathBuf>>,
+    /// Other children of ours PID 1 reaps for us (the drain command).
+    others: Mutex<std::collections::HashSet<i32>>,
+    /// The last drain request acted on (true: on).
+    drain: Mutex<Option<bool>>,
+    group: Mutex<Option<PathBuf>>,
 }
 
 static SHARED: Mutex<Option<Arc<Shared>>> = Mutex::new(None);
@@ -90,10 +101,27 @@ impl Shared {
     }
 }
 
+/// The workload's status as its thread last wrote it (for `appliance status` and the
+/// metrics); None on a host without a workload. Bounded: a file over 256 KiB is not read.
+pub fn read_status() -> Option<Status> {
+    use std::io::Read as _;
+    let mut b = Vec::new();
+    std::fs::File::open(STATUS_FILE)
+        .ok()?
+        .take(256 << 10)
+        .read_to_end(&mut b)
+        .ok()?;
+    serde_json::from_slice(&b).ok()
+}
+
 /// PID 1's reaper hands over the exit of a child it does not own; true when it was ours.
 pub fn reaped(pid: i32, code: i32) -> bool {
     let Some(s) = shared() else { return false };
-    let ours = *s.running.lock().unwrap_or_else(|e| e.into_inner()) == Some(pid);
+    let ours = *s.running.lock().unwrap_or_else(|e| e.into_inner()) == Some(pid)
+        || s.others
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&pid);
     if ours {
         s.exits
             .lock()
@@ -207,6 +235,9 @@ pub fn start(w: Workload, config: &crate::model::config::Config, host: &str) {
         stopping: AtomicBool::new(false),
         workload: w,
         mounts: Mutex::new(Vec::new()),
+        others: Mutex::new(std::collections::HashSet::new()),
+        drain: Mutex::new(None),
+        group: Mutex::new(None),
     });
     *SHARED.lock().unwrap_or_else(|e| e.into_inner()) = Some(s.clone());
     let spawned = std::thread::Builder::new()
@@ -220,7 +251,10 @@ pub fn start(w: Workload, config: &crate::model::config::Config, host: &str) {
 fn run_forever(s: Arc<Shared>, links: u32, client: Option<IpAddr>, hostname: String) {
     let w = s.workload.clone();
     let group = match cgroups(&w) {
-        Ok(g) => Some(g),
+        Ok(g) => {
+            *s.group.lock().unwrap_or_else(|e| e.into_inner()) = Some(g.clone());
+            Some(g)
+        }
         Err(e) => {
             say(&format!(
                 "workload: cgroups unavailable ({e}); it runs without limits"
@@ -390,6 +424,21 @@ fn run_forever(s: Arc<Shared>, links: u32, client: Option<IpAddr>, hostname: Str
 fn pull_with_retries(s: &Shared, store: &Store, w: &Workload) -> Option<pull::Pulled> {
     let mut said: Option<String> = None;
     let mut wait = Duration::from_secs(2);
+    let started = Instant::now();
+    // The registry answers only once the tunnels carry the site prefix: wait for that first,
+    // quietly (the pull's own errors are for what is wrong, not for what is early).
+    if let crate::model::workload::Source::Registry { address, port, .. } = &w.image.source {
+        while started.elapsed() < UNREACHABLE_GRACE && !s.stopping.load(Ordering::SeqCst) {
+            if reachable(*address, *port).is_ok() {
+                say(&format!(
+                    "workload: the registry {address}:{port} answers through the tunnels ({:.1} s)",
+                    started.elapsed().as_secs_f64()
+                ));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
     loop {
         if s.stopping.load(Ordering::SeqCst) {
             return None;
@@ -430,33 +479,39 @@ fn pull_with_retries(s: &Shared, store: &Store, w: &Workload) -> Option<pull::Pu
                 return Some(p);
             }
             Err(e) => {
-                // A refusal (the bytes are wrong) is said once; the last good image runs
-                // meanwhile, and the pull is retried in case the registry is fixed.
-                let refused = e.contains("digest mismatch")
-                    || e.contains("climbs out")
-                    || e.contains("is not")
-                    || e.contains("descriptor says")
-                    || e.contains("runs past");
+                // An answer that will not change by waiting (wrong bytes, an unknown digest, a
+                // layer climbing out of the root) is a refusal: the last good image runs at
+                // once. A registry that does not answer gets [`UNREACHABLE_GRACE`] first (the
+                // tunnels may still be coming up).
+                let unreachable = e.contains(pull::UNREACHABLE);
                 if said.as_deref() != Some(e.as_str()) {
                     say(&format!(
                         "workload: image {} {}: {e}",
                         w.image,
-                        if refused { "refused" } else { "not pulled yet" }
+                        if unreachable {
+                            "not pulled yet"
+                        } else {
+                            "refused"
+                        }
                     ));
                     said = Some(e.clone());
                 }
                 s.set(|st| {
-                    st.state = if refused {
-                        "refused".into()
-                    } else {
+                    st.state = if unreachable {
                         "pulling".into()
+                    } else {
+                        "refused".into()
                     };
                     st.last_error = Some(e.clone());
                 });
-                if refused {
-                    if let Some(good) = store.current().and_then(|d| store.ready(&d)) {
+                if !unreachable || started.elapsed() > UNREACHABLE_GRACE {
+                    if let Some(good) = store
+                        .current()
+                        .filter(|d| *d != w.image.digest)
+                        .and_then(|d| store.ready(&d))
+                    {
                         say(&format!(
-                            "workload: running the last good image {} instead",
+                            "workload: running the last good image {} instead (the declared one is tried again at the next boot)",
                             good.manifest
                         ));
                         return Some(good);
@@ -470,9 +525,20 @@ fn pull_with_retries(s: &Shared, store: &Store, w: &Workload) -> Option<pull::Pu
 }
 
 fn start_helper(s: &Arc<Shared>, group: Option<&std::path::Path>) -> Result<i32, String> {
+    let pid = spawn_in(s, group, &["workload-exec", SPEC])?;
+    *s.running.lock().unwrap_or_else(|e| e.into_inner()) = Some(pid);
+    Ok(pid)
+}
+
+/// Start `appliance ARGS` in the workload's cgroup with its output read by [`output`].
+fn spawn_in(
+    s: &Arc<Shared>,
+    group: Option<&std::path::Path>,
+    args: &[&str],
+) -> Result<i32, String> {
     use std::os::unix::process::CommandExt as _;
     let mut cmd = std::process::Command::new(crate::image::BIN);
-    cmd.args(["workload-exec", SPEC])
+    cmd.args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
@@ -503,7 +569,6 @@ fn start_helper(s: &Arc<Shared>, group: Option<&std::path::Path>) -> Result<i32,
         .spawn()
         .map_err(|e| format!("{}: {e}", crate::image::BIN))?;
     let pid = child.id() as i32;
-    *s.running.lock().unwrap_or_else(|e| e.into_inner()) = Some(pid);
     for stream in [
         child
             .stdout
@@ -628,30 +693,151 @@ pub fn stop_for_shutdown() {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+    // The NFS mounts, each on a thread of its own: a server that does not answer must not
+    // hold the power off (the kernel's session teardown of a hard mount can take minutes).
     let mounts = s.mounts.lock().map(|m| m.clone()).unwrap_or_default();
-    for (at, m) in mounts.iter().zip(s.workload.mounts.iter()) {
-        let t = std::ffi::CString::new(at.to_string_lossy().as_bytes()).unwrap_or_default();
-        let up = reachable(m.server, 2049).is_ok();
-        let flags = if up {
-            0
-        } else {
-            libc::MNT_FORCE | libc::MNT_DETACH
-        };
-        // SAFETY: a valid C string.
-        let rc = unsafe { libc::umount2(t.as_ptr(), flags) };
-        let how = if up {
-            "unmounted"
-        } else {
-            "server unreachable: detached lazily"
-        };
-        if rc == 0 {
-            say(&format!("workload: {} {how}", m.path));
-        } else {
-            let e = std::io::Error::last_os_error();
-            // SAFETY: as above.
-            unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
-            say(&format!("workload: {}: {e}; detached lazily", m.path));
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (at, m) in mounts.into_iter().zip(s.workload.mounts.iter().cloned()) {
+        let tx = tx.clone();
+        let _ = std::thread::Builder::new()
+            .name("umount".into())
+            .spawn(move || {
+                let t = std::ffi::CString::new(at.to_string_lossy().as_bytes()).unwrap_or_default();
+                let up = reachable(m.server, 2049).is_ok();
+                let flags = if up {
+                    0
+                } else {
+                    libc::MNT_FORCE | libc::MNT_DETACH
+                };
+                // SAFETY: a valid C string.
+                let rc = unsafe { libc::umount2(t.as_ptr(), flags) };
+                let msg = if rc == 0 && up {
+                    format!("workload: {} unmounted", m.path)
+                } else if rc == 0 {
+                    format!("workload: {}: server unreachable: detached lazily", m.path)
+                } else {
+                    let e = std::io::Error::last_os_error();
+                    // SAFETY: as above.
+                    unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+                    format!("workload: {}: {e}; detached lazily", m.path)
+                };
+                let _ = tx.send(msg);
+            });
+    }
+    drop(tx);
+    let deadline = Instant::now() + UNMOUNT_WAIT;
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(msg) => say(&msg),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                say(&format!(
+                    "workload: NFS mounts still unmounting after {} s: left to the kernel",
+                    UNMOUNT_WAIT.as_secs()
+                ));
+                break;
+            }
         }
     }
     s.set(|st| st.state = "stopped".into());
+}
+
+/// Called by PID 1's loop: act on a changed drain request from the daemon (on a thread: the
+/// drain command may run for hours).
+pub fn poll_drain() {
+    let Some(s) = shared() else { return };
+    let Ok(text) = std::fs::read_to_string(DRAIN_REQUEST) else {
+        return;
+    };
+    let on = text.starts_with("on");
+    {
+        let mut last = s.drain.lock().unwrap_or_else(|e| e.into_inner());
+        if *last == Some(on) {
+            return;
+        }
+        *last = Some(on);
+    }
+    let by = text.trim().strip_prefix("on ").unwrap_or("").to_string();
+    let _ = std::thread::Builder::new()
+        .name("drain".into())
+        .spawn(move || drain(s, on, &by));
+}
+
+fn drain(s: Arc<Shared>, on: bool, by: &str) {
+    if on {
+        say(&format!("workload: drain asked by {by}"));
+        if let Some(code) = drain_command(&s) {
+            say(&format!("workload: idle ({code})"));
+        }
+    } else {
+        say("workload: the gateways no longer ask for a drain");
+    }
+    match tell_daemon(on) {
+        Ok(m) => say(&format!(
+            "workload: network {}: {m}",
+            if on { "drain" } else { "undrain" }
+        )),
+        Err(e) => say(&format!(
+            "workload: cannot ask the daemon to {}: {e}",
+            if on { "drain" } else { "undrain" }
+        )),
+    }
+}
+
+/// Run the drain command inside the workload and wait until it exits or the workload does.
+/// None when there is nothing to wait for.
+fn drain_command(s: &Arc<Shared>) -> Option<String> {
+    let helper = (*s.running.lock().unwrap_or_else(|e| e.into_inner()))?;
+    let Some(argv) = s.workload.drain_command.clone() else {
+        return Some("no drain command: the network drain starts now".into());
+    };
+    let Some(ns_init) = super::run::ns_init_of(helper) else {
+        return Some("the workload is not running".into());
+    };
+    let pid_s = ns_init.to_string();
+    let mut args: Vec<&str> = vec!["workload-exec", SPEC, "--join", &pid_s, "--"];
+    args.extend(argv.iter().map(String::as_str));
+    let group = s.group.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    say(&format!(
+        "workload: running the drain command: {}",
+        argv.join(" ")
+    ));
+    let pid = match spawn_in(s, group.as_deref(), &args) {
+        Ok(p) => p,
+        Err(e) => return Some(format!("the drain command did not start: {e}")),
+    };
+    s.others
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(pid);
+    loop {
+        if let Some(code) = s
+            .exits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&pid)
+        {
+            return Some(format!("the drain command exited with status {code}"));
+        }
+        if s.running.lock().map(|r| *r != Some(helper)).unwrap_or(true) {
+            return Some("the workload exited".into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn tell_daemon(on: bool) -> Result<String, String> {
+    use crate::daemon::control::{request, Request};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let r = rt
+        .block_on(request(&Request::Drain { on }))
+        .map_err(|e| e.to_string())?;
+    if r.ok {
+        Ok(r.message.unwrap_or_default())
+    } else {
+        Err(r.error.unwrap_or_default())
+    }
 }

@@ -17,7 +17,8 @@
 #       registry's Docker-Content-Digest equals the layout's, prints "NAME:TAG@sha256:..." per
 #       tag; the last line is "NAME@sha256:..." for v1.
 #   workload-fixture.sh ganesha NETNS ADDR EXPORTDIR STATEDIR
-#       rpcbind + nfs-ganesha (VFS) exporting EXPORTDIR over NFSv3 and NFSv4.0/4.1/4.2 on ADDR,
+#       rpcbind + nfs-ganesha (VFS) exporting EXPORTDIR over NFSv3 and NFSv4.0/4.1/4.2 on every
+#       address of NETNS (ready once ADDR answers),
 #       (v4 pseudo path /export, no root squash, RW, sec=sys, no grace period). PIDs in
 #       STATEDIR/rpcbind.pid and STATEDIR/ganesha.pid, logs STATEDIR/ganesha.log and
 #       STATEDIR/*.out. Returns once ADDR:2049 accepts TCP connections.
@@ -77,9 +78,9 @@ cmd_build() {
   mkdir -p "$r/bin" "$r/etc" "$r/tmp" "$r/root"
   chmod 1777 "$r/tmp"; chmod 0700 "$r/root"
   install -m 0755 -o 0 -g 0 /bin/busybox "$r/bin/busybox"
-  # WORKLOAD_EXTRA_BIN: one more static program in /bin (the tests put appliance there, to try
-  # the control socket from inside the workload).
-  if [ -n "${WORKLOAD_EXTRA_BIN:-}" ]; then install -m 0755 -o 0 -g 0 "$WORKLOAD_EXTRA_BIN" "$r/bin/"; fi
+  # WORKLOAD_EXTRA_BIN: more static programs for /bin, separated by spaces (the tests put
+  # appliance and a raw control-socket client there, to try the socket from the workload).
+  for b in ${WORKLOAD_EXTRA_BIN:-}; do install -m 0755 -o 0 -g 0 "$b" "$r/bin/"; done
   local applets; applets=$(/bin/busybox --list)
   for a in "${APPLETS[@]}"; do
     grep -qxF -- "$a" <<< "$applets" || die "busybox has no $a applet"
@@ -192,9 +193,8 @@ cmd_ganesha() {
   cat > "$state/ganesha.conf" << EOF
 NFS_CORE_PARAM {
   Protocols = 3, 4;
-  # ganesha 4.3 still listens on [::]:2049 (dual stack, all addresses of NETNS): no harm,
-  # NETNS is the caller's own.
-  Bind_addr = $addr;
+  # Every address of NETNS (the caller's own): the tests reach one server at several
+  # addresses, one NFS client each.
   Enable_RQUOTA = false;
 }
 NFSV4 {
