@@ -1621,7 +1621,10 @@ fn the_node_image_runs_the_sites_job_from_a_pinned_image_on_its_kernel_nfs_mount
     let conf = lab.join("site.kdl");
     let text = std::fs::read_to_string(&conf)
         .unwrap()
-        .replace("keepalive-ms 200\n dead-after 3", "keepalive-ms 300\n dead-after 10")
+        .replace(
+            "keepalive-ms 200\n dead-after 3",
+            "keepalive-ms 300\n dead-after 10\n metrics-port 9477",
+        )
         .replace(
             "node \"c1\" {\n address \"10.200.0.11\"\n",
             &format!(
@@ -1719,6 +1722,28 @@ fn the_node_image_runs_the_sites_job_from_a_pinned_image_on_its_kernel_nfs_mount
         r#"workload| contain: raw reload: {"ok":false,"error":"reload needs root"}"#,
     ] {
         assert!(console.contains(want), "no {want:?}:\n{}", tail(&console));
+    }
+    // The node's metrics, scraped from the site: the workload runs the pinned digest, its
+    // mounts are up.
+    let metrics = site.exec(&[
+        "curl",
+        "-sf",
+        "--max-time",
+        "10",
+        "http://10.200.0.11:9477/metrics",
+    ]);
+    let metrics = String::from_utf8_lossy(&metrics.stdout).into_owned();
+    let digest = pinned.split('@').nth(1).unwrap();
+    for want in [
+        "appliance_workload_state{state=\"running\"} 1".to_string(),
+        format!("digest=\"{digest}\""),
+        "appliance_workload_mount_up{path=\"/data\",device=\"10.10.0.5:/export\"} 1".to_string(),
+        "appliance_workload_restarts_total 0".to_string(),
+    ] {
+        assert!(
+            metrics.contains(&want),
+            "no {want:?} in c1's metrics:\n{metrics}"
+        );
     }
     // The mount's connections come from the node's site address, more than one of them.
     let ss = site.exec(&["ss", "-Htn", "state", "established", "( sport = :2049 )"]);
