@@ -770,7 +770,6 @@ fn drain(path: &std::path::Path, host: &str, on: bool, output: Output) -> ExitCo
                 .join(", ")
         ));
     };
-    let what = if on { "drained" } else { "in service" };
     let changed = g.drain != on;
     if changed {
         let edited = appliance::model::edit::set_field(
@@ -791,9 +790,28 @@ fn drain(path: &std::path::Path, host: &str, on: bool, output: Output) -> ExitCo
         }
     }
     // A daemon running here picks the file up now; elsewhere, deploy it and reload.
+    drain_reload_and_say(path, host, host, on, changed, None, output)
+}
+
+/// The end of a drain or undrain that edited the site file: reload the daemon running here (if
+/// any) and say what was done; `deploy_to` names where the file must go when no daemon runs
+/// here; `note` is a line more for the text output.
+fn drain_reload_and_say(
+    path: &std::path::Path,
+    host: &str,
+    deploy_to: &str,
+    on: bool,
+    changed: bool,
+    note: Option<String>,
+    output: Output,
+) -> ExitCode {
+    let name = path.display().to_string();
     let daemon = match reload_here(path) {
         Ok(d) => d,
-        Err(e) => return err(e),
+        Err(e) => {
+            fail(output, &e);
+            return ExitCode::from(EXIT_ERROR);
+        }
     };
     match output {
         Output::Json => println!(
@@ -802,12 +820,16 @@ fn drain(path: &std::path::Path, host: &str, on: bool, output: Output) -> ExitCo
         ),
         Output::Text => {
             println!(
-                "{host}: {}{what} in {name}",
-                if changed { "now " } else { "already " }
+                "{host}: {}{} in {name}",
+                if changed { "now " } else { "already " },
+                if on { "drained" } else { "in service" }
             );
+            if let Some(n) = note {
+                println!("{n}");
+            }
             match daemon {
                 Some(m) => println!("daemon: {m}"),
-                None => println!("no daemon runs here: deploy {name} to {host} and reload it (`appliance reconcile -c FILE` or SIGHUP)"),
+                None => println!("no daemon runs here: deploy {name} to {deploy_to} and reload (`appliance reconcile -c FILE` or SIGHUP)"),
             }
         }
     }
@@ -876,36 +898,8 @@ fn drain_node_from_gateway(
             return ExitCode::from(EXIT_ERROR);
         }
     }
-    let daemon = match reload_here(path) {
-        Ok(d) => d,
-        Err(e) => {
-            fail(output, &e);
-            return ExitCode::from(EXIT_ERROR);
-        }
-    };
-    match output {
-        Output::Json => println!(
-            "{}",
-            serde_json::json!({ "ok": true, "host": host, "drained": on, "changed": changed, "daemon": daemon })
-        ),
-        Output::Text => {
-            println!(
-                "{host}: {}{} in {name}",
-                if changed { "now " } else { "already " },
-                if on { "drained" } else { "in service" }
-            );
-            if on {
-                println!("the gateways that read this file ask {host} to drain: its workload's drain command runs, then it withdraws its prefixes once idle");
-            }
-            match daemon {
-                Some(m) => println!("daemon: {m}"),
-                None => {
-                    println!("no daemon runs here: deploy {name} to the gateways and reload them")
-                }
-            }
-        }
-    }
-    ExitCode::SUCCESS
+    let note = on.then(|| format!("the gateways that read this file ask {host} to drain: its workload's drain command runs, then it withdraws its prefixes once idle"));
+    drain_reload_and_say(path, &host, "the gateways", on, changed, note, output)
 }
 
 /// What a `rotate-key` step did, for either output.
